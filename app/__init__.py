@@ -1,0 +1,1 @@
+"""MoETune's local Gradio app (thin: it starts `moetune train` and draws its events)."""

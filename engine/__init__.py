@@ -1,0 +1,7 @@
+"""MoETune's engine: everything that computes. No UI code here."""
+
+import os
+
+# MoETune never downloads: models and tokenizers come from local directories.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -1,0 +1,30 @@
+"""Model families, registered by their `model_type`. Adding a family = one module here + a test."""
+
+from __future__ import annotations
+
+from .base import NF4_BITS, PROJECTIONS, ExpertKey, Family, MoEFacts, config_from_file, decoder_layers
+from .mixtral import FAMILY as _mixtral
+from .olmoe import FAMILY as _olmoe
+from .qwen2_moe import FAMILY as _qwen2_moe
+from .qwen3_moe import FAMILY as _qwen3_moe
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (_olmoe, _mixtral, _qwen2_moe, _qwen3_moe)}
+
+
+class UnsupportedModelError(ValueError):
+    """A checkpoint whose model_type has no family module."""
+
+
+def get_family(model_type: str) -> Family:
+    """The family registered for a `model_type`, or a clear error listing the supported ones."""
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported; supported families: {', '.join(FAMILIES)}. "
+            "Point model.path at a checkpoint of one of these, or add a family module in engine/arch/."
+        ) from None
+
+
+__all__ = ["FAMILIES", "NF4_BITS", "PROJECTIONS", "ExpertKey", "Family", "MoEFacts", "UnsupportedModelError",
+           "config_from_file", "decoder_layers", "get_family"]

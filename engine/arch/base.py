@@ -1,0 +1,179 @@
+"""What every MoE family module tells the engine: where the MoE blocks are, their facts, and
+how checkpoint tensor names map onto the canonical per-expert layout (gate / up / down)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+#: The three projections of one expert, in the canonical layout (nn.Linear weights):
+#: gate [I, H], up [I, H], down [H, I].
+PROJECTIONS = ("gate", "up", "down")
+PUBLISHED_DIR = Path(__file__).resolve().parent / "published"
+#: bits per parameter of NF4 with double quantisation (4 bits + blockwise absmax scales)
+NF4_BITS = 4.13
+
+
+@dataclass(frozen=True)
+class MoEFacts:
+    """The MoE facts of one model config, the same names for every family."""
+
+    family: str
+    num_layers: int
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    expert_intermediate_size: int
+    norm_topk_prob: bool
+    activation: str
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+
+    @property
+    def params_per_expert(self) -> int:
+        return 3 * self.hidden_size * self.expert_intermediate_size
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of all routed experts (shared experts not included)."""
+        return self.params_per_expert * self.num_experts * len(self.moe_layers)
+
+
+@dataclass(frozen=True)
+class ExpertKey:
+    """A checkpoint tensor that holds one projection of one expert."""
+
+    layer: int
+    expert: int
+    proj: str  # one of PROJECTIONS
+
+
+class Family:
+    """Base of a model family. Subclasses set the class attributes and override what differs."""
+
+    model_type: str = ""
+    title: str = ""
+    examples: tuple[str, ...] = ()
+    #: attribute of a decoder layer that holds the MoE block (transformers 5.x names)
+    block_attr: str = "mlp"
+    #: hub checkpoint name of one expert projection
+    expert_key_template: str = "model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+    #: checkpoint projection name -> canonical projection
+    proj_names: dict[str, str] = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+    #: plain renames applied to non-expert checkpoint names (hub name fragment -> transformers 5 fragment)
+    renames: dict[str, str] = {}
+    #: llama.cpp's architecture name (used by the GGUF export)
+    gguf_arch: str = ""
+    #: file stem in engine/arch/published/ holding the config.json of the family's flagship release
+    published: str = ""
+
+    # ---- facts -------------------------------------------------------------------------------
+    def num_experts(self, cfg: Any) -> int:
+        return int(cfg.num_experts)
+
+    def expert_intermediate_size(self, cfg: Any) -> int:
+        return int(cfg.intermediate_size)
+
+    def norm_topk_prob(self, cfg: Any) -> bool:
+        return bool(getattr(cfg, "norm_topk_prob", False))
+
+    def shared_expert_intermediate_size(self, cfg: Any) -> int:
+        return 0
+
+    def moe_layers(self, cfg: Any) -> tuple[int, ...]:
+        return tuple(range(int(cfg.num_hidden_layers)))
+
+    def facts(self, cfg: Any) -> MoEFacts:
+        """The MoE facts of a transformers config of this family."""
+        return MoEFacts(
+            family=self.model_type,
+            num_layers=int(cfg.num_hidden_layers),
+            moe_layers=self.moe_layers(cfg),
+            num_experts=self.num_experts(cfg),
+            top_k=int(cfg.num_experts_per_tok),
+            hidden_size=int(cfg.hidden_size),
+            expert_intermediate_size=self.expert_intermediate_size(cfg),
+            norm_topk_prob=self.norm_topk_prob(cfg),
+            activation=str(cfg.hidden_act),
+            shared_expert_intermediate_size=self.shared_expert_intermediate_size(cfg),
+        )
+
+    def published_config(self):
+        """The transformers config of the family's flagship release, from the published values."""
+        return config_from_file(PUBLISHED_DIR / f"{self.published}.json")
+
+    def tiny_config_kwargs(self, layers: int, hidden: int, experts: int, top_k: int, vocab: int) -> dict:
+        """Keyword arguments for this family's transformers config class at a tiny size."""
+        raise NotImplementedError
+
+    # ---- modules -----------------------------------------------------------------------------
+    def moe_blocks(self, model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
+        """Yield (layer index, MoE block) for every decoder layer that has routed experts."""
+        for i, layer in enumerate(decoder_layers(model)):
+            block = getattr(layer, self.block_attr)
+            if hasattr(block, "experts") and hasattr(block, "gate"):
+                yield i, block
+
+    def router(self, block: nn.Module) -> nn.Module:
+        """The block's router: a module with a `weight` [E, H] that returns (logits, gates, indices)."""
+        return block.gate
+
+    def experts(self, block: nn.Module) -> nn.Module:
+        """The block's experts module (fused `gate_up_proj` [E, 2I, H], `down_proj` [E, H, I])."""
+        return block.experts
+
+    def shared_expert(self, block: nn.Module) -> nn.Module | None:
+        """The always-on shared expert of the block, if the family has one."""
+        return None
+
+    def expert_views(self, block: nn.Module, expert: int) -> dict[str, torch.Tensor]:
+        """Per-expert gate [I, H], up [I, H], down [H, I] as views into the fused tensors."""
+        experts = self.experts(block)
+        inter = experts.gate_up_proj.shape[1] // 2
+        gate_up = experts.gate_up_proj[expert]
+        return {"gate": gate_up[:inter], "up": gate_up[inter:], "down": experts.down_proj[expert]}
+
+    # ---- checkpoint names ---------------------------------------------------------------------
+    def parse_expert_key(self, name: str) -> ExpertKey | None:
+        """The expert projection a checkpoint tensor holds, or None for a non-expert tensor."""
+        m = self._expert_key_regex().fullmatch(name)
+        if m is None:
+            return None
+        return ExpertKey(int(m["layer"]), int(m["expert"]), self.proj_names[m["proj"]])
+
+    def expert_key_name(self, key: ExpertKey) -> str:
+        """The hub checkpoint name of one expert projection (inverse of parse_expert_key)."""
+        hub = {canon: hub for hub, canon in self.proj_names.items()}[key.proj]
+        return self.expert_key_template.format(layer=key.layer, expert=key.expert, proj=hub)
+
+    def _expert_key_regex(self) -> re.Pattern:
+        projs = "|".join(map(re.escape, self.proj_names))
+        pattern = re.escape(self.expert_key_template)
+        for field, group in (("layer", r"(?P<layer>\d+)"), ("expert", r"(?P<expert>\d+)"), ("proj", f"(?P<proj>{projs})")):
+            pattern = pattern.replace(re.escape("{" + field + "}"), group)
+        return re.compile(pattern)
+
+    def rename(self, name: str) -> str:
+        """A non-expert checkpoint name as the transformers 5.x module tree calls it."""
+        for old, new in self.renames.items():
+            name = name.replace(old, new)
+        return name
+
+
+def config_from_file(path: Path):
+    """A transformers config from a config.json, with no weights and no download."""
+    from transformers import AutoConfig
+
+    raw = json.loads(Path(path).read_text())
+    return AutoConfig.for_model(raw.pop("model_type"), **raw)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a *ForCausalLM model."""
+    return model.model.layers

@@ -1,0 +1,168 @@
+"""Load a local HF MoE checkpoint into transformers' module tree, reading the hub's per-expert
+tensor names (or already-fused ones) shard by shard, tensor by tensor."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .arch import Family, get_family
+
+#: Which projection fills which slice of transformers' fused tensors.
+_FUSED = {"gate": ("gate_up_proj", 0), "up": ("gate_up_proj", 1), "down": ("down_proj", None)}
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be loaded: missing, malformed, or incomplete."""
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model with its family and where it came from."""
+
+    model: nn.Module
+    family: Family
+    path: Path
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def read_config(path: str | Path):
+    """Check a local checkpoint directory and return (transformers config, family)."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"model.path {str(path)!r} does not exist; give a local HF checkpoint directory.")
+    if not path.is_dir():
+        raise CheckpointError(f"model.path {str(path)!r} is not a directory; give the folder that holds config.json.")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file} is missing; model.path must be a HF checkpoint directory with config.json.")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({e}).") from None
+    if "model_type" not in raw:
+        raise CheckpointError(f"{cfg_file} has no 'model_type'; it is not a transformers checkpoint config.")
+    family = get_family(raw["model_type"])
+    return AutoConfig.from_pretrained(str(path), local_files_only=True), family
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint, in shard order."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / s for s in shards]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} holds no *.safetensors weights; save the model with safetensors.")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint shards listed in the index are missing: {', '.join(missing)}")
+    return files
+
+
+def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from every shard, one tensor at a time (memory stays near one tensor)."""
+    from safetensors import safe_open
+
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def base_identity(path: str | Path) -> dict:
+    """What identifies a base model: its model_type, architecture facts and a hash of config.json."""
+    path = Path(path)
+    raw = (path / "config.json").read_bytes()
+    cfg = json.loads(raw)
+    return {"path": str(path.resolve()), "model_type": cfg.get("model_type"),
+            "config_sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
+    """Build the model from config.json and fill it from the checkpoint's tensors."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoModelForCausalLM
+
+    config, family = read_config(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    params = dict(model.named_parameters())
+    fused: dict[str, torch.Tensor] = {}  # fused expert tensors being assembled, by parameter name
+    pieces: dict[str, set] = {}  # which (expert, projection) each fused tensor has received
+    filled: set[str] = set()
+    for name, tensor in iter_tensors(path):
+        key = family.parse_expert_key(name)
+        if key is None:
+            target = family.rename(name)
+            if target not in params:
+                if target.endswith("rotary_emb.inv_freq"):
+                    continue
+                raise CheckpointError(f"{path}: tensor {name!r} has no place in a {family.title} model; "
+                                      "is config.json the one these weights were saved with?")
+            _check_shape(path, name, tensor, params[target].shape)
+            set_module_tensor_to_device(model, target, device, value=tensor, dtype=dtype)
+            filled.add(target)
+            continue
+        attr, half = _FUSED[key.proj]
+        target = f"model.layers.{key.layer}.{family.block_attr}.experts.{attr}"
+        if target not in params:
+            raise CheckpointError(f"{path}: expert tensor {name!r} is for layer {key.layer}, which has no experts.")
+        full = fused.get(target)
+        if full is None:
+            full = fused[target] = torch.empty(params[target].shape, dtype=dtype)
+            pieces[target] = set()
+        pieces[target].add((key.expert, key.proj))
+        rows = full[key.expert]
+        if half is not None:
+            size = rows.shape[0] // 2
+            rows = rows[half * size:(half + 1) * size]
+        _check_shape(path, name, tensor, rows.shape)
+        rows.copy_(tensor)
+    for target, full in fused.items():
+        want = full.shape[0] * (2 if target.endswith("gate_up_proj") else 1)
+        if len(pieces[target]) != want:
+            raise CheckpointError(f"{path}: {want - len(pieces[target])} expert projections of {target} "
+                                  "are missing from the checkpoint.")
+        set_module_tensor_to_device(model, target, device, value=full, dtype=dtype)
+        filled.add(target)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        filled.update(n for n, p in model.named_parameters() if p.device.type != "meta")
+    missing = sorted(n for n, p in model.named_parameters() if p.device.type == "meta")
+    if missing:
+        shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+        raise CheckpointError(f"{path}: {len(missing)} weights are missing from the checkpoint: {shown}")
+    model.eval()
+    return LoadedModel(model=model, family=family, path=Path(path))
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's tokenizer, with a pad token set (the EOS token when it has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _check_shape(path, name: str, tensor: torch.Tensor, shape) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the config expects "
+                              f"{tuple(shape)}; is config.json the one these weights were saved with?")

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up .venv/ in the project root: torch first (the CPU wheel 2.13.0 where it lies on disk; set
+# TORCH_SPEC to choose another), then MoETune and its dependencies. Quick when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "bootstrap: MoETune needs Python 3.11 or newer; set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+
+if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+  echo "bootstrap: installing torch (${TORCH_SPEC:-torch==2.13.0})"
+  "${PIP[@]}" install "${TORCH_SPEC:-torch==2.13.0}"
+fi
+
+stamp=.venv/.moetune-installed
+want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || [ ! -x .venv/bin/moetune ]; then
+  echo "bootstrap: installing MoETune and its dependencies into .venv/"
+  "${PIP[@]}" install -e ".[dev]"
+  echo "$want" > "$stamp"
+fi
