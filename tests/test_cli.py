@@ -1,0 +1,40 @@
+"""The `moetune` command line: commands exist, print facts, and fail with clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from engine.cli import main
+from engine.loader import read_config
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def test_models_json_lists_every_family(capsys):
+    assert main(["models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    by = {r["model_type"]: r for r in rows}
+    assert set(by) == {"olmoe", "mixtral", "qwen2_moe", "qwen3_moe"}
+    assert (by["mixtral"]["experts"], by["mixtral"]["top_k"], by["mixtral"]["moe_layers"]) == (8, 2, 32)
+    assert by["qwen2_moe"]["shared_expert_intermediate_size"] == 5632
+    assert by["olmoe"]["experts_nf4_gb"] == 3.33
+
+
+def test_tiny_model_command(tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main(["tiny-model", "--family", "mixtral", "--out", str(out), "--layers", "3", "--experts", "8"]) == 0
+    cfg, fam = read_config(out)
+    assert (cfg.num_hidden_layers, cfg.num_local_experts, fam.model_type) == (3, 8, "mixtral")
+
+
+def test_console_script_reports_errors(tmp_path):
+    exe = VENV_BIN / "moetune"
+    run = subprocess.run([str(exe), "tiny-model", "--family", "olmoe", "--out", str(tmp_path), "--top-k", "9"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "top-k" in run.stderr and "Traceback" not in run.stderr
+    ui = subprocess.run([str(exe), "ui", "--help"], capture_output=True, text=True)
+    assert ui.returncode == 0 and "--port" in ui.stdout
