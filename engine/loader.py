@@ -84,13 +84,17 @@ def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+#: config.json keys that change with the saving library, not with the model
+_VOLATILE_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures"}
+
+
 def base_identity(path: str | Path) -> dict:
-    """What identifies a base model: its model_type, architecture facts and a hash of config.json."""
+    """What identifies a base model: its model_type and a hash of its architecture config."""
     path = Path(path)
-    raw = (path / "config.json").read_bytes()
-    cfg = json.loads(raw)
+    cfg = json.loads((path / "config.json").read_text())
+    canon = json.dumps({k: v for k, v in cfg.items() if k not in _VOLATILE_KEYS}, sort_keys=True)
     return {"path": str(path.resolve()), "model_type": cfg.get("model_type"),
-            "config_sha256": hashlib.sha256(raw).hexdigest()}
+            "config_sha256": hashlib.sha256(canon.encode()).hexdigest()}
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:

@@ -1,0 +1,106 @@
+"""PEFT experts, batched: N adapters of one kind whose parameters are stacked over a leading
+adapter axis (`[N, r, H]` …), not N separate modules. Up-projections start at zero, so a fresh
+adapter adds exactly nothing.
+
+Kinds (DESIGN "The method"):
+- lora:       P(h) = (alpha / r) · B A h
+- bottleneck: P(h) = W_up · SiLU(W_down h)
+- gated:      P(h) = W_d (act(W_g h) ⊙ W_u h), the expert's own SwiGLU form at intermediate size r
+
+Also `LoraLinear`, LoRA on one frozen nn.Linear (attention q/k/v/o). MoETune keeps its own small
+LoRA rather than wrapping the model with peft: every strategy's parameters then live in one flat
+state dict (one adapter file, one optimizer view), and per-expert LoRA is batched, which peft's
+per-module LoRA is not.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KINDS = ("lora", "bottleneck", "gated")
+
+
+class AdapterBank(nn.Module):
+    """N adapters of one kind mapping `d_in` to `d_out`, stored batched over the adapter axis."""
+
+    def __init__(self, kind: str, num: int, d_in: int, d_out: int, rank: int, alpha: float = 16.0,
+                 dropout: float = 0.0, activation: str = "silu"):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"adapter.kind: {kind!r} is not one of {', '.join(KINDS)}.")
+        self.kind, self.num, self.d_in, self.d_out, self.rank = kind, num, d_in, d_out, rank
+        self.scale = alpha / rank if kind == "lora" else 1.0
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.act = _activation(activation if kind == "gated" else "silu")
+        down = torch.empty(num, rank, d_in)
+        for i in range(num):  # kaiming-uniform per adapter, as nn.Linear (and peft's LoRA A) do
+            nn.init.kaiming_uniform_(down[i], a=math.sqrt(5))
+        self.down = nn.Parameter(down)  # lora A / bottleneck W_down / gated W_g
+        if kind == "gated":
+            up_in = torch.empty(num, rank, d_in)
+            for i in range(num):
+                nn.init.kaiming_uniform_(up_in[i], a=math.sqrt(5))
+            self.gate_up = nn.Parameter(up_in)  # gated W_u
+        self.up = nn.Parameter(torch.zeros(num, d_out, rank))  # lora B / W_up / W_d: zero init
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, num={self.num}, d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}"
+
+    def hidden(self, h: torch.Tensor, idx: int | None = None) -> torch.Tensor:
+        """The rank-r inner activation: for adapter `idx` ([T, r]) or all adapters ([T, N, r])."""
+        h = self.dropout(h)
+        if idx is None:
+            z = torch.einsum("th,nrh->tnr", h, self.down.to(h.dtype))
+        else:
+            z = h @ self.down[idx].to(h.dtype).T
+        if self.kind == "lora":
+            return z
+        if self.kind == "bottleneck":
+            return self.act(z)
+        if idx is None:
+            u = torch.einsum("th,nrh->tnr", h, self.gate_up.to(h.dtype))
+        else:
+            u = h @ self.gate_up[idx].to(h.dtype).T
+        return self.act(z) * u
+
+    def forward_one(self, h: torch.Tensor, idx: int) -> torch.Tensor:
+        """Adapter `idx` on tokens h [T, d_in] -> [T, d_out]."""
+        return (self.hidden(h, idx) @ self.up[idx].to(h.dtype).T) * self.scale
+
+    def forward_all(self, h: torch.Tensor) -> torch.Tensor:
+        """Every adapter on every token: h [T, d_in] -> [T, N, d_out]."""
+        return torch.einsum("tnr,nor->tno", self.hidden(h), self.up.to(h.dtype)) * self.scale
+
+    def num_params(self) -> int:
+        """Trainable parameters of the bank."""
+        return sum(p.numel() for p in self.parameters())
+
+
+class LoraLinear(nn.Module):
+    """A frozen nn.Linear plus a LoRA update (alpha / r) · B A x, B zero at init."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.lora = AdapterBank("lora", 1, base.in_features, base.out_features, rank, alpha, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        delta = self.lora.forward_one(x.reshape(-1, shape[-1]), 0)
+        return self.base(x) + delta.reshape(*shape[:-1], -1).to(x.dtype)
+
+    @property
+    def weight(self):  # code that inspects `.weight` (dtype checks in transformers) still works
+        return self.base.weight
+
+
+def _activation(name: str):
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]

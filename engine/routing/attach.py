@@ -1,0 +1,137 @@
+"""Attach a routing strategy to a loaded model: expert banks in every MoE layer, adapters in the
+selected ones, router taps for statistics and balance losses; freeze the rest; account."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from ..adapters import AdapterBank, LoraLinear
+from ..arch import decoder_layers
+from ..config import Config
+from ..experts import ExpertBank, FusedExpertStore
+from ..loader import LoadedModel
+from .strategies import ParallelAdapters, RoutedAdapters, RouterTap, add_block_output
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class RoutedPEFT:
+    """A model with Routed-PEFT attached: its trainable parameters, losses, statistics and accounting."""
+
+    def __init__(self, loaded: LoadedModel, cfg: Config):
+        self.loaded, self.cfg = loaded, cfg
+        self.model, self.family = loaded.model, loaded.family
+        self.facts = self.family.facts(self.model.config)
+        self.base_params = sum(p.numel() for p in self.model.parameters())
+        self.layers = cfg.layer_indices(self.facts.moe_layers)
+        self.taps: dict[int, RouterTap] = {}
+        self.routed: dict[int, RoutedAdapters] = {}
+        self.banks: dict[int, ExpertBank] = {}
+        self._hooks: list = []
+        #: trainable parameter count by group ("embedded", "attention", "router", …) and by layer
+        self.groups: dict[str, int] = defaultdict(int)
+        self.by_layer: dict[int, int] = defaultdict(int)
+        self._attach()
+
+    # ---- building -------------------------------------------------------------------------------
+    def _bank(self, num: int, d_in: int, d_out: int, kind: str | None = None) -> AdapterBank:
+        a = self.cfg.adapter
+        return AdapterBank(kind or a.kind, num, d_in, d_out, a.rank, a.alpha, a.dropout, self.facts.activation)
+
+    def _attach(self) -> None:
+        r, a, f = self.cfg.routing, self.cfg.adapter, self.facts
+        dtype = next(self.model.parameters()).dtype
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        H, I, E = f.hidden_size, f.expert_intermediate_size, f.num_experts
+        selected = set(self.layers)
+        for layer, block in self.family.moe_blocks(self.model):
+            store = FusedExpertStore.from_module(self.family.experts(block))
+            parallel = inside = None
+            if layer in selected and r.strategy == "embedded":
+                if a.placement == "inside":
+                    inside = {"gate": self._bank(E, H, I, "lora"), "up": self._bank(E, H, I, "lora"),
+                              "down": self._bank(E, I, H, "lora")}
+                else:
+                    parallel = self._bank(E, H, H)
+            bank = ExpertBank(store, f.activation, H, I, parallel=parallel, inside=inside)
+            block.experts = bank
+            self.banks[layer] = bank
+            if layer in selected and r.strategy in ("shared", "dense", "routed"):
+                num = 1 if r.strategy == "shared" else r.num_adapters
+                if r.strategy == "routed":
+                    module = RoutedAdapters(self._bank(num, H, H), r.top_k, r.renormalize, r.balance_loss)
+                    self.routed[layer] = module
+                else:
+                    module = ParallelAdapters(self._bank(num, H, H))
+                block.peft = module
+                self._hooks.append(block.register_forward_hook(add_block_output(module)))
+            router = self.family.router(block)
+            tap = RouterTap(E, r.base_balance_loss if layer in selected else 0.0)
+            self.taps[layer] = tap
+            self._hooks.append(router.register_forward_hook(tap))
+            if r.train_router and layer in selected:
+                router.weight.requires_grad_(True)
+                self._count("router", layer, router.weight.numel())
+            trainable = sum(p.numel() for p in bank.parameters()) + sum(
+                p.numel() for p in getattr(block, "peft", nn.Module()).parameters())
+            if trainable:
+                self._count(r.strategy, layer, trainable)
+        if r.attention_lora:
+            attn_layers = range(f.num_layers) if r.layers == "all" else self.layers
+            for i in attn_layers:
+                attn = decoder_layers(self.model)[i].self_attn
+                for name in ATTENTION_PROJECTIONS:
+                    wrapped = LoraLinear(getattr(attn, name), a.rank, a.alpha, a.dropout)
+                    setattr(attn, name, wrapped)
+                    self._count("attention", i, wrapped.lora.num_params())
+        self.model.to(dtype)  # new adapter tensors in the model's dtype
+
+    def _count(self, group: str, layer: int, n: int) -> None:
+        self.groups[group] += n
+        self.by_layer[layer] += n
+
+    # ---- training interface -----------------------------------------------------------------------
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of everything that trains, in a stable order."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors, by their names in the model."""
+        return {n: p.detach() for n, p in self.trainable_parameters()}
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the balance losses recorded since the last call (then cleared); None when there are none."""
+        losses = [l for owner in (*self.taps.values(), *self.routed.values()) for l in owner.aux_losses]
+        self.clear_losses()
+        return torch.stack(losses).sum() if losses else None
+
+    def clear_losses(self) -> None:
+        """Drop recorded balance losses (e.g. before a forward, so recomputation cannot double them)."""
+        for owner in (*self.taps.values(), *self.routed.values()):
+            owner.aux_losses.clear()
+
+    def routing_stats(self) -> dict[int, dict[str, list[int]]]:
+        """Per MoE layer: tokens each expert (and each routed adapter) received in the last forward."""
+        stats = {}
+        for layer, tap in self.taps.items():
+            entry = {"experts": tap.last_counts.tolist() if tap.last_counts is not None else []}
+            if layer in self.routed and self.routed[layer].last_counts is not None:
+                entry["adapters"] = self.routed[layer].last_counts.tolist()
+            stats[layer] = entry
+        return stats
+
+    def parameter_report(self) -> dict:
+        """Trainable parameters as a count and a percentage of the base model, by strategy and by layer."""
+        trainable = sum(p.numel() for _, p in self.trainable_parameters())
+        return {"trainable": trainable, "base": self.base_params,
+                "percent": 100.0 * trainable / self.base_params,
+                "by_group": dict(self.groups), "by_layer": {int(k): v for k, v in sorted(self.by_layer.items())}}
+
+
+def attach(loaded: LoadedModel, cfg: Config) -> RoutedPEFT:
+    """Attach the config's routing strategy and adapters to a loaded model (in place)."""
+    return RoutedPEFT(loaded, cfg)

@@ -1,0 +1,98 @@
+"""The adapters that sit beside an MoE block (shared, dense, routed) and the taps that read the
+MoE's own router (statistics, its balance loss). The embedded strategy lives in the expert bank
+(`engine.experts`), because it follows the MoE's own top-k inside the expert computation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters import AdapterBank
+
+
+def balance_loss(probs: torch.Tensor, top_idx: torch.Tensor, num: int) -> torch.Tensor:
+    """Switch-style load balance: num/k · Σ_j f_j · P_j (f_j: share of routed slots, P_j: mean prob).
+
+    Normalised so that a perfectly balanced router scores 1.0 whatever k is.
+    """
+    k = top_idx.shape[-1]
+    frac = torch.bincount(top_idx.reshape(-1), minlength=num).to(probs.dtype) / top_idx.numel()
+    return num * (frac * probs.float().mean(dim=0)).sum()
+
+
+class ParallelAdapters(nn.Module):
+    """`shared` (one adapter) and `dense` (N adapters, all on, summed) beside the MoE block."""
+
+    def __init__(self, bank: AdapterBank):
+        super().__init__()
+        self.bank = bank
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.bank.num == 1:
+            return self.bank.forward_one(h, 0)
+        return self.bank.forward_all(h).sum(dim=1)
+
+
+class RoutedAdapters(nn.Module):
+    """`routed`: N adapters with their own learned router; each token uses its top-k adapters,
+    weighted by the router's own softmax probabilities (renormalised over the top-k if asked)."""
+
+    def __init__(self, bank: AdapterBank, top_k: int, renormalize: bool = True, balance_coef: float = 0.0):
+        super().__init__()
+        self.bank, self.top_k, self.renormalize, self.balance_coef = bank, top_k, renormalize, balance_coef
+        self.router = nn.Linear(bank.d_in, bank.num, bias=False)
+        nn.init.normal_(self.router.weight, std=bank.d_in ** -0.5)
+        self.aux_losses: list[torch.Tensor] = []
+        self.last_counts: torch.Tensor | None = None
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router probabilities [T, N], top-k gates [T, k] and indices [T, k]."""
+        probs = F.softmax(self.router(h).float(), dim=-1)
+        gates, idx = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        return probs, gates, idx
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        probs, gates, idx = self.route(h)
+        with torch.no_grad():
+            counts = torch.bincount(idx.reshape(-1), minlength=self.bank.num)
+            self.last_counts = counts.cpu()
+        if self.balance_coef > 0 and torch.is_grad_enabled():
+            self.aux_losses.append(self.balance_coef * balance_loss(probs, idx, self.bank.num))
+        out = torch.zeros(h.shape[0], self.bank.d_out, dtype=h.dtype, device=h.device)
+        for j in torch.nonzero(counts).flatten().tolist():
+            tok, pos = torch.where(idx == j)
+            y = self.bank.forward_one(h[tok], j)
+            out.index_add_(0, tok, (y * gates[tok, pos, None].to(y.dtype)).to(out.dtype))
+        return out
+
+
+class RouterTap:
+    """Forward hook on an MoE router: records expert counts and, when asked, its balance loss."""
+
+    def __init__(self, num_experts: int, balance_coef: float = 0.0):
+        self.num_experts, self.balance_coef = num_experts, balance_coef
+        self.aux_losses: list[torch.Tensor] = []
+        self.last_counts: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args, output):
+        logits, _, idx = output
+        with torch.no_grad():
+            self.last_counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts).cpu()
+        if self.balance_coef > 0 and torch.is_grad_enabled():
+            probs = F.softmax(logits.float(), dim=-1)
+            self.aux_losses.append(self.balance_coef * balance_loss(probs, idx, self.num_experts))
+        return None
+
+
+def add_block_output(adapters: nn.Module):
+    """A forward hook that adds `adapters(block input)` to an MoE block's output."""
+
+    def hook(module: nn.Module, args, output):
+        h = args[0]
+        delta = adapters(h.reshape(-1, h.shape[-1]))
+        return output + delta.reshape(output.shape).to(output.dtype)
+
+    return hook

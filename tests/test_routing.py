@@ -1,0 +1,260 @@
+"""Routed-PEFT on the tiny checkpoints of every family: zero init, the embedded strategy against a
+slow reference, the routed strategy's top-k and balance loss, learning, save/load, accounting."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.config import from_dict
+from engine.loader import load_model
+from engine.routing import AdapterMismatchError, attach, balance_loss, load_adapter, save_adapter
+
+from .conftest import FAMILY_NAMES
+
+STRATEGIES = ["shared", "dense", "routed", "embedded"]
+KINDS = ["lora", "bottleneck", "gated"]
+# every strategy x kind, plus LoRA inside the experts (embedded only)
+COMBOS = [(s, k, "parallel") for s, k in itertools.product(STRATEGIES, KINDS)] + [("embedded", "lora", "inside")]
+
+
+def _cfg(strategy, kind, placement="parallel", **routing):
+    return from_dict({"adapter": {"kind": kind, "placement": placement, "rank": 4, "alpha": 8},
+                      "routing": {"strategy": strategy, "num_adapters": 3, "top_k": 2, **routing}})
+
+
+def _load(path):
+    lm = load_model(path)
+    lm.model.config._experts_implementation = "eager"  # transformers' plain loop, the exact reference
+    return lm
+
+
+def _ids(vocab, shape=(2, 12), seed=0):
+    return torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _randomize(peft, seed=0):
+    """Give every adapter tensor (zero-initialised ups included) random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in peft.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("strategy, kind, placement", COMBOS)
+def test_fresh_adapters_leave_logits_unchanged(family, strategy, kind, placement, tiny_checkpoint):
+    lm = _load(tiny_checkpoint(family))
+    ids = _ids(lm.config.vocab_size)
+    with torch.no_grad():
+        before = lm.model(ids).logits
+    peft = attach(lm, _cfg(strategy, kind, placement, attention_lora=True))
+    assert peft.parameter_report()["trainable"] > 0
+    with torch.no_grad():
+        after = lm.model(ids).logits
+    assert torch.equal(before, after)
+
+
+def _reference_embedded(block, fam, h, bank_params, kind, placement, act):
+    """Loop over tokens and their routed experts in plain PyTorch: Σ_e g_e (E_e(h) + P_e(h))."""
+    _, gates, idx = fam.router(block)(h)
+    out = torch.zeros_like(h)
+    for t in range(h.shape[0]):
+        for slot in range(idx.shape[1]):
+            e = int(idx[t, slot])
+            gu = block.experts.store.weights(e, h.device, h.dtype)
+            inter = gu[0].shape[0] // 2
+            W_g, W_u, W_d = gu[0][:inter], gu[0][inter:], gu[1]
+            x = h[t]
+            if placement == "inside":
+                s = 8 / 4
+                A, B = bank_params["gate"]
+                g_pre = W_g @ x + s * B[e] @ (A[e] @ x)
+                A, B = bank_params["up"]
+                u_pre = W_u @ x + s * B[e] @ (A[e] @ x)
+                a = act(g_pre) * u_pre
+                A, B = bank_params["down"]
+                y = W_d @ a + s * B[e] @ (A[e] @ a)
+            else:
+                y = W_d @ (act(W_g @ x) * (W_u @ x))
+                down, gate_up, up = bank_params["parallel"]
+                if kind == "lora":
+                    p = (8 / 4) * up[e] @ (down[e] @ x)
+                elif kind == "bottleneck":
+                    p = up[e] @ F.silu(down[e] @ x)
+                else:
+                    p = up[e] @ (act(down[e] @ x) * (gate_up[e] @ x))
+                y = y + p
+            out[t] += gates[t, slot] * y
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("kind, placement", [("lora", "parallel"), ("bottleneck", "parallel"),
+                                             ("gated", "parallel"), ("lora", "inside")])
+def test_embedded_equals_slow_reference(family, kind, placement, tiny_checkpoint):
+    lm = _load(tiny_checkpoint(family))
+    peft = attach(lm, _cfg("embedded", kind, placement))
+    _randomize(peft)
+    block = dict(lm.family.moe_blocks(lm.model))[1]
+    bank = block.experts
+    if placement == "inside":
+        params = {k: (b.down, b.up) for k, b in bank.inside.items()}
+        tensors = [t for pair in params.values() for t in pair]
+    else:
+        p = bank.parallel
+        params = {"parallel": (p.down, getattr(p, "gate_up", None), p.up)}
+        tensors = [t for t in params["parallel"] if t is not None]
+    h = torch.randn(6, lm.config.hidden_size, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    fast = bank(h, *reversed(lm.family.router(block)(h)[1:]))
+    slow = _reference_embedded(block, lm.family, h, params, kind, placement, bank.act_fn)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    g_fast = torch.autograd.grad(fast.square().sum(), [h, *tensors])
+    g_slow = torch.autograd.grad(slow.square().sum(), [h, *tensors])
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # experts that no token was routed to get exactly zero gradient on their adapters
+    h1 = h[:1].detach()
+    _, _, idx1 = lm.family.router(block)(h1)
+    unrouted = sorted(set(range(lm.family.num_experts(lm.config))) - set(idx1.flatten().tolist()))
+    assert unrouted, "one token routes to top-2 of 4 experts"
+    out1 = bank(h1, *reversed(lm.family.router(block)(h1)[1:]))
+    grads = torch.autograd.grad(out1.square().sum(), tensors, allow_unused=True)
+    for g in grads:
+        assert g is not None
+        assert torch.count_nonzero(g[unrouted]) == 0
+        assert torch.count_nonzero(g[idx1.flatten()]) > 0
+
+
+def test_routed_picks_exactly_k_and_balance_loss(tiny_checkpoint):
+    lm = _load(tiny_checkpoint("olmoe"))
+    peft = attach(lm, _cfg("routed", "lora", num_adapters=5, top_k=3, balance_loss=0.01))
+    module = peft.routed[0]
+    h = torch.randn(40, lm.config.hidden_size)
+    probs, gates, idx = module.route(h)
+    assert idx.shape == (40, 3)
+    assert all(len(set(row.tolist())) == 3 for row in idx)  # k distinct adapters per token
+    torch.testing.assert_close(gates.sum(-1), torch.ones(40))
+    ids = _ids(lm.config.vocab_size)
+    peft.clear_losses()
+    lm.model(ids)
+    stats = peft.routing_stats()
+    assert sum(stats[0]["adapters"]) == ids.numel() * 3
+    assert sum(stats[1]["experts"]) == ids.numel() * 2
+    aux = peft.aux_loss()
+    assert aux is not None and aux.item() > 0
+    (g,) = torch.autograd.grad(aux, [module.router.weight])
+    assert g.abs().sum() > 0
+    # disabled: no balance loss at all, so it cannot move the router
+    lm2 = _load(tiny_checkpoint("olmoe"))
+    peft2 = attach(lm2, _cfg("routed", "lora", num_adapters=5, top_k=3, balance_loss=0.0))
+    lm2.model(ids)
+    assert peft2.aux_loss() is None
+
+
+def test_routed_gates_without_renormalisation_are_router_probs(tiny_checkpoint):
+    lm = _load(tiny_checkpoint("mixtral"))
+    peft = attach(lm, _cfg("routed", "gated", renormalize=False))
+    probs, gates, idx = peft.routed[0].route(torch.randn(7, lm.config.hidden_size))
+    torch.testing.assert_close(gates, probs.gather(1, idx))
+
+
+def test_balance_loss_values():
+    # perfectly balanced: 4 tokens, 4 adapters, k=1, uniform probabilities -> 1.0
+    probs = torch.full((4, 4), 0.25)
+    assert balance_loss(probs, torch.arange(4).unsqueeze(1), 4).item() == pytest.approx(1.0)
+    # all tokens on adapter 0 with certainty -> N
+    probs = F.one_hot(torch.zeros(4, dtype=torch.long), 4).float()
+    assert balance_loss(probs, torch.zeros(4, 1, dtype=torch.long), 4).item() == pytest.approx(4.0)
+
+
+def test_base_router_balance_loss_and_training(tiny_checkpoint):
+    lm = _load(tiny_checkpoint("qwen3_moe"))
+    peft = attach(lm, _cfg("shared", "lora", base_balance_loss=0.01, train_router=True))
+    names = [n for n, _ in peft.trainable_parameters()]
+    assert "model.layers.0.mlp.gate.weight" in names
+    lm.model(_ids(lm.config.vocab_size))
+    aux = peft.aux_loss()
+    router = lm.family.router(dict(lm.family.moe_blocks(lm.model))[0])
+    (g,) = torch.autograd.grad(aux, [router.weight])
+    assert g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("strategy, kind, placement", COMBOS)
+def test_training_steps_lower_the_loss(family, strategy, kind, placement, tiny_checkpoint):
+    torch.manual_seed(0)
+    lm = _load(tiny_checkpoint(family))
+    peft = attach(lm, _cfg(strategy, kind, placement, balance_loss=0.01))
+    ids = _ids(lm.config.vocab_size, (4, 16), seed=1)
+    opt = torch.optim.AdamW([p for _, p in peft.trainable_parameters()], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        out = lm.model(ids, labels=ids)
+        aux = peft.aux_loss()
+        loss = out.loss + (aux if aux is not None else 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_save_load_identical_logits_and_wrong_base_refused(family, tiny_checkpoint, tmp_path):
+    path = tiny_checkpoint(family)
+    lm = _load(path)
+    peft = attach(lm, _cfg("routed", "gated", attention_lora=True, layers=[1]))
+    _randomize(peft, seed=5)
+    ids = _ids(lm.config.vocab_size)
+    with torch.no_grad():
+        want = lm.model(ids).logits
+    save_adapter(peft, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"adapter.safetensors", "moetune.json"}
+    lm2 = _load(path)
+    peft2 = load_adapter(lm2, tmp_path)
+    with torch.no_grad():
+        got = lm2.model(ids).logits
+    assert torch.equal(want, got)
+    assert peft2.parameter_report() == peft.parameter_report()
+    other = _load(tiny_checkpoint(family, experts=6))
+    with pytest.raises(AdapterMismatchError, match="different config"):
+        load_adapter(other, tmp_path)
+
+
+def _closed_form(strategy, kind, placement, H, I, E, N, r, layers):
+    per = {"lora": 2 * H * r, "bottleneck": 2 * H * r, "gated": 3 * H * r}[kind]
+    if strategy == "shared":
+        n = per
+    elif strategy == "dense":
+        n = N * per
+    elif strategy == "routed":
+        n = N * per + H * N
+    elif placement == "inside":
+        n = E * 3 * r * (H + I)
+    else:
+        n = E * per
+    return n * layers
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("strategy, kind, placement", COMBOS)
+def test_trainable_counts_match_closed_form(family, strategy, kind, placement, tiny_checkpoint):
+    lm = _load(tiny_checkpoint(family))
+    f = lm.family.facts(lm.config)
+    peft = attach(lm, _cfg(strategy, kind, placement, attention_lora=True, layers="every:2"))
+    rep = peft.parameter_report()
+    H, I, E, r = f.hidden_size, f.expert_intermediate_size, f.num_experts, 4
+    want = _closed_form(strategy, kind, placement, H, I, E, 3, r, layers=1)  # every:2 of 2 layers -> layer 0
+    assert rep["by_group"][strategy] == want
+    cfg = lm.config
+    hd = getattr(cfg, "head_dim", None) or H // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    attention = r * ((H + q) + 2 * (H + kv) + (q + H))
+    assert rep["by_group"]["attention"] == attention
+    assert rep["trainable"] == want + attention
+    assert rep["by_layer"] == {0: want + attention}
+    assert rep["percent"] == pytest.approx(100 * rep["trainable"] / rep["base"])
