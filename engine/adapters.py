@@ -46,6 +46,8 @@ class AdapterBank(nn.Module):
                 nn.init.kaiming_uniform_(up_in[i], a=math.sqrt(5))
             self.gate_up = nn.Parameter(up_in)  # gated W_u
         self.up = nn.Parameter(torch.zeros(num, d_out, rank))  # lora B / W_up / W_d: zero init
+        #: adapters used by a grad-enabled forward since the optimizer's last step (engine.optim.SparseAdamW)
+        self.touched: set[int] = set()
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, num={self.num}, d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}"
@@ -69,10 +71,14 @@ class AdapterBank(nn.Module):
 
     def forward_one(self, h: torch.Tensor, idx: int) -> torch.Tensor:
         """Adapter `idx` on tokens h [T, d_in] -> [T, d_out]."""
+        if torch.is_grad_enabled():
+            self.touched.add(idx)
         return (self.hidden(h, idx) @ self.up[idx].to(h.dtype).T) * self.scale
 
     def forward_all(self, h: torch.Tensor) -> torch.Tensor:
         """Every adapter on every token: h [T, d_in] -> [T, N, d_out]."""
+        if torch.is_grad_enabled():
+            self.touched.update(range(self.num))
         return torch.einsum("tnr,nor->tno", self.hidden(h), self.up.to(h.dtype)) * self.scale
 
     def num_params(self) -> int:

@@ -28,22 +28,6 @@ class ExpertStore(Protocol):
         ...
 
 
-class FusedExpertStore:
-    """Resident experts as transformers holds them: fused `gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`."""
-
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor):
-        self.gate_up, self.down = gate_up.detach(), down.detach()
-        self.num_experts = gate_up.shape[0]
-
-    @classmethod
-    def from_module(cls, experts: nn.Module) -> "FusedExpertStore":
-        """Wrap a family's experts module (no copy)."""
-        return cls(experts.gate_up_proj, experts.down_proj)
-
-    def weights(self, expert, device, dtype):
-        return (self.gate_up[expert].to(device=device, dtype=dtype), self.down[expert].to(device=device, dtype=dtype))
-
-
 class _ExpertWeights:
     """One expert's weights fetched at most once per pass; dropped after the last use."""
 

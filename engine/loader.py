@@ -29,6 +29,8 @@ class LoadedModel:
     model: nn.Module
     family: Family
     path: Path
+    #: per-layer expert stores when experts were streamed into NF4/bf16 stores (else the module tree holds them)
+    expert_stores: dict | None = None
 
     @property
     def config(self):
@@ -97,8 +99,11 @@ def base_identity(path: str | Path) -> dict:
             "config_sha256": hashlib.sha256(canon.encode()).hexdigest()}
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
-    """Build the model from config.json and fill it from the checkpoint's tensors."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               expert_quant: str | None = None, cache_dir: str | Path | None = None) -> LoadedModel:
+    """Build the model from config.json and fill it from the checkpoint's tensors. With `expert_quant`
+    ('nf4' or 'bf16') the experts never enter the module tree: they stream into per-layer stores
+    (`LoadedModel.expert_stores`, quantised as they arrive, cached in `cache_dir`) for `attach` to use."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoModelForCausalLM
@@ -110,18 +115,29 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     fused: dict[str, torch.Tensor] = {}  # fused expert tensors being assembled, by parameter name
     pieces: dict[str, set] = {}  # which (expert, projection) each fused tensor has received
     filled: set[str] = set()
+
+    def place(name: str, tensor: torch.Tensor) -> None:
+        target = family.rename(name)
+        if target not in params:
+            if target.endswith("rotary_emb.inv_freq"):
+                return
+            raise CheckpointError(f"{path}: tensor {name!r} has no place in a {family.title} model; "
+                                  "is config.json the one these weights were saved with?")
+        _check_shape(path, name, tensor, params[target].shape)
+        set_module_tensor_to_device(model, target, device, value=tensor, dtype=dtype)
+        filled.add(target)
+
+    if expert_quant is not None:
+        from .quant import quantize_checkpoint_experts
+
+        stores = quantize_checkpoint_experts(path, expert_quant, cache_dir, on_other=place)
+        stores = {layer: store.to(device) for layer, store in stores.items()}
+        experts = {n for n in params if ".experts." in n and n.endswith(("gate_up_proj", "down_proj"))}
+        return _finish(path, config, model, family, filled, skip=experts, stores=stores)
     for name, tensor in iter_tensors(path):
         key = family.parse_expert_key(name)
         if key is None:
-            target = family.rename(name)
-            if target not in params:
-                if target.endswith("rotary_emb.inv_freq"):
-                    continue
-                raise CheckpointError(f"{path}: tensor {name!r} has no place in a {family.title} model; "
-                                      "is config.json the one these weights were saved with?")
-            _check_shape(path, name, tensor, params[target].shape)
-            set_module_tensor_to_device(model, target, device, value=tensor, dtype=dtype)
-            filled.add(target)
+            place(name, tensor)
             continue
         attr, half = _FUSED[key.proj]
         target = f"model.layers.{key.layer}.{family.block_attr}.experts.{attr}"
@@ -145,15 +161,21 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
                                   "are missing from the checkpoint.")
         set_module_tensor_to_device(model, target, device, value=full, dtype=dtype)
         filled.add(target)
+    return _finish(path, config, model, family, filled)
+
+
+def _finish(path, config, model, family, filled: set[str], skip: set[str] = frozenset(),
+            stores: dict | None = None) -> LoadedModel:
+    """Tie embeddings, refuse a checkpoint with weights missing (other than `skip`), wrap up."""
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
         filled.update(n for n, p in model.named_parameters() if p.device.type != "meta")
-    missing = sorted(n for n, p in model.named_parameters() if p.device.type == "meta")
+    missing = sorted(n for n, p in model.named_parameters() if p.device.type == "meta" and n not in skip)
     if missing:
         shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
         raise CheckpointError(f"{path}: {len(missing)} weights are missing from the checkpoint: {shown}")
     model.eval()
-    return LoadedModel(model=model, family=family, path=Path(path))
+    return LoadedModel(model=model, family=family, path=Path(path), expert_stores=stores)
 
 
 def load_tokenizer(path: str | Path):

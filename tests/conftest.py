@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import torch
 from engine.arch import FAMILIES
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# quantised-expert caches of test runs go to a throw-away folder, not the user's ~/.cache
+os.environ.setdefault("MOETUNE_CACHE", tempfile.mkdtemp(prefix="moetune-cache-"))
 
 FAMILY_NAMES = list(FAMILIES)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -22,7 +22,7 @@ COMBOS = [(s, k, "parallel") for s, k in itertools.product(STRATEGIES, KINDS)] +
 
 
 def _cfg(strategy, kind, placement="parallel", **routing):
-    return from_dict({"adapter": {"kind": kind, "placement": placement, "rank": 4, "alpha": 8},
+    return from_dict({"model": {"quant": "bf16"}, "adapter": {"kind": kind, "placement": placement, "rank": 4, "alpha": 8},
                       "routing": {"strategy": strategy, "num_adapters": 3, "top_k": 2, **routing}})
 
 

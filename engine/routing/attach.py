@@ -11,8 +11,9 @@ from torch import nn
 from ..adapters import AdapterBank, LoraLinear
 from ..arch import decoder_layers
 from ..config import Config
-from ..experts import ExpertBank, FusedExpertStore
+from ..experts import ExpertBank
 from ..loader import LoadedModel
+from ..quant import expert_store
 from .strategies import ParallelAdapters, RoutedAdapters, RouterTap, add_block_output
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -49,7 +50,8 @@ class RoutedPEFT:
         H, I, E = f.hidden_size, f.expert_intermediate_size, f.num_experts
         selected = set(self.layers)
         for layer, block in self.family.moe_blocks(self.model):
-            store = FusedExpertStore.from_module(self.family.experts(block))
+            streamed = self.loaded.expert_stores
+            store = streamed[layer] if streamed else expert_store(self.family.experts(block), self.cfg.model.quant)
             parallel = inside = None
             if layer in selected and r.strategy == "embedded":
                 if a.placement == "inside":

@@ -1,0 +1,513 @@
+"""The memory planner (DESIGN "Memory"): from a config and a GPU budget, before any weight loads, the
+bytes of every item on the GPU, where each MoE layer's experts live, and whether it fits.
+
+The model config comes from `model.path`'s config.json only: the module tree is built on the meta
+device (no memory, no weights), so every non-expert weight is counted from the real architecture.
+
+Units: 1 GB = 10^9 bytes everywhere, `memory.gpu_gb` included (a "24 GB" card holds 24 GiB = 25.8 GB).
+
+What the GPU holds, placed in this order:
+1. non-expert weights, bf16 (2 bytes): embeddings, lm_head, norms, biases, routers (the MoE's and
+   Qwen2-MoE's shared-expert gate); attention q/k/v/o and the other linear layers (Qwen2-MoE's shared
+   expert, dense MLPs) in NF4 when `model.attention_quant: nf4` (what `engine.quant.quantize_linear_layers`
+   swaps), else bf16.
+2. adapters: trainable parameters from a closed form per strategy (`adapter_params`), 16 bytes each:
+   fp32 parameter + fp32 gradient + AdamW's two fp32 moments (`adapters` 4 B, `optimizer` 12 B).
+3. activations at `train.micro_batch` × `data.max_len` tokens (`activation_bytes`): with gradient
+   checkpointing, each decoder layer's input hidden state is kept; one layer's full activations are
+   alive at a time while it is recomputed and back-propagated (×2: the saved tensors and their
+   gradients); the logits with their fp32 upcast and gradient (10 bytes a logit). Attention is assumed
+   to run through SDPA/flash kernels (no T×T score matrix).
+4. dequantised weights in flight: one expert in bf16 (the expert bank dequantises one expert at a time
+   and recomputes in backward), plus the largest NF4 linear layer when attention is NF4.
+5. a fixed reserve of `CUDA_RESERVE` bytes for the CUDA context, cuBLAS workspaces and allocator slack.
+6. experts (NF4 with double quantisation: `engine.quant.nf4_nbytes`, ≈ 4.13 bits a weight; or bf16):
+   all of them *resident* when they fit; otherwise an expert cache of what is left. The schedule runs
+   forward over layers 0..L-1 and backward L-1..0, so the cache keeps the last layers at the end of
+   the forward (they are labelled *cached*) and the rest are *offloaded*: pinned host memory, copied
+   over PCIe once in the forward and once in the backward of every step (with `engine.layerwise`,
+   once per step whatever `train.grad_accum` is). A cache of S layers moves 2·(L−S) layers a step in
+   steady state. Offloading needs a cache of at least `STREAM_LAYERS` layers (the layer computing
+   and the next one being prefetched).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .config import Config, ConfigError
+
+GB = 10**9
+BF16 = 2
+#: CUDA context (~0.5 GB on recent drivers), cuBLAS/cuDNN workspaces and caching-allocator slack
+CUDA_RESERVE = 1 * GB
+#: host -> device bandwidth of PCIe 4.0 x16 from pinned memory
+PCIE_BYTES_PER_S = 25 * GB
+#: fp32 parameter + fp32 gradient + two fp32 AdamW moments
+PARAM_BYTES, OPTIMIZER_BYTES = 4, 12
+#: a logit in the LM head: bf16 value, its fp32 upcast for the loss, and the fp32 gradient
+LOGIT_BYTES = 2 + 4 + 4
+#: layers of experts an offloading cache holds at least: the one computing and the next, prefetched
+STREAM_LAYERS = 2
+#: budget used when memory.gpu_gb is null and no GPU is visible
+DEFAULT_GPU_GB = 24.0
+PLACEMENTS = ("resident", "cached", "offloaded")
+
+
+# ---- the model, from its config -----------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs of a model config: MoE facts, attention shapes, vocabulary, weight inventory."""
+
+    family: str
+    title: str
+    num_layers: int
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    expert_intermediate_size: int
+    shared_expert_intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    #: non-expert parameters by group: embeddings, lm_head, router, norms_biases (always bf16) and
+    #: attention, shared_expert, other_linear (NF4 when model.attention_quant is nf4)
+    params: dict[str, int]
+    #: element counts of every linear weight NF4 can hold, by group (for exact NF4 sizes)
+    linear_numels: dict[str, tuple[int, ...]]
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+QUANTIZABLE_GROUPS = ("attention", "shared_expert", "other_linear")
+
+
+def model_shape(model_config: Any) -> ModelShape:
+    """The planner's view of a transformers config; builds the module tree on the meta device (no weights)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .arch import get_family
+    from .quant import is_quantizable_linear
+
+    family = get_family(model_config.model_type)
+    facts = family.facts(model_config)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16)
+    experts = {id(p) for _, block in family.moe_blocks(model) for p in family.experts(block).parameters()}
+    routers = {id(family.router(block)) for _, block in family.moe_blocks(model)}
+    out_emb = model.get_output_embeddings()
+    params = dict.fromkeys(("embeddings", "lm_head", "router", "norms_biases", *QUANTIZABLE_GROUPS), 0)
+    numels: dict[str, list[int]] = {g: [] for g in QUANTIZABLE_GROUPS}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen or id(p) in experts:
+                continue
+            seen.add(id(p))
+            if isinstance(module, torch.nn.Embedding):
+                group = "embeddings"
+            elif module is out_emb:
+                group = "lm_head"
+            elif id(module) in routers or (isinstance(module, torch.nn.Linear)
+                                           and not is_quantizable_linear(name, module)):
+                group = "router"
+            elif pname == "weight" and is_quantizable_linear(name, module):
+                group = "attention" if ".self_attn." in f".{name}." else \
+                    "shared_expert" if ".shared_expert." in f".{name}." else "other_linear"
+                numels[group].append(p.numel())
+            else:
+                group = "norms_biases"
+            params[group] += p.numel()
+    n_heads = int(model_config.num_attention_heads)
+    head_dim = getattr(model_config, "head_dim", None) or facts.hidden_size // n_heads
+    return ModelShape(
+        family=family.model_type, title=family.title, num_layers=facts.num_layers, moe_layers=facts.moe_layers,
+        num_experts=facts.num_experts, top_k=facts.top_k, hidden_size=facts.hidden_size,
+        expert_intermediate_size=facts.expert_intermediate_size,
+        shared_expert_intermediate_size=facts.shared_expert_intermediate_size,
+        num_heads=n_heads, num_kv_heads=int(getattr(model_config, "num_key_value_heads", None) or n_heads),
+        head_dim=int(head_dim), vocab_size=int(model_config.vocab_size), params=params,
+        linear_numels={g: tuple(v) for g, v in numels.items()})
+
+
+# ---- closed forms --------------------------------------------------------------------------------
+def _adapter(kind: str, d_in: int, d_out: int, rank: int) -> int:
+    """Parameters of one PEFT expert: lora / bottleneck r·(in + out), gated r·(2·in + out)."""
+    return rank * (2 * d_in + d_out) if kind == "gated" else rank * (d_in + d_out)
+
+
+def attention_layers(cfg: Config, shape: ModelShape) -> list[int]:
+    """Layers that get attention LoRA: every decoder layer for `routing.layers: all`, else the selected ones."""
+    if not cfg.routing.attention_lora:
+        return []
+    return list(range(shape.num_layers)) if cfg.routing.layers == "all" else cfg.layer_indices(shape.moe_layers)
+
+
+def adapter_params(cfg: Config, shape: ModelShape) -> dict[str, int]:
+    """Trainable parameters by group (the strategy's name, "router", "attention"), in closed form.
+
+    Per selected MoE layer (H hidden, I expert intermediate, E experts, N = routing.num_adapters, r = rank):
+    shared = one H→H adapter; dense = N adapters; routed = N adapters + its router H·N; embedded = E
+    adapters (parallel), or LoRA inside each expert on gate, up (H→I) and down (I→H) = 3·E·r·(H + I).
+    An H→H adapter: lora 2·H·r, bottleneck 2·H·r, gated 3·H·r. `routing.train_router` adds the MoE's
+    router E·H; `attention_lora` adds LoRA on q, k, v, o: r·(H+q) + 2·r·(H+kv) + r·(q+H) per layer.
+    """
+    a, r = cfg.adapter, cfg.routing
+    H, I, E, N = shape.hidden_size, shape.expert_intermediate_size, shape.num_experts, r.num_adapters
+    layers = len(cfg.layer_indices(shape.moe_layers))
+    one = _adapter(a.kind, H, H, a.rank)
+    per_layer = {
+        "none": 0,
+        "shared": one,
+        "dense": N * one,
+        "routed": N * one + H * N,
+        "embedded": (3 * E * a.rank * (H + I)) if a.placement == "inside" else E * one,
+    }[r.strategy]
+    out = {}
+    if per_layer:
+        out[r.strategy] = layers * per_layer
+    if r.train_router:
+        out["router"] = layers * E * H
+    attn = attention_layers(cfg, shape)
+    if attn:
+        q, kv = shape.q_dim, shape.kv_dim
+        out["attention"] = len(attn) * a.rank * ((H + q) + 2 * (H + kv) + (q + H))
+    return out
+
+
+def activation_bytes(cfg: Config, shape: ModelShape) -> dict[str, int]:
+    """Activation memory of one micro-batch (train.micro_batch × data.max_len tokens), by part.
+
+    Per token of one decoder layer (bf16, 2 bytes): attention = norm out, q, k, v, rotated q and k,
+    attention out, o_proj out (+ fp32 log-sum-exp per head); MoE = norm out, router logits and
+    probabilities (fp32, E each), and for each of the top-k routed pairs the gathered input, gate_up
+    out (2I), act(gate) and act·up (I each), the expert output, then the weighted sum; the shared
+    expert's intermediates; the adapters' intermediates. With gradient checkpointing: one layer's
+    input kept per layer + one layer's activations ×2 (saved + gradients); without: every layer's.
+    Plus the logits (LOGIT_BYTES each).
+    """
+    a, r = cfg.adapter, cfg.routing
+    tokens = cfg.train.micro_batch * cfg.data.max_len
+    H, I, E, k = shape.hidden_size, shape.expert_intermediate_size, shape.num_experts, shape.top_k
+    q, kv, Is, rank = shape.q_dim, shape.kv_dim, shape.shared_expert_intermediate_size, a.rank
+    attn = BF16 * (H + 2 * q + 3 * kv + q + H) + 4 * shape.num_heads
+    moe = BF16 * H + 2 * 4 * E + k * BF16 * (H + 2 * I + 2 * I + H) + BF16 * H
+    shared = BF16 * (4 * Is + H + 1) if Is else 0
+    inner = {"lora": 1, "bottleneck": 2, "gated": 3}[a.kind] * rank  # rank-sized tensors an adapter keeps
+    adapters = {
+        "none": 0,
+        "shared": BF16 * (inner + H),
+        "dense": BF16 * r.num_adapters * (inner + H),
+        "routed": 4 * r.num_adapters + r.top_k * BF16 * (H + inner + H),
+        "embedded": k * BF16 * ((3 * rank + 2 * I + H) if a.placement == "inside" else (inner + H)),
+    }[r.strategy]
+    if r.attention_lora:
+        adapters += BF16 * (4 * rank + q + 2 * kv + H)
+    per_layer_token = attn + moe + shared + adapters
+    if cfg.train.gradient_checkpointing:
+        kept = shape.num_layers * tokens * H * BF16
+        layer = 2 * tokens * per_layer_token
+    else:
+        kept = 0
+        layer = (shape.num_layers + 1) * tokens * per_layer_token
+    return {"layer_inputs": kept, "layer_activations": layer, "logits": tokens * shape.vocab_size * LOGIT_BYTES}
+
+
+# ---- the plan -----------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """What goes where on the GPU for one config and budget, and whether it fits."""
+
+    model: str
+    family: str
+    budget_bytes: int
+    budget_source: str
+    #: GPU bytes by item, in placement order (non_expert_weights … experts)
+    gpu: dict[str, int]
+    #: details: non-expert weights by group, activations by part, trainable parameters by group
+    non_expert: dict[str, int]
+    activations: dict[str, int]
+    trainable_params: dict[str, int]
+    expert_bytes: int  # one expert, as stored
+    expert_layer_bytes: int  # one MoE layer's experts, as stored
+    experts_total_bytes: int
+    #: MoE layer -> "resident" | "cached" | "offloaded"
+    placement: dict[int, str]
+    cache_slots: int  # experts the GPU cache holds when offloading (0: everything resident)
+    host_pinned_bytes: int  # experts kept in pinned host memory
+    pcie_bytes_per_step: int
+    pcie_seconds_per_step: float
+    fits: bool
+    advice: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gpu_total(self) -> int:
+        """Bytes the plan puts on the GPU."""
+        return sum(self.gpu.values())
+
+    def layers(self, placement: str) -> list[int]:
+        """MoE layers with the given placement."""
+        return [layer for layer, p in self.placement.items() if p == placement]
+
+    def to_dict(self) -> dict:
+        """Plain, JSON-ready numbers (layer keys as strings)."""
+        d = asdict(self)
+        d["placement"] = {str(k): v for k, v in self.placement.items()}
+        d["gpu_total"] = self.gpu_total
+        return d
+
+    def summary(self) -> str:
+        """A readable account of the plan."""
+        s = self.settings
+        lines = [f"MoETune plan: {self.model} ({self.family}), {s['moe_layers']} MoE layers × {s['num_experts']} "
+                 f"experts, top-{s['top_k']}",
+                 f"GPU budget {_gb(self.budget_bytes)} ({self.budget_source}); 1 GB = 10^9 bytes", ""]
+        trainable = sum(self.trainable_params.values())
+        attn = "NF4" if s["attention_quant"] == "nf4" else "bf16"
+        labels = {
+            "non_expert_weights": f"non-expert weights (attention {attn})",
+            "adapters": f"adapters ({trainable / 1e6:.2f} M params, fp32)",
+            "optimizer": "gradients + AdamW moments (fp32)",
+            "activations": f"activations ({s['micro_batch']} × {s['max_len']} tokens"
+                           f"{', checkpointed' if s['gradient_checkpointing'] else ''})",
+            "dequant_workspace": "dequantised weights in flight",
+            "cuda_reserve": "CUDA context / workspace reserve",
+            "experts": (f"experts {s['quant'].upper()}, all resident"
+                        if all(v == "resident" for v in self.placement.values())
+                        else f"expert cache ({self.cache_slots} experts)"),
+        }
+        for key, value in self.gpu.items():
+            lines.append(f"  {labels.get(key, key):<48} {_gb(value):>9}")
+        verdict = "fits" if self.fits else "DOES NOT FIT"
+        lines.append(f"  {'total':<48} {_gb(self.gpu_total):>9}  of {_gb(self.budget_bytes)}: {verdict}")
+        lines.append("")
+        lines.append(f"experts: {_gb(self.experts_total_bytes)} in all, {_mb(self.expert_layer_bytes)} a layer, "
+                     f"{_mb(self.expert_bytes)} an expert ({s['quant']})")
+        for p in PLACEMENTS:
+            if self.layers(p):
+                lines.append(f"  {p:<10} layers {_ranges(self.layers(p))}")
+        if self.pcie_bytes_per_step:
+            lines.append(f"PCIe per step: {_gb(self.pcie_bytes_per_step)} ({len(self.layers('offloaded'))} "
+                         f"layers × {_mb(self.expert_layer_bytes)}, forward + backward) "
+                         f"≈ {self.pcie_seconds_per_step:.2f} s at {PCIE_BYTES_PER_S / GB:.0f} GB/s; "
+                         f"pinned host memory {_gb(self.host_pinned_bytes)}")
+        else:
+            lines.append("PCIe per step: none (no expert is offloaded)")
+        if self.advice:
+            lines.append("")
+            lines.append("advice:" if self.fits else "to make it fit:")
+            lines.extend(f"  - {a}" for a in self.advice)
+        return "\n".join(lines)
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:.2f} GB"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.0f} MB"
+
+
+def _ranges(layers: list[int]) -> str:
+    out, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            out.append(str(start) if start == layer else f"{start}-{layer}")
+            start = None
+    return ", ".join(out)
+
+
+def _budget(cfg: Config, gpu_gb: float | None) -> tuple[int, str]:
+    if gpu_gb is not None:
+        if gpu_gb <= 0:
+            raise ConfigError(f"--gpu-gb: {gpu_gb} must be a positive number of GB.")
+        return int(gpu_gb * GB), "--gpu-gb"
+    if cfg.memory.gpu_gb is not None:
+        return int(cfg.memory.gpu_gb * GB), "memory.gpu_gb"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info()
+            return int(free), "the GPU's free memory"
+    except Exception:  # no usable driver: plan for the default card
+        pass
+    return int(DEFAULT_GPU_GB * GB), f"no GPU visible and memory.gpu_gb is null: a {DEFAULT_GPU_GB:.0f} GB card"
+
+
+def _sizes(cfg: Config, shape: ModelShape) -> dict:
+    """Everything but the experts' placement."""
+    from .quant import CODE_TABLE_BYTES, nf4_expert_nbytes, nf4_nbytes
+
+    H, I, E = shape.hidden_size, shape.expert_intermediate_size, shape.num_experts
+    nf4_attn = cfg.model.attention_quant == "nf4"
+    non_expert = {}
+    for group, n in shape.params.items():
+        if group in QUANTIZABLE_GROUPS and nf4_attn:
+            non_expert[group] = sum(nf4_nbytes(x) + CODE_TABLE_BYTES for x in shape.linear_numels[group])
+        else:
+            non_expert[group] = n * BF16
+    trainable = adapter_params(cfg, shape)
+    params = sum(trainable.values())
+    acts = activation_bytes(cfg, shape)
+    if cfg.model.quant == "nf4":
+        expert = nf4_expert_nbytes(H, I)
+        layer = E * expert + CODE_TABLE_BYTES
+        workspace = 3 * H * I * BF16  # one expert dequantised at a time
+    else:
+        expert = 3 * H * I * BF16
+        layer = E * expert
+        workspace = 0
+    if nf4_attn:
+        workspace += max((x for g in QUANTIZABLE_GROUPS for x in shape.linear_numels[g]), default=0) * BF16
+    fixed = {"non_expert_weights": sum(non_expert.values()), "adapters": params * PARAM_BYTES,
+             "optimizer": params * OPTIMIZER_BYTES, "activations": sum(acts.values()),
+             "dequant_workspace": workspace, "cuda_reserve": CUDA_RESERVE}
+    return {"non_expert": non_expert, "trainable": trainable, "acts": acts, "expert": expert, "layer": layer,
+            "fixed": fixed}
+
+
+def _place(cfg: Config, shape: ModelShape, budget: int) -> dict:
+    s = _sizes(cfg, shape)
+    moe, E = list(shape.moe_layers), shape.num_experts
+    layer, expert = s["layer"], s["expert"]
+    total = len(moe) * layer
+    left = budget - sum(s["fixed"].values())
+    if left >= total:
+        placement = dict.fromkeys(moe, "resident")
+        slots, cached, fits, gpu_experts = 0, len(moe), True, total
+    else:
+        slots = max(0, min(len(moe) * E - 1, left // expert))
+        cached = min(len(moe), slots // E)
+        fits = cached >= STREAM_LAYERS
+        placement = {l: ("cached" if i >= len(moe) - cached else "offloaded") for i, l in enumerate(moe)}
+        gpu_experts = slots * expert
+    offloaded = sum(p == "offloaded" for p in placement.values())
+    pcie = 2 * offloaded * layer
+    return {**s, "placement": placement, "slots": slots, "fits": fits, "gpu_experts": gpu_experts,
+            "total": total, "pcie": pcie, "host": 0 if all(v == "resident" for v in placement.values()) else total,
+            "need_min": sum(s["fixed"].values()) + min(STREAM_LAYERS, len(moe)) * layer,
+            "need_all": sum(s["fixed"].values()) + total}
+
+
+def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None) -> Plan:
+    """Plan GPU memory for a config: bytes per item, each MoE layer's expert placement, fits or not, advice.
+
+    Reads only `model.path`/config.json (or uses `model_config`); `gpu_gb` overrides `memory.gpu_gb`.
+    """
+    if model_config is None:
+        from .loader import read_config
+
+        if not cfg.model.path:
+            raise ConfigError("model.path is empty; set it to a local HF checkpoint directory "
+                              "(the planner reads only its config.json).")
+        model_config, _ = read_config(cfg.model.path)
+    shape = model_shape(model_config)
+    budget, source = _budget(cfg, gpu_gb)
+    p = _place(cfg, shape, budget)
+    gpu = {**p["fixed"], "experts": p["gpu_experts"]}
+    result = Plan(
+        model=getattr(model_config, "_name_or_path", "") or cfg.model.path or shape.title, family=shape.family,
+        budget_bytes=budget, budget_source=source, gpu=gpu, non_expert=p["non_expert"], activations=p["acts"],
+        trainable_params=p["trainable"], expert_bytes=p["expert"], expert_layer_bytes=p["layer"],
+        experts_total_bytes=p["total"], placement=p["placement"], cache_slots=p["slots"],
+        host_pinned_bytes=p["host"], pcie_bytes_per_step=p["pcie"],
+        pcie_seconds_per_step=p["pcie"] / PCIE_BYTES_PER_S, fits=p["fits"],
+        notes=[f"1 GB = 10^9 bytes; a 24 GiB card is {24 * 2**30 / GB:.1f} GB",
+               f"reserve {_gb(CUDA_RESERVE)} for the CUDA context, workspaces and allocator slack",
+               "adapters: fp32 parameter, gradient and two AdamW moments (16 bytes a parameter)",
+               "activations: SDPA/flash attention (no T×T scores); gradient checkpointing keeps one input per layer",
+               "offloaded layers cross PCIe in the forward and in the backward of each step, "
+               f"at {PCIE_BYTES_PER_S / GB:.0f} GB/s"],
+        settings={"quant": cfg.model.quant, "attention_quant": cfg.model.attention_quant,
+                  "micro_batch": cfg.train.micro_batch, "max_len": cfg.data.max_len,
+                  "gradient_checkpointing": cfg.train.gradient_checkpointing, "moe_layers": len(shape.moe_layers),
+                  "num_experts": shape.num_experts, "top_k": shape.top_k, "strategy": cfg.routing.strategy,
+                  "adapter_kind": cfg.adapter.kind, "rank": cfg.adapter.rank})
+    result.advice = _advice(cfg, shape, budget, p)
+    return result
+
+
+def _advice(cfg: Config, shape: ModelShape, budget: int, p: dict) -> list[str]:
+    """What to change: each lever with the memory it frees and whether it is enough on its own."""
+    fits, offloaded = p["fits"], sum(v == "offloaded" for v in p["placement"].values())
+    if fits and not offloaded:
+        return []
+    out = []
+    if not fits:
+        out.append(f"memory.gpu_gb: this config needs at least {_gb(p['need_min'])} (streaming experts) and "
+                   f"{_gb(p['need_all'])} to keep every expert on the GPU; the budget is {_gb(budget)}.")
+    else:
+        out.append(f"{offloaded} of {len(p['placement'])} MoE layers stream over PCIe each step "
+                   f"({_gb(p['pcie'])}, ≈ {p['pcie'] / PCIE_BYTES_PER_S:.2f} s at 25 GB/s); keeping every expert "
+                   f"on the GPU needs memory.gpu_gb ≥ {math.ceil(p['need_all'] / GB * 10) / 10}. Levers:")
+    base_fixed = sum(p["fixed"].values())
+    levers: list[dict] = []
+
+    def lever(field: str, value: Any, why: str, extra: dict | None = None) -> None:
+        trial = copy.deepcopy(cfg)
+        section, name = field.split(".")
+        setattr(getattr(trial, section), name, value)
+        for f, v in (extra or {}).items():
+            sec, nm = f.split(".")
+            setattr(getattr(trial, sec), nm, v)
+        q = _place(trial, shape, budget)
+        saved = base_fixed - sum(q["fixed"].values()) + (p["total"] - q["total"])
+        if saved <= 0:
+            return
+        levers.append({field: value, **(extra or {})})
+        sets = ", ".join(f"{f}: {v}" for f, v in levers[-1].items())
+        if not fits:
+            verdict = "enough on its own" if q["fits"] else "not enough alone"
+        else:
+            gained = sum(v != "offloaded" for v in q["placement"].values()) - sum(
+                v != "offloaded" for v in p["placement"].values())
+            verdict = f"{gained} more layers on the GPU" if gained > 0 else "no whole layer more"
+        out.append(f"{sets}: {why} (frees {_gb(saved)}; {verdict}).")
+
+    if cfg.model.quant == "bf16":
+        lever("model.quant", "nf4", "store the experts in NF4")
+    if cfg.model.attention_quant == "none":
+        lever("model.attention_quant", "nf4", "store attention and the other linear layers in NF4 (QLoRA style)")
+    if not cfg.train.gradient_checkpointing:
+        lever("train.gradient_checkpointing", True, "recompute activations in the backward")
+    mb = cfg.train.micro_batch
+    for smaller in sorted({max(1, mb // 2), 1}, reverse=True):
+        if smaller < mb:
+            accum = cfg.train.grad_accum * math.ceil(mb / smaller)
+            lever("train.micro_batch", smaller, "fewer sequences per forward; the larger grad_accum keeps the batch",
+                  {"train.grad_accum": accum})
+            break
+    if cfg.data.max_len > 128:
+        lever("data.max_len", max(128, cfg.data.max_len // 2), "shorter sequences (longer rows are cut)")
+    if cfg.adapter.rank > 4 and cfg.routing.strategy != "none":
+        lever("adapter.rank", max(4, cfg.adapter.rank // 2), "a smaller adapter rank")
+    if cfg.routing.layers == "all" and cfg.routing.strategy != "none" and len(shape.moe_layers) > 1:
+        lever("routing.layers", "every:2", "adapters in every second MoE layer only")
+    if not fits and len(levers) > 1:
+        trial = copy.deepcopy(cfg)
+        for changes in levers:
+            for f, v in changes.items():
+                sec, nm = f.split(".")
+                setattr(getattr(trial, sec), nm, v)
+        q = _place(trial, shape, budget)
+        out.append(f"all of these together: needs {_gb(q['need_min'])} "
+                   f"({'fits' if q['fits'] else 'still too much'} in {_gb(budget)}).")
+    return out

@@ -1,0 +1,169 @@
+"""The memory planner on the real published configs: expert sizes as in DESIGN's table, OLMoE resident
+on 24 GB, Mixtral only with offload, clear advice when a budget cannot work, exact closed forms for
+adapter parameters, and `moetune plan --json` agreeing with plan()."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from engine.arch import FAMILIES
+from engine.arch.base import PUBLISHED_DIR
+from engine.cli import main
+from engine.config import from_dict
+from engine.plan import GB, PCIE_BYTES_PER_S, adapter_params, model_shape, plan
+
+#: DESIGN "Memory": experts in NF4 (GB) and one layer of experts (MB)
+DESIGN_TABLE = {"olmoe": (3.3, 208), "qwen2_moe": (6.4, 268), "qwen3_moe": (15.0, 312), "mixtral": (23.3, 727)}
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """family -> a folder holding only the flagship's published config.json (no weights)."""
+    root = tmp_path_factory.mktemp("published")
+    out = {}
+    for name, fam in FAMILIES.items():
+        folder = root / name
+        folder.mkdir()
+        shutil.copy(PUBLISHED_DIR / f"{fam.published}.json", folder / "config.json")
+        out[name] = folder
+    return out
+
+
+def _cfg(path, **sections):
+    return from_dict({"model": {"path": str(path)}, **sections})
+
+
+@pytest.mark.parametrize("family", sorted(DESIGN_TABLE))
+def test_expert_sizes_match_the_design_table(family, published):
+    p = plan(_cfg(published[family]), gpu_gb=24)
+    total_gb, layer_mb = DESIGN_TABLE[family]
+    assert abs(p.experts_total_bytes / (total_gb * GB) - 1) < 0.05
+    assert abs(p.expert_layer_bytes / (layer_mb * 1e6) - 1) < 0.05
+    assert p.experts_total_bytes == p.expert_layer_bytes * len(p.placement)
+    assert p.gpu_total <= p.budget_bytes or not p.fits
+
+
+def test_olmoe_is_fully_resident_on_24gb(published):
+    p = plan(_cfg(published["olmoe"]), gpu_gb=24)
+    assert p.fits and set(p.placement.values()) == {"resident"} and len(p.placement) == 16
+    assert p.pcie_bytes_per_step == 0 and p.cache_slots == 0 and p.host_pinned_bytes == 0
+    assert p.gpu["experts"] == p.experts_total_bytes and p.gpu_total <= 24 * GB
+    assert p.advice == []
+
+
+def test_mixtral_fits_24gb_only_with_offload(published):
+    p = plan(_cfg(published["mixtral"]), gpu_gb=24)
+    offloaded, cached = p.layers("offloaded"), p.layers("cached")
+    assert p.fits and offloaded and cached and not p.layers("resident")
+    assert max(offloaded) < min(cached) == 32 - len(cached)  # the cache keeps the last layers for the backward
+    assert p.experts_total_bytes + p.gpu_total - p.gpu["experts"] > 24 * GB  # everything resident cannot fit
+    assert p.gpu_total <= 24 * GB and p.gpu["experts"] == p.cache_slots * p.expert_bytes
+    assert p.cache_slots >= 8 * len(cached)
+    assert p.pcie_bytes_per_step == 2 * len(offloaded) * p.expert_layer_bytes  # forward + backward
+    assert p.pcie_seconds_per_step == pytest.approx(p.pcie_bytes_per_step / PCIE_BYTES_PER_S)
+    assert p.host_pinned_bytes == p.experts_total_bytes
+    # NF4 attention frees memory for more cached layers
+    q = plan(_cfg(published["mixtral"], model={"path": str(published["mixtral"]), "attention_quant": "nf4"}), gpu_gb=24)
+    assert len(q.layers("cached")) > len(cached)
+    assert q.non_expert["attention"] == pytest.approx(p.non_expert["attention"] / 2 * 4.13 / 8, rel=0.01)
+
+
+def test_mixtral_on_4gb_does_not_fit_and_says_what_to_change(published):
+    p = plan(_cfg(published["mixtral"]), gpu_gb=4)
+    assert not p.fits
+    text = " ".join(p.advice)
+    for field in ("memory.gpu_gb", "model.attention_quant", "train.micro_batch", "data.max_len", "adapter.rank"):
+        assert field in text
+    assert "DOES NOT FIT" in p.summary()
+    need = float(p.advice[0].split("at least ")[1].split(" GB")[0])
+    assert plan(_cfg(published["mixtral"]), gpu_gb=need + 0.01).fits  # the minimum it names is enough
+
+
+def test_budget_too_small_for_a_streaming_cache_does_not_fit(published):
+    ok = plan(_cfg(published["mixtral"]), gpu_gb=24)
+    fixed = ok.gpu_total - ok.gpu["experts"]
+    tight = plan(_cfg(published["mixtral"]), gpu_gb=(fixed + 1.5 * ok.expert_layer_bytes) / GB)
+    assert not tight.fits  # one and a half layers of cache: no room to prefetch the next layer
+    assert plan(_cfg(published["mixtral"]), gpu_gb=(fixed + 2.01 * ok.expert_layer_bytes) / GB).fits
+
+
+# (family, config sections, expected trainable parameters by group), counted by hand
+ADAPTER_CASES = [
+    ("olmoe", {}, {"embedded": 16 * 64 * 8 * (2048 + 2048)}),
+    ("olmoe", {"routing": {"strategy": "embedded", "train_router": True}},
+     {"embedded": 33_554_432, "router": 16 * 64 * 2048}),
+    ("mixtral", {"routing": {"strategy": "routed", "num_adapters": 4, "top_k": 2}},
+     {"routed": 32 * (4 * 8 * 8192 + 4096 * 4)}),
+    ("mixtral", {"adapter": {"kind": "bottleneck"},
+                 "routing": {"strategy": "dense", "num_adapters": 4, "layers": "every:2"}},
+     {"dense": 16 * 4 * 2 * 4096 * 8}),
+    ("qwen2_moe", {"adapter": {"kind": "gated", "rank": 16}, "routing": {"strategy": "shared"}},
+     {"shared": 24 * 3 * 2048 * 16}),
+    ("qwen3_moe", {"adapter": {"placement": "inside"}, "routing": {"strategy": "embedded"}},
+     {"embedded": 48 * 128 * 8 * ((2048 + 768) * 3)}),
+    # attention LoRA: Qwen3 q 2048->4096 (32 heads x 128), k/v 2048->512 (4 kv heads), o 4096->2048
+    ("qwen3_moe", {"routing": {"strategy": "none", "attention_lora": True}},
+     {"attention": 48 * 8 * ((2048 + 4096) + 2 * (2048 + 512) + (4096 + 2048))}),
+    ("mixtral", {"routing": {"strategy": "shared", "attention_lora": True, "layers": [0, 31]}},
+     {"shared": 2 * 8 * 8192, "attention": 2 * 8 * ((4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096))}),
+]
+
+
+@pytest.mark.parametrize("family,sections,expected", ADAPTER_CASES)
+def test_adapter_parameter_closed_forms(family, sections, expected):
+    model_config = FAMILIES[family].published_config()
+    assert adapter_params(from_dict(sections), model_shape(model_config)) == expected
+    p = plan(from_dict(sections), model_config, gpu_gb=24)
+    assert p.gpu["adapters"] == 4 * sum(expected.values()) and p.gpu["optimizer"] == 12 * sum(expected.values())
+
+
+def test_inventory_counts_every_weight_and_the_shared_expert():
+    for name, fam in FAMILIES.items():
+        model_config = fam.published_config()
+        shape = model_shape(model_config)
+        facts = fam.facts(model_config)
+        total = sum(shape.params.values()) + facts.expert_params
+        published_b = {"olmoe": 6.92, "mixtral": 46.70, "qwen2_moe": 14.32, "qwen3_moe": 30.53}[name]
+        assert total / 1e9 == pytest.approx(published_b, abs=0.01)
+    qwen = model_shape(FAMILIES["qwen2_moe"].published_config())
+    assert qwen.params["shared_expert"] == 24 * 3 * 2048 * 5632  # non-routed: counted with the non-expert weights
+    assert qwen.params["router"] == 24 * (60 + 1) * 2048  # the MoE router and the shared expert's gate
+
+
+def test_activations_scale_with_tokens_and_checkpointing(published):
+    path = published["olmoe"]
+    four = plan(_cfg(path), gpu_gb=24).activations
+    two = plan(_cfg(path, train={"micro_batch": 2}), gpu_gb=24).activations
+    assert all(two[k] * 2 == four[k] for k in four)
+    assert four["logits"] == 4 * 512 * 50304 * 10
+    assert four["layer_inputs"] == 16 * 4 * 512 * 2048 * 2
+    full = plan(_cfg(path, train={"gradient_checkpointing": False}), gpu_gb=24).activations
+    assert sum(full.values()) > 4 * sum(four.values()) - 4 * four["logits"]
+
+
+def test_plan_nf4_bytes_equal_a_quantised_store(tiny_checkpoint):
+    from engine.quant import quantize_checkpoint_experts
+
+    path = tiny_checkpoint("qwen2_moe", layers=2, hidden=64, experts=4)
+    p = plan(_cfg(path), gpu_gb=24)
+    stores = quantize_checkpoint_experts(path)
+    assert p.expert_layer_bytes == stores[0].nbytes()
+    assert p.experts_total_bytes == sum(s.nbytes() for s in stores.values())
+
+
+def test_cli_plan_json_agrees_with_plan(published, tmp_path, capsys):
+    cfg_file = tmp_path / "mixtral.yaml"
+    cfg_file.write_text(yaml.safe_dump({"model": {"path": str(published["mixtral"])}, "train": {"micro_batch": 2}}))
+    assert main(["plan", str(cfg_file), "--gpu-gb", "24", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = json.loads(json.dumps(plan(_cfg(published["mixtral"], train={"micro_batch": 2}), gpu_gb=24).to_dict()))
+    assert printed == expected and printed["fits"] and "offloaded" in printed["placement"].values()
+    assert main(["plan", str(cfg_file), "--gpu-gb", "4"]) == 3  # does not fit
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "memory.gpu_gb" in out
+    assert main(["plan", str(cfg_file), "--set", "model.path=/nonexistent/dir"]) == 2
+    assert "model.path" in capsys.readouterr().err
