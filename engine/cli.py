@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable
 
 from .config import ConfigError
@@ -49,10 +50,141 @@ def cmd_tiny_model(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    """Train (or resume) a run from a YAML config."""
+    from . import config as C
+    from .train import train
+
+    cfg = C.load(args.config, args.set)
+    out = args.out or str(Path("runs") / (Path(args.config).stem))
+    summary = train(cfg, out, resume=args.resume)
+    print(json.dumps(summary))
+    return 0
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train routed adapters from a YAML config")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a field")
+    p.add_argument("--out", help="run folder (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    return p
+
+
+#: exit status of `moetune plan` when the budget cannot work (2 is a usage or config error)
+PLAN_DOES_NOT_FIT = 3
+
+
+def cmd_plan(args) -> int:
+    """Plan GPU memory for a config before anything loads: what is resident, cached, offloaded; fits or not."""
+    from . import config as C
+    from .plan import plan
+
+    cfg = C.load(args.config, args.set)
+    result = plan(cfg, gpu_gb=args.gpu_gb)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    return 0 if result.fits else PLAN_DOES_NOT_FIT
+
+
+def _add_plan(sub):
+    p = sub.add_parser("plan", help="GPU memory plan of a config (reads config.json only, loads no weights)",
+                       description="Exit status 0 when the plan fits the budget, 3 when it cannot work.")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--gpu-gb", type=float, default=None, help="GPU budget in GB (10^9 bytes); overrides memory.gpu_gb")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a field")
+    return p
+
+
+def cmd_eval(args) -> int:
+    """Score a run's adapter (or its base model, --base) on benchmarks; write every prediction."""
+    from .evaluate import evaluate_many
+    from .runs import load_run
+
+    run = load_run(args.run, base=args.base, device=args.device)
+    benches = [b.strip() for spec in args.bench for b in spec.split(",") if b.strip()]
+    out_dir = Path(args.run) / "eval" / ("base" if args.base else "adapter")
+
+    def progress(name: str, done: int, total: int) -> None:
+        if not args.json:
+            print(f"\r{name}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    result = evaluate_many(run.model, run.tokenizer, benches, out_dir=out_dir, data_root=args.data_root,
+                           limit=args.limit, batch_size=args.batch_size or run.cfg.eval.batch_size,
+                           num_beams=run.cfg.eval.num_beams, template=run.cfg.data.template, progress=progress)
+    if args.json:
+        print(json.dumps({"run": str(args.run), "model": "base" if args.base else "adapter",
+                          "predictions": str(out_dir), **result.to_dict()}, indent=2))
+    else:
+        print(f"{'base model' if args.base else 'adapter'} of {args.run}; predictions in {out_dir}")
+        print(result.table())
+    return 0
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="score a run on commonsense / math benchmarks or a test file")
+    p.add_argument("--run", required=True, help="run folder written by `moetune train`")
+    p.add_argument("--bench", required=True, action="append", metavar="NAME|FILE",
+                   help="benchmark name (boolq, gsm8k, ...), suite (commonsense, math) or an LLM-Adapters "
+                        "test.json; repeat or separate with commas")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N rows of each benchmark")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--base", action="store_true", help="score the base model without the adapter")
+    p.add_argument("--data-root", default=None,
+                   help="folder laid out like LLM-Adapters' dataset/ (default: $MOETUNE_EVAL_DATA, else ./dataset)")
+    p.add_argument("--batch-size", type=int, default=None, help="prompts per generation batch (default: eval.batch_size)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+    return p
+
+
+def cmd_chat(args) -> int:
+    """Answer one prompt with a run's adapted model (or its base model, --base)."""
+    from .data import generation_prompt
+    from .evaluate import generate, stop_token_ids
+    from .runs import load_run
+
+    run = load_run(args.run, base=args.base, device=args.device)
+    template = run.cfg.data.template
+    text, special = generation_prompt(template, args.prompt, "", run.tokenizer)
+    reply = generate(run.model, run.tokenizer, [text], add_special_tokens=special, max_new_tokens=args.max_new_tokens,
+                     stop_ids=stop_token_ids(run.model, run.tokenizer, chat=template == "chat"))[0]
+    print(reply.strip())
+    return 0
+
+
+def _add_chat(sub):
+    p = sub.add_parser("chat", help="answer a prompt with a run's adapter")
+    p.add_argument("--run", required=True, help="run folder written by `moetune train`")
+    p.add_argument("--prompt", required=True, help="the instruction to answer (the run's template wraps it)")
+    p.add_argument("--base", action="store_true", help="answer with the base model, without the adapter")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when present)")
+    return p
+
+
+def cmd_export(args) -> int:
+    """Export a run as merged HF safetensors, PEFT-layout LoRA or GGUF; print the export report."""
+    from .export import export_run
+
+    report = export_run(args.run, args.format, args.dtype, args.out)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="merge a run's adapter: HF safetensors, PEFT LoRA or GGUF")
+    p.add_argument("--run", required=True, help="run folder written by `moetune train`")
+    p.add_argument("--format", required=True, choices=("hf", "peft", "gguf"))
+    p.add_argument("--dtype", default="f16", choices=("f16", "bf16", "q8_0"), help="tensor type (q8_0: GGUF only)")
+    p.add_argument("--out", required=True, help="output folder")
+    return p
+
+
 def cmd_ui(args) -> int:
-    """Start the local app."""
-    print("The MoETune app is not built yet: it lands with the Gradio-app issue. "
-          "Meanwhile the command line works: `moetune models`, `moetune tiny-model`.")
+    """Start the local app (Gradio) on 127.0.0.1 unless --host says otherwise; no share link unless --share."""
+    from app.main import launch  # the engine never imports gradio; only this command loads the app
+
+    launch(host=args.host, port=args.port, share=args.share)
     return 0
 
 
@@ -78,8 +210,9 @@ def _add_tiny_model(sub):
 
 def _add_ui(sub):
     p = sub.add_parser("ui", help="start the local app")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
     return p
 
 
@@ -87,6 +220,11 @@ def _add_ui(sub):
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "models": (_add_models, cmd_models),
     "tiny-model": (_add_tiny_model, cmd_tiny_model),
+    "train": (_add_train, cmd_train),
+    "plan": (_add_plan, cmd_plan),
+    "eval": (_add_eval, cmd_eval),
+    "chat": (_add_chat, cmd_chat),
+    "export": (_add_export, cmd_export),
     "ui": (_add_ui, cmd_ui),
 }
 

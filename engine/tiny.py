@@ -10,6 +10,9 @@ import torch
 from .arch import FAMILIES, get_family
 
 CORPUS = Path(__file__).resolve().parent.parent / "assets" / "tokenizer_corpus.txt"
+#: Qwen2's pre-tokenization pattern (llama.cpp: tokenizer.ggml.pre = "qwen2")
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 # A plain ChatML template, so chat-format datasets work on tiny models.
 CHAT_TEMPLATE = (
@@ -19,12 +22,19 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer(vocab_size: int = 512, corpus: Path = CORPUS):
-    """A byte-level BPE tokenizer (pad=0, bos=1, eos=2) trained on the shipped corpus in about a second."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE tokenizer (pad=0, bos=1, eos=2) trained on the shipped corpus in about a second.
+
+    It pre-splits text with Qwen2's pattern (one token per digit), so llama.cpp tokenises it the same
+    way with its `qwen2` pre-tokenizer, and small models can learn arithmetic digit by digit.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -45,7 +55,11 @@ def tiny_config(family: str, layers: int = 2, hidden: int = 64, experts: int = 4
         raise ValueError(f"--top-k {top_k} is larger than --experts {experts}; choose top_k <= experts.")
     if hidden % 8:
         raise ValueError(f"--hidden {hidden} must be a multiple of 8 (4 attention heads of even size).")
-    return AutoConfig.for_model(family, **fam.tiny_config_kwargs(layers, hidden, experts, top_k, vocab_size))
+    kwargs = fam.tiny_config_kwargs(layers, hidden, experts, top_k, vocab_size)
+    # Real models init at std 0.02 for H in the thousands; at tiny H that leaves logits (and routers)
+    # too flat for a frozen head to express anything, so scale the init with the width instead.
+    kwargs["initializer_range"] = hidden ** -0.5
+    return AutoConfig.for_model(family, **kwargs)
 
 
 def make_tiny_model(family: str, out: str | Path, layers: int = 2, hidden: int = 64, experts: int = 4,
@@ -61,17 +75,8 @@ def make_tiny_model(family: str, out: str | Path, layers: int = 2, hidden: int =
     config = tiny_config(family, layers, hidden, experts, top_k, len(tokenizer))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _spread_router_weights(model)
     # transformers 5 writes experts back under the hub's per-expert names (gate_proj/up_proj/down_proj,
     # Mixtral's block_sparse_moe.experts.N.w1/w2/w3), which is the layout MoETune's loader reads.
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
-
-
-def _spread_router_weights(model) -> None:
-    """Give routers a larger scale than the init's 0.02 so tiny models route decisively (real models do)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)

@@ -1,0 +1,235 @@
+"""The training loop: AdamW on the adapter parameters (row-sparse for per-expert adapters), warm-up + decay, gradient accumulation,
+clipping, bf16 autocast on GPU, gradient checkpointing, balance losses; atomic checkpoints every N
+steps; exact resume (same data order, optimizer, scheduler and RNG state); SIGINT/SIGTERM save a
+checkpoint and stop cleanly. Progress goes to the terminal and to `OUT/events.jsonl`."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config, save as save_config
+from .events import EventLog
+from .io import atomic_write_json
+from .optim import SparseAdamW, sparse_params_of
+
+LOCK_FILE = ".lock"
+
+
+class RunError(ValueError):
+    """A run that cannot start: its folder is busy or holds another run."""
+
+
+def lr_lambda(cfg: Config, total_steps: int):
+    """Multiplier of the peak lr at each step: linear warm-up, then cosine / linear decay or constant."""
+    warm, kind = cfg.train.warmup_steps, cfg.train.scheduler
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return f
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Batches:
+    """The deterministic order of micro-batches: epoch e is shuffled with seed + e."""
+
+    examples: list
+    micro_batch: int
+    seed: int
+    pad_id: int
+
+    def epoch(self, e: int) -> list[list[int]]:
+        from .data import make_batches
+
+        return make_batches(self.examples, self.micro_batch, seed=self.seed + e)
+
+    def tensors(self, idx: list[int], device) -> dict[str, torch.Tensor]:
+        from .data import collate
+
+        return {k: v.to(device) for k, v in collate([self.examples[i] for i in idx], self.pad_id).items()}
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between optimizer steps."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no signals, still a flag
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.stop = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _lock(out: Path) -> Path:
+    lock = out / LOCK_FILE
+    if lock.exists():
+        try:
+            pid = int(lock.read_text().strip() or 0)
+            os.kill(pid, 0)
+            raise RunError(f"{out} is in use by a running training (pid {pid}); wait for it, stop it, "
+                           "or choose another --out.")
+        except (ProcessLookupError, ValueError):
+            pass  # stale lock of a process that is gone
+    lock.write_text(str(os.getpid()))
+    return lock
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)  # Linux: KB
+
+
+def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
+          device: str | None = None, stop_after: int | None = None) -> dict:
+    """Run (or resume) a training; returns the final summary. `stop_after` simulates a stop after that step."""
+    from .data import load_examples
+    from .loader import load_tokenizer
+    from .routing import attach, save_adapter
+    from .runs import load_run_model
+
+    out = Path(out)
+    if not cfg.model.path:
+        raise RunError("model.path is empty; set it to a local HF checkpoint directory.")
+    if not cfg.data.train:
+        raise RunError("data.train is empty; give a dataset file or a registry name.")
+    latest = ckpt.latest_checkpoint(out)
+    if not resume and (latest is not None or (out / "adapter.safetensors").exists()):
+        raise RunError(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
+    log = None
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        seed_everything(cfg.train.seed)
+        tokenizer = load_tokenizer(cfg.model.path)
+        examples, data_stats = load_examples(cfg.data.train, tokenizer, cfg.data.template, cfg.data.max_len)
+        loaded = load_run_model(cfg, dev)
+        peft = attach(loaded, cfg)
+        model = loaded.model
+        if cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        batches = Batches(examples, cfg.train.micro_batch, cfg.train.seed, tokenizer.pad_token_id)
+        per_epoch = max(1, len(batches.epoch(0)) // cfg.train.grad_accum)
+        total = math.ceil(cfg.train.epochs * per_epoch) if cfg.train.epochs else cfg.train.max_steps
+        params = [p for _, p in peft.trainable_parameters()]
+        # per-expert adapters that no token reached this step keep their values and moments (DESIGN "Memory")
+        opt = SparseAdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                          sparse_params=sparse_params_of(model))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
+        step, epoch, pos = 0, 0, 0
+        if resume and latest is not None:
+            tensors, tstate, state = ckpt.load_checkpoint(latest)
+            named = dict(peft.trainable_parameters())
+            for n, p in named.items():
+                p.data.copy_(tensors[n])
+            opt.load_state_dict(tstate["optimizer"])
+            sched.load_state_dict(tstate["scheduler"])
+            ckpt.set_rng_state(tstate["rng"])
+            step, epoch, pos = state["step"], state["epoch"], state["position"]
+        save_config(cfg, out / "config.yaml")
+        log = EventLog(out / "events.jsonl", echo=echo, total_steps=total)
+        log.set_position(step)
+        log.emit("start", step=step, total_steps=total, resumed=bool(resume and latest is not None),
+                 examples=len(examples), data=data_stats, parameters=peft.parameter_report(),
+                 device=str(dev))
+        model.train()
+        order = batches.epoch(epoch)
+        with _StopFlag() as flag:
+            while step < total:
+                t0, tokens, loss_sum, aux_sum = time.perf_counter(), 0, 0.0, 0.0
+                usage = None
+                for _ in range(cfg.train.grad_accum):
+                    if pos >= len(order):
+                        epoch, pos = epoch + 1, 0
+                        order = batches.epoch(epoch)
+                    batch = batches.tensors(order[pos], dev)
+                    pos += 1
+                    peft.clear_losses()
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                        loss = model(**batch).loss
+                    aux = peft.aux_loss()
+                    total_loss = loss + aux if aux is not None else loss
+                    (total_loss / cfg.train.grad_accum).backward()
+                    loss_sum += loss.item() / cfg.train.grad_accum
+                    aux_sum += (aux.item() if aux is not None else 0.0) / cfg.train.grad_accum
+                    tokens += int(batch["attention_mask"].sum())
+                    usage = _add_usage(usage, peft.routing_stats())
+                if cfg.train.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                lr = opt.param_groups[0]["lr"]
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                dt = time.perf_counter() - t0
+                log.emit("step", step=step, total_steps=total, epoch=epoch, loss=round(loss_sum, 6),
+                         balance_loss=round(aux_sum, 6), lr=lr, tokens_per_s=round(tokens / dt, 1),
+                         memory_gb=_memory_gb(dev), expert_usage=usage)
+                stopping = flag.stop or (stop_after is not None and step >= stop_after)
+                if step % cfg.train.save_every == 0 or stopping or step == total:
+                    path = ckpt.save_checkpoint(out, step, peft.adapter_state_dict(), opt, sched,
+                                                {"epoch": epoch, "position": pos, "total_steps": total})
+                    log.emit("checkpoint", step=step, path=str(path))
+                if stopping and step < total:
+                    log.emit("stopped", step=step, reason="signal" if flag.stop else "stop_after")
+                    return {"status": "stopped", "step": step, "out": str(out)}
+        model.eval()
+        save_adapter(peft, out, extra={"train": {"steps": step, "data": data_stats}})
+        summary = {"status": "done", "step": step, "out": str(out), "final_loss": round(loss_sum, 6)}
+        atomic_write_json(out / "summary.json", summary)
+        log.emit("done", **summary)
+        return summary
+    except Exception as e:
+        if log is None:
+            log = EventLog(out / "events.jsonl", echo=False)
+        log.emit("error", message=str(e), kind=type(e).__name__)
+        raise
+    finally:
+        if log is not None:
+            log.close()
+        lock.unlink(missing_ok=True)
+
+
+def _add_usage(acc: list | None, stats: dict) -> list:
+    rows = [stats[layer]["experts"] for layer in sorted(stats)]
+    if acc is None:
+        return rows
+    return [[a + b for a, b in zip(r0, r1)] for r0, r1 in zip(acc, rows)]

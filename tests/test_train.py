@@ -1,0 +1,194 @@
+"""The trainer, end to end on a tiny checkpoint: it learns a generated task (loss down, held-out
+exact match up), resumes exactly, leaves a loadable checkpoint when interrupted, reports bad input
+clearly; `moetune eval` and `moetune chat` use what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import checkpoint as ckpt
+from engine.cli import main
+from engine.config import from_dict
+from engine.events import read_events
+from engine.synthetic import last_digit_rows
+from engine.train import RunError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_json(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def _config(model: Path, data: Path, **train) -> dict:
+    return {
+        "model": {"path": str(model), "quant": "bf16"},
+        "adapter": {"kind": "lora", "placement": "inside", "rank": 16, "alpha": 32.0, "dropout": 0.0},
+        "routing": {"strategy": "embedded", "attention_lora": True},
+        "data": {"train": str(data), "template": "alpaca", "max_len": 128},
+        "train": {"max_steps": 300, "lr": 3e-3, "warmup_steps": 10, "micro_batch": 16, "seed": 0,
+                  "save_every": 100, "gradient_checkpointing": False, **train},
+    }
+
+
+def _steps(run: Path) -> dict[int, float]:
+    events, _ = read_events(run / "events.jsonl", 0)
+    return {e["step"]: e["loss"] for e in events if e["type"] == "step"}
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory, tiny_checkpoint):
+    """A tiny qwen3_moe, 1000 training rows and 50 held-out rows (no number shared with training)."""
+    root = tmp_path_factory.mktemp("task")
+    train_rows = last_digit_rows(1000, seed=1)
+    seen = {r["instruction"] for r in train_rows}
+    held = [r for r in last_digit_rows(400, seed=2) if r["instruction"] not in seen][:50]
+    return {"model": tiny_checkpoint("qwen3_moe", layers=2, hidden=64, experts=4, top_k=2),
+            "train": _write_json(root / "train.json", train_rows),
+            "eval": _write_json(root / "lastdigit" / "test.json", held), "root": root}
+
+
+@pytest.fixture(scope="module")
+def trained(task):
+    """One full training run (300 steps) of embedded LoRA + attention LoRA."""
+    out = task["root"] / "run"
+    summary = train(from_dict(_config(task["model"], task["train"])), out, echo=False)
+    return out, summary
+
+
+def test_training_drives_loss_down_and_held_out_accuracy_up(task, trained):
+    from engine.evaluate import evaluate
+    from engine.runs import load_run
+
+    out, summary = trained
+    assert summary["status"] == "done" and summary["step"] == 300
+    losses = _steps(out)
+    first, last = sum(losses[s] for s in range(1, 11)) / 10, sum(losses[s] for s in range(291, 301)) / 10
+    assert last < 0.25 * first, (first, last)
+    accuracy = {}
+    for base in (True, False):
+        run = load_run(out, base=base, device="cpu")
+        accuracy[base] = evaluate(run.model, run.tokenizer, task["eval"], batch_size=50, max_new_tokens=8).accuracy
+    assert accuracy[False] >= 0.8 and accuracy[False] > accuracy[True] + 0.5, accuracy
+    for name in ("adapter.safetensors", "moetune.json", "config.yaml", "events.jsonl", "summary.json"):
+        assert (out / name).is_file(), name
+    assert not (out / ".lock").exists()
+
+
+def test_eval_command_scores_every_row_of_a_test_file_and_the_base_model(task, trained, capsys):
+    out, _ = trained
+    for extra in ([], ["--base"]):
+        assert main(["eval", "--run", str(out), "--bench", str(task["eval"]), "--json", *extra]) == 0
+        result = json.loads(capsys.readouterr().out)
+        [bench] = result["benchmarks"]
+        assert bench["name"] == "lastdigit" and bench["rows"] == 50
+        preds = (Path(result["predictions"]) / "lastdigit.predictions.jsonl").read_text().splitlines()
+        assert len(preds) == 50 and all({"output", "extracted", "correct"} <= set(json.loads(p)) for p in preds)
+        assert result["model"] == ("base" if extra else "adapter")
+    tuned = json.loads((out / "eval" / "adapter" / "results.json").read_text())["average"]
+    base = json.loads((out / "eval" / "base" / "results.json").read_text())["average"]
+    assert tuned > base + 0.5
+
+
+def test_eval_command_on_a_real_llm_adapters_test_file(trained, tmp_path, capsys):
+    from tests.conftest import LLM_ADAPTERS
+
+    src = LLM_ADAPTERS / "boolq" / "test.json"
+    if not src.is_file():
+        pytest.skip("../shared/data/llm-adapters is not beside the checkout")
+    rows = json.loads(src.read_text())[:12]
+    f = _write_json(tmp_path / "boolq" / "test.json", rows)
+    out, _ = trained
+    assert main(["eval", "--run", str(out), "--bench", str(f), "--json"]) == 0
+    [bench] = json.loads(capsys.readouterr().out)["benchmarks"]
+    assert bench["name"] == "boolq" and bench["rows"] == 12 and 0 <= bench["correct"] <= 12
+
+
+def test_chat_answers_with_the_adapter(trained, capsys):
+    out, _ = trained
+    assert main(["chat", "--run", str(out), "--prompt", "What is the last digit of 4817?",
+                 "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip() == "The answer is 7"
+
+
+def test_resume_reproduces_the_uninterrupted_losses(task, tmp_path):
+    # dropout > 0 so that resuming must also restore the RNG state
+    cfg = _config(task["model"], task["train"], max_steps=12, save_every=4)
+    cfg["adapter"]["dropout"] = 0.1
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    train(from_dict(cfg), full, echo=False)
+    stopped = train(from_dict(cfg), parts, echo=False, stop_after=6)
+    assert stopped == {"status": "stopped", "step": 6, "out": str(parts)}
+    with pytest.raises(RunError, match="--resume"):
+        train(from_dict(cfg), parts, echo=False)
+    # a crash after step 6 would have lost its last checkpoint: resume from step 4
+    ckpt.latest_checkpoint(parts)
+    import shutil
+
+    shutil.rmtree(ckpt.latest_checkpoint(parts))
+    assert ckpt.latest_checkpoint(parts).name.endswith("4")
+    train(from_dict(cfg), parts, resume=True, echo=False)
+    a, b = _steps(full), _steps(parts)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    assert all(a[s] == pytest.approx(b[s], rel=1e-6, abs=1e-7) for s in a), (a, b)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(full / "adapter.safetensors")), load_file(str(parts / "adapter.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_sigint_saves_a_loadable_checkpoint_and_stops_cleanly(task, tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(_config(task["model"], task["train"], max_steps=10_000, save_every=10_000)))
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "train", str(cfg_file), "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    deadline = time.time() + 240
+    while time.time() < deadline and len(_steps(out) if (out / "events.jsonl").exists() else {}) < 3:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(120) == 0
+    events, _ = read_events(out / "events.jsonl", 0)
+    stopped = [e for e in events if e["type"] == "stopped"]
+    assert stopped and stopped[0]["reason"] == "signal"
+    latest = ckpt.latest_checkpoint(out)
+    tensors, tstate, state = ckpt.load_checkpoint(latest)
+    assert state["step"] == stopped[0]["step"] >= 3 and tensors and "optimizer" in tstate
+    assert not (out / ".lock").exists()
+
+
+def test_bad_input_fails_with_a_clear_error_and_an_error_event(task, tmp_path, capsys):
+    import yaml
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
+    cases = {"missing.json": "does not exist", "bad.jsonl": "line 2", }
+    for name, expected in cases.items():
+        cfg = _config(task["model"], tmp_path / name, max_steps=2)
+        cfg_file = tmp_path / f"{name}.yaml"
+        cfg_file.write_text(yaml.safe_dump(cfg))
+        out = tmp_path / f"run-{name}"
+        assert main(["train", str(cfg_file), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert str(tmp_path / name) in err and expected in err, err
+        events, _ = read_events(out / "events.jsonl", 0)
+        assert events[-1]["type"] == "error" and expected in events[-1]["message"]
+    cfg = _config(task["model"], task["train"])
+    cfg["model"]["path"] = str(tmp_path / "no-model")
+    with pytest.raises(Exception, match="no-model"):
+        train(from_dict(cfg), tmp_path / "run-nomodel", echo=False)
