@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from gguf.constants import MODEL_TENSOR as GT
+from gguf.constants import TENSOR_NAMES as GGUF_TENSOR_NAMES
 from torch import nn
 
 #: The three projections of one expert, in the canonical layout (nn.Linear weights):
@@ -66,10 +68,28 @@ class Family:
     expert_key_template: str = "model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
     #: checkpoint projection name -> canonical projection
     proj_names: dict[str, str] = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+    #: config.json key holding the routed experts' intermediate size (the merge export widens it)
+    expert_intermediate_key: str = "intermediate_size"
     #: plain renames applied to non-expert checkpoint names (hub name fragment -> transformers 5 fragment)
     renames: dict[str, str] = {}
     #: llama.cpp's architecture name (used by the GGUF export)
     gguf_arch: str = ""
+    #: llama.cpp's tensor for each non-expert tensor, by transformers 5 name (layer index as {bid}, no .weight)
+    gguf_tensors: dict[str, GT] = {
+        "model.embed_tokens": GT.TOKEN_EMBD, "model.norm": GT.OUTPUT_NORM, "lm_head": GT.OUTPUT,
+        "model.layers.{bid}.input_layernorm": GT.ATTN_NORM,
+        "model.layers.{bid}.post_attention_layernorm": GT.FFN_NORM,
+        "model.layers.{bid}.self_attn.q_proj": GT.ATTN_Q, "model.layers.{bid}.self_attn.k_proj": GT.ATTN_K,
+        "model.layers.{bid}.self_attn.v_proj": GT.ATTN_V, "model.layers.{bid}.self_attn.o_proj": GT.ATTN_OUT,
+        "model.layers.{bid}.mlp.gate": GT.FFN_GATE_INP,
+    }
+    #: llama.cpp's tensor holding one projection of all experts of a layer, stacked [E, out, in]
+    gguf_expert_tensors: dict[str, GT] = {"gate": GT.FFN_GATE_EXP, "up": GT.FFN_UP_EXP, "down": GT.FFN_DOWN_EXP}
+    #: llama.cpp ropes interleaved pairs for this arch (LLAMA_ROPE_TYPE_NORM), HF rotates halves:
+    #: q/k rows must be permuted as llama.cpp's converter does
+    gguf_permute_qk: bool = False
+    #: whether llama.cpp's graph for this arch renormalises the top-k gates (it is hard-coded there)
+    gguf_norm_topk_prob: bool = False
     #: file stem in engine/arch/published/ holding the config.json of the family's flagship release
     published: str = ""
 
@@ -78,7 +98,7 @@ class Family:
         return int(cfg.num_experts)
 
     def expert_intermediate_size(self, cfg: Any) -> int:
-        return int(cfg.intermediate_size)
+        return int(getattr(cfg, self.expert_intermediate_key))
 
     def norm_topk_prob(self, cfg: Any) -> bool:
         return bool(getattr(cfg, "norm_topk_prob", False))
@@ -158,6 +178,36 @@ class Family:
         for field, group in (("layer", r"(?P<layer>\d+)"), ("expert", r"(?P<expert>\d+)"), ("proj", f"(?P<proj>{projs})")):
             pattern = pattern.replace(re.escape("{" + field + "}"), group)
         return re.compile(pattern)
+
+    # ---- GGUF (llama.cpp) ----------------------------------------------------------------------
+    def gguf_tensor_name(self, name: str) -> str | None:
+        """llama.cpp's name of a non-expert checkpoint tensor (e.g. 'blk.0.attn_q.weight'), or None."""
+        stem, _, suffix = self.rename(name).rpartition(".")
+        m = re.match(r"model\.layers\.(\d+)\.", stem)
+        bid, key = (None, stem) if m is None else (int(m[1]), "model.layers.{bid}." + stem[m.end():])
+        tensor = self.gguf_tensors.get(key)
+        if tensor is None or suffix not in ("weight", "bias"):
+            return None
+        return GGUF_TENSOR_NAMES[tensor].format(bid=bid) + "." + suffix
+
+    def gguf_expert_tensor_name(self, layer: int, proj: str) -> str:
+        """llama.cpp's name of the stacked experts of one canonical projection ('blk.0.ffn_gate_exps.weight')."""
+        return GGUF_TENSOR_NAMES[self.gguf_expert_tensors[proj]].format(bid=layer) + ".weight"
+
+    def gguf_hparams(self, cfg: Any) -> dict[str, int]:
+        """Arch-specific llama.cpp hyperparameters, by gguf key template ('{arch}.expert_feed_forward_length')."""
+        return {}
+
+    def gguf_problems(self, cfg: Any) -> list[str]:
+        """What in this config llama.cpp's graph for the arch would compute differently from transformers."""
+        problems = []
+        if self.norm_topk_prob(cfg) != self.gguf_norm_topk_prob:
+            problems.append(f"norm_topk_prob={self.norm_topk_prob(cfg)}, but llama.cpp's {self.gguf_arch!r} graph "
+                            f"always uses norm_topk_prob={self.gguf_norm_topk_prob}")
+        if self.moe_layers(cfg) != tuple(range(int(cfg.num_hidden_layers))):
+            problems.append(f"only layers {list(self.moe_layers(cfg))} have experts, but llama.cpp's "
+                            f"{self.gguf_arch!r} graph needs experts in every layer")
+        return problems
 
     def rename(self, name: str) -> str:
         """A non-expert checkpoint name as the transformers 5.x module tree calls it."""

@@ -17,7 +17,9 @@ class MixtralFamily(Family):
     expert_key_template = "model.layers.{layer}.block_sparse_moe.experts.{expert}.{proj}.weight"
     proj_names = {"w1": "gate", "w3": "up", "w2": "down"}
     renames = {".block_sparse_moe.": ".mlp."}
-    gguf_arch = "llama"
+    gguf_arch = "llama"  # llama.cpp runs Mixtral as llama with experts (n_ff is the expert size)
+    gguf_permute_qk = True  # llama ropes interleaved pairs; its converter permutes q/k rows
+    gguf_norm_topk_prob = True
 
     def num_experts(self, cfg):
         return int(cfg.num_local_experts)

@@ -3,7 +3,9 @@ expert whose output is scaled by a sigmoid gate."""
 
 from __future__ import annotations
 
-from .base import Family
+from gguf.constants import Keys
+
+from .base import GT, Family
 
 
 class Qwen2MoeFamily(Family):
@@ -11,10 +13,16 @@ class Qwen2MoeFamily(Family):
     title = "Qwen2-MoE"
     examples = ("Qwen/Qwen1.5-MoE-A2.7B", "Qwen/Qwen2-57B-A14B")
     published = "Qwen1.5-MoE-A2.7B"
+    expert_intermediate_key = "moe_intermediate_size"
     gguf_arch = "qwen2moe"
+    gguf_tensors = {**Family.gguf_tensors, "model.layers.{bid}.mlp.shared_expert.gate_proj": GT.FFN_GATE_SHEXP,
+                    "model.layers.{bid}.mlp.shared_expert.up_proj": GT.FFN_UP_SHEXP,
+                    "model.layers.{bid}.mlp.shared_expert.down_proj": GT.FFN_DOWN_SHEXP,
+                    "model.layers.{bid}.mlp.shared_expert_gate": GT.FFN_GATE_INP_SHEXP}
 
-    def expert_intermediate_size(self, cfg):
-        return int(cfg.moe_intermediate_size)
+    def gguf_hparams(self, cfg):
+        return {Keys.LLM.EXPERT_FEED_FORWARD_LENGTH: self.expert_intermediate_size(cfg),
+                Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH: self.shared_expert_intermediate_size(cfg)}
 
     def shared_expert_intermediate_size(self, cfg):
         return int(cfg.shared_expert_intermediate_size)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .base import Family
+from gguf.constants import Keys
+
+from .base import GT, Family
 from .qwen2_moe import sparse_layers
 
 
@@ -11,10 +13,14 @@ class Qwen3MoeFamily(Family):
     title = "Qwen3-MoE"
     examples = ("Qwen/Qwen3-30B-A3B", "Qwen/Qwen3-235B-A22B")
     published = "Qwen3-30B-A3B"
+    expert_intermediate_key = "moe_intermediate_size"
     gguf_arch = "qwen3moe"
+    gguf_norm_topk_prob = True
+    gguf_tensors = {**Family.gguf_tensors, "model.layers.{bid}.self_attn.q_norm": GT.ATTN_Q_NORM,
+                    "model.layers.{bid}.self_attn.k_norm": GT.ATTN_K_NORM}
 
-    def expert_intermediate_size(self, cfg):
-        return int(cfg.moe_intermediate_size)
+    def gguf_hparams(self, cfg):
+        return {Keys.LLM.EXPERT_FEED_FORWARD_LENGTH: self.expert_intermediate_size(cfg)}
 
     def moe_layers(self, cfg):
         return sparse_layers(cfg)

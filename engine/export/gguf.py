@@ -1,0 +1,372 @@
+"""Write a HF MoE checkpoint directory as one GGUF file that llama.cpp (and Ollama, LM Studio) runs.
+
+Tensors stream from the checkpoint one at a time (a layer's experts are held until its last expert
+arrives, then stacked into llama.cpp's `[E, out, in]` tensors), so memory stays near one layer.
+The file is written in two passes over the same code: first on meta tensors to lay out the header,
+then on the real tensors. Names, hyperparameters and the checks of what llama.cpp can represent
+come from each family module (`Family.gguf_*`); the GGUF format from the `gguf` package.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import gguf
+import numpy as np
+import torch
+
+from ..arch import Family
+from ..io import atomic_path
+from ..loader import checkpoint_files, iter_tensors, read_config
+
+Q = gguf.GGMLQuantizationType
+#: dtype name -> (tensor type of the weight matrices, llama.cpp's file type)
+GGUF_DTYPES: dict[str, tuple[Q, gguf.LlamaFileType]] = {
+    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+T = gguf.MODEL_TENSOR
+
+
+def _names(*tensors: gguf.MODEL_TENSOR, suffix: str = r"\.weight") -> re.Pattern:
+    """A pattern matching llama.cpp's names of these tensors in any block."""
+    return re.compile("|".join(re.escape(gguf.TENSOR_NAMES[t]).replace(re.escape("{bid}"), r"\d+") + suffix
+                               for t in tensors))
+
+
+#: tensors llama.cpp keeps in F32 whatever the file type (as its converter does)
+_F32_TENSORS = _names(T.FFN_GATE_INP, T.FFN_GATE_INP_SHEXP)
+_ATTN_Q, _ATTN_K = _names(T.ATTN_Q, suffix=r"\.(weight|bias)"), _names(T.ATTN_K, suffix=r"\.(weight|bias)")
+_TOKEN_EMBD, _OUTPUT = gguf.TENSOR_NAMES[T.TOKEN_EMBD] + ".weight", gguf.TENSOR_NAMES[T.OUTPUT] + ".weight"
+#: HF pre-tokenizer regexes (a `Split` before a regex-free ByteLevel) -> llama.cpp's `tokenizer.ggml.pre`
+_SPLIT_PRE = {
+    # Qwen1.5 / Qwen2 / Qwen3
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",
+}
+
+
+class ExportError(ValueError):
+    """A checkpoint or option the export cannot turn into a correct file."""
+
+
+def write_gguf(hf_dir: str | Path, out_file: str | Path, dtype: str = "f16") -> dict[str, Any]:
+    """Write the HF checkpoint at `hf_dir` as a GGUF file (f32, f16, bf16 or q8_0); returns a summary."""
+    hf_dir, out_file = Path(hf_dir), Path(out_file)
+    if dtype not in GGUF_DTYPES:
+        raise ExportError(f"GGUF dtype {dtype!r} is not supported; choose one of {', '.join(GGUF_DTYPES)}.")
+    if out_file.is_dir():
+        raise ExportError(f"GGUF output {str(out_file)!r} is a directory; give a file path such as "
+                          f"{str(out_file / 'model.gguf')!r}.")
+    cfg, family = read_config(hf_dir)
+    _check_supported(cfg, family)
+    qtype, ftype = GGUF_DTYPES[dtype]
+
+    writer = gguf.GGUFWriter(path=None, arch=family.gguf_arch)
+    _add_hparams(writer, cfg, family, ftype, name=hf_dir.resolve().name)
+    n_tokens = _add_tokenizer(writer, hf_dir, int(cfg.vocab_size))
+
+    # pass 1: the layout, from shapes alone
+    plan = []
+    for name, meta in _gguf_tensors(family, cfg, _meta_tensors(hf_dir)):
+        tensor_type = _tensor_type(name, meta.shape, qtype)
+        block, type_size = gguf.GGML_QUANT_SIZES[tensor_type]
+        nbytes = meta.numel() // block * type_size
+        writer.add_tensor_info(name, tuple(meta.shape), np.dtype(np.float32), nbytes, raw_dtype=tensor_type)
+        plan.append((name, tuple(meta.shape), tensor_type))
+    _check_complete(family, cfg, [p[0] for p in plan])
+
+    # pass 2: the data, in the same order
+    with atomic_path(out_file) as tmp:
+        written = 0
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            tensors = _gguf_tensors(family, cfg, iter_tensors(hf_dir))
+            for (name, tensor), (want, shape, tensor_type) in zip(tensors, plan):
+                if name != want or tuple(tensor.shape) != shape:
+                    raise ExportError(f"{hf_dir}: the checkpoint changed while it was being exported ({name} "
+                                      f"{tuple(tensor.shape)} where {want} {shape} was planned); export again.")
+                writer.write_tensor_data(_encode(tensor, tensor_type))
+                written += 1
+        finally:
+            writer.close()
+        if written != len(plan):
+            raise ExportError(f"{hf_dir}: only {written} of {len(plan)} tensors could be read; export again.")
+
+    types: dict[str, int] = {}
+    for _, _, tensor_type in plan:
+        types[tensor_type.name] = types.get(tensor_type.name, 0) + 1
+    return {"path": str(out_file), "arch": family.gguf_arch, "family": family.model_type, "dtype": dtype,
+            "tensors": len(plan), "tensor_types": types, "vocab": n_tokens,
+            "params": sum(int(np.prod(s)) for _, s, _ in plan), "bytes": out_file.stat().st_size}
+
+
+# ---- checks -----------------------------------------------------------------------------------------------
+
+
+def llama_cpp_problems(cfg, family: Family) -> list[str]:
+    """What in a config llama.cpp would compute differently from transformers (empty: a GGUF of it is faithful)."""
+    if not family.gguf_arch:
+        return [f"{family.title} has no llama.cpp architecture"]
+    problems = family.gguf_problems(cfg)
+    if str(cfg.hidden_act) != "silu":
+        problems.append(f"hidden_act={cfg.hidden_act!r}, but llama.cpp's {family.gguf_arch!r} experts use SiLU")
+    return problems
+
+
+def _check_supported(cfg, family: Family) -> None:
+    if not family.gguf_arch:
+        raise ExportError(f"{family.title} has no llama.cpp architecture; GGUF export is not available for it.")
+    problems = llama_cpp_problems(cfg, family)
+    if problems:
+        raise ExportError(f"this {family.title} checkpoint cannot run in llama.cpp as it runs in transformers: "
+                          + "; ".join(problems) + ". A GGUF of it would compute a different model, so none is "
+                          "written; use --format hf to export it for transformers.")
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True):
+        warnings.warn(f"{family.title} config has sliding_window={window}; llama.cpp's {family.gguf_arch!r} "
+                      f"attends to the full context, so outputs differ on sequences longer than {window} tokens.",
+                      stacklevel=3)
+
+
+def _check_complete(family: Family, cfg, names: list[str]) -> None:
+    """Every weight the family maps to llama.cpp is in the plan (a truncated checkpoint fails here)."""
+    have = set(names)
+    need = []
+    for tensor in family.gguf_tensors.values():
+        template = gguf.TENSOR_NAMES[tensor] + ".weight"
+        layers = range(int(cfg.num_hidden_layers)) if "{bid}" in template else (None,)
+        need += [template.format(bid=layer) for layer in layers]
+    need += [family.gguf_expert_tensor_name(layer, p)
+             for layer in range(int(cfg.num_hidden_layers)) for p in ("gate", "up", "down")]
+    missing = [n for n in need if n not in have]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+        raise ExportError(f"the checkpoint lacks tensors llama.cpp needs ({len(missing)}: {shown}); "
+                          "is it a complete checkpoint of this config?")
+
+
+# ---- tensors ----------------------------------------------------------------------------------------------
+
+
+def _meta_tensors(hf_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, meta tensor) of every checkpoint tensor, in iter_tensors' order, reading headers only."""
+    from safetensors import safe_open
+
+    for file in checkpoint_files(hf_dir):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, torch.empty(f.get_slice(name).get_shape(), device="meta")
+
+
+def _gguf_tensors(family: Family, cfg, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """llama.cpp's tensors from checkpoint tensors: renamed, q/k permuted where the arch needs it,
+    per-expert projections stacked into [E, out, in] once a layer's last one arrives."""
+    n_experts = family.num_experts(cfg)
+    n_head, n_kv = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    fused = re.compile(rf"model\.layers\.(\d+)\.{re.escape(family.block_attr)}\.experts\.(gate_up_proj|down_proj)")
+    pending: dict[int, dict[tuple[str, int], torch.Tensor]] = {}  # layer -> (proj, expert) -> tensor
+    seen: set[str] = set()
+    for name, tensor in tensors:
+        key = family.parse_expert_key(name)
+        if key is not None:
+            if not 0 <= key.expert < n_experts:
+                raise ExportError(f"tensor {name!r} is expert {key.expert}, but the config has {n_experts} experts.")
+            layer = pending.setdefault(key.layer, {})
+            layer[(key.proj, key.expert)] = tensor
+            if len(layer) == 3 * n_experts:
+                for proj in ("gate", "up", "down"):
+                    yield family.gguf_expert_tensor_name(key.layer, proj), torch.stack(
+                        [layer[(proj, e)] for e in range(n_experts)])
+                del pending[key.layer]
+            continue
+        m = fused.fullmatch(family.rename(name))
+        if m is not None:  # transformers 5 fused layout: gate_up_proj [E, 2I, H], down_proj [E, H, I]
+            layer_idx = int(m[1])
+            if m[2] == "down_proj":
+                yield family.gguf_expert_tensor_name(layer_idx, "down"), tensor
+            else:
+                inter = tensor.shape[1] // 2
+                yield family.gguf_expert_tensor_name(layer_idx, "gate"), tensor[:, :inter]
+                yield family.gguf_expert_tensor_name(layer_idx, "up"), tensor[:, inter:]
+            continue
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        target = family.gguf_tensor_name(name)
+        if target is None:
+            raise ExportError(f"checkpoint tensor {name!r} has no llama.cpp counterpart in {family.gguf_arch!r}; "
+                              "is this a plain (merged) checkpoint of the family?")
+        if target in seen:
+            if tied and target == _OUTPUT:
+                continue  # the tied head was already written from the embeddings
+            raise ExportError(f"checkpoint tensor {name!r} appears twice.")
+        if family.gguf_permute_qk and _ATTN_Q.fullmatch(target):
+            tensor = _permute_rope(tensor, n_head)
+        elif family.gguf_permute_qk and _ATTN_K.fullmatch(target):
+            tensor = _permute_rope(tensor, n_kv)
+        seen.add(target)
+        yield target, tensor
+        if tied and target == _TOKEN_EMBD and _OUTPUT not in seen:
+            seen.add(_OUTPUT)
+            yield _OUTPUT, tensor
+    if pending:
+        layer, parts = next(iter(pending.items()))
+        raise ExportError(f"layer {layer} has {len(parts)} of its {3 * n_experts} expert projections in the "
+                          "checkpoint; is it complete?")
+
+
+def _permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Reorder q/k rows from HF's rotate-half RoPE to llama.cpp's interleaved pairs (per head)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _tensor_type(name: str, shape: torch.Size, qtype: Q) -> Q:
+    """The GGUF type of one tensor: norms, biases, routers and 1-D tensors stay F32 (as llama.cpp's
+    converter keeps them); Q8_0 falls back to F16 for rows that are not a multiple of its block."""
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+        return Q.F32
+    if _F32_TENSORS.fullmatch(name):
+        return Q.F32
+    if qtype == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
+        return Q.F16
+    return qtype
+
+
+def _encode(tensor: torch.Tensor, tensor_type: Q) -> np.ndarray:
+    """The bytes of one tensor in its GGUF type."""
+    data = tensor.detach().to(torch.float32).contiguous().numpy()
+    if tensor_type == Q.F32:
+        return data
+    if tensor_type == Q.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data, tensor_type)
+
+
+# ---- metadata ---------------------------------------------------------------------------------------------
+
+
+def _add_hparams(writer: gguf.GGUFWriter, cfg, family: Family, ftype: gguf.LlamaFileType, name: str) -> None:
+    facts = family.facts(cfg)
+    n_head = int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_block_count(facts.num_layers)
+    writer.add_context_length(int(cfg.max_position_embeddings))
+    writer.add_embedding_length(facts.hidden_size)
+    writer.add_feed_forward_length(int(cfg.intermediate_size))
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(int(cfg.num_key_value_heads))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    writer.add_vocab_size(int(cfg.vocab_size))
+    writer.add_expert_count(facts.num_experts)
+    writer.add_expert_used_count(facts.top_k)
+    writer.add_expert_weights_norm(facts.norm_topk_prob)
+    for key, value in family.gguf_hparams(cfg).items():
+        writer.add_uint32(key.format(arch=family.gguf_arch), int(value))
+    _add_rope(writer, cfg)
+    writer.add_file_type(ftype)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_rope(writer: gguf.GGUFWriter, cfg) -> None:
+    rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
+    if theta is not None:
+        writer.add_rope_freq_base(float(theta))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    else:
+        raise ExportError(f"RoPE scaling {kind!r} is not supported by the GGUF export (default, linear and yarn are).")
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int) -> int:
+    """Write a byte-level BPE tokenizer as llama.cpp's 'gpt2' model; returns the number of tokens."""
+    from transformers import AutoTokenizer
+
+    tok_file = hf_dir / "tokenizer.json"
+    if not tok_file.is_file():
+        raise ExportError(f"{tok_file} is missing; the GGUF export needs the checkpoint's fast tokenizer "
+                          "(save it with tokenizer.save_pretrained into the checkpoint directory).")
+    spec = json.loads(tok_file.read_text(encoding="utf-8"))
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise ExportError(f"{tok_file} is a {model.get('type')} tokenizer"
+                          f"{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}; "
+                          "the GGUF export writes byte-level BPE tokenizers only. Export with --format hf and "
+                          "convert with llama.cpp's convert_hf_to_gguf.py.")
+    pre = _pre_tokenizer(spec.get("pre_tokenizer"), tok_file)
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+    vocab = tok.get_vocab()
+    if max(vocab.values()) >= vocab_size:
+        raise ExportError(f"the tokenizer has token id {max(vocab.values())}, beyond the model's vocab_size "
+                          f"{vocab_size}; is this tokenizer the model's?")
+    by_id = {i: t for t, i in vocab.items()}
+    added = tok.added_tokens_decoder  # id -> AddedToken
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(added[i].content)
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for kind, token_id in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("unk", tok.unk_token_id),
+                           ("pad", tok.pad_token_id)):
+        if token_id is not None:
+            getattr(writer, f"add_{kind}_token_id")(int(token_id))
+    probe = tok("a")["input_ids"]
+    writer.add_add_bos_token(tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id])
+    writer.add_add_eos_token(tok.eos_token_id is not None and probe[-1:] == [tok.eos_token_id])
+    template = tok.chat_template
+    if isinstance(template, dict):  # named templates
+        template = [{"name": k, "template": v} for k, v in template.items()]
+    if template:
+        writer.add_chat_template(template)
+    return len(tokens)
+
+
+def _pre_tokenizer(pre: dict | None, where: Path) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for a tokenizer.json pre-tokenizer, or a clear error."""
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
+        return "gpt-2"  # GPT-2's regex, which llama.cpp's 'gpt-2' pre-tokenizer applies
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        pattern = (steps[0].get("pattern") or {}).get("Regex")
+        if pattern in _SPLIT_PRE:
+            return _SPLIT_PRE[pattern]
+    raise ExportError(f"{where}: pre-tokenizer {json.dumps(pre)[:200]} has no known llama.cpp equivalent; the "
+                      "GGUF export knows GPT-2's and Qwen2's byte-level BPE. Export with --format hf "
+                      "and convert with llama.cpp's convert_hf_to_gguf.py.")

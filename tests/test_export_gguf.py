@@ -1,0 +1,415 @@
+"""GGUF export: the file reads back with llama.cpp's architecture, hyperparameters, tokenizer, tensor names,
+shapes and types; llama.cpp (llama-cpp-python) continues prompts exactly as transformers does on the same
+checkpoint, and tokenises text as the HF tokenizer does."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from engine.arch import ExpertKey, get_family
+from engine.export import ExportError, write_gguf
+from engine.loader import iter_tensors, load_model, read_config
+
+from .conftest import FAMILY_NAMES
+
+DTYPES = ["f32", "f16", "bf16", "q8_0"]
+#: llama.cpp's architecture of each family (src/llama-arch.cpp); Mixtral runs as llama with experts
+ARCH = {"olmoe": "olmoe", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+#: token-id prompts (no tokenizer in the loop), and how many tokens to continue each
+PROMPTS = [[1, 40, 41, 300, 12, 77], [5, 100, 200, 300, 400], [1, 7]]
+NEW_TOKENS = 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and OpenMP threads that spin at barriers crawl (100x) when
+    another process holds one of a shared machine's two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _field(reader, key):
+    field = reader.get_field(key)
+    assert field is not None, f"GGUF lacks {key}"
+    return field.contents()
+
+
+def expected_tensors(family: str, cfg) -> dict[str, tuple[int, ...]]:
+    """llama.cpp's tensors for the family and their ggml shapes (ne order), as its load_arch_tensors asks."""
+    fam = get_family(family)
+    facts = fam.facts(cfg)
+    h, v, e, i = facts.hidden_size, int(cfg.vocab_size), facts.num_experts, facts.expert_intermediate_size
+    n_head, n_kv = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
+    hd = int(getattr(cfg, "head_dim", None) or h // n_head)
+    out = {"token_embd.weight": (h, v), "output_norm.weight": (h,), "output.weight": (h, v)}
+    for layer in range(facts.num_layers):
+        b = f"blk.{layer}."
+        out.update({b + "attn_norm.weight": (h,), b + "attn_q.weight": (h, n_head * hd),
+                    b + "attn_k.weight": (h, n_kv * hd), b + "attn_v.weight": (h, n_kv * hd),
+                    b + "attn_output.weight": (n_head * hd, h), b + "ffn_norm.weight": (h,),
+                    b + "ffn_gate_inp.weight": (h, e), b + "ffn_gate_exps.weight": (h, i, e),
+                    b + "ffn_up_exps.weight": (h, i, e), b + "ffn_down_exps.weight": (i, h, e)})
+        if family == "olmoe":  # q/k norms over the whole projection
+            out.update({b + "attn_q_norm.weight": (h,), b + "attn_k_norm.weight": (h,)})
+        if family == "qwen3_moe":  # q/k norms per head
+            out.update({b + "attn_q_norm.weight": (hd,), b + "attn_k_norm.weight": (hd,)})
+        if family == "qwen2_moe":
+            s = facts.shared_expert_intermediate_size
+            out.update({b + "attn_q.bias": (n_head * hd,), b + "attn_k.bias": (n_kv * hd,),
+                        b + "attn_v.bias": (n_kv * hd,), b + "ffn_gate_inp_shexp.weight": (h, 1),
+                        b + "ffn_gate_shexp.weight": (h, s), b + "ffn_up_shexp.weight": (h, s),
+                        b + "ffn_down_shexp.weight": (s, h)})
+    return out
+
+
+def _stays_f32(name: str, shape) -> bool:
+    return len(shape) == 1 or name.endswith(("_norm.weight", ".bias", "ffn_gate_inp.weight",
+                                              "ffn_gate_inp_shexp.weight"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_gguf_reads_back(tiny_checkpoint, tmp_path, family, dtype):
+    from transformers import AutoTokenizer
+
+    ckpt = tiny_checkpoint(family)
+    cfg, fam = read_config(ckpt)
+    facts = fam.facts(cfg)
+    out = tmp_path / "model.gguf"
+    summary = write_gguf(ckpt, out, dtype=dtype)
+    reader = gguf.GGUFReader(out)
+    arch = ARCH[family]
+
+    assert _field(reader, "general.architecture") == arch == summary["arch"]
+    assert summary["bytes"] == out.stat().st_size and summary["dtype"] == dtype
+    hparams = {"block_count": facts.num_layers, "context_length": cfg.max_position_embeddings,
+               "embedding_length": facts.hidden_size, "attention.head_count": cfg.num_attention_heads,
+               "attention.head_count_kv": cfg.num_key_value_heads, "expert_count": facts.num_experts,
+               "expert_used_count": facts.top_k}
+    if family in ("olmoe", "mixtral"):  # these archs size their experts by feed_forward_length
+        hparams["feed_forward_length"] = facts.expert_intermediate_size
+    if family in ("qwen2_moe", "qwen3_moe"):
+        hparams["expert_feed_forward_length"] = facts.expert_intermediate_size
+    if family == "qwen2_moe":
+        hparams["expert_shared_feed_forward_length"] = facts.shared_expert_intermediate_size
+    for key, want in hparams.items():
+        assert _field(reader, f"{arch}.{key}") == want, key
+    assert _field(reader, f"{arch}.rope.freq_base") == pytest.approx(cfg.rope_parameters["rope_theta"])
+    assert _field(reader, f"{arch}.attention.layer_norm_rms_epsilon") == pytest.approx(cfg.rms_norm_eps)
+    assert _field(reader, f"{arch}.expert_weights_norm") == facts.norm_topk_prob
+
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    assert _field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert _field(reader, "tokenizer.ggml.pre") in ("gpt-2", "qwen2")  # which one: test_llama_cpp_tokenizes_like_hf
+    assert len(tokens) == cfg.vocab_size == summary["vocab"]
+    assert tokens == tok.convert_ids_to_tokens(list(range(len(tok))))
+    n_merges = len(json.loads((ckpt / "tokenizer.json").read_text())["model"]["merges"])
+    assert len(_field(reader, "tokenizer.ggml.merges")) == n_merges > 0
+    assert _field(reader, "tokenizer.ggml.bos_token_id") == tok.bos_token_id == 1
+    assert _field(reader, "tokenizer.ggml.eos_token_id") == tok.eos_token_id == 2
+    assert _field(reader, "tokenizer.chat_template") == tok.chat_template
+
+    want = expected_tensors(family, cfg)
+    got = {t.name: t for t in reader.tensors}
+    assert sorted(got) == sorted(want) and summary["tensors"] == len(want)
+    qtype = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[dtype]
+    for name, shape in want.items():
+        assert tuple(int(n) for n in got[name].shape) == shape, name
+        assert got[name].tensor_type.name == ("F32" if _stays_f32(name, shape) else qtype), name
+
+    if dtype in ("f32", "f16"):  # experts are stacked in expert order, values intact
+        hf = dict(iter_tensors(ckpt))
+        last = facts.num_layers - 1
+        down = np.asarray(got[f"blk.{last}.ffn_down_exps.weight"].data, dtype=np.float32)
+        ref = torch.stack([hf[fam.expert_key_name(ExpertKey(last, ex, "down"))] for ex in range(facts.num_experts)])
+        np.testing.assert_allclose(down, ref.numpy(), atol=0 if dtype == "f32" else 1e-3)
+
+
+def test_bad_dtype_is_a_clear_error(tiny_checkpoint, tmp_path):
+    out = tmp_path / "model.gguf"
+    with pytest.raises(ExportError, match=r"'q4_k'.*f32, f16, bf16, q8_0"):
+        write_gguf(tiny_checkpoint("olmoe"), out, dtype="q4_k")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _copy(src: Path, dst: Path, edit_config=None) -> Path:
+    shutil.copytree(src, dst)
+    if edit_config:
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg.update(edit_config)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("family,edit,message", [
+    ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob=False"),
+    ("qwen2_moe", {"decoder_sparse_step": 2}, "needs experts in every layer"),
+    ("olmoe", {"clip_qkv": 8.0}, "clip_qkv"),
+])
+def test_config_llama_cpp_cannot_run_is_refused(tiny_checkpoint, tmp_path, family, edit, message):
+    ckpt = _copy(tiny_checkpoint(family), tmp_path / "ckpt", edit)
+    with pytest.raises(ExportError, match=message):
+        write_gguf(ckpt, tmp_path / "out" / "model.gguf")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_incomplete_checkpoint_is_refused_and_nothing_written(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = _copy(tiny_checkpoint("qwen2_moe"), tmp_path / "ckpt")
+    state = load_file(str(ckpt / "model.safetensors"))
+    del state["model.layers.1.mlp.experts.3.up_proj.weight"]
+    save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ExportError, match="layer 1 has 11 of its 12 expert projections"):
+        write_gguf(ckpt, out / "model.gguf")
+    assert list(out.iterdir()) == []
+
+
+# ---- llama.cpp runs the file ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[dev]')")
+
+
+@pytest.fixture(scope="module")
+def sharp_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """Factory: the family's tiny checkpoint with its block weights rescaled to std 1/sqrt(fan_in).
+
+    At a small init scale (transformers' default 0.02) the blocks barely move the residual stream, so a wrong
+    export (gate and up swapped, q/k not permuted) can still give the same greedy tokens; at this scale every
+    such error changes the continuations, whatever scale engine.tiny uses
+    (test_llama_cpp_check_detects_a_wrong_export keeps that true)."""
+    from safetensors.torch import load_file, save_file
+
+    cache: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family not in cache:
+            dst = _copy(tiny_checkpoint(family), tmp_path_factory.mktemp("sharp") / family)
+            state = load_file(str(dst / "model.safetensors"))
+            for name, w in state.items():
+                if w.ndim == 2 and not name.endswith(("embed_tokens.weight", "lm_head.weight", ".gate.weight")):
+                    state[name] = w * (w.shape[1] ** -0.5 / w.std())
+            save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+            cache[family] = dst
+        return cache[family]
+
+    return make
+
+
+def _hf_greedy(model, prompt: list[int]) -> tuple[list[int], np.ndarray]:
+    """transformers' greedy continuation and the logits that chose each token."""
+    ids, logits = list(prompt), []
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            row = model(torch.tensor([ids])).logits[0, -1]
+            logits.append(row.numpy())
+            ids.append(int(row.argmax()))
+    return ids[len(prompt):], np.stack(logits)
+
+
+def _open(llama_cpp, path: Path):
+    # f32 KV cache so the f32 file computes in f32 throughout (the default cache is f16)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=1, logits_all=True,
+                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+
+
+def _cpp_greedy(llm, prompt: list[int]) -> tuple[list[int], np.ndarray]:
+    llm.reset()
+    llm.eval(prompt)
+    out, logits = [], []
+    for _ in range(NEW_TOKENS):
+        row = np.array(llm.scores[llm.n_tokens - 1])
+        logits.append(row)
+        out.append(int(row.argmax()))
+        llm.eval([out[-1]])
+    return out, np.stack(logits)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_llama_cpp_greedy_matches_transformers(llama_cpp, sharp_checkpoint, tmp_path, family):
+    ckpt = sharp_checkpoint(family)
+    model = load_model(ckpt).model
+    write_gguf(ckpt, tmp_path / "model.gguf", dtype="f32")
+    llm = _open(llama_cpp, tmp_path / "model.gguf")
+    try:
+        for prompt in PROMPTS:
+            want, want_logits = _hf_greedy(model, prompt)
+            got, got_logits = _cpp_greedy(llm, prompt)
+            assert got == want, f"prompt {prompt}: llama.cpp continued {got}, transformers {want}"
+            np.testing.assert_allclose(got_logits, want_logits, atol=1e-4)
+    finally:
+        llm.close()
+
+
+#: how far llama.cpp's logits may sit from transformers' f32 ones, per position (max over the vocabulary) as
+#: a fraction of the logits' standard deviation: the median position, per file type (measured: f16 0.3 %,
+#: bf16 2.5 %, q8_0 8 %, which also quantises activations), and any position (a token whose top-k experts flip
+#: under rounding moves more; measured up to 0.6). A wrong tensor mapping moves every position by ≈ 3.
+_MEDIAN_ERR = {"f16": 0.015, "bf16": 0.08, "q8_0": 0.2}
+_MAX_ERR = 1.5
+
+
+@pytest.mark.parametrize("dtype", list(_MEDIAN_ERR))
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_llama_cpp_runs_reduced_precision_close_to_transformers(llama_cpp, sharp_checkpoint, tmp_path, family,
+                                                                dtype):
+    ckpt = sharp_checkpoint(family)
+    model = load_model(ckpt).model
+    write_gguf(ckpt, tmp_path / "model.gguf", dtype=dtype)
+    llm = _open(llama_cpp, tmp_path / "model.gguf")
+    errors = []
+    try:
+        for prompt in PROMPTS:  # teacher-forced along transformers' continuation, so near-ties cannot diverge
+            cont, _ = _hf_greedy(model, prompt)
+            ids = prompt + cont
+            with torch.no_grad():
+                want = model(torch.tensor([ids])).logits[0].numpy()[len(prompt) - 1:]
+            llm.reset()
+            llm.eval(ids)
+            got = np.array(llm.scores[len(prompt) - 1:len(ids)])
+            errors.append(np.abs(got - want).max(-1) / want.std())
+    finally:
+        llm.close()
+    errors = np.concatenate(errors)
+    assert np.median(errors) < _MEDIAN_ERR[dtype] and errors.max() < _MAX_ERR, errors.round(3)
+
+
+def test_llama_cpp_check_detects_a_wrong_export(llama_cpp, sharp_checkpoint, tmp_path, monkeypatch):
+    """Without the q/k permutation llama's interleaved RoPE is applied to the wrong pairs: the comparison
+    above must see that (so it is not vacuous on these tiny models)."""
+    ckpt = sharp_checkpoint("mixtral")
+    model = load_model(ckpt).model
+    monkeypatch.setattr(get_family("mixtral"), "gguf_permute_qk", False)
+    write_gguf(ckpt, tmp_path / "model.gguf", dtype="f32")
+    llm = _open(llama_cpp, tmp_path / "model.gguf")
+    try:
+        results = [(_hf_greedy(model, p), _cpp_greedy(llm, p)) for p in PROMPTS]
+    finally:
+        llm.close()
+    assert any(want[0] != got[0] for want, got in results)
+    assert all(np.abs(want[1][0] - got[1][0]).max() > 0.05 for want, got in results)
+
+
+def test_tied_embeddings_export_runs(llama_cpp, sharp_checkpoint, tmp_path):
+    """A checkpoint with tied embeddings (no lm_head tensor) gets llama.cpp's required `output` from them."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = _copy(sharp_checkpoint("olmoe"), tmp_path / "ckpt", {"tie_word_embeddings": True})
+    state = load_file(str(ckpt / "model.safetensors"))
+    del state["lm_head.weight"]
+    save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    model = load_model(ckpt).model
+    write_gguf(ckpt, tmp_path / "model.gguf", dtype="f32")
+    llm = _open(llama_cpp, tmp_path / "model.gguf")
+    try:
+        for prompt in PROMPTS:
+            assert _cpp_greedy(llm, prompt)[0] == _hf_greedy(model, prompt)[0]
+    finally:
+        llm.close()
+
+
+def test_fused_expert_layout_exports_the_same_file(tiny_checkpoint, tmp_path):
+    """transformers 5's fused names (experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I]) give the
+    same tensors as the hub's per-expert names."""
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_checkpoint("mixtral")
+    fam = get_family("mixtral")
+    fused = _copy(src, tmp_path / "fused")
+    state, pieces = {}, {}
+    for name, tensor in load_file(str(src / "model.safetensors")).items():
+        key = fam.parse_expert_key(name)
+        if key is None:
+            state[name] = tensor
+        else:
+            pieces[(key.layer, key.proj, key.expert)] = tensor
+    n = fam.num_experts(read_config(src)[0])
+    for layer in sorted({k[0] for k in pieces}):
+        stack = {p: torch.stack([pieces[(layer, p, e)] for e in range(n)]) for p in ("gate", "up", "down")}
+        state[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.cat([stack["gate"], stack["up"]], dim=1)
+        state[f"model.layers.{layer}.mlp.experts.down_proj"] = stack["down"]
+    save_file(state, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    write_gguf(src, tmp_path / "a.gguf", dtype="f32")
+    write_gguf(fused, tmp_path / "b.gguf", dtype="f32")
+    a = {t.name: t for t in gguf.GGUFReader(tmp_path / "a.gguf").tensors}
+    b = {t.name: t for t in gguf.GGUFReader(tmp_path / "b.gguf").tensors}
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(np.asarray(a[name].data), np.asarray(b[name].data), err_msg=name)
+
+
+# ---- llama.cpp tokenises as the HF tokenizer does ----------------------------------------------------------
+
+TEXTS = ["Hello world", "The quick brown fox jumps over 3 lazy dogs.", "What is 52 + 578? The answer is 630.",
+         "  two  spaces,\ttab\n\nnew lines\n", "I've been 'told' he's there 12345 3.14", "café naïve — 東京 🚀",
+         "trailing space ", "### Response:\n(answer) I'M DONE", "<|im_start|>user\nhi there<|im_end|>\n"]
+
+
+def _trained_tokenizer(style: str):
+    """A byte-level BPE in GPT-2's style (ByteLevel regex) or Qwen2's (split regex, then ByteLevel); the
+    Qwen2 one is trained on extra lines so that some of its tokens cross GPT-2's pre-token boundaries
+    (':\\n', '(answer', "'M"), which makes a wrong `tokenizer.ggml.pre` visible."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from engine.export.gguf import _SPLIT_PRE
+    from engine.tiny import CHAT_TEMPLATE, CORPUS, SPECIAL_TOKENS
+
+    tok = Tokenizer(models.BPE())
+    lines = CORPUS.read_text().splitlines()
+    if style == "gpt-2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        regex = next(r for r, name in _SPLIT_PRE.items() if name == "qwen2")
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        lines += ["### Response:\n(answer) I'M DONE"] * 200
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(lines, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.mark.parametrize("style", ["tiny", "gpt-2", "qwen2"])
+def test_llama_cpp_tokenizes_like_hf(llama_cpp, tiny_checkpoint, tmp_path, style):
+    from transformers import AutoTokenizer
+
+    ckpt = _copy(tiny_checkpoint("qwen3_moe"), tmp_path / "ckpt")
+    if style != "tiny":  # the shipped tiny tokenizer, or one trained here in a given style
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (ckpt / f).unlink()
+        _trained_tokenizer(style).save_pretrained(ckpt)
+    write_gguf(ckpt, tmp_path / "model.gguf")
+    pre = _field(gguf.GGUFReader(tmp_path / "model.gguf"), "tokenizer.ggml.pre")
+    assert style == "tiny" or pre == style
+    hf = AutoTokenizer.from_pretrained(str(ckpt))
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), vocab_only=True, verbose=False)
+    try:
+        for text in TEXTS:
+            ids = hf.encode(text, add_special_tokens=False)
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
+            # llama.cpp's own special-token policy (add_bos) gives what the HF tokenizer gives by default
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == hf(text)["input_ids"], text
+            assert llm.detokenize(ids, special=True).decode() == hf.decode(ids) == text
+    finally:
+        llm.close()
