@@ -24,3 +24,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || [ ! -x .venv/bin/moe
   "${PIP[@]}" install -e ".[dev]"
   echo "$want" > "$stamp"
 fi
+
+# The browser test drives Debian's Chromium (never a browser downloaded by Playwright). Install it when
+# it is missing and we can: as root, with apt-get. Otherwise skip quietly; that test then skips itself.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "bootstrap: installing chromium (apt-get) for the browser test"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+    >/dev/null 2>&1 || echo "bootstrap: could not install chromium; the browser test will be skipped" >&2
+fi

@@ -1,0 +1,150 @@
+"""The short-lived `moetune` commands the app runs for the user — plan, eval, chat, export — each as
+a subprocess (the app itself never loads a model), with their output parsed and errors kept."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .paths import ROOT
+from .runner import child_env, moetune_command
+
+
+@dataclass
+class CliResult:
+    """What a command returned."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error(self) -> str:
+        """The command's error message (its stderr's last lines), or '' when it succeeded."""
+        if self.returncode == 0:
+            return ""
+        lines = [ln for ln in self.stderr.strip().splitlines() if ln.strip()]
+        errs = [ln for ln in lines if "error" in ln.lower()]
+        return (errs[-1] if errs else "\n".join(lines[-5:])) or f"exit status {self.returncode}"
+
+
+def available(command: str) -> bool:
+    """Whether this installation's `moetune` has a subcommand (some arrive with later issues)."""
+    from engine.cli import COMMANDS
+
+    return command in COMMANDS
+
+
+def run_cli(args: list[str], timeout: float | None = 3600) -> CliResult:
+    """Run `moetune ARGS` from the project root and collect its output."""
+    try:
+        p = subprocess.run(moetune_command() + args, cwd=str(ROOT), env=child_env(), capture_output=True,
+                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return CliResult(124, "", f"error: `moetune {args[0]}` took longer than {timeout:.0f}s and was stopped.")
+    return CliResult(p.returncode, p.stdout, p.stderr)
+
+
+def _json_out(text: str):
+    """The JSON object a command printed (ignoring any lines before it)."""
+    text = text.strip()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        start = text.find("\n{")
+        return json.loads(text[start + 1:]) if start >= 0 else json.loads(text[text.index("{"):])
+
+
+def check_fit(config: dict, gpu_gb: float | None) -> tuple[bool | None, str]:
+    """The planner's answer for a config (paths resolved): (fits, readable text); fits is None when
+    the planner could not answer."""
+    if not available("plan"):
+        return None, "The memory planner (`moetune plan`) is not in this installation yet."
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+        path = f.name
+    try:
+        args = ["plan", path] + (["--gpu-gb", str(gpu_gb)] if gpu_gb else [])
+        r = run_cli(args, timeout=300)
+    finally:
+        Path(path).unlink(missing_ok=True)
+    if r.returncode in (0, 3):
+        return r.returncode == 0, r.stdout.strip()
+    return None, r.error
+
+
+def _accuracies(result: dict) -> dict[str, dict]:
+    """{benchmark: {"accuracy", "n", ...}} from `moetune eval --json` (a mapping, or a list with names)."""
+    benches = result.get("benchmarks", {})
+    if isinstance(benches, list):
+        benches = {b.get("name") or b.get("benchmark") or f"#{i}": b for i, b in enumerate(benches)}
+    out = {}
+    for name, b in benches.items():
+        n = b.get("n", b.get("rows"))
+        out[name] = {"accuracy": float(b["accuracy"]), "n": n}
+    return out
+
+
+def evaluate(run_dir: Path, bench: str, limit: int | None, base: bool) -> dict[str, dict]:
+    """Accuracy of a run's adapter (or of its base model) on one benchmark; raises RuntimeError."""
+    args = ["eval", "--run", str(run_dir), "--bench", bench, "--json"] + (["--limit", str(limit)] if limit else [])
+    r = run_cli(args + (["--base"] if base else []))
+    if r.returncode != 0:
+        raise RuntimeError(f"`moetune eval` on {'the base model' if base else 'the adapter'} failed: {r.error}")
+    try:
+        return _accuracies(_json_out(r.stdout))
+    except (ValueError, KeyError, TypeError) as e:
+        raise RuntimeError(f"could not read `moetune eval --json` output ({e}): {r.stdout[-400:]}") from None
+
+
+def evaluate_both(run_dir: Path, benches: list[str], limit: int | None, with_base: bool) -> list[dict]:
+    """Rows {benchmark, n, base, tuned} for each benchmark; the adapter and the base model are scored
+    in parallel processes."""
+    rows = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for bench in benches:
+            tuned_f = pool.submit(evaluate, run_dir, bench, limit, False)
+            base_f = pool.submit(evaluate, run_dir, bench, limit, True) if with_base else None
+            tuned = tuned_f.result()
+            base = base_f.result() if base_f else {}
+            for name, t in tuned.items():
+                rows.append({"benchmark": name, "n": t["n"], "tuned": t["accuracy"],
+                             "base": base.get(name, {}).get("accuracy")})
+    return rows
+
+
+def chat(run_dir: Path, prompt: str, base: bool) -> str:
+    """One reply of a run's adapted model (or its base model) to a prompt."""
+    if not available("chat"):
+        raise RuntimeError("`moetune chat` is not in this installation yet.")
+    r = run_cli(["chat", "--run", str(run_dir), "--prompt", prompt] + (["--base"] if base else []), timeout=900)
+    if r.returncode != 0:
+        raise RuntimeError(r.error)
+    return r.stdout.strip()
+
+
+def chat_both(run_dir: Path, prompt: str) -> tuple[str, str]:
+    """Replies of the base model and the adapted model, computed in parallel; errors become the reply."""
+    def safe(base: bool) -> str:
+        try:
+            return chat(run_dir, prompt, base)
+        except RuntimeError as e:
+            return f"⚠️ {e}"
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        b, t = pool.submit(safe, True), pool.submit(safe, False)
+        return b.result(), t.result()
+
+
+def export(run_dir: Path, fmt: str, dtype: str, out: Path) -> str:
+    """Export a run's adapter (`moetune export`); returns its output, raises RuntimeError."""
+    r = run_cli(["export", "--run", str(run_dir), "--format", fmt, "--dtype", dtype, "--out", str(out)])
+    if r.returncode != 0:
+        raise RuntimeError(r.error)
+    return (r.stdout + r.stderr).strip()

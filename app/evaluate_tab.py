@@ -1,0 +1,139 @@
+"""The Evaluate tab: pick a finished run and benchmarks; `moetune eval` scores the adapter and the
+base model; a results table and a bar chart compare them. Results are kept in the run folder
+(`RUN/eval/app-results.json`), so they are shown again later."""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+
+import gradio as gr
+import yaml
+
+from engine.io import atomic_write_json
+
+from . import commands, plots
+from .controls import make_widget
+from .paths import DEMO_EVAL, display_path, resolve_data
+from .runner import Runner
+
+RESULTS_FILE = Path("eval") / "app-results.json"
+SUITES = ["commonsense", "math"]
+
+
+def run_benchmarks(run_dir: Path) -> list[str]:
+    """The benchmarks a run's config names (eval.benchmarks), shown relative to the project root."""
+    for name in ("config.yaml", "launch.yaml"):
+        try:
+            cfg = yaml.safe_load((run_dir / name).read_text()) or {}
+            return [display_path(b) for b in (cfg.get("eval") or {}).get("benchmarks") or []]
+        except (OSError, yaml.YAMLError):
+            continue
+    return []
+
+
+def results_html(rows: list[dict], note: str = "") -> str:
+    """The results table (benchmark, rows, base, fine-tuned, change) and the bar chart."""
+    if not rows:
+        return ""
+    head = "".join(f"<th style='text-align:{a};padding:4px 10px'>{h}</th>" for h, a in
+                   (("benchmark", "left"), ("rows", "right"), ("base model", "right"), ("fine-tuned", "right"),
+                    ("change", "right")))
+    body = []
+    for r in rows:
+        base, tuned = r.get("base"), r["tuned"]
+        delta = "" if base is None else f"{100 * (tuned - base):+.1f} pts"
+        cells = [html.escape(str(r["benchmark"])), str(r.get("n") or ""),
+                 "–" if base is None else f"{100 * base:.1f}%", f"<b>{100 * tuned:.1f}%</b>", delta]
+        attrs = f'data-benchmark="{html.escape(str(r["benchmark"]))}" data-tuned="{tuned:.6f}"' + \
+            ("" if base is None else f' data-base="{base:.6f}"')
+        body.append(f"<tr class='eval-row' {attrs}>" + "".join(
+            f"<td style='text-align:{'left' if i == 0 else 'right'};padding:4px 10px'>{c}</td>"
+            for i, c in enumerate(cells)) + "</tr>")
+    table = (f"<table id='eval-table' style='border-collapse:collapse;margin-bottom:10px'><thead><tr>{head}</tr>"
+             f"</thead><tbody>{''.join(body)}</tbody></table>")
+    foot = f"<div style='font-size:12px;opacity:.7'>{html.escape(note)}</div>" if note else ""
+    return f"<div id='eval-results'>{table}{plots.eval_chart(rows)}{foot}</div>"
+
+
+def saved_results(run_dir: Path) -> tuple[list[dict], str]:
+    """The last results the app computed for a run, and a note saying when and how."""
+    try:
+        saved = json.loads((run_dir / RESULTS_FILE).read_text())
+    except (OSError, ValueError):
+        return [], ""
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(saved.get("time", 0)))
+    limit = saved.get("limit")
+    return saved.get("rows", []), f"evaluated {when}" + (f", first {limit} rows of each" if limit else "")
+
+
+def build(runner: Runner) -> dict:
+    """Lay out the Evaluate tab; returns its on-load hook."""
+    with gr.Row(equal_height=True):
+        run = gr.Dropdown(choices=runner.finished_runs(), label="Run", elem_id="eval-run", scale=2,
+                          info="finished runs (with an adapter)")
+        refresh = gr.Button("↻", elem_id="eval-refresh", scale=0, min_width=40)
+    with gr.Row(equal_height=True):
+        benches = gr.Dropdown(choices=[DEMO_EVAL] + SUITES, value=[], multiselect=True, allow_custom_value=True,
+                              label="Benchmarks", elem_id="eval-benches", scale=3,
+                              info="benchmark names (boolq, gsm8k, …), suites (commonsense, math) or test files")
+        limit = make_widget("eval.limit", label="Rows per benchmark", info="empty: every row", elem_id="eval-limit",
+                            scale=1)
+        with_base = gr.Checkbox(value=True, label="compare with the base model", elem_id="eval-with-base", scale=1)
+    go = gr.Button("Evaluate", variant="primary", elem_id="eval-start")
+    status = gr.HTML(elem_id="eval-status")
+    results = gr.HTML(elem_id="eval-results-box")
+
+    def choose(name):
+        if not name:
+            return gr.update(), ""
+        run_dir = runner.run_path(name)
+        named = run_benchmarks(run_dir)
+        rows, note = saved_results(run_dir)
+        return gr.update(value=named, choices=list(dict.fromkeys(named + [DEMO_EVAL] + SUITES))), \
+            results_html(rows, note)
+
+    run.input(choose, [run], [benches, results])
+
+    def reload_runs(current=None):
+        """The finished runs (keeping the chosen one, else the newest), its benchmarks and saved results."""
+        runs = runner.finished_runs()
+        name = current if current in runs else (runs[0] if runs else None)
+        return (gr.update(choices=runs, value=name), *choose(name))
+
+    refresh.click(reload_runs, [run], [run, benches, results])
+
+    def evaluate(name, specs, lim, base):
+        if not name:
+            yield "<div class='mt-msg mt-error'>Pick a finished run first.</div>", gr.update()
+            return
+        if not specs:
+            yield "<div class='mt-msg mt-error'>Pick at least one benchmark.</div>", gr.update()
+            return
+        run_dir = runner.run_path(name)
+        try:
+            lim = int(lim) if str(lim or "").strip() else None
+        except ValueError:
+            yield "<div class='mt-msg mt-error'>Rows per benchmark must be a whole number (or empty).</div>", \
+                gr.update()
+            return
+        yield (f"<div class='mt-msg mt-info'>Evaluating {html.escape(name)} on {len(specs)} benchmark(s)"
+               f"{' with the base model beside it' if base else ''}…</div>"), gr.update()
+        t0 = time.time()
+        try:
+            rows = commands.evaluate_both(run_dir, [resolve_data(s) for s in specs], lim, bool(base))
+        except RuntimeError as e:
+            yield f"<div class='mt-msg mt-error' style='color:#ef4444;white-space:pre-wrap'>{html.escape(str(e))}</div>", \
+                gr.update()
+            return
+        atomic_write_json(run_dir / RESULTS_FILE, {"time": time.time(), "limit": lim, "rows": rows,
+                                                   "benchmarks": specs})
+        rows_, note = saved_results(run_dir)
+        yield (f"<div class='mt-msg mt-ok' id='eval-done'>Done in {time.time() - t0:.0f}s.</div>",
+               results_html(rows_, note))
+
+    go.click(evaluate, [run, benches, limit, with_base], [status, results])
+
+    return {"load": (reload_runs, [], [run, benches, results]), "select": (reload_runs, [run], [run, benches, results])}

@@ -1,0 +1,60 @@
+"""The app: Train, Evaluate, Chat and Export tabs in one Gradio Blocks, served on 127.0.0.1 by
+default with no public share link. Started by `moetune ui`; it imports no torch."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from . import chat_tab, evaluate_tab, export_tab, train_tab  # noqa: E402
+from .controls import Controls  # noqa: E402
+from .paths import runs_dir  # noqa: E402
+from .runner import Runner  # noqa: E402
+
+CSS = """
+.mt-msg { margin: 4px 0; }
+#progress { min-height: 40px; }
+footer { display: none !important; }
+"""
+
+
+def build_app(runner: Runner | None = None) -> gr.Blocks:
+    """The whole app, wired to a Runner (by default over the runs folder)."""
+    runner = runner or Runner()
+    ctl = Controls()
+    with gr.Blocks(title="MoETune", analytics_enabled=False) as app:
+        gr.Markdown("## MoETune — routed adapters for Mixture-of-Experts models", elem_id="title")
+        with gr.Tabs():
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                train = train_tab.build(runner, ctl)
+            with gr.Tab("Evaluate", id="evaluate", elem_id="tab-evaluate") as eval_t:
+                ev = evaluate_tab.build(runner)
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat") as chat_t:
+                chat = chat_tab.build(runner)
+            with gr.Tab("Export", id="export", elem_id="tab-export") as export_t:
+                exp = export_tab.build(runner)
+        for part in (train, ev, chat, exp):
+            if part.get("load"):
+                fn, inputs, outputs = part["load"]
+                app.load(fn, inputs, outputs)
+        fn, inputs, outputs = train["preview"]
+        app.load(fn, inputs, outputs)
+        # runs finished meanwhile appear in the other tabs when they are opened
+        for tab, part in ((eval_t, ev), (chat_t, chat), (export_t, exp)):
+            hook = part.get("select") or part.get("load")
+            if hook:
+                tab.select(*hook)
+    return app
+
+
+def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> None:
+    """Serve the app until interrupted; runs started from it go on after it stops."""
+    app = build_app()
+    print(f"MoETune app on http://{host}:{port} (runs in {runs_dir()})", flush=True)
+    app.queue(default_concurrency_limit=4).launch(server_name=host, server_port=port, share=share,
+                                                  inbrowser=False, show_error=True, css=CSS,
+                                                  theme=gr.themes.Soft(primary_hue="orange"),
+                                                  footer_links=[])

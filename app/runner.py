@@ -1,0 +1,339 @@
+"""Runs as subprocesses: the app writes a run's config into its folder, starts `moetune train` on it
+(in its own session, so closing the browser or the app does not stop it), and follows its
+`events.jsonl`. Everything it knows about a run is on disk, so a reopened page shows it again:
+
+    RUN/launch.yaml     the config the app started (paths made absolute)
+    RUN/app.json        pid, command and start time of the latest process the app started
+    RUN/train.log       the process's stdout and stderr (the tail of it is shown on errors)
+    RUN/...             what `moetune train` writes: config.yaml, events.jsonl, .lock, checkpoints/, ...
+
+One run at a time per folder: the app refuses to start a folder whose process is alive, and
+`moetune train` refuses a folder holding a live `.lock`. Stop sends SIGTERM: the trainer saves a
+checkpoint, writes a `stopped` event and exits; Resume starts `moetune train --resume` on the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.events import read_events
+from engine.io import atomic_write_json
+
+from .paths import ROOT, runs_dir
+
+LAUNCH_FILE, APP_FILE, LOG_FILE, EVENTS_FILE = "launch.yaml", "app.json", "train.log", "events.jsonl"
+TERMINAL = ("done", "stopped", "error")
+
+
+def moetune_command() -> list[str]:
+    """How to call the `moetune` console script of this environment (the one beside this Python)."""
+    script = Path(sys.executable).parent / "moetune"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "engine.cli"]
+
+
+def child_env() -> dict[str, str]:
+    """The environment of the app's subprocesses: this one, unbuffered, with the project importable."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process runs (not a zombie) under `pid`."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    except OSError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+@dataclass
+class RunState:
+    """What the app shows about a run, folded from its events and its process."""
+
+    name: str
+    path: Path
+    status: str = "empty"  # empty | starting | running | stopping | stopped | done | error | crashed
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    tokens_per_s: float | None = None
+    memory_gb: float | None = None
+    expert_usage: list | None = None
+    history: dict[int, tuple[float, float]] = field(default_factory=dict)  # step -> (loss, lr)
+    started: float | None = None  # time of the latest `start` event
+    first_step: tuple[int, float] | None = None  # (step, time) of the first step after the latest start
+    last_step: tuple[int, float] | None = None
+    final_loss: float | None = None
+    error: str = ""
+    log_tail: str = ""
+    parameters: dict | None = None
+    examples: int | None = None
+    device: str = ""
+
+    @property
+    def running(self) -> bool:
+        """The process is alive."""
+        return self.status in ("starting", "running", "stopping")
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left at the rate since the latest start."""
+        if not self.first_step or not self.last_step or self.last_step[0] <= self.first_step[0]:
+            return None
+        rate = (self.last_step[1] - self.first_step[1]) / (self.last_step[0] - self.first_step[0])
+        return max(0.0, rate * (self.total_steps - self.step))
+
+    @property
+    def elapsed_s(self) -> float | None:
+        """Seconds since the latest start (to the last step when not running)."""
+        if self.started is None:
+            return None
+        end = time.time() if self.running else (self.last_step[1] if self.last_step else self.started)
+        return max(0.0, end - self.started)
+
+
+class _Follower:
+    """Incremental reader of one run's events (byte offset kept between reads)."""
+
+    def __init__(self, name: str, path: Path):
+        self.offset = 0
+        self.state = RunState(name, path)
+        self.last_type: str | None = None
+
+    def read(self) -> None:
+        events, self.offset = read_events(self.state.path / EVENTS_FILE, self.offset)
+        for e in events:
+            self.apply(e)
+
+    def apply(self, e: dict) -> None:
+        s, kind = self.state, e.get("type")
+        self.last_type = kind
+        if kind == "start":
+            s.total_steps = int(e.get("total_steps") or 0)
+            s.step = int(e.get("step") or 0)
+            s.started, s.first_step, s.last_step = e.get("time"), None, None
+            s.parameters, s.examples, s.device = e.get("parameters"), e.get("examples"), e.get("device", "")
+            s.error = ""
+        elif kind == "step":
+            s.step, s.total_steps = int(e["step"]), int(e.get("total_steps") or s.total_steps)
+            s.epoch, s.loss, s.lr = e.get("epoch", 0), e.get("loss"), e.get("lr")
+            s.tokens_per_s, s.memory_gb = e.get("tokens_per_s"), e.get("memory_gb")
+            if e.get("expert_usage") is not None:
+                s.expert_usage = e["expert_usage"]
+            s.history[s.step] = (e.get("loss"), e.get("lr"))
+            s.last_step = (s.step, e.get("time", time.time()))
+            if s.first_step is None:
+                s.first_step = s.last_step
+        elif kind == "done":
+            s.final_loss = e.get("final_loss")
+        elif kind == "error":
+            s.error = str(e.get("message") or "the run failed")
+
+
+def _log_tail(path: Path, lines: int = 25) -> str:
+    """The last lines of a log, with progress-bar redraws (\\r) folded to their final state."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 16000))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    out = [ln.rsplit("\r", 1)[-1] for ln in text.replace("\r\n", "\n").split("\n")]
+    out = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", ln) for ln in out if ln.strip()]
+    return "\n".join(out[-lines:])
+
+
+class Runner:
+    """Starts, stops, resumes and follows runs under one runs folder."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root else runs_dir()
+        self._procs: dict[Path, subprocess.Popen] = {}
+        self._followers: dict[Path, _Follower] = {}
+        self._lock = threading.Lock()
+
+    # ---- listing ---------------------------------------------------------------------------
+
+    def run_path(self, name: str) -> Path:
+        """The folder of a run name (a plain name under the runs folder, or an absolute folder)."""
+        p = Path(name).expanduser()
+        return p if p.is_absolute() else self.root / name
+
+    def list_runs(self) -> list[str]:
+        """Run names, newest first (a run is a folder with events, a launch file or a config)."""
+        runs = []
+        for p in self.root.iterdir() if self.root.is_dir() else []:
+            if p.is_dir() and any((p / f).exists() for f in (EVENTS_FILE, LAUNCH_FILE, "config.yaml")):
+                runs.append((max((p / f).stat().st_mtime for f in (EVENTS_FILE, LAUNCH_FILE, APP_FILE, "config.yaml")
+                                 if (p / f).exists()), p.name))
+        return [name for _, name in sorted(runs, reverse=True)]
+
+    def finished_runs(self) -> list[str]:
+        """Runs that have an adapter to evaluate, chat with or export, newest first."""
+        return [n for n in self.list_runs() if (self.run_path(n) / "adapter.safetensors").is_file()]
+
+    def current_run(self) -> str | None:
+        """The run to show on opening the app: a live one, else the newest."""
+        runs = self.list_runs()
+        for name in runs:
+            if self.state(name).running:
+                return name
+        return runs[0] if runs else None
+
+    def new_name(self, stem: str) -> str:
+        """A fresh run name `stem-YYYYmmdd-HHMMSS` (with a suffix when taken)."""
+        base = f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', stem).strip('-') or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name, i = base, 2
+        while self.run_path(name).exists():
+            name, i = f"{base}-{i}", i + 1
+        return name
+
+    # ---- processes -------------------------------------------------------------------------
+
+    def _pid(self, path: Path) -> int | None:
+        try:
+            return int(json.loads((path / APP_FILE).read_text()).get("pid") or 0) or None
+        except (OSError, ValueError, json.JSONDecodeError):
+            return None
+
+    def _app_meta(self, path: Path) -> dict:
+        try:
+            return json.loads((path / APP_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def is_alive(self, path: Path) -> bool:
+        """Whether a training process is working on this folder (ours, or one a previous app started)."""
+        proc = self._procs.get(path)
+        if proc is not None:
+            if proc.poll() is None:
+                return True
+            self._procs.pop(path, None)
+            meta = self._app_meta(path)
+            if meta.get("pid") == proc.pid and "returncode" not in meta:
+                atomic_write_json(path / APP_FILE, {**meta, "returncode": proc.returncode})
+            return False
+        if pid_alive(self._pid(path)):
+            return True
+        try:  # a `moetune train` started outside the app holds the lock
+            return pid_alive(int((path / ".lock").read_text().strip() or 0))
+        except (OSError, ValueError):
+            return False
+
+    def _spawn(self, path: Path, args: list[str]) -> None:
+        with self._lock:
+            if self.is_alive(path):
+                raise RuntimeError(f"run {path.name} is already running; stop it first or start another run.")
+            cmd = moetune_command() + args
+            log = open(path / LOG_FILE, "ab")
+            log.write(f"\n$ {' '.join(cmd)}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(cmd, cwd=str(ROOT), env=child_env(), stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            log.close()
+            self._procs[path] = proc
+            atomic_write_json(path / APP_FILE, {"pid": proc.pid, "command": cmd, "started": time.time()})
+            self._followers.pop(path, None)
+
+    def start(self, config: dict, name: str) -> str:
+        """Write `config` (a complete, path-resolved config dict) into a new run folder and start training."""
+        import yaml
+
+        path = self.run_path(name)
+        if path.exists() and any(path.iterdir()):
+            raise RuntimeError(f"run folder {path} already exists; choose another run name.")
+        path.mkdir(parents=True, exist_ok=True)
+        from engine.io import atomic_write_text
+
+        atomic_write_text(path / LAUNCH_FILE, yaml.safe_dump(config, sort_keys=False))
+        self._spawn(path, ["train", str(path / LAUNCH_FILE), "--out", str(path)])
+        return path.name
+
+    def resume(self, name: str) -> None:
+        """Continue a stopped or crashed run from its last checkpoint."""
+        path = self.run_path(name)
+        cfg = path / "config.yaml" if (path / "config.yaml").is_file() else path / LAUNCH_FILE
+        if not cfg.is_file():
+            raise RuntimeError(f"run {name} has no config to resume from; start a new run.")
+        if (path / "summary.json").is_file():
+            raise RuntimeError(f"run {name} is finished; there is nothing to resume.")
+        resume = ["--resume"] if (path / "checkpoints").is_dir() and any((path / "checkpoints").iterdir()) else []
+        self._spawn(path, ["train", str(cfg), "--out", str(path), *resume])
+
+    def stop(self, name: str) -> bool:
+        """Ask a running training to stop (SIGTERM: it saves a checkpoint first). False if none runs."""
+        path = self.run_path(name)
+        if not self.is_alive(path):
+            return False
+        proc = self._procs.get(path)
+        pid = proc.pid if proc is not None else self._pid(path)
+        if not pid_alive(pid):
+            try:
+                pid = int((path / ".lock").read_text().strip())
+            except (OSError, ValueError):
+                return False
+        meta = self._app_meta(path)
+        atomic_write_json(path / APP_FILE, {**meta, "stop_requested": time.time()})
+        os.kill(pid, signal.SIGTERM)
+        return True
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def state(self, name: str) -> RunState:
+        """The run's state now: its events so far (read incrementally) and whether its process lives."""
+        path = self.run_path(name)
+        fol = self._followers.get(path)
+        if fol is None or not (path / EVENTS_FILE).exists() and fol.offset:
+            fol = self._followers[path] = _Follower(path.name, path)
+        fol.read()
+        s = fol.state
+        alive = self.is_alive(path)
+        meta = self._app_meta(path)
+        last = fol.last_type
+        if alive:
+            if meta.get("stop_requested") and meta.get("stop_requested", 0) > meta.get("started", 0):
+                s.status = "stopping"
+            else:
+                s.status = "running" if last not in (None, *TERMINAL) else "starting"
+        elif last in TERMINAL:
+            s.status = last
+        elif last is None and not meta:
+            s.status = "empty"
+        elif meta.get("stop_requested", 0) > meta.get("started", 0):
+            s.status = "stopped"  # stopped before its first checkpoint (e.g. while loading)
+        else:
+            s.status = "error" if last is None else "crashed"
+        # the log's tail helps when the process died without an `error` event (bad config, killed, ...)
+        s.log_tail = _log_tail(path / LOG_FILE) if s.status in ("error", "crashed") and last != "error" else ""
+        if s.status == "error" and not s.error:
+            s.error = _last_error_line(s.log_tail) or "the training process exited before it started"
+        if s.status == "crashed" and not s.error:
+            s.error = "the training process ended without finishing (killed?); Resume continues from its last checkpoint"
+        return s
+
+
+def _last_error_line(tail: str) -> str:
+    for line in reversed(tail.splitlines()):
+        if "error" in line.lower():
+            return line.strip()
+    return ""

@@ -1,0 +1,156 @@
+"""The app end to end in a real browser (Debian's Chromium driven by Playwright): open `moetune ui`,
+pick the demo preset, start training, watch the progress bar and the loss plot advance, wait for the
+end, evaluate, and read an accuracy above the base model's. Screenshots go to the test's tmp folder
+(`screenshots/`), and their path is printed.
+
+Skipped only when /usr/bin/chromium is absent (`scripts/bootstrap.sh` installs it as root with apt).
+Playwright never downloads a browser here: it launches the system Chromium.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parents[1]
+MOETUNE = Path(sys.executable).parent / "moetune"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+DEMO_TITLE = "Demo"
+
+pytestmark = [pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                 "(scripts/bootstrap.sh installs it as root: apt-get install chromium)"),
+              pytest.mark.timeout(900)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            pytest.fail(f"`moetune ui` exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"`moetune ui` did not answer on {url} within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def app_url(tmp_path):
+    """`moetune ui` on a free port, started from an unrelated folder, with its runs in tmp_path/runs."""
+    port = _free_port()
+    log = tmp_path / "ui.log"
+    env = dict(os.environ, MOETUNE_RUNS=str(tmp_path / "runs"), GRADIO_ANALYTICS_ENABLED="False")
+    cmd = [str(MOETUNE)] if MOETUNE.exists() else [sys.executable, "-m", "engine.cli"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd + ["ui", "--port", str(port)], cwd=tmp_path, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_http(url, proc, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _attr(page, selector: str, name: str) -> str | None:
+    loc = page.locator(selector)
+    return loc.first.get_attribute(name) if loc.count() else None
+
+
+def _wait_for(page, what: str, check, timeout: float, shots: Path):
+    """Poll `check()` until it returns a truthy value; on timeout, screenshot and fail with the run's errors."""
+    end = time.time() + timeout
+    while time.time() < end:
+        value = check()
+        if value:
+            return value
+        page.wait_for_timeout(500)
+    page.screenshot(path=str(shots / f"timeout-{what.replace(' ', '-')}.png"), full_page=True)
+    errors = page.locator("#run-error, #train-message, #eval-status").all_inner_texts()
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; the app shows: {errors}")
+
+
+def test_demo_train_then_evaluate_in_the_browser(app_url, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    print(f"\nscreenshots: {shots}")
+    t0 = time.time()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(app_url)
+        page.wait_for_selector("#start")
+        page.screenshot(path=str(shots / "01-opened.png"), full_page=True)
+
+        # the demo preset fills every control
+        page.locator("#preset input").click()
+        page.get_by_role("option", name=DEMO_TITLE).first.click()
+        _wait_for(page, "the demo preset", lambda: "demo" in page.locator("#cfg-model-path input").input_value(),
+                  30, shots)
+        assert "train.jsonl" in page.locator("#cfg-data-train input").input_value()
+
+        # start, and see the run advance
+        page.locator("#start").click()
+        _wait_for(page, "the run to start", lambda: _attr(page, "#progress .mt-progress", "data-status")
+                  in ("running", "done"), 180, shots)
+        first = int(_wait_for(page, "the first step", lambda: int(_attr(page, "#loss-chart", "data-points") or 0),
+                              180, shots))
+        first_step = int(_attr(page, "#progress .mt-progress", "data-step") or 0)
+        page.screenshot(path=str(shots / "02-training.png"), full_page=True)
+        _wait_for(page, "the loss plot to advance",
+                  lambda: int(_attr(page, "#loss-chart", "data-points") or 0) > first, 120, shots)
+        _wait_for(page, "the progress bar to advance",
+                  lambda: int(_attr(page, "#progress .mt-progress", "data-step") or 0) > first_step, 120, shots)
+        assert int(_attr(page, "#expert-heatmap", "data-layers") or 0) > 0
+        total = int(_attr(page, "#progress .mt-progress", "data-total") or 0)
+        assert total > 0
+
+        # the end
+        status = _wait_for(page, "the run to finish", lambda: (s := _attr(page, "#progress .mt-progress", "data-status"))
+                           in ("done", "error", "crashed") and s, 600, shots)
+        page.screenshot(path=str(shots / "03-trained.png"), full_page=True)
+        assert status == "done", page.locator("#run-error").inner_text()
+        assert int(_attr(page, "#progress .mt-progress", "data-step")) == total
+        assert int(_attr(page, "#loss-chart", "data-points")) == total
+        train_s = time.time() - t0
+
+        # evaluate the adapter against the base model on the demo's held-out set
+        page.locator("#tab-evaluate-button, button[role=tab]:has-text('Evaluate')").first.click()
+        _wait_for(page, "the finished run in the Evaluate tab",
+                  lambda: page.locator("#eval-run input").input_value().strip(), 30, shots)
+        _wait_for(page, "the run's benchmarks", lambda: "eval.json" in page.locator("#eval-benches").inner_text(),
+                  30, shots)
+        page.locator("#eval-start").click()
+        _wait_for(page, "the evaluation", lambda: page.locator("#eval-done").count()
+                  or page.locator("#eval-status .mt-error").count(), 300, shots)
+        page.screenshot(path=str(shots / "04-evaluated.png"), full_page=True)
+        assert page.locator("#eval-done").count(), page.locator("#eval-status").inner_text()
+        row = page.locator("#eval-table .eval-row").first
+        base, tuned = float(row.get_attribute("data-base")), float(row.get_attribute("data-tuned"))
+        print(f"demo accuracy: base {base:.3f} -> fine-tuned {tuned:.3f}; training {train_s:.0f}s, "
+              f"whole test {time.time() - t0:.0f}s")
+        assert tuned > base
+        assert "%" in page.locator("#eval-table").inner_text() and page.locator("#eval-chart").count()
+        browser.close()

@@ -1,0 +1,84 @@
+"""The app's run follower: a run's state comes from its folder alone (events, app.json, train.log), so a
+reopened page shows the same thing; one live process per run folder; errors surface with the log tail."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from app import plots
+from app.runner import Runner
+
+
+def _events(path, events):
+    with open(path / "events.jsonl", "a") as f:
+        for e in events:
+            f.write(json.dumps(e) + "\n")
+
+
+def _step(i, total=10, t=1000.0):
+    return {"type": "step", "time": t + i, "step": i, "total_steps": total, "epoch": 0, "loss": 2.0 / i,
+            "balance_loss": 0.0, "lr": 1e-3, "tokens_per_s": 500.0, "memory_gb": 0.3,
+            "expert_usage": [[3, 1, 0, 4], [2, 2, 2, 2]]}
+
+
+def test_state_is_folded_from_events_and_read_incrementally(tmp_path):
+    runner = Runner(tmp_path)
+    run = tmp_path / "r1"
+    run.mkdir()
+    _events(run, [{"type": "start", "time": 1000.0, "step": 0, "total_steps": 10, "device": "cpu"}]
+            + [_step(i) for i in range(1, 5)])
+    s = runner.state("r1")
+    assert (s.status, s.step, s.total_steps) == ("crashed", 4, 10)  # no process, no terminal event
+    assert sorted(s.history) == [1, 2, 3, 4] and s.loss == pytest.approx(0.5)
+    assert s.eta_s == pytest.approx(6.0)  # one step a second, 6 to go
+    assert "Resume" in s.error
+    _events(run, [_step(i) for i in range(5, 11)] + [{"type": "done", "time": 1011.0, "final_loss": 0.2}])
+    s = runner.state("r1")
+    assert (s.status, s.step, len(s.history), s.final_loss) == ("done", 10, 10, 0.2)
+    # a second Runner (a reopened app) sees exactly the same
+    again = Runner(tmp_path).state("r1")
+    assert (again.status, again.step, again.history) == (s.status, s.step, s.history)
+    svg = plots.training_charts(s.history)
+    assert 'id="loss-chart"' in svg and 'data-points="10"' in svg
+    assert 'data-layers="2"' in plots.expert_heatmap(s.expert_usage)
+
+
+def test_error_event_and_log_tail_are_shown(tmp_path):
+    runner = Runner(tmp_path)
+    run = tmp_path / "bad"
+    run.mkdir()
+    (run / "train.log").write_text("loading\rloading 50%\rloading 100%\nTraceback ...\nDataError: row 3 is bad\n")
+    (run / "app.json").write_text(json.dumps({"pid": 0, "started": 1.0}))
+    s = runner.state("bad")
+    assert s.status == "error" and "row 3 is bad" in s.error and "loading 100%" in s.log_tail
+    _events(run, [{"type": "error", "time": 2.0, "message": "model.path 'x' does not exist"}])
+    s = runner.state("bad")
+    assert s.status == "error" and s.error == "model.path 'x' does not exist"
+
+
+def test_one_live_process_per_run_folder_and_stop(tmp_path, monkeypatch):
+    """A live process owns its folder: starting again is refused; Stop sends it SIGTERM."""
+    runner = Runner(tmp_path)
+    run = tmp_path / "busy"
+    run.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / "app.json").write_text(json.dumps({"pid": sleeper.pid, "started": time.time()}))
+        (run / "config.yaml").write_text("{}\n")
+        assert Runner(tmp_path).state("busy").status == "starting"
+        with pytest.raises(RuntimeError, match="already running"):
+            runner.resume("busy")
+        with pytest.raises(RuntimeError, match="already exists"):
+            runner.start({}, "busy")
+        assert runner.stop("busy")
+        assert sleeper.wait(timeout=10) == -15
+        assert runner.state("busy").status == "stopped"
+    finally:
+        if sleeper.poll() is None:
+            os.kill(sleeper.pid, 9)
