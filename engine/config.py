@@ -93,6 +93,10 @@ class TrainConfig:
 @dataclass
 class MemoryConfig:
     gpu_gb: Union[float, None] = _f(None, "GPU memory budget in GB (null: the device's free memory)", min=0.1)
+    offload: str = _f("auto", "keep experts in CPU memory behind a GPU cache and train layer by layer: auto "
+                      "(when the planner says the budget needs it), on, or off", choices=("auto", "on", "off"))
+    cache_slots: Union[int, None] = _f(None, "experts the GPU cache holds when offloading (null: the planner's "
+                                       "number)", min=1)
 
 
 @dataclass

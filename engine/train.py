@@ -20,6 +20,8 @@ from . import checkpoint as ckpt
 from .config import Config, save as save_config
 from .events import EventLog
 from .io import atomic_write_json
+from .layerwise import layer_major_step, micro_batch_major_step
+from .offload import OffloadSchedule
 from .optim import SparseAdamW, sparse_params_of
 
 LOCK_FILE = ".lock"
@@ -154,6 +156,9 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
         opt = SparseAdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                           sparse_params=sparse_params_of(model))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
+        cache = _offload(cfg, dev, peft)
+        schedule = OffloadSchedule(cache) if cache is not None else None
+        autocast = torch.bfloat16 if dev.type == "cuda" else None
         step, epoch, pos = 0, 0, 0
         if resume and latest is not None:
             tensors, tstate, state = ckpt.load_checkpoint(latest)
@@ -174,24 +179,20 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
         order = batches.epoch(epoch)
         with _StopFlag() as flag:
             while step < total:
-                t0, tokens, loss_sum, aux_sum = time.perf_counter(), 0, 0.0, 0.0
-                usage = None
+                t0, micro = time.perf_counter(), []
                 for _ in range(cfg.train.grad_accum):
                     if pos >= len(order):
                         epoch, pos = epoch + 1, 0
                         order = batches.epoch(epoch)
-                    batch = batches.tensors(order[pos], dev)
+                    micro.append(batches.tensors(order[pos], dev))
                     pos += 1
-                    peft.clear_losses()
-                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                        loss = model(**batch).loss
-                    aux = peft.aux_loss()
-                    total_loss = loss + aux if aux is not None else loss
-                    (total_loss / cfg.train.grad_accum).backward()
-                    loss_sum += loss.item() / cfg.train.grad_accum
-                    aux_sum += (aux.item() if aux is not None else 0.0) / cfg.train.grad_accum
-                    tokens += int(batch["attention_mask"].sum())
-                    usage = _add_usage(usage, peft.routing_stats())
+                tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+                if cache is not None:  # each offloaded layer crosses PCIe once per sweep, not per micro-batch
+                    loss_sum, aux_sum, usage = layer_major_step(model, peft, micro, cfg.train.grad_accum,
+                                                                hooks=schedule, autocast_dtype=autocast)
+                else:
+                    loss_sum, aux_sum, usage = micro_batch_major_step(model, peft, micro, cfg.train.grad_accum,
+                                                                      autocast_dtype=autocast)
                 if cfg.train.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
                 lr = opt.param_groups[0]["lr"]
@@ -202,7 +203,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
                 dt = time.perf_counter() - t0
                 log.emit("step", step=step, total_steps=total, epoch=epoch, loss=round(loss_sum, 6),
                          balance_loss=round(aux_sum, 6), lr=lr, tokens_per_s=round(tokens / dt, 1),
-                         memory_gb=_memory_gb(dev), expert_usage=usage)
+                         memory_gb=_memory_gb(dev), expert_usage=usage,
+                         **({"offload": _cache_stats(cache)} if cache is not None else {}))
                 stopping = flag.stop or (stop_after is not None and step >= stop_after)
                 if step % cfg.train.save_every == 0 or stopping or step == total:
                     path = ckpt.save_checkpoint(out, step, peft.adapter_state_dict(), opt, sched,
@@ -228,8 +230,31 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
         lock.unlink(missing_ok=True)
 
 
-def _add_usage(acc: list | None, stats: dict) -> list:
-    rows = [stats[layer]["experts"] for layer in sorted(stats)]
-    if acc is None:
-        return rows
-    return [[a + b for a, b in zip(r0, r1)] for r0, r1 in zip(acc, rows)]
+def _offload(cfg: Config, dev: torch.device, peft):
+    """The expert cache when experts are to be offloaded (memory.offload), else None."""
+    mode = cfg.memory.offload
+    if mode == "off" or (mode == "auto" and dev.type != "cuda"):
+        return None
+    from .offload import offload_banks
+
+    slots = cfg.memory.cache_slots
+    if slots is None and dev.type == "cuda":
+        from .plan import plan
+
+        p = plan(cfg)
+        if not p.fits:
+            raise RunError("the memory plan does not fit the GPU budget:\n" + p.summary())
+        slots = p.cache_slots
+        if slots == 0 and mode == "auto":
+            return None  # everything fits resident
+    if not slots:  # offload asked for without a cache size: two layers' experts, the least that overlaps copies
+        slots = 2 * peft.facts.num_experts
+    return offload_banks(peft.banks, slots, dev, num_layers=peft.facts.num_layers)
+
+
+def _cache_stats(cache) -> dict:
+    """This step's cache traffic (the counters restart every step)."""
+    stats = cache.stats.as_dict()
+    stats.pop("per_layer")
+    cache.reset_stats()
+    return stats

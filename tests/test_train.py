@@ -192,3 +192,24 @@ def test_bad_input_fails_with_a_clear_error_and_an_error_event(task, tmp_path, c
     cfg["model"]["path"] = str(tmp_path / "no-model")
     with pytest.raises(Exception, match="no-model"):
         train(from_dict(cfg), tmp_path / "run-nomodel", echo=False)
+
+
+def test_offloaded_layer_major_training_equals_resident_training(task, tmp_path):
+    """memory.offload=on: experts behind a 3-slot cache, steps run layer by layer; same losses and adapter
+    as the resident micro-batch loop, and the events count the experts copied."""
+    cfg = _config(task["model"], task["train"], max_steps=4, micro_batch=4, grad_accum=2)
+    cfg["model"]["quant"] = "nf4"
+    resident, offloaded = tmp_path / "resident", tmp_path / "offloaded"
+    train(from_dict(cfg), resident, echo=False)
+    cfg["memory"] = {"offload": "on", "cache_slots": 3}
+    train(from_dict(cfg), offloaded, echo=False)
+    a, b = _steps(resident), _steps(offloaded)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(a[s] == pytest.approx(b[s], rel=1e-5) for s in a), (a, b)
+    events, _ = read_events(offloaded / "events.jsonl", 0)
+    moved = [e["offload"] for e in events if e["type"] == "step"]
+    assert all(m["misses"] > 0 and m["bytes_moved"] > 0 for m in moved)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(resident / "adapter.safetensors")), load_file(str(offloaded / "adapter.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
