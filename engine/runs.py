@@ -37,14 +37,20 @@ def run_config(run_dir: str | Path) -> Config:
 
 def load_run_model(cfg: Config, device: torch.device):
     """The base model of a config on `device` (bf16 on CUDA, fp32 on CPU), its experts streamed into
-    stores as `model.quant` says (NF4 quantised as they load, cached between runs)."""
+    stores as `model.quant` says (NF4 quantised as they load, cached between runs), its other linear
+    layers in NF4 when `model.attention_quant` says so."""
     from .loader import load_model
     from .quant import default_cache_dir
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cache = default_cache_dir() if cfg.model.quant == "nf4" else None
-    return load_model(Path(cfg.model.path).expanduser(), dtype=dtype, device=device, expert_quant=cfg.model.quant,
-                      cache_dir=cache)
+    loaded = load_model(Path(cfg.model.path).expanduser(), dtype=dtype, device=device, expert_quant=cfg.model.quant,
+                        cache_dir=cache)
+    if cfg.model.attention_quant == "nf4":  # QLoRA style: attention and other frozen linears in NF4 too
+        from .quant import quantize_linear_layers
+
+        quantize_linear_layers(loaded.model, compute_dtype=dtype)
+    return loaded
 
 
 def load_run(run_dir: str | Path, base: bool = False, device: str | None = None) -> LoadedRun:

@@ -213,3 +213,19 @@ def test_offloaded_layer_major_training_equals_resident_training(task, tmp_path)
 
     wa, wb = load_file(str(resident / "adapter.safetensors")), load_file(str(offloaded / "adapter.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_qlora_style_training_with_nf4_attention_learns(task, tmp_path):
+    """model.attention_quant=nf4: attention weights in bitsandbytes NF4 under the attention LoRA; the loss falls."""
+    import bitsandbytes as bnb
+
+    from engine.runs import load_run
+
+    cfg = _config(task["model"], task["train"], max_steps=40, save_every=40)
+    cfg["model"].update(quant="nf4", attention_quant="nf4")
+    out = tmp_path / "qlora"
+    train(from_dict(cfg), out, echo=False)
+    losses = _steps(out)
+    assert sum(losses[s] for s in range(36, 41)) < 0.5 * sum(losses[s] for s in range(1, 6))
+    run = load_run(out, device="cpu")
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in run.model.modules()) >= 8  # q/k/v/o of 2 layers
