@@ -28,7 +28,7 @@ GROUPS: dict[str, list[str]] = {
                         "train.warmup_steps", "train.scheduler", "train.weight_decay", "train.max_grad_norm",
                         "train.seed", "train.save_every", "train.gradient_checkpointing"],
     "Data": ["data.template", "data.max_len", "data.eval"],
-    "Model": ["model.quant", "model.attention_quant"],
+    "Model and memory": ["model.quant", "model.attention_quant", "memory.offload", "memory.cache_slots"],
 }
 
 _LABELS = {"lr": "learning rate", "num_adapters": "number of adapters", "top_k": "top-k",
@@ -36,7 +36,8 @@ _LABELS = {"lr": "learning rate", "num_adapters": "number of adapters", "top_k":
            "balance_loss": "balance loss", "base_balance_loss": "base-router balance loss",
            "micro_batch": "micro-batch", "grad_accum": "gradient accumulation", "max_steps": "max steps",
            "warmup_steps": "warm-up steps", "max_grad_norm": "max grad norm", "save_every": "save every (steps)",
-           "attention_quant": "attention quant", "eval": "eval data (optional)"}
+           "attention_quant": "attention quant", "eval": "eval data (optional)",
+           "offload": "offload experts", "cache_slots": "GPU cache (experts)"}
 
 
 def field_info(fid: str) -> tuple[dataclasses.Field, Any]:
