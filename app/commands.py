@@ -147,4 +147,4 @@ def export(run_dir: Path, fmt: str, dtype: str, out: Path) -> str:
     r = run_cli(["export", "--run", str(run_dir), "--format", fmt, "--dtype", dtype, "--out", str(out)])
     if r.returncode != 0:
         raise RuntimeError(r.error)
-    return (r.stdout + r.stderr).strip()
+    return r.stdout.strip()

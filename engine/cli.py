@@ -166,8 +166,8 @@ def cmd_export(args) -> int:
     """Export a run as merged HF safetensors, PEFT-layout LoRA or GGUF; print the export report."""
     from .export import export_run
 
-    report = export_run(args.run, args.format, args.dtype, args.out)
-    print(json.dumps(report, indent=2))
+    report = export_run(args.run, args.format, args.dtype, args.out, check_logits=not args.no_check)
+    print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0
 
 
@@ -177,6 +177,9 @@ def _add_export(sub):
     p.add_argument("--format", required=True, choices=("hf", "peft", "gguf"))
     p.add_argument("--dtype", default="f16", choices=("f16", "bf16", "q8_0"), help="tensor type (q8_0: GGUF only)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the logit comparison against the unmerged model (it loads the base model twice in "
+                        "fp32: too much memory for Mixtral-size models)")
     return p
 
 

@@ -1,6 +1,6 @@
 """The app end to end in a real browser (Debian's Chromium driven by Playwright): open `moetune ui`,
 pick the demo preset, start training, watch the progress bar and the loss plot advance, wait for the
-end, evaluate, and read an accuracy above the base model's. Screenshots go to the test's tmp folder
+end, evaluate, read an accuracy above the base model's, and export the run. Screenshots go to the test's tmp folder
 (`screenshots/`), and their path is printed.
 
 Skipped only when /usr/bin/chromium is absent (`scripts/bootstrap.sh` installs it as root with apt).
@@ -153,4 +153,14 @@ def test_demo_train_then_evaluate_in_the_browser(app_url, tmp_path):
               f"whole test {time.time() - t0:.0f}s")
         assert tuned > base
         assert "%" in page.locator("#eval-table").inner_text() and page.locator("#eval-chart").count()
+
+        # export the run as a merged HF checkpoint (the tab's defaults) and read the exactness report
+        page.locator("#tab-export-button, button[role=tab]:has-text('Export')").first.click()
+        _wait_for(page, "the finished run in the Export tab",
+                  lambda: page.locator("#export-run input").input_value().strip(), 30, shots)
+        page.locator("#export-start").click()
+        _wait_for(page, "the export", lambda: page.locator("#export-result .mt-msg").count(), 300, shots)
+        page.screenshot(path=str(shots / "05-exported.png"), full_page=True)
+        result = page.locator("#export-result").inner_text()
+        assert "Wrote" in result and '"exact": true' in result, result
         browser.close()

@@ -6,7 +6,8 @@ Exact merges (to float rounding), by group:
   its W_d columns), since Σ g_e (E_e(h) + P_e(h)) is then exactly the MoE of the widened experts;
 - `shared` / `dense` `gated` adapters, when the family renormalises its top-k gates (Σ g_e = 1): the
   adapter (dense: the N adapters side by side, one gated adapter of width N·r) widens every expert,
-  as Σ g_e (E_e(h) + A(h)) = Σ g_e E_e(h) + A(h);
+  as Σ g_e (E_e(h) + A(h)) = Σ g_e E_e(h) + A(h). Never into Qwen2-MoE's shared expert: its output is
+  scaled by a per-token sigmoid gate, which would scale the adapter too;
 - a trained MoE router: its weights are written in place of the base router.
 Layers without adapters get zero rows/columns to the common width (silu(0)·0 = 0 adds nothing).
 Everything else (routed adapters, bottleneck, LoRA beside the experts or the block, shared adapters
@@ -26,7 +27,7 @@ import torch
 
 from ..arch import ExpertKey
 from .gguf import ExportError
-from .source import RunSource, expert_stores, expert_weights, non_expert_tensors, quant_note
+from .source import RunSource, expert_stores, expert_weights, non_expert_tensors, nf4_round_trip, quant_note
 
 #: tokenizer and generation files copied from the base checkpoint
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -48,6 +49,7 @@ class MergeGroup:
     layers: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """The group as a JSON-ready dict (one entry of the report's `merged`)."""
         return asdict(self)
 
 
@@ -67,18 +69,21 @@ def merge_plan(src: RunSource) -> list[MergeGroup]:
                                      "down projections: W + (alpha/r)·B·A", True, layers))
         elif a.kind == "gated":
             groups.append(MergeGroup("embedded", "embedded", "gated", f"each expert widened by r={a.rank}: its own "
-                                     "adapter's W_g, W_u rows appended to gate, up and W_d columns to down", True, layers))
+                                     "adapter's W_g, W_u rows appended to gate, up and W_d columns to down", True,
+                                     layers))
         else:
             groups.append(MergeGroup("embedded", "embedded", a.kind, f"not merged: a parallel {a.kind} adapter beside "
-                                     f"each expert adds {_form(a.kind)}, which no SwiGLU expert computes (only the "
-                                     "gated kind, the expert's own form, merges)", False, layers))
+                                     f"each expert adds {_form(a.kind)}, which no SwiGLU expert computes (adapter.kind "
+                                     "gated, the expert's own form, or LoRA with adapter.placement inside, merges)",
+                                     False, layers))
     elif r.strategy in ("shared", "dense"):
         width = a.rank if r.strategy == "shared" else r.num_adapters * a.rank
         what = "the adapter" if r.strategy == "shared" else f"the {r.num_adapters} adapters side by side"
         if a.kind != "gated":
             groups.append(MergeGroup(r.strategy, r.strategy, a.kind, f"not merged: a {r.strategy} {a.kind} adapter "
                                      f"beside the MoE block adds {_form(a.kind)}, which no SwiGLU expert computes "
-                                     "(only the gated kind merges)", False, layers))
+                                     "(adapter.kind gated merges, on families whose top-k gates sum to 1)",
+                                     False, layers))
         elif renormalises(src):
             groups.append(MergeGroup(r.strategy, r.strategy, "gated", f"{what} added to every routed expert, widening "
                                      f"it by {width}: the top-k gates sum to 1, so Σ g_e·(E_e + A) = Σ g_e·E_e + A",
@@ -89,11 +94,13 @@ def merge_plan(src: RunSource) -> list[MergeGroup]:
             if src.family.shared_expert_intermediate_size(src.hf_config):
                 why += ("; its shared expert is scaled by a per-token sigmoid gate σ(w·h), so an adapter put "
                         "there would be scaled too")
+            why += " (embedded gated adapters merge on every family)"
             groups.append(MergeGroup(r.strategy, r.strategy, "gated", why, False, layers))
     elif r.strategy == "routed":
         groups.append(MergeGroup("routed", "routed", a.kind, "not merged: routed adapters follow their own learned "
                                  "router (softmax over the N adapters, top-k), which no tensor of the base "
-                                 "architecture computes", False, layers))
+                                 "architecture computes (the embedded strategy uses the MoE's own router and merges "
+                                 "with adapter.kind gated)", False, layers))
     if r.attention_lora:
         attn = sorted({int(re.search(r"layers\.(\d+)\.", n)[1]) for n in src.attention_loras()})
         groups.append(MergeGroup("attention", "attention", "lora", "LoRA folded into q/k/v/o_proj: "
@@ -102,16 +109,20 @@ def merge_plan(src: RunSource) -> list[MergeGroup]:
         trained_layers = sorted({int(m[1]) for n in src.trained if (m := re.search(r"layers\.(\d+)\.", n))})
         groups.append(MergeGroup("router", "router", "full", "trained MoE router weights written in place of the "
                                  "base router's", True, trained_layers))
-    if any(g.exact for g in groups if g.group in ("embedded", "shared", "dense")):
-        groups.append(MergeGroup("experts", "base", src.cfg.model.quant, quant_note(src.cfg), True,
-                                 list(f.moe_layers)))
+    groups.append(MergeGroup("experts", "base", src.cfg.model.quant, quant_note(src.cfg), True, list(f.moe_layers)))
+    if src.nf4_linears:
+        groups.append(MergeGroup("linear", "base", "nf4", "NF4-dequantised: the run held attention and the other "
+                                 "frozen linear layers in NF4 (model.attention_quant nf4), so those weights (and the "
+                                 "attention LoRA merged into them) start from the dequantised values", True,
+                                 list(range(f.num_layers))))
     return groups
 
 
 def merge_problems(src: RunSource) -> list[str]:
     """Why the run cannot be merged exactly (empty: it can)."""
-    return [f"{g.group} ({g.strategy} {g.kind}): {g.how.removeprefix('not merged: ')}"
-            for g in merge_plan(src) if not g.exact]
+    placement = f", adapter.placement {src.cfg.adapter.placement!r}" if src.cfg.routing.strategy == "embedded" else ""
+    return [f"routing.strategy {g.strategy!r} with adapter.kind {g.kind!r}{placement}: "
+            f"{g.how.removeprefix('not merged: ')}" for g in merge_plan(src) if not g.exact]
 
 
 def _form(kind: str) -> str:
@@ -158,8 +169,11 @@ def merged_tensors(src: RunSource) -> Iterator[tuple[str, torch.Tensor]]:
         target = fam.rename(name)
         if target in trained:
             tensor = trained.pop(target)
-        elif target in deltas:
-            tensor = tensor.float() + _lora_delta(deltas.pop(target).lora, 0)
+        else:
+            if target in src.nf4_linears:
+                tensor = nf4_round_trip(tensor)
+            if target in deltas:
+                tensor = tensor.float() + _lora_delta(deltas.pop(target).lora, 0)
         yield name, tensor
     left = sorted(trained) + sorted(deltas)
     if left:

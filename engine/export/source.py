@@ -35,9 +35,12 @@ class RunSource:
     peft: RoutedPEFT
     #: base-model weights the run trained itself (the MoE router with routing.train_router), by module-tree name
     trained: dict[str, torch.Tensor]
+    #: module-tree names of the linear weights training held in NF4 (model.attention_quant nf4)
+    nf4_linears: frozenset[str] = frozenset()
 
     @property
     def model(self) -> nn.Module:
+        """The meta-device model the adapters are attached to."""
         return self.peft.model
 
     def block(self, layer: int) -> nn.Module:
@@ -77,6 +80,7 @@ def open_run(run_dir: str | Path) -> RunSource:
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     base_params = {n for n, _ in model.named_parameters()}
+    nf4_linears = frozenset(_nf4_linear_weights(model) if cfg.model.attention_quant == "nf4" else ())
     view_cfg = from_dict(meta["config"])
     view_cfg.model.quant = "bf16"  # the view wraps the meta expert tensors as they are; it quantises nothing
     peft = attach(LoadedModel(model=model, family=family, path=base), view_cfg)
@@ -100,7 +104,28 @@ def open_run(run_dir: str | Path) -> RunSource:
                 p.copy_(t)
     model.requires_grad_(False)
     return RunSource(run_dir=run_dir, meta=meta, cfg=cfg, base=base, hf_config=hf_config, family=family,
-                     facts=family.facts(hf_config), peft=peft, trained=trained)
+                     facts=family.facts(hf_config), peft=peft, trained=trained, nf4_linears=nf4_linears)
+
+
+def _nf4_linear_weights(model: nn.Module) -> list[str]:
+    """Weights engine.quant.quantize_linear_layers stores in NF4 (attention, shared experts, dense MLPs)."""
+    from ..quant import is_quantizable_linear
+
+    head = model.get_output_embeddings()
+    return [f"{name}.weight" for name, m in model.named_modules() if m is not head and is_quantizable_linear(name, m)]
+
+
+def nf4_round_trip(weight: torch.Tensor) -> torch.Tensor:
+    """A weight as an NF4 linear layer computes with it: quantised as stored (bitsandbytes NF4, blocksize 64,
+    double quantisation, as quantize_linear_layers does), dequantised in fp32."""
+    import bitsandbytes.functional as BF
+
+    from ..quant import BLOCKSIZE, QUANT_TYPE
+
+    packed, state = BF.quantize_4bit(weight.contiguous(), blocksize=BLOCKSIZE, compress_statistics=True,
+                                     quant_type=QUANT_TYPE)
+    state.dtype = torch.float32
+    return BF.dequantize_4bit(packed, state).float()
 
 
 def _base_path(run_dir: Path, meta: dict, cfg: Config) -> Path:

@@ -1,0 +1,143 @@
+"""PEFT-layout LoRA: per-expert 2-D `lora_A` [r, in] / `lora_B` [out, r] tensors named after the base
+checkpoint's own (hub, per-expert) weight names, plus `adapter_config.json` — the layout PEFT saves and
+llama.cpp's convert_lora_to_gguf.py reads (it strips `base_model.model.` and `.lora_A/B` to find the
+base tensor, and stacks per-expert LoRA like the experts themselves). Only pure-LoRA runs fit it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch import ExpertKey, Family
+from ..loader import checkpoint_files
+from .gguf import ExportError
+from .merge import MergeGroup
+from .source import RunSource
+
+PREFIX = "base_model.model."
+TENSOR_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
+
+
+def peft_problems(src: RunSource) -> list[str]:
+    """Why the run is not a pure LoRA adapter on base weights (empty: it is)."""
+    r, a = src.cfg.routing, src.cfg.adapter
+    problems = []
+    if r.strategy != "none" and not (r.strategy == "embedded" and a.placement == "inside"):
+        problems.append(f"routing.strategy {r.strategy!r} with a {a.placement} {a.kind} adapter adds a module of its "
+                        "own rather than a LoRA update of a base weight (only embedded LoRA placed inside the "
+                        "experts, and attention LoRA, are)")
+    if src.trained:
+        problems.append("the run trains the MoE router (routing.train_router): a full weight, which a LoRA "
+                        "adapter cannot carry")
+    return problems
+
+
+def peft_plan(src: RunSource) -> list[MergeGroup]:
+    """How the PEFT layout holds each trained group of the run."""
+    r = src.cfg.routing
+    groups = []
+    if r.strategy == "embedded":
+        groups.append(MergeGroup("embedded", "embedded", "lora", "per-expert lora_A [r, in] / lora_B [out, r] on "
+                                 "each expert's gate, up and down projections", True, list(src.peft.layers)))
+    if r.attention_lora:
+        layers = sorted({int(n.split(".")[2]) for n in src.attention_loras()})
+        groups.append(MergeGroup("attention", "attention", "lora", "lora_A / lora_B on q/k/v/o_proj", True, layers))
+    held = "NF4-dequantised" if src.cfg.model.quant == "nf4" else "bf16"
+    if src.nf4_linears:
+        held += " (and NF4 attention and other linear layers)"
+    groups.append(MergeGroup("experts", "base", src.cfg.model.quant, f"not in the adapter: the run trained against "
+                             f"{held} experts; the adapter applies to whatever base it is loaded on (the check "
+                             "applies it to the original checkpoint, so its difference includes that rounding)",
+                             True, list(src.facts.moe_layers)))
+    return groups
+
+
+def hub_names(base: Path) -> dict[str, str]:
+    """Module-tree name -> checkpoint name of every non-expert weight of a base checkpoint (headers only)."""
+    from safetensors import safe_open
+
+    from ..arch import get_family
+
+    family = get_family(json.loads((base / "config.json").read_text())["model_type"])
+    names = {}
+    for file in checkpoint_files(base):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                names[family.rename(name)] = name
+    return names
+
+
+def peft_tensors(src: RunSource) -> dict[str, torch.Tensor]:
+    """The run's LoRA as PEFT tensors in fp32: `base_model.model.<checkpoint name>.lora_A.weight` [r, in]
+    and `.lora_B.weight` [out, r]."""
+    problems = peft_problems(src)
+    if problems:
+        raise ExportError("this run is not a pure LoRA adapter: " + "; ".join(problems) + ".")
+    out: dict[str, torch.Tensor] = {}
+
+    def put(weight_name: str, bank, idx: int) -> None:
+        stem = PREFIX + weight_name.removesuffix(".weight")
+        out[f"{stem}.lora_A.weight"] = bank.down[idx].float().contiguous()
+        out[f"{stem}.lora_B.weight"] = bank.up[idx].float().contiguous()
+
+    hub = hub_names(src.base)
+    for target, module in sorted(src.attention_loras().items()):
+        if target not in hub:
+            raise ExportError(f"{src.base} has no tensor for {target}, which the run's attention LoRA adapts.")
+        put(hub[target], module.lora, 0)
+    for layer, bank in sorted(src.peft.banks.items()):
+        if bank.inside is None:
+            continue
+        for proj, lora in bank.inside.items():
+            for e in range(lora.num):
+                put(src.family.expert_key_name(ExpertKey(layer, e, proj)), lora, e)
+    return out
+
+
+def peft_config(src: RunSource, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """adapter_config.json of the run's LoRA (PEFT's LoraConfig fields)."""
+    a = src.cfg.adapter
+    modules = sorted({name.removeprefix(PREFIX).split(".lora_")[0].rsplit(".", 1)[-1] for name in tensors})
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(src.base),
+            "r": a.rank, "lora_alpha": a.alpha, "lora_dropout": a.dropout, "target_modules": modules,
+            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+            "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+            "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def write_peft(src: RunSource, out_dir: str | Path, dtype: torch.dtype = torch.float16) -> dict[str, Any]:
+    """Write adapter_model.safetensors and adapter_config.json to `out_dir`; returns a summary."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = peft_tensors(src)
+    save_file({n: t.to(dtype) for n, t in tensors.items()}, str(out_dir / TENSOR_FILE), metadata={"format": "pt"})
+    config = peft_config(src, tensors)
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return {"files": [TENSOR_FILE, CONFIG_FILE], "tensors": len(tensors), "target_modules": config["target_modules"]}
+
+
+def apply_peft(model: nn.Module, family: Family, tensors: dict[str, torch.Tensor], alpha: float, rank: int) -> int:
+    """Add (alpha/r)·B·A of every PEFT LoRA pair to a transformers model's weights, by hand; returns pairs applied."""
+    scale = alpha / rank
+    blocks = dict(family.moe_blocks(model))
+    done = 0
+    with torch.no_grad():
+        for name in tensors:
+            if not name.endswith(".lora_A.weight"):
+                continue
+            stem = name.removeprefix(PREFIX).removesuffix(".lora_A.weight")
+            A, B = tensors[name].float(), tensors[f"{PREFIX}{stem}.lora_B.weight"].float()
+            key = family.parse_expert_key(stem + ".weight")
+            if key is not None:
+                weight = family.expert_views(blocks[key.layer], key.expert)[key.proj]
+            else:
+                weight = model.get_submodule(family.rename(stem)).weight
+            weight.add_(((B @ A) * scale).to(weight.dtype))
+            done += 1
+    return done

@@ -1,0 +1,150 @@
+"""`export_run`: a finished run as a merged HF checkpoint, a PEFT-layout LoRA, or a GGUF file, with
+export_report.json (what was merged and how, exact or not, and the measured logit difference).
+
+Everything is written into a staging folder beside the output and moved in only when complete; the
+report is written last, so a folder with export_report.json holds a finished export."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io import atomic_write_json
+from . import check
+from .gguf import ExportError, llama_cpp_problems, write_gguf
+from .merge import merge_plan, merge_problems, write_merged
+from .peft_lora import apply_peft, peft_plan, peft_problems, write_peft
+from .source import RunSource, open_run
+
+REPORT_FILE = "export_report.json"
+FORMATS = ("hf", "peft", "gguf")
+#: dtypes each format takes; f32 is kept for exactness checks (the user-facing contract names f16|bf16|q8_0)
+DTYPES = {"hf": ("f16", "bf16", "f32"), "peft": ("f16", "bf16", "f32"), "gguf": ("f16", "bf16", "q8_0", "f32")}
+TORCH_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
+
+
+def export_run(run_dir: str | Path, fmt: str, dtype: str, out_dir: str | Path, *,
+               check_logits: bool = True) -> dict[str, Any]:
+    """Export the run in `fmt` (hf, peft or gguf) and `dtype` into `out_dir`; returns the report (also written there).
+
+    `check_logits=False` skips the logit comparison, which loads the base model twice in fp32."""
+    _check_options(fmt, dtype)
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    src = open_run(run_dir)
+    _check_out_dir(out_dir, src)
+    problems = {f: _problems(src, f) for f in FORMATS}
+    if problems[fmt]:
+        working = [f for f in FORMATS if not problems[f]]
+        where = (f"Formats that work for this run: {', '.join(working)}." if working else
+                 "No export format holds this run exactly; use it with MoETune itself (moetune eval / chat).")
+        raise ExportError(f"cannot export {run_dir} as {fmt}: " + "; ".join(problems[fmt]) + f". {where}")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    try:
+        report = _export(src, fmt, dtype, staging, check_logits)
+        _move_in(staging, out_dir, report["files"])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report["out"] = str(out_dir)
+    atomic_write_json(out_dir / REPORT_FILE, report)
+    return report
+
+
+def _export(src: RunSource, fmt: str, dtype: str, staging: Path, check_logits: bool) -> dict[str, Any]:
+    report: dict[str, Any] = {"format": fmt, "dtype": dtype, "run": str(src.run_dir), "base": str(src.base),
+                              "family": src.family.model_type}
+    if fmt == "peft":
+        summary = write_peft(src, staging, TORCH_DTYPES[dtype])
+        report.update(merged=[g.to_dict() for g in peft_plan(src)], files=summary["files"],
+                      target_modules=summary["target_modules"])
+        if check_logits:
+            report["check"] = _check_peft(src, staging)
+    else:
+        hf_dir = staging if fmt == "hf" else staging / "hf"
+        summary = write_merged(src, hf_dir, TORCH_DTYPES[dtype] if fmt == "hf" else torch.float32)
+        report.update(merged=[g.to_dict() for g in merge_plan(src)],
+                      expert_intermediate_size=summary["expert_intermediate_size"], files=summary["files"])
+        if fmt == "gguf":
+            name = f"model-{dtype}.gguf"
+            report["gguf"] = write_gguf(hf_dir, staging / name, dtype)
+            report["gguf"]["path"] = name
+            report["files"] = [name]
+        if check_logits:
+            what = "the merged checkpoint reloaded by transformers (fp32)" if fmt == "hf" else \
+                "the fp32 merged HF checkpoint the GGUF was written from, reloaded by transformers"
+            report["check"] = _check_hf(src, hf_dir, what)
+    report["exact"] = all(g["exact"] for g in report["merged"])
+    report["max_abs_logit_diff"] = report["check"]["max_abs_logit_diff"] if check_logits else None
+    return report
+
+
+def _check_hf(src: RunSource, hf_dir: Path, what: str) -> dict[str, Any]:
+    inputs = check.sample_inputs(src.base)
+    reference = check.logits(check.unmerged_model(src), inputs)
+    return check.compare(reference, check.logits(check.transformers_model(hf_dir), inputs), what)
+
+
+def _check_peft(src: RunSource, folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    inputs = check.sample_inputs(src.base)
+    reference = check.logits(check.unmerged_model(src), inputs)
+    model = check.transformers_model(src.base)
+    apply_peft(model, src.family, load_file(str(folder / "adapter_model.safetensors")), src.cfg.adapter.alpha,
+               src.cfg.adapter.rank)
+    return check.compare(reference, check.logits(model, inputs),
+                         "the original base (transformers, fp32) with the PEFT tensors applied by hand")
+
+
+def _problems(src: RunSource, fmt: str) -> list[str]:
+    if fmt == "peft":
+        return peft_problems(src)
+    problems = merge_problems(src)
+    if fmt == "gguf" and not problems:
+        problems += [f"llama.cpp: {p}" for p in llama_cpp_problems(src.hf_config, src.family)]
+    return problems
+
+
+def _check_options(fmt: str, dtype: str) -> None:
+    if fmt not in FORMATS:
+        raise ExportError(f"export.format (--format) {fmt!r} is not one of {', '.join(FORMATS)}.")
+    if dtype not in DTYPES[fmt]:
+        only = " (q8_0 is for --format gguf only)" if dtype == "q8_0" else ""
+        raise ExportError(f"export.dtype (--dtype) {dtype!r} is not allowed for --format {fmt}{only}; "
+                          f"choose one of {', '.join(DTYPES[fmt])}.")
+
+
+def _check_out_dir(out_dir: Path, src: RunSource) -> None:
+    resolved = out_dir.resolve()
+    for what, path in (("base model", src.base), ("run", src.run_dir)):
+        if resolved == path.resolve():
+            raise ExportError(f"--out {str(out_dir)!r} is the {what} folder; give a new folder for the export.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"--out {str(out_dir)!r} is a file; give a folder.")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / REPORT_FILE).is_file():
+        raise ExportError(f"--out {str(out_dir)!r} is not empty and holds no earlier export ({REPORT_FILE}); "
+                          "give an empty or new folder so that nothing of yours is overwritten.")
+
+
+def _move_in(staging: Path, out_dir: Path, files: list[str]) -> None:
+    """Replace an earlier export in `out_dir` (the files its report lists) with the staged files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    old = out_dir / REPORT_FILE
+    if old.is_file():
+        try:
+            stale = json.loads(old.read_text()).get("files", [])
+        except (json.JSONDecodeError, AttributeError):
+            stale = []
+        old.unlink()  # the folder no longer claims to hold a finished export until the new report lands
+        for name in stale:
+            if name not in files and "/" not in name and (out_dir / name).is_file():
+                (out_dir / name).unlink()
+    for name in files:
+        os.replace(staging / name, out_dir / name)
