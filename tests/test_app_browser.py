@@ -1,6 +1,6 @@
 """The app end to end in a real browser (Debian's Chromium driven by Playwright): open `moetune ui`,
 pick the demo preset, start training, watch the progress bar and the loss plot advance, wait for the
-end, evaluate, read an accuracy above the base model's, and export the run. Screenshots go to the test's tmp folder
+end, evaluate, read an accuracy above the base model's, chat with both, and export the run. Screenshots go to the test's tmp folder
 (`screenshots/`), and their path is printed.
 
 Skipped only when /usr/bin/chromium is absent (`scripts/bootstrap.sh` installs it as root with apt).
@@ -154,13 +154,25 @@ def test_demo_train_then_evaluate_in_the_browser(app_url, tmp_path):
         assert tuned > base
         assert "%" in page.locator("#eval-table").inner_text() and page.locator("#eval-chart").count()
 
+        # chat: the base model and the adapted model answer side by side
+        page.locator("#tab-chat-button, button[role=tab]:has-text('Chat')").first.click()
+        _wait_for(page, "the finished run in the Chat tab",
+                  lambda: page.locator("#chat-run input").input_value().strip(), 30, shots)
+        page.locator("#chat-prompt textarea").fill("What is 47 + 38?")
+        page.locator("#chat-send").click()
+        _wait_for(page, "the replies", lambda: "The answer is" in page.locator("#chat-tuned").inner_text()
+                  and len(page.locator("#chat-base").inner_text().strip().splitlines()) >= 2, 180, shots)
+        page.screenshot(path=str(shots / "05-chat.png"), full_page=True)
+        tuned_reply = page.locator("#chat-tuned").inner_text()
+        assert tuned_reply.count("What is 47 + 38?") == 1 and "The answer is" in tuned_reply  # one turn, answered
+
         # export the run as a merged HF checkpoint (the tab's defaults) and read the exactness report
         page.locator("#tab-export-button, button[role=tab]:has-text('Export')").first.click()
         _wait_for(page, "the finished run in the Export tab",
                   lambda: page.locator("#export-run input").input_value().strip(), 30, shots)
         page.locator("#export-start").click()
         _wait_for(page, "the export", lambda: page.locator("#export-result .mt-msg").count(), 300, shots)
-        page.screenshot(path=str(shots / "05-exported.png"), full_page=True)
+        page.screenshot(path=str(shots / "06-exported.png"), full_page=True)
         result = page.locator("#export-result").inner_text()
         assert "Wrote" in result and '"exact": true' in result, result
         browser.close()
