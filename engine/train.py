@@ -142,6 +142,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
         seed_everything(cfg.train.seed)
         tokenizer = load_tokenizer(cfg.model.path)
         examples, data_stats = load_examples(cfg.data.train, tokenizer, cfg.data.template, cfg.data.max_len)
+        held_out = load_examples(cfg.data.eval, tokenizer, cfg.data.template, cfg.data.max_len)[0] \
+            if cfg.data.eval else None
         loaded = load_run_model(cfg, dev)
         peft = attach(loaded, cfg)
         model = loaded.model
@@ -210,6 +212,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
                     path = ckpt.save_checkpoint(out, step, peft.adapter_state_dict(), opt, sched,
                                                 {"epoch": epoch, "position": pos, "total_steps": total})
                     log.emit("checkpoint", step=step, path=str(path))
+                    if held_out:
+                        log.emit("eval", step=step, **_held_out_loss(model, peft, held_out, batches, dev, autocast))
                 if stopping and step < total:
                     log.emit("stopped", step=step, reason="signal" if flag.stop else "stop_after")
                     return {"status": "stopped", "step": step, "out": str(out)}
@@ -228,6 +232,24 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
         if log is not None:
             log.close()
         lock.unlink(missing_ok=True)
+
+
+def _held_out_loss(model, peft, examples: list, batches: Batches, dev: torch.device, autocast) -> dict:
+    """Mean loss per response token on the held-out examples (`data.eval`); touches no RNG, no adapter state."""
+    from .data import collate, make_batches
+
+    was_training, total, count = model.training, 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for idx in make_batches(examples, batches.micro_batch, shuffle=False):
+            batch = {k: v.to(dev) for k, v in collate([examples[i] for i in idx], batches.pad_id).items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            with torch.autocast(dev.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                total += model(**batch).loss.item() * n
+            count += n
+    peft.clear_losses()
+    model.train(was_training)
+    return {"eval_loss": round(total / max(1, count), 6), "eval_tokens": count}
 
 
 def _offload(cfg: Config, dev: torch.device, peft):

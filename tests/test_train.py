@@ -126,6 +126,7 @@ def test_resume_reproduces_the_uninterrupted_losses(task, tmp_path):
     # dropout > 0 so that resuming must also restore the RNG state
     cfg = _config(task["model"], task["train"], max_steps=12, save_every=4)
     cfg["adapter"]["dropout"] = 0.1
+    cfg["data"]["eval"] = str(task["eval"])  # held-out loss at every checkpoint, in both runs alike
     full, parts = tmp_path / "full", tmp_path / "parts"
     train(from_dict(cfg), full, echo=False)
     stopped = train(from_dict(cfg), parts, echo=False, stop_after=6)
@@ -142,6 +143,12 @@ def test_resume_reproduces_the_uninterrupted_losses(task, tmp_path):
     a, b = _steps(full), _steps(parts)
     assert sorted(a) == sorted(b) == list(range(1, 13))
     assert all(a[s] == pytest.approx(b[s], rel=1e-6, abs=1e-7) for s in a), (a, b)
+    evals = {}
+    for run in (full, parts):
+        events, _ = read_events(run / "events.jsonl", 0)
+        evals[run] = {e["step"]: e["eval_loss"] for e in events if e["type"] == "eval"}
+    assert sorted(evals[full]) == [4, 8, 12] and evals[full][12] < evals[full][4]
+    assert all(evals[parts][s] == pytest.approx(evals[full][s], rel=1e-6) for s in (8, 12))
     from safetensors.torch import load_file
 
     wa, wb = load_file(str(full / "adapter.safetensors")), load_file(str(parts / "adapter.safetensors"))
