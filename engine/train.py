@@ -124,7 +124,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
     from .data import load_examples
     from .loader import load_tokenizer
     from .routing import attach, save_adapter
-    from .runs import load_run_model
+    from .runs import default_device, load_run_model
 
     out = Path(out)
     if not cfg.model.path:
@@ -138,7 +138,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
     lock = _lock(out)
     log = None
     try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = default_device(device)
         seed_everything(cfg.train.seed)
         tokenizer = load_tokenizer(cfg.model.path)
         examples, data_stats = load_examples(cfg.data.train, tokenizer, cfg.data.template, cfg.data.max_len)
