@@ -51,13 +51,22 @@ def _num(v: float) -> str:
     return f"{v:.3g}"
 
 
-def line_chart(points: list[tuple[float, float]], title: str, color: str, *, chart_id: str,
-               width: int = 460, height: int = 210, log_y: bool = False) -> str:
-    """An SVG line chart of (x, y) points with axes, ticks and the last value in the title."""
+def _finite(points: list[tuple[float, float]], log_y: bool) -> list[tuple[float, float]]:
     pts = [(x, y) for x, y in points if y is not None and not (isinstance(y, float) and math.isnan(y))]
-    if log_y:
-        pts = [(x, y) for x, y in pts if y > 0]
+    return [(x, y) for x, y in pts if y > 0] if log_y else pts
+
+
+def line_chart(points: list[tuple[float, float]], title: str, color: str, *, chart_id: str,
+               width: int = 460, height: int = 210, log_y: bool = False,
+               markers: list[tuple[float, float]] | None = None, marker_label: str = "",
+               marker_color: str = "#2563eb") -> str:
+    """An SVG line chart of (x, y) points with axes, ticks and the last value in the title; `markers`
+    are extra points drawn as dots on the same axes (e.g. held-out loss at checkpoints)."""
+    pts = _finite(points, log_y)
+    dots = _finite(markers or [], log_y)
     last = f" — {_num(pts[-1][1])}" if pts else ""
+    if dots:
+        last += f" · {marker_label} {_num(dots[-1][1])}"
     head = (f'<svg id="{chart_id}" class="mt-chart" data-points="{len(pts)}" viewBox="0 0 {width} {height}" '
             f'width="100%" style="max-width:{width}px;font-family:sans-serif;color:inherit" '
             f'xmlns="http://www.w3.org/2000/svg"><text x="8" y="16" font-size="13" fill="currentColor" '
@@ -66,15 +75,16 @@ def line_chart(points: list[tuple[float, float]], title: str, color: str, *, cha
         return head + (f'<text x="{width / 2}" y="{height / 2}" font-size="12" fill="currentColor" opacity=".6" '
                        'text-anchor="middle">waiting for the first step…</text></svg>')
     left, right, top, bottom = 52, 12, 26, 26
+    tf = (lambda y: math.log10(y)) if log_y else (lambda y: y)  # noqa: E731
     xs = [p[0] for p in pts]
-    ys = [math.log10(p[1]) if log_y else p[1] for p in pts]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
+    ys = [tf(p[1]) for p in pts]
+    x0, x1 = min(xs + [d[0] for d in dots]), max(xs + [d[0] for d in dots])
+    y0, y1 = min(ys + [tf(d[1]) for d in dots]), max(ys + [tf(d[1]) for d in dots])
     if x1 == x0:
         x1 = x0 + 1
     pad = (y1 - y0) * 0.08 or abs(y1) * 0.1 or 1.0
     y0, y1 = y0 - pad, y1 + pad
-    if not log_y and min(p[1] for p in pts) >= 0:
+    if not log_y and min(p[1] for p in pts + dots) >= 0:
         y0 = max(y0, 0.0)
     sx = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
     sy = lambda y: top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom)  # noqa: E731
@@ -94,16 +104,21 @@ def line_chart(points: list[tuple[float, float]], title: str, color: str, *, cha
                  'stroke-linejoin="round"/>')
     if len(pts) == 1:
         parts.append(f'<circle cx="{sx(xs[0]):.1f}" cy="{sy(ys[0]):.1f}" r="3" fill="{color}"/>')
+    for x, y in dots:
+        parts.append(f'<circle class="mt-marker" cx="{sx(x):.1f}" cy="{sy(tf(y)):.1f}" r="4" fill="{marker_color}">'
+                     f'<title>{html.escape(marker_label)} {_num(y)} at step {int(x)}</title></circle>')
     parts.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{height - bottom}" stroke="currentColor" opacity=".35"/>'
                  f'<text x="{left - 6}" y="{height - 8}" font-size="11" fill="currentColor" opacity=".7" '
                  'text-anchor="end">step</text></svg>')
     return "".join(parts)
 
 
-def training_charts(history: dict[int, tuple[float, float]]) -> str:
-    """The loss and learning-rate charts side by side."""
+def training_charts(history: dict[int, tuple[float, float]], eval_loss: dict[int, float] | None = None) -> str:
+    """The loss chart (held-out loss as dots, when the run has data.eval) and the learning-rate chart."""
     steps = sorted(history)
-    loss = line_chart([(s, history[s][0]) for s in steps], "loss", LOSS_COLOR, chart_id="loss-chart")
+    held = sorted((eval_loss or {}).items())
+    loss = line_chart([(s, history[s][0]) for s in steps], "loss", LOSS_COLOR, chart_id="loss-chart",
+                      markers=held, marker_label="held-out")
     lr = line_chart([(s, history[s][1]) for s in steps], "learning rate", LR_COLOR, chart_id="lr-chart")
     return (f'<div class="mt-charts" style="display:flex;gap:12px;flex-wrap:wrap">'
             f'<div style="flex:1 1 320px">{loss}</div><div style="flex:1 1 320px">{lr}</div></div>')

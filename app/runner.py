@@ -80,6 +80,8 @@ class RunState:
     memory_gb: float | None = None
     expert_usage: list | None = None
     history: dict[int, tuple[float, float]] = field(default_factory=dict)  # step -> (loss, lr)
+    eval_loss: dict[int, float] = field(default_factory=dict)  # step -> held-out loss (data.eval)
+    offload: dict | None = None  # the latest step's expert-cache traffic, when experts are offloaded
     started: float | None = None  # time of the latest `start` event
     first_step: tuple[int, float] | None = None  # (step, time) of the first step after the latest start
     last_step: tuple[int, float] | None = None
@@ -141,9 +143,12 @@ class _Follower:
             if e.get("expert_usage") is not None:
                 s.expert_usage = e["expert_usage"]
             s.history[s.step] = (e.get("loss"), e.get("lr"))
+            s.offload = e.get("offload", s.offload)
             s.last_step = (s.step, e.get("time", time.time()))
             if s.first_step is None:
                 s.first_step = s.last_step
+        elif kind == "eval" and e.get("eval_loss") is not None:
+            s.eval_loss[int(e["step"])] = float(e["eval_loss"])
         elif kind == "done":
             s.final_loss = e.get("final_loss")
         elif kind == "error":

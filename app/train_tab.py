@@ -62,6 +62,12 @@ def status_markdown(s: RunState) -> str:
         bits.append(f"**{s.tokens_per_s:,.0f}** tokens/s")
     if s.memory_gb is not None:
         bits.append(f"memory {s.memory_gb:.2f} GB" + (" (CPU RSS)" if s.device == "cpu" else ""))
+    if s.offload:
+        o = s.offload
+        bits.append(f"experts over PCIe {o.get('bytes_moved', 0) / 1e6:,.1f} MB/step "
+                    f"({o.get('hits', 0)} hits, {o.get('misses', 0)} misses)")
+    if s.eval_loss:
+        bits.append(f"held-out loss {s.eval_loss[max(s.eval_loss)]:.4f}")
     if s.epoch:
         bits.append(f"epoch {s.epoch}")
     if s.device:
@@ -232,7 +238,7 @@ def build(runner: Runner, ctl: K.Controls) -> dict:
             err = _message(f"{s.status}: {s.error}{tail}")
         can_resume = s.status in ("stopped", "crashed") or (s.status == "error" and s.step > 0)
         return (plots.progress_bar(s.step, s.total_steps, s.status, s.eta_s, s.elapsed_s), status_markdown(s), err,
-                plots.training_charts(s.history), plots.expert_heatmap(s.expert_usage),
+                plots.training_charts(s.history, s.eval_loss), plots.expert_heatmap(s.expert_usage),
                 gr.update(interactive=not s.running), gr.update(interactive=s.running),
                 gr.update(interactive=can_resume))
 

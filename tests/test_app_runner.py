@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from app import plots
+from app import plots, train_tab
 from app.runner import Runner
 
 
@@ -47,6 +47,22 @@ def test_state_is_folded_from_events_and_read_incrementally(tmp_path):
     svg = plots.training_charts(s.history)
     assert 'id="loss-chart"' in svg and 'data-points="10"' in svg
     assert 'data-layers="2"' in plots.expert_heatmap(s.expert_usage)
+
+
+def test_held_out_loss_and_offload_traffic_are_shown(tmp_path):
+    run = tmp_path / "r2"
+    run.mkdir()
+    offload = {"hits": 3, "misses": 5, "prefetched": 2, "evictions": 1, "bytes_moved": 2_500_000}
+    _events(run, [{"type": "start", "time": 1000.0, "step": 0, "total_steps": 4, "device": "cuda:0"}]
+            + [{**_step(i), "offload": offload} for i in range(1, 5)]
+            + [{"type": "eval", "time": 1002.5, "step": 2, "eval_loss": 0.9},
+               {"type": "eval", "time": 1004.5, "step": 4, "eval_loss": 0.7}])
+    s = Runner(tmp_path).state("r2")
+    assert s.eval_loss == {2: 0.9, 4: 0.7} and s.offload == offload
+    text = train_tab.status_markdown(s)
+    assert "held-out loss 0.7000" in text and "2.5 MB/step (3 hits, 5 misses)" in text
+    svg = plots.training_charts(s.history, s.eval_loss)
+    assert svg.count('class="mt-marker"') == 2 and "held-out 0.7" in svg
 
 
 def test_error_event_and_log_tail_are_shown(tmp_path):
