@@ -100,10 +100,12 @@ def base_identity(path: str | Path) -> dict:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               expert_quant: str | None = None, cache_dir: str | Path | None = None) -> LoadedModel:
+               expert_quant: str | None = None, cache_dir: str | Path | None = None,
+               expert_device: str | torch.device | None = None) -> LoadedModel:
     """Build the model from config.json and fill it from the checkpoint's tensors. With `expert_quant`
     ('nf4' or 'bf16') the experts never enter the module tree: they stream into per-layer stores
-    (`LoadedModel.expert_stores`, quantised as they arrive, cached in `cache_dir`) for `attach` to use."""
+    (`LoadedModel.expert_stores`, quantised as they arrive — on the GPU when `device` is one — cached in
+    `cache_dir`) that live on `expert_device` (default `device`; the CPU when they are to be offloaded)."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoModelForCausalLM
@@ -130,8 +132,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     if expert_quant is not None:
         from .quant import quantize_checkpoint_experts
 
-        stores = quantize_checkpoint_experts(path, expert_quant, cache_dir, on_other=place)
-        stores = {layer: store.to(device) for layer, store in stores.items()}
+        quantize_on = device if torch.device(device).type == "cuda" else None
+        stores = quantize_checkpoint_experts(path, expert_quant, cache_dir, on_other=place, device=quantize_on)
+        stores = {layer: store.to(expert_device or device) for layer, store in stores.items()}
         experts = {n for n in params if ".experts." in n and n.endswith(("gate_up_proj", "down_proj"))}
         return _finish(path, config, model, family, filled, skip=experts, stores=stores)
     for name, tensor in iter_tensors(path):

@@ -82,6 +82,8 @@ class DenseHostStore:
 def as_host_store(store, pin: bool | None = None) -> HostExpertStore:
     """A host store for an expert store: itself when it already is one, else a host copy of its experts."""
     if hasattr(store, "expert_tensors") and hasattr(store, "weights_from_tensors"):
+        if (torch.cuda.is_available() if pin is None else pin) and hasattr(store, "pin_memory"):
+            store.pin_memory()  # asynchronous copies to the GPU need page-locked host memory
         return store
     if hasattr(store, "gate_up") and hasattr(store, "down"):
         return DenseHostStore.from_store(store, pin=pin)

@@ -486,14 +486,17 @@ def _fused_expert_regex(family):
 def quantize_checkpoint_experts(path: str | Path, quant: str = "nf4", cache_dir: str | Path | None = None, *,
                                 blocksize: int = BLOCKSIZE,
                                 tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
-                                on_other: Callable[[str, torch.Tensor], None] | None = None) -> dict[int, ExpertStoreT]:
+                                on_other: Callable[[str, torch.Tensor], None] | None = None,
+                                device: torch.device | str | None = None) -> dict[int, ExpertStoreT]:
     """Stores of every MoE layer's experts (NF4 or bf16) built while streaming the checkpoint, tensor by tensor.
 
     Each expert is quantised as soon as its projections have arrived (the family's `parse_expert_key`,
     or already-fused `experts.gate_up_proj` / `down_proj`), so host memory holds the quantised experts
     plus a few tensors in flight. With `cache_dir` (NF4 only), a matching cache folder is loaded instead
     of quantising, and a fresh quantisation is saved there layer by layer. `tensors` replaces the reader
-    (default: `read_tensors(path)`); `on_other(name, tensor)` receives every non-expert tensor.
+    (default: `read_tensors(path)`); `on_other(name, tensor)` receives every non-expert tensor. With
+    `device` (a GPU), each matrix is quantised there — far faster than bitsandbytes' CPU path — and the
+    stores still fill in host memory.
     """
     if quant not in ("nf4", "bf16"):
         raise ValueError(f"model.quant: {quant!r} is not allowed; choose nf4 or bf16.")
@@ -530,6 +533,8 @@ def quantize_checkpoint_experts(path: str | Path, quant: str = "nf4", cache_dir:
 
     def put(layer: int, expert: int, part: str, weight: torch.Tensor, name: str) -> None:
         store = store_of(layer, weight.dtype, name)
+        if device is not None:
+            weight = weight.to(device, non_blocking=True)
         if not 0 <= expert < E:
             raise CheckpointError(f"{path}: tensor {name!r} is expert {expert}, but the config has {E} experts.")
         try:

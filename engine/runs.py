@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, from_dict
+from .config import Config, ConfigError, from_dict
 
 
 @dataclass
@@ -35,22 +35,58 @@ def run_config(run_dir: str | Path) -> Config:
     return from_dict(read_meta(run_dir)["config"])
 
 
-def load_run_model(cfg: Config, device: torch.device):
+def offload_slots(cfg: Config, device: torch.device) -> int | None:
+    """How many experts the GPU cache holds when the experts are to be offloaded (`memory.offload`,
+    `memory.cache_slots`, else the planner's answer), or None when they stay resident."""
+    mode = cfg.memory.offload
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    slots = cfg.memory.cache_slots
+    if slots is None and device.type == "cuda":
+        from .plan import plan
+
+        p = plan(cfg)
+        if not p.fits:
+            raise ConfigError("the memory plan does not fit the GPU budget:\n" + p.summary())
+        if p.cache_slots == 0 and mode == "auto":
+            return None  # everything fits resident
+        slots = p.cache_slots or None
+    if slots is None:  # offload asked for without a size: two layers' experts, the least that overlaps copies
+        from .loader import read_config
+
+        config, family = read_config(Path(cfg.model.path).expanduser())
+        slots = 2 * family.facts(config).num_experts
+    return slots
+
+
+def offload_experts(peft, slots: int | None, device: torch.device):
+    """Put every expert bank of an attached model behind one GPU cache of `slots` experts (None: leave
+    them resident); returns the cache."""
+    if not slots:
+        return None
+    from .offload import offload_banks
+
+    return offload_banks(peft.banks, slots, device, num_layers=peft.facts.num_layers)
+
+
+def load_run_model(cfg: Config, device: torch.device) -> tuple[object, int | None]:
     """The base model of a config on `device` (bf16 on CUDA, fp32 on CPU), its experts streamed into
-    stores as `model.quant` says (NF4 quantised as they load, cached between runs), its other linear
-    layers in NF4 when `model.attention_quant` says so."""
+    stores as `model.quant` says (NF4 quantised as they load, cached between runs) — kept in host memory
+    when they are to be offloaded — its other linear layers in NF4 when `model.attention_quant` says so.
+    Returns the loaded model and the expert-cache size (None: experts resident)."""
     from .loader import load_model
     from .quant import default_cache_dir
 
+    slots = offload_slots(cfg, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cache = default_cache_dir() if cfg.model.quant == "nf4" else None
     loaded = load_model(Path(cfg.model.path).expanduser(), dtype=dtype, device=device, expert_quant=cfg.model.quant,
-                        cache_dir=cache)
+                        cache_dir=cache, expert_device="cpu" if slots else device)
     if cfg.model.attention_quant == "nf4":  # QLoRA style: attention and other frozen linears in NF4 too
         from .quant import quantize_linear_layers
 
         quantize_linear_layers(loaded.model, compute_dtype=dtype)
-    return loaded
+    return loaded, slots
 
 
 def load_run(run_dir: str | Path, base: bool = False, device: str | None = None) -> LoadedRun:
@@ -66,14 +102,16 @@ def load_run(run_dir: str | Path, base: bool = False, device: str | None = None)
     if not (model_path / "config.json").is_file():
         raise FileNotFoundError(f"the base model of {run_dir} ({cfg.model.path}) is not there any more; put it back "
                                 "or run from the folder the run was started in.")
-    loaded = load_run_model(cfg, default_device(device))
+    dev = default_device(device)
+    loaded, slots = load_run_model(cfg, dev)
     if base:  # the same expert bank (same quantised experts), no adapters: the fair comparison
         plain = copy.deepcopy(cfg)  # not a config a user could train (nothing trains): not validated
         plain.routing.strategy, plain.routing.attention_lora, plain.routing.train_router = "none", False, False
         plain.adapter.placement = "parallel"
-        attach(loaded, plain)
+        offload_experts(attach(loaded, plain), slots, dev)
         peft = None
     else:
         peft = load_adapter(loaded, run_dir)
+        offload_experts(peft, slots, dev)
     loaded.model.eval()
     return LoadedRun(run_dir, cfg, loaded.model, load_tokenizer(model_path), peft)

@@ -124,7 +124,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
     from .data import load_examples
     from .loader import load_tokenizer
     from .routing import attach, save_adapter
-    from .runs import default_device, load_run_model
+    from .runs import default_device, load_run_model, offload_experts
 
     out = Path(out)
     if not cfg.model.path:
@@ -144,8 +144,9 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
         examples, data_stats = load_examples(cfg.data.train, tokenizer, cfg.data.template, cfg.data.max_len)
         held_out = load_examples(cfg.data.eval, tokenizer, cfg.data.template, cfg.data.max_len)[0] \
             if cfg.data.eval else None
-        loaded = load_run_model(cfg, dev)
+        loaded, slots = load_run_model(cfg, dev)
         peft = attach(loaded, cfg)
+        cache = offload_experts(peft, slots, dev)  # None: experts resident
         model = loaded.model
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -158,7 +159,6 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
         opt = SparseAdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                           sparse_params=sparse_params_of(model))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
-        cache = _offload(cfg, dev, peft)
         schedule = OffloadSchedule(cache) if cache is not None else None
         autocast = torch.bfloat16 if dev.type == "cuda" else None
         step, epoch, pos = 0, 0, 0
@@ -250,28 +250,6 @@ def _held_out_loss(model, peft, examples: list, batches: Batches, dev: torch.dev
     peft.clear_losses()
     model.train(was_training)
     return {"eval_loss": round(total / max(1, count), 6), "eval_tokens": count}
-
-
-def _offload(cfg: Config, dev: torch.device, peft):
-    """The expert cache when experts are to be offloaded (memory.offload), else None."""
-    mode = cfg.memory.offload
-    if mode == "off" or (mode == "auto" and dev.type != "cuda"):
-        return None
-    from .offload import offload_banks
-
-    slots = cfg.memory.cache_slots
-    if slots is None and dev.type == "cuda":
-        from .plan import plan
-
-        p = plan(cfg)
-        if not p.fits:
-            raise RunError("the memory plan does not fit the GPU budget:\n" + p.summary())
-        slots = p.cache_slots
-        if slots == 0 and mode == "auto":
-            return None  # everything fits resident
-    if not slots:  # offload asked for without a cache size: two layers' experts, the least that overlaps copies
-        slots = 2 * peft.facts.num_experts
-    return offload_banks(peft.banks, slots, dev, num_layers=peft.facts.num_layers)
 
 
 def _cache_stats(cache) -> dict:

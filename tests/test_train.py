@@ -220,6 +220,16 @@ def test_offloaded_layer_major_training_equals_resident_training(task, tmp_path)
 
     wa, wb = load_file(str(resident / "adapter.safetensors")), load_file(str(offloaded / "adapter.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    # loaded for eval / chat, the offloaded run serves its experts through the cache too, with equal logits
+    from engine.offload import OffloadedExpertStore
+    from engine.runs import load_run
+
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    runs = {name: load_run(path, device="cpu") for name, path in (("r", resident), ("o", offloaded))}
+    assert all(isinstance(b.store, OffloadedExpertStore) for b in runs["o"].peft.banks.values())
+    assert not any(isinstance(b.store, OffloadedExpertStore) for b in runs["r"].peft.banks.values())
+    with torch.no_grad():
+        torch.testing.assert_close(runs["o"].model(ids).logits, runs["r"].model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_qlora_style_training_with_nf4_attention_learns(task, tmp_path):
