@@ -258,3 +258,21 @@ def test_trainable_counts_match_closed_form(family, strategy, kind, placement, t
     assert rep["trainable"] == want + attention
     assert rep["by_layer"] == {0: want + attention}
     assert rep["percent"] == pytest.approx(100 * rep["trainable"] / rep["base"])
+
+
+@pytest.mark.parametrize("strategy, kind, placement", [("routed", "gated", "parallel"), ("embedded", "lora", "inside"),
+                                                       ("dense", "bottleneck", "parallel")])
+def test_adapters_are_fp32_masters_on_a_bf16_model(strategy, kind, placement, tiny_checkpoint):
+    """On a bf16 model the adapters stay fp32 (small updates survive), compute in bf16, get fp32 gradients."""
+    lm = load_model(tiny_checkpoint("mixtral"), dtype=torch.bfloat16)
+    peft = attach(lm, _cfg(strategy, kind, placement, attention_lora=True))
+    _randomize(peft)
+    ids = _ids(lm.config.vocab_size)
+    out = lm.model(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    params = peft.trainable_parameters()
+    assert params and all(p.dtype == torch.float32 for _, p in params)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for _, p in params if p.grad is not None)
+    assert sum(p.grad is not None for _, p in params) > len(params) // 2

@@ -44,7 +44,6 @@ class RoutedPEFT:
 
     def _attach(self) -> None:
         r, a, f = self.cfg.routing, self.cfg.adapter, self.facts
-        dtype = next(self.model.parameters()).dtype
         for p in self.model.parameters():
             p.requires_grad_(False)
         H, I, E = f.hidden_size, f.expert_intermediate_size, f.num_experts
@@ -90,7 +89,12 @@ class RoutedPEFT:
                     wrapped = LoraLinear(getattr(attn, name), a.rank, a.alpha, a.dropout)
                     setattr(attn, name, wrapped)
                     self._count("attention", i, wrapped.lora.num_params())
-        self.model.to(dtype)  # new adapter tensors in the model's dtype
+        # adapters are fp32 master weights on the model's device (bf16 would swallow small updates: at lr 1e-5
+        # a bf16 weight of 0.01 does not move); they compute in the activations' dtype
+        device = next((p.device for p in self.model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+        for module in self.model.modules():
+            if isinstance(module, (AdapterBank, RoutedAdapters)):
+                module.to(device=device, dtype=torch.float32)
 
     def _count(self, group: str, layer: int, n: int) -> None:
         self.groups[group] += n

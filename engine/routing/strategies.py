@@ -48,7 +48,7 @@ class RoutedAdapters(nn.Module):
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router probabilities [T, N], top-k gates [T, k] and indices [T, k]."""
-        probs = F.softmax(self.router(h).float(), dim=-1)
+        probs = F.softmax(F.linear(h, self.router.weight.to(h.dtype)).float(), dim=-1)
         gates, idx = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
             gates = gates / gates.sum(dim=-1, keepdim=True)
