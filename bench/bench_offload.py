@@ -166,7 +166,9 @@ def build_moetune(cfg, device: torch.device, dtype: torch.dtype, args, log) -> t
     if getattr(cfg, "tie_word_embeddings", False):
         model.tie_weights()
     model.config._experts_implementation = "eager"
-    rcfg = from_dict({"adapter": {"kind": "lora", "placement": "inside", "rank": args.rank, "alpha": 2 * args.rank},
+    # quant bf16: attach only wraps the (still empty) expert tensors; the NF4 stores built below replace them
+    rcfg = from_dict({"model": {"quant": "bf16"},
+                      "adapter": {"kind": "lora", "placement": "inside", "rank": args.rank, "alpha": 2 * args.rank},
                       "routing": {"strategy": "embedded"}})
     peft = attach(LoadedModel(model, family, Path("random")), rcfg)
     model.to(device)
