@@ -91,9 +91,10 @@ def _accuracies(result: dict) -> dict[str, dict]:
     return out
 
 
-def evaluate(run_dir: Path, bench: str, limit: int | None, base: bool) -> dict[str, dict]:
+def evaluate(run_dir: Path, bench: str, limit: int | None, base: bool, data_root: str | None = None) -> dict[str, dict]:
     """Accuracy of a run's adapter (or of its base model) on one benchmark; raises RuntimeError."""
     args = ["eval", "--run", str(run_dir), "--bench", bench, "--json"] + (["--limit", str(limit)] if limit else [])
+    args += ["--data-root", data_root] if data_root else []
     r = run_cli(args + (["--base"] if base else []))
     if r.returncode != 0:
         raise RuntimeError(f"`moetune eval` on {'the base model' if base else 'the adapter'} failed: {r.error}")
@@ -103,14 +104,15 @@ def evaluate(run_dir: Path, bench: str, limit: int | None, base: bool) -> dict[s
         raise RuntimeError(f"could not read `moetune eval --json` output ({e}): {r.stdout[-400:]}") from None
 
 
-def evaluate_both(run_dir: Path, benches: list[str], limit: int | None, with_base: bool) -> list[dict]:
+def evaluate_both(run_dir: Path, benches: list[str], limit: int | None, with_base: bool,
+                  data_root: str | None = None) -> list[dict]:
     """Rows {benchmark, n, base, tuned} for each benchmark; the adapter and the base model are scored
-    in parallel processes."""
+    in parallel processes. Benchmark names are looked up under `data_root` (LLM-Adapters' dataset/)."""
     rows = []
     with ThreadPoolExecutor(max_workers=2) as pool:
         for bench in benches:
-            tuned_f = pool.submit(evaluate, run_dir, bench, limit, False)
-            base_f = pool.submit(evaluate, run_dir, bench, limit, True) if with_base else None
+            tuned_f = pool.submit(evaluate, run_dir, bench, limit, False, data_root)
+            base_f = pool.submit(evaluate, run_dir, bench, limit, True, data_root) if with_base else None
             tuned = tuned_f.result()
             base = base_f.result() if base_f else {}
             for name, t in tuned.items():

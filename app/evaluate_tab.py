@@ -5,6 +5,7 @@ base model; a results table and a bar chart compare them. Results are kept in th
 from __future__ import annotations
 
 import html
+import os
 import json
 import time
 from pathlib import Path
@@ -14,9 +15,12 @@ import yaml
 
 from engine.io import atomic_write_json
 
+#: the variable engine/evaluate/benchmarks.py reads (not imported: that package imports torch)
+DATA_ROOT_ENV = "MOETUNE_EVAL_DATA"
+
 from . import commands, plots
 from .controls import make_widget
-from .paths import DEMO_EVAL, display_path, resolve_data
+from .paths import DEMO_EVAL, ROOT, display_path, resolve_data, resolve_path
 from .runner import Runner
 
 RESULTS_FILE = Path("eval") / "app-results.json"
@@ -82,6 +86,10 @@ def build(runner: Runner) -> dict:
         limit = make_widget("eval.limit", label="Rows per benchmark", info="empty: every row", elem_id="eval-limit",
                             scale=1)
         with_base = gr.Checkbox(value=True, label="compare with the base model", elem_id="eval-with-base", scale=1)
+    data_root = gr.Textbox(value=os.environ.get(DATA_ROOT_ENV, str(ROOT / "dataset")), label="Benchmark data folder",
+                           elem_id="eval-data-root",
+                           info="LLM-Adapters' dataset/ folder (boolq/test.json, gsm8k/test.json, …): where benchmark "
+                                "names are looked up; files are read from their own path")
     go = gr.Button("Evaluate", variant="primary", elem_id="eval-start")
     status = gr.HTML(elem_id="eval-status")
     results = gr.HTML(elem_id="eval-results-box")
@@ -105,7 +113,7 @@ def build(runner: Runner) -> dict:
 
     refresh.click(reload_runs, [run], [run, benches, results])
 
-    def evaluate(name, specs, lim, base):
+    def evaluate(name, specs, lim, base, root):
         if not name:
             yield "<div class='mt-msg mt-error'>Pick a finished run first.</div>", gr.update()
             return
@@ -123,7 +131,8 @@ def build(runner: Runner) -> dict:
                f"{' with the base model beside it' if base else ''}…</div>"), gr.update()
         t0 = time.time()
         try:
-            rows = commands.evaluate_both(run_dir, [resolve_data(s) for s in specs], lim, bool(base))
+            rows = commands.evaluate_both(run_dir, [resolve_data(s) for s in specs], lim, bool(base),
+                                          resolve_path(root) if (root or "").strip() else None)
         except RuntimeError as e:
             yield f"<div class='mt-msg mt-error' style='color:#ef4444;white-space:pre-wrap'>{html.escape(str(e))}</div>", \
                 gr.update()
@@ -134,6 +143,6 @@ def build(runner: Runner) -> dict:
         yield (f"<div class='mt-msg mt-ok' id='eval-done'>Done in {time.time() - t0:.0f}s.</div>",
                results_html(rows_, note))
 
-    go.click(evaluate, [run, benches, limit, with_base], [status, results])
+    go.click(evaluate, [run, benches, limit, with_base, data_root], [status, results])
 
     return {"load": (reload_runs, [], [run, benches, results]), "select": (reload_runs, [run], [run, benches, results])}

@@ -68,8 +68,8 @@ def status_markdown(s: RunState) -> str:
                     f"({o.get('hits', 0)} hits, {o.get('misses', 0)} misses)")
     if s.eval_loss:
         bits.append(f"held-out loss {s.eval_loss[max(s.eval_loss)]:.4f}")
-    if s.epoch:
-        bits.append(f"epoch {s.epoch}")
+    if s.history:
+        bits.append(f"epoch {s.epoch + 1}")  # events count passes from 0
     if s.device:
         bits.append(f"on {s.device}")
     if s.final_loss is not None:
