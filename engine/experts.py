@@ -83,10 +83,18 @@ class ExpertBank(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts)
-        for e in torch.nonzero(counts).flatten().tolist():
-            pos, tok = torch.where(top_k_index.T == e)  # slot-major, the order transformers' eager loop adds in
+        num_tokens = top_k_index.shape[0]
+        with torch.no_grad():  # group (token, slot) pairs by expert with one sort and one device sync
+            flat = top_k_index.T.reshape(-1)  # slot-major: the order transformers' eager loop adds in
+            order = torch.argsort(flat, stable=True)
+            counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+            toks, slots = order % num_tokens, order // num_tokens
+        start = 0
+        for e, n in enumerate(counts):
+            if not n:
+                continue
+            tok, pos = toks[start:start + n], slots[start:start + n]
+            start += n
             y = self.expert_forward(hidden_states[tok], e)
             out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
         return out
