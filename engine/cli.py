@@ -45,7 +45,7 @@ def cmd_tiny_model(args) -> int:
     from .tiny import make_tiny_model
 
     out = make_tiny_model(args.family, args.out, layers=args.layers, hidden=args.hidden, experts=args.experts,
-                          top_k=args.top_k, seed=args.seed)
+                          top_k=args.top_k, seed=args.seed, tokenizer=args.tokenizer)
     print(f"wrote a tiny {args.family} checkpoint to {out}")
     return 0
 
@@ -208,6 +208,9 @@ def _add_tiny_model(sub):
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", choices=["bpe", "spm"], default="bpe",
+                   help="bpe: byte-level BPE (Qwen style, default); spm: SentencePiece-style BPE with byte fallback "
+                        "(Llama / Mistral / Mixtral style)")
     return p
 
 

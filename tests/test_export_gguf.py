@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import gguf
@@ -193,22 +194,26 @@ def sharp_checkpoint(tiny_checkpoint, tmp_path_factory):
     export (gate and up swapped, q/k not permuted) can still give the same greedy tokens; at this scale every
     such error changes the continuations, whatever scale engine.tiny uses
     (test_llama_cpp_check_detects_a_wrong_export keeps that true)."""
-    from safetensors.torch import load_file, save_file
-
     cache: dict[str, Path] = {}
 
     def make(family: str) -> Path:
         if family not in cache:
-            dst = _copy(tiny_checkpoint(family), tmp_path_factory.mktemp("sharp") / family)
-            state = load_file(str(dst / "model.safetensors"))
-            for name, w in state.items():
-                if w.ndim == 2 and not name.endswith(("embed_tokens.weight", "lm_head.weight", ".gate.weight")):
-                    state[name] = w * (w.shape[1] ** -0.5 / w.std())
-            save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
-            cache[family] = dst
+            cache[family] = _sharpen(_copy(tiny_checkpoint(family), tmp_path_factory.mktemp("sharp") / family))
         return cache[family]
 
     return make
+
+
+def _sharpen(ckpt: Path) -> Path:
+    """Rescale a checkpoint's block weights (in place) to std 1/sqrt(fan_in); see sharp_checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(ckpt / "model.safetensors"))
+    for name, w in state.items():
+        if w.ndim == 2 and not name.endswith(("embed_tokens.weight", "lm_head.weight", ".gate.weight")):
+            state[name] = w * (w.shape[1] ** -0.5 / w.std())
+    save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    return ckpt
 
 
 def _hf_greedy(model, prompt: list[int]) -> tuple[list[int], np.ndarray]:
@@ -413,3 +418,188 @@ def test_llama_cpp_tokenizes_like_hf(llama_cpp, tiny_checkpoint, tmp_path, style
             assert llm.detokenize(ids, special=True).decode() == hf.decode(ids) == text
     finally:
         llm.close()
+
+
+# ---- SentencePiece-style BPE (Llama / Mistral / Mixtral tokenizers) ----------------------------------------
+
+#: texts on which llama.cpp's highest-score-first joining needs the right scores to equal BPE (with equal scores,
+#: as the gguf package's LlamaHfVocab writes, it tokenises these two differently)
+SCORE_TEXTS = ["Below is an instruction that describes a task. Write a response that appropriately completes the "
+               "request.", "A small child writes the red door."]
+#: text prompts for the greedy comparison, tokenised by each side's own tokenizer
+SPM_PROMPTS = [SCORE_TEXTS[1], "What is 52 + 578?", "café\nnew lines"]
+
+
+@pytest.fixture(scope="module")
+def spm_checkpoint(tmp_path_factory):
+    """A tiny Mixtral with Llama's kind of tokenizer (`moetune tiny-model --tokenizer spm`), weights sharpened."""
+    from engine.cli import main
+
+    out = tmp_path_factory.mktemp("spm") / "mixtral"
+    assert main(["tiny-model", "--family", "mixtral", "--out", str(out), "--tokenizer", "spm"]) == 0
+    return _sharpen(out)
+
+
+def _detokenize(llama_cpp, llm, ids: list[int]) -> str:
+    """llama.cpp's own detokenizer (llama_detokenize drops the prefix space it adds, as common_detokenize)."""
+    import ctypes
+
+    buf = ctypes.create_string_buffer(4096)
+    n = llama_cpp.llama_detokenize(llm._model.vocab, (llama_cpp.llama_token * len(ids))(*ids), len(ids), buf,
+                                   len(buf), False, True)
+    assert n >= 0
+    return buf.raw[:n].decode()
+
+
+def test_spm_tokenizer_round_trips_text(spm_checkpoint):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(spm_checkpoint))
+    assert (hf.unk_token_id, hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (0, 1, 2, None)
+    assert hf.convert_ids_to_tokens([3, 13, 258]) == ["<0x00>", "<0x0A>", "<0xFF>"]
+    for text in TEXTS[:-1]:  # the last one has special tokens, after which a '▁' goes (Llama's legacy way)
+        ids = hf(text)["input_ids"]
+        assert ids[0] == hf.bos_token_id and hf.decode(ids, skip_special_tokens=True) == text, text
+    assert hf.convert_ids_to_tokens(hf.encode("東", add_special_tokens=False)) == ["▁", "<0xE6>", "<0x9D>", "<0xB1>"]
+
+
+def test_spm_gguf_reads_back(spm_checkpoint, tmp_path):
+    from transformers import AutoTokenizer
+
+    summary = write_gguf(spm_checkpoint, tmp_path / "model.gguf", dtype="f16")
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    hf = AutoTokenizer.from_pretrained(str(spm_checkpoint))
+    n = len(hf)
+    assert _field(reader, "tokenizer.ggml.model") == "llama" and summary["vocab"] == n
+    assert reader.get_field("tokenizer.ggml.merges") is None
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    assert tokens == hf.convert_ids_to_tokens(list(range(n)))
+    T = gguf.TokenType
+    types = [T(t) for t in _field(reader, "tokenizer.ggml.token_type")]
+    chat = hf.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    want = {0: T.UNKNOWN, 1: T.CONTROL, 2: T.CONTROL, chat[0]: T.CONTROL, chat[1]: T.CONTROL}
+    want |= {i: T.BYTE for i in range(3, 259)}
+    assert types == [want.get(i, T.NORMAL) for i in range(n)]
+    assert all(tokens[i] == f"<0x{i - 3:02X}>" for i in range(3, 259))
+
+    # llama.cpp joins the pair whose piece scores highest; transformers the pair whose merge ranks first
+    scores = _field(reader, "tokenizer.ggml.scores")
+    assert len(scores) == n and all(scores[i] == 0 for i in range(259))
+    first_rank: dict[str, int] = {}
+    for rank, (a, b) in enumerate(json.loads((spm_checkpoint / "tokenizer.json").read_text())["model"]["merges"]):
+        first_rank.setdefault(a + b, rank)
+    merged = [i for i in range(n) if tokens[i] in first_rank]
+    assert len(merged) > 100
+    assert sorted(merged, key=lambda i: -scores[i]) == sorted(merged, key=lambda i: first_rank[tokens[i]])
+    singles = [i for i in range(n) if types[i] == T.NORMAL and i not in merged]
+    assert max(scores[i] for i in singles) < min(scores[i] for i in merged)
+
+    assert (_field(reader, "tokenizer.ggml.unknown_token_id"), _field(reader, "tokenizer.ggml.bos_token_id"),
+            _field(reader, "tokenizer.ggml.eos_token_id")) == (0, 1, 2)
+    assert reader.get_field("tokenizer.ggml.padding_token_id") is None
+    assert _field(reader, "tokenizer.ggml.add_bos_token") is True
+    assert _field(reader, "tokenizer.ggml.add_eos_token") is False
+    assert _field(reader, "tokenizer.ggml.add_space_prefix") is True
+    assert _field(reader, "tokenizer.chat_template") == hf.chat_template
+
+
+def test_llama_cpp_tokenizes_spm_like_hf(llama_cpp, spm_checkpoint, tmp_path):
+    from transformers import AutoTokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a tokenizer.json made from SentencePiece exports without a caveat
+        write_gguf(spm_checkpoint, tmp_path / "model.gguf")
+    hf = AutoTokenizer.from_pretrained(str(spm_checkpoint))
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), vocab_only=True, verbose=False)
+    try:
+        for text in TEXTS + SCORE_TEXTS + ["", "<s>x</s>"]:
+            ids = hf.encode(text, add_special_tokens=False)
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == hf(text)["input_ids"], text
+            assert _detokenize(llama_cpp, llm, ids) == hf.decode(ids), text
+    finally:
+        llm.close()
+
+
+def _metaspace(spec: dict) -> None:
+    """The newer form of Llama's and Mistral's tokenizer.json: no normalizer, a Metaspace pre-tokenizer."""
+    spec["normalizer"] = None
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+
+
+def test_metaspace_tokenizer_exports_with_its_caveat(llama_cpp, spm_checkpoint, tmp_path):
+    """transformers' Metaspace (prepend_scheme 'first', what legacy=False writes) puts no '▁' before text that
+    starts with a space or follows a special token, where SentencePiece and llama.cpp do: the export says so,
+    and llama.cpp tokenises every other text as transformers does."""
+    from transformers import AutoTokenizer
+
+    ckpt = _edit_tokenizer(_copy(spm_checkpoint, tmp_path / "ckpt"), _metaspace)
+    hf = AutoTokenizer.from_pretrained(str(ckpt))
+    with pytest.warns(UserWarning, match="starts with a space or follows a special token"):
+        write_gguf(ckpt, tmp_path / "model.gguf")
+    assert _field(gguf.GGUFReader(tmp_path / "model.gguf"), "tokenizer.ggml.add_space_prefix") is True
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), vocab_only=True, verbose=False)
+    try:
+        for text in TEXTS:
+            caveat = text.startswith(" ") or text.startswith("<|im_start|>")
+            assert (llm.tokenize(text.encode(), add_bos=True, special=True) == hf(text)["input_ids"]) != caveat, text
+    finally:
+        llm.close()
+
+
+def test_llama_cpp_greedy_matches_transformers_with_spm_tokenizer(llama_cpp, spm_checkpoint, tmp_path):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(spm_checkpoint))
+    model = load_model(spm_checkpoint).model
+    write_gguf(spm_checkpoint, tmp_path / "model.gguf", dtype="f32")
+    llm = _open(llama_cpp, tmp_path / "model.gguf")
+    try:
+        for text in SPM_PROMPTS:
+            prompt = llm.tokenize(text.encode(), add_bos=True)
+            assert prompt == hf(text)["input_ids"], text
+            want, want_logits = _hf_greedy(model, prompt)
+            got, got_logits = _cpp_greedy(llm, prompt)
+            assert got == want, f"{text!r}: llama.cpp continued {got}, transformers {want}"
+            np.testing.assert_allclose(got_logits, want_logits, atol=1e-4)
+    finally:
+        llm.close()
+
+
+def _edit_tokenizer(ckpt: Path, edit) -> Path:
+    spec = json.loads((ckpt / "tokenizer.json").read_text())
+    edit(spec)
+    (ckpt / "tokenizer.json").write_text(json.dumps(spec))
+    return ckpt
+
+
+def _unigram(spec: dict) -> None:
+    spec["model"] = {"type": "Unigram", "unk_id": 0, "byte_fallback": True,
+                     "vocab": [[t, 0.0] for t in sorted(spec["model"]["vocab"], key=spec["model"]["vocab"].get)]}
+
+
+def _nfkc(spec: dict) -> None:
+    spec["normalizer"]["normalizers"].insert(0, {"type": "NFKC"})
+
+
+@pytest.mark.parametrize("edit,message", [(_unigram, r"is a Unigram tokenizer.*convert_hf_to_gguf"),
+                                          (_nfkc, r"normalizer step \{\"type\": \"NFKC\"\}.*convert_hf_to_gguf")])
+def test_tokenizer_llama_cpp_cannot_run_is_refused(spm_checkpoint, tmp_path, edit, message):
+    ckpt = _edit_tokenizer(_copy(spm_checkpoint, tmp_path / "ckpt"), edit)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ExportError, match=message):
+        write_gguf(ckpt, out / "model.gguf")
+    assert list(out.iterdir()) == []
+
+
+def test_bpe_without_sentencepiece_merges_is_flagged(spm_checkpoint, tmp_path):
+    """A byte-fallback BPE lacking a merge of two pieces that make a third: llama.cpp's SentencePiece tokenizer
+    joins them anyway, so the export warns and names the pair."""
+    def drop_first_merge(spec: dict) -> None:
+        del spec["model"]["merges"][0]
+
+    first = json.loads((spm_checkpoint / "tokenizer.json").read_text())["model"]["merges"][0]
+    ckpt = _edit_tokenizer(_copy(spm_checkpoint, tmp_path / "ckpt"), drop_first_merge)
+    with pytest.warns(UserWarning, match=rf"1 pairs of pieces .*\({first[0]!r}\+{first[1]!r}\)"):
+        write_gguf(ckpt, tmp_path / "model.gguf")
