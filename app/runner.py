@@ -81,6 +81,7 @@ class RunState:
     expert_usage: list | None = None
     history: dict[int, tuple[float, float]] = field(default_factory=dict)  # step -> (loss, lr)
     eval_loss: dict[int, float] = field(default_factory=dict)  # step -> held-out loss (data.eval)
+    accuracy: dict[str, float | str] = field(default_factory=dict)  # benchmark -> accuracy (or why it failed)
     offload: dict | None = None  # the latest step's expert-cache traffic, when experts are offloaded
     started: float | None = None  # time of the latest `start` event
     first_step: tuple[int, float] | None = None  # (step, time) of the first step after the latest start
@@ -149,6 +150,8 @@ class _Follower:
                 s.first_step = s.last_step
         elif kind == "eval" and e.get("eval_loss") is not None:
             s.eval_loss[int(e["step"])] = float(e["eval_loss"])
+        elif kind == "eval" and e.get("benchmark"):  # eval.benchmarks, scored after training
+            s.accuracy[str(e["benchmark"])] = float(e["accuracy"]) if "accuracy" in e else str(e.get("error"))
         elif kind == "done":
             s.final_loss = e.get("final_loss")
         elif kind == "error":

@@ -74,6 +74,8 @@ def status_markdown(s: RunState) -> str:
         bits.append(f"on {s.device}")
     if s.final_loss is not None:
         bits.append(f"final loss {s.final_loss:.4f}")
+    for bench, acc in s.accuracy.items():
+        bits.append(f"{bench} **{100 * acc:.1f}%**" if isinstance(acc, float) else f"{bench}: not scored ({acc})")
     return " · ".join(bits)
 
 

@@ -220,6 +220,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
         model.eval()
         save_adapter(peft, out, extra={"train": {"steps": step, "data": data_stats}})
         summary = {"status": "done", "step": step, "out": str(out), "final_loss": round(loss_sum, 6)}
+        if cfg.eval.benchmarks:
+            summary["accuracy"] = _run_benchmarks(cfg, model, tokenizer, out, log, step)
         atomic_write_json(out / "summary.json", summary)
         log.emit("done", **summary)
         return summary
@@ -232,6 +234,29 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
         if log is not None:
             log.close()
         lock.unlink(missing_ok=True)
+
+
+def _run_benchmarks(cfg: Config, model, tokenizer, out: Path, log: EventLog, step: int) -> dict[str, float]:
+    """`eval.benchmarks` after training: accuracy per benchmark as `eval` events, every prediction in
+    OUT/eval/adapter/. The adapter is saved already, so a benchmark that cannot run is reported, not fatal."""
+    from .data import DataError
+    from .evaluate import evaluate, expand_benchmarks, resolve_benchmark
+
+    accuracy = {}
+    model.config.use_cache = True  # generation (training turned the KV cache off)
+    for spec in expand_benchmarks(cfg.eval.benchmarks):
+        try:
+            bench, _ = resolve_benchmark(spec)
+            r = evaluate(model, tokenizer, spec, limit=cfg.eval.limit, batch_size=cfg.eval.batch_size,
+                         num_beams=cfg.eval.num_beams, template=cfg.data.template,
+                         predictions_path=out / "eval" / "adapter" / f"{bench.name}.predictions.jsonl")
+        except DataError as e:
+            log.emit("eval", step=step, benchmark=str(spec), error=str(e))
+            continue
+        accuracy[r.name] = r.accuracy
+        log.emit("eval", step=step, benchmark=r.name, accuracy=round(r.accuracy, 6), rows=r.rows,
+                 correct=r.correct)
+    return accuracy
 
 
 def _held_out_loss(model, peft, examples: list, batches: Batches, dev: torch.device, autocast) -> dict:

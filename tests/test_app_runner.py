@@ -56,11 +56,14 @@ def test_held_out_loss_and_offload_traffic_are_shown(tmp_path):
     _events(run, [{"type": "start", "time": 1000.0, "step": 0, "total_steps": 4, "device": "cuda:0"}]
             + [{**_step(i), "offload": offload} for i in range(1, 5)]
             + [{"type": "eval", "time": 1002.5, "step": 2, "eval_loss": 0.9},
-               {"type": "eval", "time": 1004.5, "step": 4, "eval_loss": 0.7}])
+               {"type": "eval", "time": 1004.5, "step": 4, "eval_loss": 0.7},
+               {"type": "eval", "time": 1005.0, "step": 4, "benchmark": "gsm8k", "accuracy": 0.25, "rows": 8},
+               {"type": "eval", "time": 1005.5, "step": 4, "benchmark": "boolq", "error": "no test file"}])
     s = Runner(tmp_path).state("r2")
     assert s.eval_loss == {2: 0.9, 4: 0.7} and s.offload == offload
     text = train_tab.status_markdown(s)
     assert "held-out loss 0.7000" in text and "2.5 MB/step (3 hits, 5 misses)" in text
+    assert "gsm8k **25.0%**" in text and "boolq: not scored (no test file)" in text
     svg = plots.training_charts(s.history, s.eval_loss)
     assert svg.count('class="mt-marker"') == 2 and "held-out 0.7" in svg
 

@@ -63,7 +63,9 @@ def task(tmp_path_factory, tiny_checkpoint):
 def trained(task):
     """One full training run (300 steps) of embedded LoRA + attention LoRA."""
     out = task["root"] / "run"
-    summary = train(from_dict(_config(task["model"], task["train"])), out, echo=False)
+    cfg = _config(task["model"], task["train"])
+    cfg["eval"] = {"benchmarks": [str(task["eval"]), str(task["root"] / "nowhere" / "test.json")], "batch_size": 50}
+    summary = train(from_dict(cfg), out, echo=False)
     return out, summary
 
 
@@ -81,6 +83,12 @@ def test_training_drives_loss_down_and_held_out_accuracy_up(task, trained):
         run = load_run(out, base=base, device="cpu")
         accuracy[base] = evaluate(run.model, run.tokenizer, task["eval"], batch_size=50, max_new_tokens=8).accuracy
     assert accuracy[False] >= 0.8 and accuracy[False] > accuracy[True] + 0.5, accuracy
+    # eval.benchmarks ran after training: the same accuracy; a missing benchmark file is reported, not fatal
+    assert summary["accuracy"] == {"lastdigit": pytest.approx(accuracy[False])}
+    events, _ = read_events(out / "events.jsonl", 0)
+    scored = [e for e in events if e["type"] == "eval"]
+    assert scored[0]["benchmark"] == "lastdigit" and scored[0]["rows"] == 50
+    assert "does not exist" in scored[1]["error"] and events[-1]["type"] == "done"
     for name in ("adapter.safetensors", "moetune.json", "config.yaml", "events.jsonl", "summary.json"):
         assert (out / name).is_file(), name
     assert not (out / ".lock").exists()
