@@ -139,10 +139,12 @@ def _base_path(run_dir: Path, meta: dict, cfg: Config) -> Path:
 
 def expert_stores(src: RunSource) -> dict[int, Any]:
     """Per MoE layer, the expert weights the run's adapters were trained against: the base experts as
-    `model.quant` stored them (NF4, or bf16), built exactly as training loads them."""
-    from ..quant import quantize_checkpoint_experts
+    `model.quant` stored them (NF4, or bf16), built exactly as training loads them — NF4 from the same
+    cache of quantised experts when training left it there (the very bits it trained against, and fast)."""
+    from ..quant import default_cache_dir, quantize_checkpoint_experts
 
-    return quantize_checkpoint_experts(src.base, src.cfg.model.quant)
+    quant = src.cfg.model.quant
+    return quantize_checkpoint_experts(src.base, quant, default_cache_dir() if quant == "nf4" else None)
 
 
 def expert_weights(src: RunSource, stores: dict[int, Any], layer: int, expert: int) -> dict[str, torch.Tensor]:
