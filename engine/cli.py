@@ -166,7 +166,7 @@ def cmd_export(args) -> int:
     """Export a run as merged HF safetensors, PEFT-layout LoRA or GGUF; print the export report."""
     from .export import export_run
 
-    report = export_run(args.run, args.format, args.dtype, args.out, check_logits=not args.no_check)
+    report = export_run(args.run, args.format, args.dtype, args.out, check_logits=False if args.no_check else None)
     print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0
 
@@ -179,7 +179,7 @@ def _add_export(sub):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-check", action="store_true",
                    help="skip the logit comparison against the unmerged model (it loads the base model twice in "
-                        "fp32: too much memory for Mixtral-size models)")
+                        "fp32; by default it runs when that fits in half the free memory)")
     return p
 
 

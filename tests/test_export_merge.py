@@ -395,3 +395,19 @@ def test_large_merges_are_sharded_with_an_index(checkpoint, tmp_path):
     assert sorted(index["weight_map"]) == sorted(tensors(ckpt))
     ids = ids_for(ckpt)
     torch.testing.assert_close(logits(reload(tmp_path / "out"), ids), logits(unmerged, ids), rtol=0, atol=1e-4)
+
+
+def test_logit_check_is_skipped_with_its_reason_when_host_memory_is_short(checkpoint, tmp_path, monkeypatch):
+    """By default the check runs when two fp32 copies of the base fit in half the free memory; otherwise the
+    export still happens and the report says why the check was skipped."""
+    import os
+
+    make_run(checkpoint("olmoe"), tmp_path / "run", "embedded", "gated")
+    report = export_run(tmp_path / "run", "hf", "f16", tmp_path / "roomy")
+    assert report["check"]["max_abs_logit_diff"] == report["max_abs_logit_diff"] < 0.05
+    real = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else real(name))
+    report = export_run(tmp_path / "run", "hf", "f16", tmp_path / "short")
+    assert report["max_abs_logit_diff"] is None and "this machine has 0.0 GB free" in report["check"]["skipped"]
+    saved = json.loads((tmp_path / "short" / "export_report.json").read_text())
+    assert saved["check"] == report["check"] and (tmp_path / "short" / "config.json").is_file()

@@ -30,10 +30,11 @@ TORCH_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float
 
 
 def export_run(run_dir: str | Path, fmt: str, dtype: str, out_dir: str | Path, *,
-               check_logits: bool = True) -> dict[str, Any]:
+               check_logits: bool | None = None) -> dict[str, Any]:
     """Export the run in `fmt` (hf, peft or gguf) and `dtype` into `out_dir`; returns the report (also written there).
 
-    `check_logits=False` skips the logit comparison, which loads the base model twice in fp32."""
+    The logit comparison loads the base model twice in fp32: `check_logits=None` runs it when that fits
+    in half the free host memory (else the report says why it was skipped); True / False force it."""
     _check_options(fmt, dtype)
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     src = open_run(run_dir)
@@ -48,7 +49,13 @@ def export_run(run_dir: str | Path, fmt: str, dtype: str, out_dir: str | Path, *
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     try:
+        skipped = None
+        if check_logits is None:
+            skipped = _check_too_big(src.base)
+            check_logits = skipped is None
         report = _export(src, fmt, dtype, staging, check_logits)
+        if skipped:
+            report["check"] = {"skipped": skipped}
         _move_in(staging, out_dir, report["files"])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -83,6 +90,21 @@ def _export(src: RunSource, fmt: str, dtype: str, staging: Path, check_logits: b
     report["exact"] = all(g["exact"] for g in report["merged"])
     report["max_abs_logit_diff"] = report["check"]["max_abs_logit_diff"] if check_logits else None
     return report
+
+
+def _check_too_big(base: Path) -> str | None:
+    """Why the logit check would not fit in host memory (two fp32 copies of the base), or None."""
+    from ..loader import checkpoint_files, read_config
+
+    config, _ = read_config(base)
+    stored = sum(f.stat().st_size for f in checkpoint_files(base))
+    bytes_per = 2 if str(getattr(config, "dtype", None) or "bfloat16").endswith(("bfloat16", "float16")) else 4
+    need = 2 * stored * 4 // bytes_per
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need <= free // 2:
+        return None
+    return (f"the check loads the base model twice in fp32 ({need / 1e9:.1f} GB) and this machine has "
+            f"{free / 1e9:.1f} GB free; the merge itself is exact by construction (see `merged`)")
 
 
 def _check_hf(src: RunSource, hf_dir: Path, what: str) -> dict[str, Any]:
