@@ -1,5 +1,6 @@
-"""The Chat tab: one prompt, answered by the base model and the adapted model side by side
-(`moetune chat`, one process each, in parallel). Each message is answered on its own (single turn)."""
+"""The Chat tab: one prompt, answered by the base model and the adapted model side by side, by one
+`moetune chat --serve` process that keeps the run's model loaded (the base answer comes from the same
+weights with the adapters switched off). Each message is answered on its own (single turn)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ from .runner import Runner
 
 def build(runner: Runner) -> dict:
     """Lay out the Chat tab; returns its on-load hook."""
-    if not commands.available("chat"):
-        gr.Markdown("`moetune chat` is not in this installation yet; this tab works once it is.")
     with gr.Row(equal_height=True):
         run = gr.Dropdown(choices=runner.finished_runs(), label="Run", elem_id="chat-run", scale=3,
                           info="the adapter to talk to; its base model answers beside it")

@@ -3,9 +3,12 @@ a subprocess (the app itself never loads a model), with their output parsed and 
 
 from __future__ import annotations
 
+import atexit
 import json
+import queue
 import subprocess
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +37,6 @@ class CliResult:
         return (errs[-1] if errs else "\n".join(lines[-5:])) or f"exit status {self.returncode}"
 
 
-def available(command: str) -> bool:
-    """Whether this installation's `moetune` has a subcommand (some arrive with later issues)."""
-    from engine.cli import COMMANDS
-
-    return command in COMMANDS
-
-
 def run_cli(args: list[str], timeout: float | None = 3600) -> CliResult:
     """Run `moetune ARGS` from the project root and collect its output."""
     try:
@@ -64,8 +60,6 @@ def _json_out(text: str):
 def check_fit(config: dict, gpu_gb: float | None) -> tuple[bool | None, str]:
     """The planner's answer for a config (paths resolved): (fits, readable text); fits is None when
     the planner could not answer."""
-    if not available("plan"):
-        return None, "The memory planner (`moetune plan`) is not in this installation yet."
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(config, f, sort_keys=False)
         path = f.name
@@ -121,27 +115,95 @@ def evaluate_both(run_dir: Path, benches: list[str], limit: int | None, with_bas
     return rows
 
 
-def chat(run_dir: Path, prompt: str, base: bool) -> str:
-    """One reply of a run's adapted model (or its base model) to a prompt."""
-    if not available("chat"):
-        raise RuntimeError("`moetune chat` is not in this installation yet.")
-    r = run_cli(["chat", "--run", str(run_dir), "--prompt", prompt] + (["--base"] if base else []), timeout=900)
-    if r.returncode != 0:
-        raise RuntimeError(r.error)
-    return r.stdout.strip()
+class ChatServer:
+    """A `moetune chat --serve` process for one run: its model loads once and then answers every message,
+    as the adapter and, from the same weights with the adapters switched off, as the base model."""
+
+    def __init__(self, run_dir: Path, max_new_tokens: int = 128):
+        self.run_dir = Path(run_dir)
+        self.log = self.run_dir / "chat.log"
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.lock = threading.Lock()
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                moetune_command() + ["chat", "--run", str(self.run_dir), "--serve", "--max-new-tokens",
+                                     str(max_new_tokens)], cwd=str(ROOT), env=child_env(), stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1)
+        threading.Thread(target=self._read, daemon=True).start()
+        self.ready = False
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)  # the process ended
+
+    @property
+    def alive(self) -> bool:
+        """The process still runs."""
+        return self.proc.poll() is None
+
+    def _next(self, timeout: float) -> dict:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeError(f"`moetune chat` gave no answer within {timeout:.0f}s.") from None
+        if line is None:
+            tail = [ln for ln in self.log.read_text(errors="replace").splitlines() if ln.strip()][-5:]
+            errs = [ln for ln in tail if "error" in ln.lower()]
+            raise RuntimeError((errs[-1] if errs else "\n".join(tail)) or "`moetune chat` stopped.")
+        return json.loads(line)
+
+    def ask(self, prompt: str, base: bool = True, timeout: float = 900) -> dict:
+        """{"tuned": reply, "base": reply} for one message (waits for the model to load the first time)."""
+        with self.lock:
+            while not self.ready:
+                self.ready = bool(self._next(timeout).get("ready"))
+            self.proc.stdin.write(json.dumps({"prompt": prompt, "base": base}) + "\n")
+            self.proc.stdin.flush()
+            answer = self._next(timeout)
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        return answer
+
+    def close(self) -> None:
+        """End the process (its model's memory is freed)."""
+        if self.alive:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+_servers: dict[Path, ChatServer] = {}
+_servers_lock = threading.Lock()
+
+
+def chat_server(run_dir: Path) -> ChatServer:
+    """The live chat process of a run, started when needed; one at a time (a model can be large), so
+    choosing another run ends the previous one."""
+    run_dir = Path(run_dir).resolve()
+    with _servers_lock:
+        server = _servers.get(run_dir)
+        if server is not None and server.alive:
+            return server
+        for other in list(_servers.values()):
+            other.close()
+        _servers.clear()
+        server = _servers[run_dir] = ChatServer(run_dir)
+        return server
+
+
+atexit.register(lambda: [s.close() for s in list(_servers.values())])
 
 
 def chat_both(run_dir: Path, prompt: str) -> tuple[str, str]:
-    """Replies of the base model and the adapted model, computed in parallel; errors become the reply."""
-    def safe(base: bool) -> str:
-        try:
-            return chat(run_dir, prompt, base)
-        except RuntimeError as e:
-            return f"⚠️ {e}"
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        b, t = pool.submit(safe, True), pool.submit(safe, False)
-        return b.result(), t.result()
+    """Replies of the base model and the adapted model to one message; an error becomes both replies."""
+    try:
+        answer = chat_server(run_dir).ask(prompt)
+    except (RuntimeError, OSError, ValueError) as e:
+        return f"⚠️ {e}", f"⚠️ {e}"
+    return answer.get("base", ""), answer.get("tuned", "")
 
 
 def export(run_dir: Path, fmt: str, dtype: str, out: Path) -> str:

@@ -1,5 +1,5 @@
 """The Export tab: a finished run's adapter as merged HF safetensors, a PEFT-layout LoRA, or GGUF
-(`moetune export`). Until the export command is in this installation, the tab says so."""
+(`moetune export`), with the export report: what was merged, how, and the measured logit difference."""
 
 from __future__ import annotations
 
@@ -13,12 +13,7 @@ from .runner import Runner
 
 
 def build(runner: Runner) -> dict:
-    """Lay out the Export tab; returns its on-load hook (or None when export is not available)."""
-    if not commands.available("export"):
-        gr.Markdown("**Export arrives with the export issue.** It will write merged HF safetensors, a PEFT-layout "
-                    "LoRA, and GGUF files that llama.cpp's tools read (`moetune export --run DIR --format "
-                    "hf|peft|gguf`).", elem_id="export-unavailable")
-        return {}
+    """Lay out the Export tab; returns its on-load hook."""
     run = gr.Dropdown(choices=runner.finished_runs(), label="Run", elem_id="export-run")
     with gr.Row():
         fmt = make_widget("export.format", elem_id="export-format")

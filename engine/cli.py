@@ -138,25 +138,56 @@ def _add_eval(sub):
 
 
 def cmd_chat(args) -> int:
-    """Answer one prompt with a run's adapted model (or its base model, --base)."""
+    """Answer a prompt with a run's adapted model (or its base model, --base); with --serve, answer JSON
+    lines from stdin, the adapter and the base model from one loaded model."""
     from .data import generation_prompt
     from .evaluate import generate, stop_token_ids
     from .runs import load_run
 
+    if args.prompt is None and not args.serve:
+        raise ValueError("give --prompt TEXT, or --serve to answer JSON lines from stdin.")
     run = load_run(args.run, base=args.base, device=args.device)
     template = run.cfg.data.template
-    text, special = generation_prompt(template, args.prompt, "", run.tokenizer)
-    reply = generate(run.model, run.tokenizer, [text], add_special_tokens=special, max_new_tokens=args.max_new_tokens,
-                     stop_ids=stop_token_ids(run.model, run.tokenizer, chat=template == "chat"))[0]
-    print(reply.strip())
+    stops = stop_token_ids(run.model, run.tokenizer, chat=template == "chat")
+
+    def reply(prompt: str, max_new_tokens: int) -> str:
+        text, special = generation_prompt(template, prompt, "", run.tokenizer)
+        return generate(run.model, run.tokenizer, [text], add_special_tokens=special,
+                        max_new_tokens=max_new_tokens, stop_ids=stops)[0].strip()
+
+    if not args.serve:
+        print(reply(args.prompt, args.max_new_tokens))
+        return 0
+    # one JSON object a line in ({"prompt", "max_new_tokens"?, "base"?}), one a line out ({"tuned", "base"?} or
+    # {"error"}); the model loads once, so a conversation does not reload it for every message
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            request = json.loads(line)
+            prompt, limit = str(request["prompt"]), int(request.get("max_new_tokens", args.max_new_tokens))
+        except (ValueError, KeyError, TypeError) as e:
+            print(json.dumps({"error": f"a request is one JSON object with a 'prompt' ({e!r})"}), flush=True)
+            continue
+        if run.peft is None:
+            answer = {"base": reply(prompt, limit)}
+        else:
+            answer = {"tuned": reply(prompt, limit)}
+            if request.get("base"):
+                with run.peft.disabled():
+                    answer["base"] = reply(prompt, limit)
+        print(json.dumps(answer), flush=True)
     return 0
 
 
 def _add_chat(sub):
     p = sub.add_parser("chat", help="answer a prompt with a run's adapter")
     p.add_argument("--run", required=True, help="run folder written by `moetune train`")
-    p.add_argument("--prompt", required=True, help="the instruction to answer (the run's template wraps it)")
+    p.add_argument("--prompt", help="the instruction to answer (the run's template wraps it)")
     p.add_argument("--base", action="store_true", help="answer with the base model, without the adapter")
+    p.add_argument("--serve", action="store_true",
+                   help='answer JSON lines from stdin ({"prompt": ..., "base": true}) until it closes')
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when present)")
     return p

@@ -276,3 +276,23 @@ def test_adapters_are_fp32_masters_on_a_bf16_model(strategy, kind, placement, ti
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
                for _, p in params if p.grad is not None)
     assert sum(p.grad is not None for _, p in params) > len(params) // 2
+
+
+@pytest.mark.parametrize("strategy, kind, placement", [("routed", "gated", "parallel"), ("embedded", "lora", "inside"),
+                                                       ("shared", "bottleneck", "parallel")])
+def test_disabled_gives_the_base_model_back_exactly(strategy, kind, placement, tiny_checkpoint):
+    """`peft.disabled()`: every adapter (attention LoRA, a trained router included) steps aside; after the
+    block the adapted model is back, bit for bit."""
+    lm = _load(tiny_checkpoint("qwen2_moe"))
+    ids = _ids(lm.config.vocab_size)
+    with torch.no_grad():
+        base = lm.model(ids).logits
+    peft = attach(lm, _cfg(strategy, kind, placement, attention_lora=True, train_router=True))
+    _randomize(peft)
+    with torch.no_grad():
+        adapted = lm.model(ids).logits
+        with peft.disabled():
+            off = lm.model(ids).logits
+        again = lm.model(ids).logits
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    assert torch.equal(off, base) and torch.equal(again, adapted)

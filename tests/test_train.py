@@ -130,6 +130,25 @@ def test_chat_answers_with_the_adapter(trained, capsys):
     assert capsys.readouterr().out.strip() == "The answer is 7"
 
 
+def test_one_chat_process_answers_as_adapter_and_base(trained, capsys):
+    """The app's chat: one `moetune chat --serve` process keeps the model loaded and answers every message
+    twice — the adapter's reply, and the base model's from the same weights with the adapters off, equal
+    to what `moetune chat --base` answers on its own."""
+    from app import commands
+
+    out, _ = trained
+    prompts = ["What is the last digit of 4817?", "What is the last digit of 1234?"]
+    replies = [commands.chat_both(out, p) for p in prompts]
+    server = commands.chat_server(out)
+    assert server is commands.chat_server(out) and server.alive  # the same process answered both
+    assert [t for _, t in replies] == ["The answer is 7", "The answer is 4"]
+    for prompt, (base, _) in zip(prompts, replies):
+        assert main(["chat", "--run", str(out), "--prompt", prompt, "--base"]) == 0
+        assert capsys.readouterr().out.strip() == base
+    server.close()
+    assert not server.alive
+
+
 def test_resume_reproduces_the_uninterrupted_losses(task, tmp_path):
     # dropout > 0 so that resuming must also restore the RNG state
     cfg = _config(task["model"], task["train"], max_steps=12, save_every=4)

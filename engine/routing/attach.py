@@ -3,6 +3,7 @@ selected ones, router taps for statistics and balance losses; freeze the rest; a
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 
 import torch
@@ -32,6 +33,8 @@ class RoutedPEFT:
         self.routed: dict[int, RoutedAdapters] = {}
         self.banks: dict[int, ExpertBank] = {}
         self._hooks: list = []
+        #: trained MoE routers: (parameter, its base weights), so `disabled()` can give the base model back
+        self._base_routers: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
         #: trainable parameter count by group ("embedded", "attention", "router", …) and by layer
         self.groups: dict[str, int] = defaultdict(int)
         self.by_layer: dict[int, int] = defaultdict(int)
@@ -76,6 +79,7 @@ class RoutedPEFT:
             self._hooks.append(router.register_forward_hook(tap))
             if r.train_router and layer in selected:
                 router.weight.requires_grad_(True)
+                self._base_routers[layer] = (router.weight, router.weight.detach().clone())
                 self._count("router", layer, router.weight.numel())
             trainable = sum(p.numel() for p in bank.parameters()) + sum(
                 p.numel() for p in getattr(block, "peft", nn.Module()).parameters())
@@ -99,6 +103,27 @@ class RoutedPEFT:
     def _count(self, group: str, layer: int, n: int) -> None:
         self.groups[group] += n
         self.by_layer[layer] += n
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Within the block the model is the base model again (every adapter adds exactly zero, trained
+        routers hold their base weights), e.g. to answer as the base beside the adapter in one process."""
+        banks = [m for m in self.model.modules() if isinstance(m, AdapterBank)]
+        scales = [b.scale for b in banks]
+        trained = {layer: p.detach().clone() for layer, (p, _) in self._base_routers.items()}
+        try:
+            for b in banks:
+                b.scale = 0.0
+            with torch.no_grad():
+                for p, base in self._base_routers.values():
+                    p.copy_(base)
+            yield self
+        finally:
+            for b, scale in zip(banks, scales):
+                b.scale = scale
+            with torch.no_grad():
+                for layer, (p, _) in self._base_routers.items():
+                    p.copy_(trained[layer])
 
     # ---- training interface -----------------------------------------------------------------------
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
