@@ -9,7 +9,6 @@ import queue
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,33 +84,32 @@ def _accuracies(result: dict) -> dict[str, dict]:
     return out
 
 
-def evaluate(run_dir: Path, bench: str, limit: int | None, base: bool, data_root: str | None = None) -> dict[str, dict]:
-    """Accuracy of a run's adapter (or of its base model) on one benchmark; raises RuntimeError."""
+def evaluate(run_dir: Path, bench: str, limit: int | None, with_base: bool,
+             data_root: str | None = None) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Accuracies of a run's adapter and (with_base) of its base model on one benchmark, by one
+    `moetune eval` process (one copy of the model); raises RuntimeError."""
     args = ["eval", "--run", str(run_dir), "--bench", bench, "--json"] + (["--limit", str(limit)] if limit else [])
-    args += ["--data-root", data_root] if data_root else []
-    r = run_cli(args + (["--base"] if base else []))
+    args += (["--data-root", data_root] if data_root else []) + (["--with-base"] if with_base else [])
+    r = run_cli(args)
     if r.returncode != 0:
-        raise RuntimeError(f"`moetune eval` on {'the base model' if base else 'the adapter'} failed: {r.error}")
+        raise RuntimeError(f"`moetune eval` failed: {r.error}")
     try:
-        return _accuracies(_json_out(r.stdout))
+        result = _json_out(r.stdout)
+        return _accuracies(result), _accuracies(result["base"]) if with_base else {}
     except (ValueError, KeyError, TypeError) as e:
         raise RuntimeError(f"could not read `moetune eval --json` output ({e}): {r.stdout[-400:]}") from None
 
 
 def evaluate_both(run_dir: Path, benches: list[str], limit: int | None, with_base: bool,
                   data_root: str | None = None) -> list[dict]:
-    """Rows {benchmark, n, base, tuned} for each benchmark; the adapter and the base model are scored
-    in parallel processes. Benchmark names are looked up under `data_root` (LLM-Adapters' dataset/)."""
+    """Rows {benchmark, n, base, tuned} for each benchmark. Benchmark names are looked up under
+    `data_root` (LLM-Adapters' dataset/)."""
     rows = []
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        for bench in benches:
-            tuned_f = pool.submit(evaluate, run_dir, bench, limit, False, data_root)
-            base_f = pool.submit(evaluate, run_dir, bench, limit, True, data_root) if with_base else None
-            tuned = tuned_f.result()
-            base = base_f.result() if base_f else {}
-            for name, t in tuned.items():
-                rows.append({"benchmark": name, "n": t["n"], "tuned": t["accuracy"],
-                             "base": base.get(name, {}).get("accuracy")})
+    for bench in benches:
+        tuned, base = evaluate(run_dir, bench, limit, with_base, data_root)
+        for name, t in tuned.items():
+            rows.append({"benchmark": name, "n": t["n"], "tuned": t["accuracy"],
+                         "base": base.get(name, {}).get("accuracy")})
     return rows
 
 

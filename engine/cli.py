@@ -97,27 +97,41 @@ def _add_plan(sub):
 
 
 def cmd_eval(args) -> int:
-    """Score a run's adapter (or its base model, --base) on benchmarks; write every prediction."""
+    """Score a run's adapter (or its base model, --base; or both from one loaded model, --with-base) on
+    benchmarks; write every prediction."""
     from .evaluate import evaluate_many
     from .runs import load_run
 
+    if args.base and args.with_base:
+        raise ValueError("--base scores the base model alone; --with-base scores the adapter and the base: "
+                         "give one of them.")
     run = load_run(args.run, base=args.base, device=args.device)
     benches = [b.strip() for spec in args.bench for b in spec.split(",") if b.strip()]
-    out_dir = Path(args.run) / "eval" / ("base" if args.base else "adapter")
 
     def progress(name: str, done: int, total: int) -> None:
         if not args.json:
             print(f"\r{name}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
-    result = evaluate_many(run.model, run.tokenizer, benches, out_dir=out_dir, data_root=args.data_root,
-                           limit=args.limit, batch_size=args.batch_size or run.cfg.eval.batch_size,
-                           num_beams=run.cfg.eval.num_beams, template=run.cfg.data.template, progress=progress)
+    def score(which: str):
+        out_dir = Path(args.run) / "eval" / which
+        result = evaluate_many(run.model, run.tokenizer, benches, out_dir=out_dir, data_root=args.data_root,
+                               limit=args.limit, batch_size=args.batch_size or run.cfg.eval.batch_size,
+                               num_beams=run.cfg.eval.num_beams, template=run.cfg.data.template, progress=progress)
+        return {"model": which, "predictions": str(out_dir), **result.to_dict()}, result
+
+    primary, result = score("base" if args.base else "adapter")
+    base = None
+    if args.with_base:  # the same weights with the adapters switched off: one copy of the model in memory
+        with run.peft.disabled():
+            base, base_result = score("base")
     if args.json:
-        print(json.dumps({"run": str(args.run), "model": "base" if args.base else "adapter",
-                          "predictions": str(out_dir), **result.to_dict()}, indent=2))
+        print(json.dumps({"run": str(args.run), **primary, **({"base": base} if base else {})}, indent=2))
     else:
-        print(f"{'base model' if args.base else 'adapter'} of {args.run}; predictions in {out_dir}")
+        print(f"{primary['model']} of {args.run}; predictions in {primary['predictions']}")
         print(result.table())
+        if base:
+            print(f"base model; predictions in {base['predictions']}")
+            print(base_result.table())
     return 0
 
 
@@ -130,6 +144,8 @@ def _add_eval(sub):
     p.add_argument("--limit", type=int, default=None, help="score only the first N rows of each benchmark")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--base", action="store_true", help="score the base model without the adapter")
+    p.add_argument("--with-base", action="store_true",
+                   help="score the adapter and then the base model (adapters switched off) from one loaded model")
     p.add_argument("--data-root", default=None,
                    help="folder laid out like LLM-Adapters' dataset/ (default: $MOETUNE_EVAL_DATA, else ./dataset)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per generation batch (default: eval.batch_size)")

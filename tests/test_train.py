@@ -107,6 +107,12 @@ def test_eval_command_scores_every_row_of_a_test_file_and_the_base_model(task, t
     tuned = json.loads((out / "eval" / "adapter" / "results.json").read_text())["average"]
     base = json.loads((out / "eval" / "base" / "results.json").read_text())["average"]
     assert tuned > base + 0.5
+    # --with-base: both from one loaded model (the adapters switched off for the base), the same numbers
+    assert main(["eval", "--run", str(out), "--bench", str(task["eval"]), "--json", "--with-base"]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert both["average"] == tuned and both["base"]["average"] == base and both["base"]["model"] == "base"
+    assert main(["eval", "--run", str(out), "--bench", str(task["eval"]), "--base", "--with-base"]) == 2
+    assert "give one of them" in capsys.readouterr().err
 
 
 def test_eval_command_on_a_real_llm_adapters_test_file(trained, tmp_path, capsys):
