@@ -84,11 +84,12 @@ def _accuracies(result: dict) -> dict[str, dict]:
     return out
 
 
-def evaluate(run_dir: Path, bench: str, limit: int | None, with_base: bool,
+def evaluate(run_dir: Path, benches: list[str], limit: int | None, with_base: bool,
              data_root: str | None = None) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Accuracies of a run's adapter and (with_base) of its base model on one benchmark, by one
-    `moetune eval` process (one copy of the model); raises RuntimeError."""
-    args = ["eval", "--run", str(run_dir), "--bench", bench, "--json"] + (["--limit", str(limit)] if limit else [])
+    """Accuracies of a run's adapter and (with_base) of its base model on benchmarks, by one
+    `moetune eval` process (the model loads once); raises RuntimeError."""
+    args = ["eval", "--run", str(run_dir), "--json"] + [a for b in benches for a in ("--bench", b)]
+    args += ["--limit", str(limit)] if limit else []
     args += (["--data-root", data_root] if data_root else []) + (["--with-base"] if with_base else [])
     r = run_cli(args)
     if r.returncode != 0:
@@ -104,13 +105,9 @@ def evaluate_both(run_dir: Path, benches: list[str], limit: int | None, with_bas
                   data_root: str | None = None) -> list[dict]:
     """Rows {benchmark, n, base, tuned} for each benchmark. Benchmark names are looked up under
     `data_root` (LLM-Adapters' dataset/)."""
-    rows = []
-    for bench in benches:
-        tuned, base = evaluate(run_dir, bench, limit, with_base, data_root)
-        for name, t in tuned.items():
-            rows.append({"benchmark": name, "n": t["n"], "tuned": t["accuracy"],
-                         "base": base.get(name, {}).get("accuracy")})
-    return rows
+    tuned, base = evaluate(run_dir, benches, limit, with_base, data_root)
+    return [{"benchmark": name, "n": t["n"], "tuned": t["accuracy"], "base": base.get(name, {}).get("accuracy")}
+            for name, t in tuned.items()]
 
 
 class ChatServer:

@@ -155,6 +155,17 @@ def test_one_chat_process_answers_as_adapter_and_base(trained, capsys):
     assert not server.alive
 
 
+def test_app_evaluates_several_benchmarks_in_one_process(task, trained, tmp_path):
+    from app import commands
+
+    out, _ = trained
+    rows = json.loads(task["eval"].read_text())
+    second = _write_json(tmp_path / "lastdigit-b" / "test.json", rows[:20])
+    table = commands.evaluate_both(out, [str(task["eval"]), str(second)], None, True)
+    assert [(r["benchmark"], r["n"]) for r in table] == [("lastdigit", 50), ("lastdigit-b", 20)]
+    assert all(r["tuned"] >= 0.8 and r["tuned"] > r["base"] + 0.5 for r in table)
+
+
 def test_resume_reproduces_the_uninterrupted_losses(task, tmp_path):
     # dropout > 0 so that resuming must also restore the RNG state
     cfg = _config(task["model"], task["train"], max_steps=12, save_every=4)
