@@ -19,6 +19,7 @@ class EventLog:
     def __init__(self, path: str | Path, echo: bool = True, total_steps: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_torn_line(self.path)
         self._f = open(self.path, "a", encoding="utf-8")
         self._bar = None
         if echo and total_steps:
@@ -51,6 +52,22 @@ class EventLog:
         if self._bar is not None:
             self._bar.close()
         self._f.close()
+
+
+def _drop_torn_line(path: Path) -> None:
+    """Cut a last line a killed process left half-written, so the events appended after it stay readable."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, 2)
+        if size == 0:
+            return
+        f.seek(max(0, size - 65536))
+        tail = f.read()
+        if tail.endswith(b"\n"):
+            return
+        cut = tail.rfind(b"\n")
+        f.truncate(size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 65536 else size))
 
 
 def read_events(path: str | Path, start: int = 0) -> tuple[list[dict], int]:

@@ -290,3 +290,15 @@ def test_qlora_style_training_with_nf4_attention_learns(task, tmp_path):
     assert sum(losses[s] for s in range(36, 41)) < 0.5 * sum(losses[s] for s in range(1, 6))
     run = load_run(out, device="cpu")
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in run.model.modules()) >= 8  # q/k/v/o of 2 layers
+
+
+def test_a_line_torn_by_a_kill_is_dropped_before_appending(tmp_path):
+    from engine.events import EventLog
+
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"type": "start", "time": 1}\n{"type": "step", "ste')  # killed mid-write
+    log = EventLog(path, echo=False)
+    log.emit("start", step=0)
+    log.close()
+    events, _ = read_events(path, 0)
+    assert [e["type"] for e in events] == ["start", "start"]
