@@ -98,7 +98,22 @@ class _Layout:
         return math.ceil(self.blocks / NESTED_BLOCKSIZE)
 
 
-class NF4ExpertStore:
+class _FillTracking:
+    """Which (expert, part) of a store have been filled in: `filled` [E, 2] bool, set by `set_part`."""
+
+    filled: torch.Tensor
+
+    @property
+    def complete(self) -> bool:
+        """Every expert's two matrices are in."""
+        return bool(self.filled.all())
+
+    def missing(self) -> list[tuple[int, str]]:
+        """(expert, part) not filled in yet."""
+        return [(int(e), PARTS[int(p)]) for e, p in torch.nonzero(~self.filled).tolist()]
+
+
+class NF4ExpertStore(_FillTracking):
     """The frozen experts of one MoE layer in NF4, each expert's gate_up and down quantised separately.
 
     Stacked tensors (E leading): `{part}.weight` uint8 [E, packed, 1], `{part}.absmax` uint8 [E, blocks],
@@ -169,15 +184,6 @@ class NF4ExpertStore:
             t["quant_map"].copy_(state.code)
             t["nested_quant_map"].copy_(state.state2.code)
         self.filled[expert, PARTS.index(part)] = True
-
-    @property
-    def complete(self) -> bool:
-        """Every expert's two matrices are in."""
-        return bool(self.filled.all())
-
-    def missing(self) -> list[tuple[int, str]]:
-        """(expert, part) not quantised in yet."""
-        return [(int(e), PARTS[int(p)]) for e, p in torch.nonzero(~self.filled).tolist()]
 
     # ---- reading -------------------------------------------------------------------------------
     def expert_tensors(self, expert: int) -> dict[str, torch.Tensor]:
@@ -264,7 +270,7 @@ class NF4ExpertStore:
         return store
 
 
-class DenseExpertStore:
+class DenseExpertStore(_FillTracking):
     """The frozen experts of one MoE layer unquantised (bf16 or fp32): views into fused
     `gate_up [E, 2I, H]` and `down [E, H, I]`, no copy."""
 
@@ -306,15 +312,6 @@ class DenseExpertStore:
                              f"{tuple(target.shape)}.")
         target.copy_(weight)
         self.filled[expert, PARTS.index(part)] = True
-
-    @property
-    def complete(self) -> bool:
-        """Every expert's two matrices are in."""
-        return bool(self.filled.all())
-
-    def missing(self) -> list[tuple[int, str]]:
-        """(expert, part) not copied in yet."""
-        return [(int(e), PARTS[int(p)]) for e, p in torch.nonzero(~self.filled).tolist()]
 
     def to(self, device: torch.device | str) -> "DenseExpertStore":
         """The store with its tensors on `device` (self when they are there already)."""
