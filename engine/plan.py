@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError
@@ -412,13 +413,15 @@ def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None) -> 
 
     Reads only `model.path`/config.json (or uses `model_config`); `gpu_gb` overrides `memory.gpu_gb`.
     """
+    stand_in = None
     if model_config is None:
         from .loader import read_config
 
         if not cfg.model.path:
             raise ConfigError("model.path is empty; set it to a local HF checkpoint directory "
                               "(the planner reads only its config.json).")
-        model_config, _ = read_config(cfg.model.path)
+        stand_in = _published_stand_in(cfg.model.path)
+        model_config = stand_in[0] if stand_in else read_config(cfg.model.path)[0]
     shape = model_shape(model_config)
     budget, source = _budget(cfg, gpu_gb)
     p = _place(cfg, shape, budget)
@@ -442,7 +445,25 @@ def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None) -> 
                   "num_experts": shape.num_experts, "top_k": shape.top_k, "strategy": cfg.routing.strategy,
                   "adapter_kind": cfg.adapter.kind, "rank": cfg.adapter.rank})
     result.advice = _advice(cfg, shape, budget, p)
+    if stand_in:
+        result.model = f"{stand_in[1]} (published config; {cfg.model.path} is not there yet)"
+        result.notes.insert(0, f"planned from the published config of {stand_in[1]}: the folder {cfg.model.path} "
+                               "does not exist yet; put the checkpoint there to train")
     return result
+
+
+def _published_stand_in(path: str) -> tuple[Any, str] | None:
+    """(config, name) of a family flagship when `path` does not exist yet but is named after one
+    (e.g. ~/models/Mixtral-8x7B-v0.1), so a preset can be planned before its model is downloaded."""
+    from .arch import FAMILIES
+
+    folder = Path(path).expanduser()
+    if (folder / "config.json").exists():
+        return None
+    for family in FAMILIES.values():
+        if folder.name == family.published:
+            return family.published_config(), family.published
+    return None
 
 
 def _advice(cfg: Config, shape: ModelShape, budget: int, p: dict) -> list[str]:

@@ -167,3 +167,16 @@ def test_cli_plan_json_agrees_with_plan(published, tmp_path, capsys):
     assert "DOES NOT FIT" in out and "memory.gpu_gb" in out
     assert main(["plan", str(cfg_file), "--set", "model.path=/nonexistent/dir"]) == 2
     assert "model.path" in capsys.readouterr().err
+
+
+def test_a_preset_is_planned_before_its_model_is_downloaded(published, tmp_path):
+    """A model folder that does not exist yet but is named after a family's flagship is planned from the
+    published config (and says so); the plan equals the one of the real config.json."""
+    missing = tmp_path / "models" / "Mixtral-8x7B-v0.1"
+    ahead = plan(_cfg(missing), gpu_gb=24)
+    real = plan(_cfg(published["mixtral"]), gpu_gb=24)
+    assert ahead.model.startswith("Mixtral-8x7B-v0.1 (published config;") and "does not exist yet" in ahead.notes[0]
+    assert (ahead.fits, ahead.cache_slots, ahead.experts_total_bytes) == (real.fits, real.cache_slots,
+                                                                         real.experts_total_bytes)
+    with pytest.raises(ValueError, match="does not exist"):
+        plan(_cfg(tmp_path / "models" / "my-own-model"), gpu_gb=24)
