@@ -136,7 +136,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         stores = quantize_checkpoint_experts(path, expert_quant, cache_dir, on_other=place, device=quantize_on)
         stores = {layer: store.to(expert_device or device) for layer, store in stores.items()}
         experts = {n for n in params if ".experts." in n and n.endswith(("gate_up_proj", "down_proj"))}
-        return _finish(path, config, model, family, filled, skip=experts, stores=stores)
+        return _finish(path, config, model, family, filled, device, skip=experts, stores=stores)
     for name, tensor in iter_tensors(path):
         key = family.parse_expert_key(name)
         if key is None:
@@ -164,12 +164,17 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
                                   "are missing from the checkpoint.")
         set_module_tensor_to_device(model, target, device, value=full, dtype=dtype)
         filled.add(target)
-    return _finish(path, config, model, family, filled)
+    return _finish(path, config, model, family, filled, device)
 
 
-def _finish(path, config, model, family, filled: set[str], skip: set[str] = frozenset(),
+def _finish(path, config, model, family, filled: set[str], device, skip: set[str] = frozenset(),
             stores: dict | None = None) -> LoadedModel:
-    """Tie embeddings, refuse a checkpoint with weights missing (other than `skip`), wrap up."""
+    """Tie embeddings, put buffers (built on the CPU) on `device`, refuse a checkpoint with weights missing
+    (other than `skip`), wrap up."""
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device != torch.device(device) and buf.device.type != "meta":
+                module._buffers[name] = buf.to(device)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
         filled.update(n for n, p in model.named_parameters() if p.device.type != "meta")
