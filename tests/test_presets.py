@@ -3,6 +3,7 @@ it into widget values and back without changing it; relative paths resolve again
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,19 @@ def test_widgets_round_trip_a_preset(path):
     changed = ctl.to_dict(cfg, values)
     changed["train"]["lr"] = 0.5
     assert K.overrides(cfg, K.config_dict(changed)) == ["train.lr=0.5"]
+
+
+@pytest.mark.parametrize("stem, offloaded", [("olmoe-commonsense", False), ("mixtral-math-24gb", True),
+                                             ("qwen3-30b-a3b-math", None)])
+def test_check_fit_answers_for_real_model_presets_before_download(stem, offloaded, tmp_path, monkeypatch):
+    """The app's Check fit (`moetune plan` on the resolved preset) answers before the model is downloaded:
+    OLMoE-1B-7B fits a 24 GB card resident, Mixtral-8x7B fits it only with experts offloaded."""
+    from app import commands
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/models here, whatever this machine holds
+    data = resolve_config_paths(load_preset(stem).to_dict())
+    fits, text = commands.check_fit(data, 24)
+    assert fits is True, text
+    assert "(published config;" in text.splitlines()[0]
+    if offloaded is not None:  # the placement lines: "  resident   layers 0-15" / "  offloaded  layers 0-6"
+        assert bool(re.search(r"^\s+offloaded\s+layers", text, re.M)) is offloaded, text
