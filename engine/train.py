@@ -263,8 +263,12 @@ def _held_out_loss(model, peft, examples: list, batches: Batches, dev: torch.dev
     """Mean loss per response token on the held-out examples (`data.eval`); touches no RNG, no adapter state."""
     from .data import collate, make_batches
 
-    was_training, total, count = model.training, 0.0, 0
-    model.eval()
+    total, count = 0.0, 0
+    # dropout off, but the model stays in train mode: bitsandbytes repacks NF4 linears for inference on
+    # model.eval() on the CPU, after which they can no longer train
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
+    for m in dropouts:
+        m.eval()
     with torch.no_grad():
         for idx in make_batches(examples, batches.micro_batch, shuffle=False):
             batch = {k: v.to(dev) for k, v in collate([examples[i] for i in idx], batches.pad_id).items()}
@@ -273,7 +277,8 @@ def _held_out_loss(model, peft, examples: list, batches: Batches, dev: torch.dev
                 total += model(**batch).loss.item() * n
             count += n
     peft.clear_losses()
-    model.train(was_training)
+    for m in dropouts:
+        m.train()
     return {"eval_loss": round(total / max(1, count), 6), "eval_tokens": count}
 
 

@@ -302,3 +302,14 @@ def test_a_line_torn_by_a_kill_is_dropped_before_appending(tmp_path):
     log.close()
     events, _ = read_events(path, 0)
     assert [e["type"] for e in events] == ["start", "start"]
+
+
+def test_held_out_scoring_mid_run_leaves_nf4_layers_trainable(task, tiny_checkpoint, tmp_path):
+    """Scoring data.eval between steps must not put the model in eval mode: bitsandbytes repacks NF4
+    linears for inference then (on the CPU), and they stop training (Qwen2-MoE's biased q/k/v raised)."""
+    cfg = _config(tiny_checkpoint("qwen2_moe"), task["train"], max_steps=4, save_every=1, micro_batch=4)
+    cfg["model"].update(quant="nf4", attention_quant="nf4")
+    cfg["data"]["eval"] = str(task["eval"])
+    summary = train(from_dict(cfg), tmp_path / "run", echo=False)
+    events, _ = read_events(tmp_path / "run" / "events.jsonl", 0)
+    assert summary["status"] == "done" and [e["step"] for e in events if e["type"] == "eval"] == [1, 2, 3, 4]
