@@ -126,7 +126,7 @@ def training_charts(history: dict[int, tuple[float, float]], eval_loss: dict[int
 
 def expert_heatmap(usage: list[list[int]] | None, width: int = 940) -> str:
     """Expert usage per MoE layer (rows) and expert (columns): the share of the layer's routed tokens
-    each expert took at the latest step, darker = more."""
+    each expert took over the latest reported steps, darker = more."""
     if not usage:
         return ('<div id="expert-heatmap" data-layers="0" style="opacity:.6;font-size:13px">'
                 'Expert usage appears with the first step.</div>')
@@ -138,7 +138,7 @@ def expert_heatmap(usage: list[list[int]] | None, width: int = 940) -> str:
     parts = [f'<svg id="expert-heatmap" data-layers="{layers}" data-experts="{experts}" viewBox="0 0 {w:.0f} {h:.0f}" '
              f'width="100%" style="max-width:{w:.0f}px;font-family:sans-serif" xmlns="http://www.w3.org/2000/svg">'
              f'<text x="4" y="14" font-size="13" font-weight="600" fill="currentColor">expert usage per MoE layer '
-             f'(share of routed tokens, latest step)</text>']
+             f'(share of routed tokens, recent steps)</text>']
     for i, row in enumerate(usage):
         total = sum(row) or 1
         y = top + i * cell_h

@@ -25,6 +25,8 @@ from .offload import OffloadSchedule
 from .optim import SparseAdamW, sparse_params_of
 
 LOCK_FILE = ".lock"
+#: at most about this many `step` events of a run carry expert usage (summed over the steps between them)
+USAGE_REPORTS = 500
 
 
 class RunError(ValueError):
@@ -162,6 +164,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
         schedule = OffloadSchedule(cache) if cache is not None else None
         autocast = torch.bfloat16 if dev.type == "cuda" else None
         step, epoch, pos = 0, 0, 0
+        usage_every, usage_sum = max(1, total // USAGE_REPORTS), None
         if resume and latest is not None:
             tensors, tstate, state = ckpt.load_checkpoint(latest)
             named = dict(peft.trainable_parameters())
@@ -203,11 +206,16 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 dt = time.perf_counter() - t0
+                usage_sum = _add_usage(usage_sum, usage)
+                stopping = flag.stop or (stop_after is not None and step >= stop_after)
+                # expert usage summed over the steps since the last report (USAGE_REPORTS a run), so
+                # events.jsonl stays small for 48 layers x 128 experts over tens of thousands of steps
+                report = step % usage_every == 0 or step in (1, total) or stopping
                 log.emit("step", step=step, total_steps=total, epoch=epoch, loss=round(loss_sum, 6),
                          balance_loss=round(aux_sum, 6), lr=lr, tokens_per_s=round(tokens / dt, 1),
-                         memory_gb=_memory_gb(dev), expert_usage=usage,
+                         memory_gb=_memory_gb(dev), **({"expert_usage": usage_sum} if report else {}),
                          **({"offload": _cache_stats(cache)} if cache is not None else {}))
-                stopping = flag.stop or (stop_after is not None and step >= stop_after)
+                usage_sum = None if report else usage_sum
                 if step % cfg.train.save_every == 0 or stopping or step == total:
                     path = ckpt.save_checkpoint(out, step, peft.adapter_state_dict(), opt, sched,
                                                 {"epoch": epoch, "position": pos, "total_steps": total})
@@ -280,6 +288,13 @@ def _held_out_loss(model, peft, examples: list, batches: Batches, dev: torch.dev
     for m in dropouts:
         m.train()
     return {"eval_loss": round(total / max(1, count), 6), "eval_tokens": count}
+
+
+def _add_usage(acc: list | None, usage: list | None) -> list | None:
+    """Tokens per expert per layer, summed."""
+    if acc is None or usage is None:
+        return usage if acc is None else acc
+    return [[a + b for a, b in zip(r0, r1)] for r0, r1 in zip(acc, usage)]
 
 
 def _cache_stats(cache) -> dict:

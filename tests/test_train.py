@@ -313,3 +313,22 @@ def test_held_out_scoring_mid_run_leaves_nf4_layers_trainable(task, tiny_checkpo
     summary = train(from_dict(cfg), tmp_path / "run", echo=False)
     events, _ = read_events(tmp_path / "run" / "events.jsonl", 0)
     assert summary["status"] == "done" and [e["step"] for e in events if e["type"] == "eval"] == [1, 2, 3, 4]
+
+
+def test_expert_usage_is_summed_between_reports(task, tmp_path, monkeypatch):
+    import engine.train as T
+
+    monkeypatch.setattr(T, "USAGE_REPORTS", 4)  # 12 steps -> a report every 3 steps (and the first, the last)
+    train(from_dict(_config(task["model"], task["train"], max_steps=12, save_every=100)), tmp_path / "r", echo=False)
+    events, _ = read_events(tmp_path / "r" / "events.jsonl", 0)
+    usage = {e["step"]: e["expert_usage"] for e in events if e["type"] == "step" and "expert_usage" in e}
+    assert sorted(usage) == [1, 3, 6, 9, 12]
+    top_k, micro_batch = 2, 16
+    routed = {}
+    for step, layers in usage.items():
+        per_layer = {sum(row) for row in layers}
+        assert len(per_layer) == 1  # every token is routed top_k times in every layer
+        routed[step] = per_layer.pop()
+        assert routed[step] % (top_k * micro_batch) == 0  # whole padded micro-batches
+    # the rows hold 100-120 tokens: one step routes fewer than two, two fewer than three
+    assert routed[1] < routed[3] < min(routed[6], routed[9], routed[12])
