@@ -4,6 +4,7 @@ heavy imports happen inside the command, so `moetune --help` is instant."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -105,7 +106,7 @@ def cmd_eval(args) -> int:
     if args.base and args.with_base:
         raise ValueError("--base scores the base model alone; --with-base scores the adapter and the base: "
                          "give one of them.")
-    run = load_run(args.run, base=args.base, device=args.device)
+    run = load_run(args.run, device=args.device)
     benches = [b.strip() for spec in args.bench for b in spec.split(",") if b.strip()]
 
     def progress(name: str, done: int, total: int) -> None:
@@ -119,11 +120,11 @@ def cmd_eval(args) -> int:
                                num_beams=run.cfg.eval.num_beams, template=run.cfg.data.template, progress=progress)
         return {"model": which, "predictions": str(out_dir), **result.to_dict()}, result
 
-    primary, result = score("base" if args.base else "adapter")
-    base = None
-    if args.with_base:  # the same weights with the adapters switched off: one copy of the model in memory
+    scored = [] if args.base else [score("adapter")]
+    if args.base or args.with_base:  # the same weights with the adapters switched off: one copy of the model
         with run.peft.disabled():
-            base, base_result = score("base")
+            scored.append(score("base"))
+    (primary, result), (base, base_result) = scored[0], scored[1] if len(scored) > 1 else (None, None)
     if args.json:
         print(json.dumps({"run": str(args.run), **primary, **({"base": base} if base else {})}, indent=2))
     else:
@@ -162,17 +163,18 @@ def cmd_chat(args) -> int:
 
     if args.prompt is None and not args.serve:
         raise ValueError("give --prompt TEXT, or --serve to answer JSON lines from stdin.")
-    run = load_run(args.run, base=args.base, device=args.device)
+    run = load_run(args.run, device=args.device)
     template = run.cfg.data.template
     stops = stop_token_ids(run.model, run.tokenizer, chat=template == "chat")
 
-    def reply(prompt: str, max_new_tokens: int) -> str:
+    def reply(prompt: str, max_new_tokens: int, base: bool = False) -> str:
         text, special = generation_prompt(template, prompt, "", run.tokenizer)
-        return generate(run.model, run.tokenizer, [text], add_special_tokens=special,
-                        max_new_tokens=max_new_tokens, stop_ids=stops)[0].strip()
+        with run.peft.disabled() if base else contextlib.nullcontext():
+            return generate(run.model, run.tokenizer, [text], add_special_tokens=special,
+                            max_new_tokens=max_new_tokens, stop_ids=stops)[0].strip()
 
     if not args.serve:
-        print(reply(args.prompt, args.max_new_tokens))
+        print(reply(args.prompt, args.max_new_tokens, base=args.base))
         return 0
     # one JSON object a line in ({"prompt", "max_new_tokens"?, "base"?}), one a line out ({"tuned", "base"?} or
     # {"error"}); the model loads once, so a conversation does not reload it for every message
@@ -186,13 +188,9 @@ def cmd_chat(args) -> int:
         except (ValueError, KeyError, TypeError) as e:
             print(json.dumps({"error": f"a request is one JSON object with a 'prompt' ({e!r})"}), flush=True)
             continue
-        if run.peft is None:
-            answer = {"base": reply(prompt, limit)}
-        else:
-            answer = {"tuned": reply(prompt, limit)}
-            if request.get("base"):
-                with run.peft.disabled():
-                    answer["base"] = reply(prompt, limit)
+        answer = {} if args.base else {"tuned": reply(prompt, limit)}
+        if args.base or request.get("base"):
+            answer["base"] = reply(prompt, limit, base=True)
         print(json.dumps(answer), flush=True)
     return 0
 

@@ -1,9 +1,8 @@
 """A finished run, loaded for use: its base model, tokenizer and config, with its adapter attached
-(or not, to score the base model the same way). `moetune eval`, `chat` and `export` start here."""
+(`peft.disabled()` gives the base model back from the same weights). `moetune eval` and `chat` start here."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,13 +13,13 @@ from .config import Config, ConfigError, from_dict
 
 @dataclass
 class LoadedRun:
-    """A run's model ready for generation: `peft` is None when the base model was asked for."""
+    """A run's model ready for generation, its adapter attached."""
 
     path: Path
     cfg: Config
     model: torch.nn.Module
     tokenizer: object
-    peft: object | None
+    peft: object
 
 
 def default_device(device: str | None = None) -> torch.device:
@@ -89,10 +88,11 @@ def load_run_model(cfg: Config, device: torch.device) -> tuple[object, int | Non
     return loaded, slots
 
 
-def load_run(run_dir: str | Path, base: bool = False, device: str | None = None) -> LoadedRun:
-    """Load a finished run's base model and tokenizer and attach its adapter (unless `base`)."""
+def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
+    """Load a finished run's base model and tokenizer and attach its adapter; within `run.peft.disabled()`
+    the model is the base model (the same quantised experts, the adapters adding exactly zero)."""
     from .loader import load_tokenizer
-    from .routing import attach, load_adapter
+    from .routing import load_adapter
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -104,14 +104,7 @@ def load_run(run_dir: str | Path, base: bool = False, device: str | None = None)
                                 "or run from the folder the run was started in.")
     dev = default_device(device)
     loaded, slots = load_run_model(cfg, dev)
-    if base:  # the same expert bank (same quantised experts), no adapters: the fair comparison
-        plain = copy.deepcopy(cfg)  # not a config a user could train (nothing trains): not validated
-        plain.routing.strategy, plain.routing.attention_lora, plain.routing.train_router = "none", False, False
-        plain.adapter.placement = "parallel"
-        offload_experts(attach(loaded, plain), slots, dev)
-        peft = None
-    else:
-        peft = load_adapter(loaded, run_dir)
-        offload_experts(peft, slots, dev)
+    peft = load_adapter(loaded, run_dir)
+    offload_experts(peft, slots, dev)
     loaded.model.eval()
     return LoadedRun(run_dir, cfg, loaded.model, load_tokenizer(model_path), peft)
