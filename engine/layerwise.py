@@ -250,5 +250,12 @@ def micro_batch_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[
         if peft is not None:
             stats = peft.routing_stats()
             rows = [stats[layer]["experts"] for layer in sorted(stats)]
-            usage = rows if usage is None else [[a + b for a, b in zip(r0, r1)] for r0, r1 in zip(usage, rows)]
+            usage = add_usage(usage, rows)
     return StepResult(loss=loss_sum, aux=aux_sum, usage=usage)
+
+
+def add_usage(acc: list[list[int]] | None, rows: list[list[int]] | None) -> list[list[int]] | None:
+    """Tokens per expert per MoE layer, summed (None counts as nothing)."""
+    if acc is None or rows is None:
+        return rows if acc is None else acc
+    return [[a + b for a, b in zip(r0, r1)] for r0, r1 in zip(acc, rows)]

@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from .config import Config, save as save_config
 from .events import EventLog
 from .io import atomic_write_json
-from .layerwise import layer_major_step, micro_batch_major_step
+from .layerwise import add_usage, layer_major_step, micro_batch_major_step
 from .offload import OffloadSchedule
 from .optim import SparseAdamW, sparse_params_of
 
@@ -144,8 +144,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
         seed_everything(cfg.train.seed)
         tokenizer = load_tokenizer(cfg.model.path)
         examples, data_stats = load_examples(cfg.data.train, tokenizer, cfg.data.template, cfg.data.max_len)
-        held_out = load_examples(cfg.data.eval, tokenizer, cfg.data.template, cfg.data.max_len)[0] \
-            if cfg.data.eval else None
+        held_out = Batches(load_examples(cfg.data.eval, tokenizer, cfg.data.template, cfg.data.max_len)[0],
+                           cfg.train.micro_batch, cfg.train.seed, tokenizer.pad_token_id) if cfg.data.eval else None
         loaded, slots = load_run_model(cfg, dev)
         peft = attach(loaded, cfg)
         cache = offload_experts(peft, slots, dev)  # None: experts resident
@@ -206,7 +206,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 dt = time.perf_counter() - t0
-                usage_sum = _add_usage(usage_sum, usage)
+                usage_sum = add_usage(usage_sum, usage)
                 stopping = flag.stop or (stop_after is not None and step >= stop_after)
                 # expert usage summed over the steps since the last report (USAGE_REPORTS a run), so
                 # events.jsonl stays small for 48 layers x 128 experts over tens of thousands of steps
@@ -221,7 +221,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
                                                 {"epoch": epoch, "position": pos, "total_steps": total})
                     log.emit("checkpoint", step=step, path=str(path))
                     if held_out:
-                        log.emit("eval", step=step, **_held_out_loss(model, peft, held_out, batches, dev, autocast))
+                        log.emit("eval", step=step, **_held_out_loss(model, peft, held_out, dev, autocast))
                 if stopping and step < total:
                     log.emit("stopped", step=step, reason="signal" if flag.stop else "stop_after")
                     return {"status": "stopped", "step": step, "out": str(out)}
@@ -267,9 +267,9 @@ def _run_benchmarks(cfg: Config, model, tokenizer, out: Path, log: EventLog, ste
     return accuracy
 
 
-def _held_out_loss(model, peft, examples: list, batches: Batches, dev: torch.device, autocast) -> dict:
+def _held_out_loss(model, peft, held_out: Batches, dev: torch.device, autocast) -> dict:
     """Mean loss per response token on the held-out examples (`data.eval`); touches no RNG, no adapter state."""
-    from .data import collate, make_batches
+    from .data import IGNORE_INDEX, make_batches
 
     total, count = 0.0, 0
     # dropout off, but the model stays in train mode: bitsandbytes repacks NF4 linears for inference on
@@ -278,9 +278,9 @@ def _held_out_loss(model, peft, examples: list, batches: Batches, dev: torch.dev
     for m in dropouts:
         m.eval()
     with torch.no_grad():
-        for idx in make_batches(examples, batches.micro_batch, shuffle=False):
-            batch = {k: v.to(dev) for k, v in collate([examples[i] for i in idx], batches.pad_id).items()}
-            n = int((batch["labels"][:, 1:] != -100).sum())
+        for idx in make_batches(held_out.examples, held_out.micro_batch, shuffle=False):
+            batch = held_out.tensors(idx, dev)
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             with torch.autocast(dev.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
                 total += model(**batch).loss.item() * n
             count += n
@@ -288,13 +288,6 @@ def _held_out_loss(model, peft, examples: list, batches: Batches, dev: torch.dev
     for m in dropouts:
         m.train()
     return {"eval_loss": round(total / max(1, count), 6), "eval_tokens": count}
-
-
-def _add_usage(acc: list | None, usage: list | None) -> list | None:
-    """Tokens per expert per layer, summed."""
-    if acc is None or usage is None:
-        return usage if acc is None else acc
-    return [[a + b for a, b in zip(r0, r1)] for r0, r1 in zip(acc, usage)]
 
 
 def _cache_stats(cache) -> dict:
