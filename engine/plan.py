@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .arch import MoEFacts
 from .config import Config, ConfigError
 
 GB = 10**9
@@ -63,15 +64,8 @@ PLACEMENTS = ("resident", "cached", "offloaded")
 class ModelShape:
     """What the planner needs of a model config: MoE facts, attention shapes, vocabulary, weight inventory."""
 
-    family: str
+    facts: MoEFacts
     title: str
-    num_layers: int
-    moe_layers: tuple[int, ...]
-    num_experts: int
-    top_k: int
-    hidden_size: int
-    expert_intermediate_size: int
-    shared_expert_intermediate_size: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -135,10 +129,7 @@ def model_shape(model_config: Any) -> ModelShape:
     n_heads = int(model_config.num_attention_heads)
     head_dim = getattr(model_config, "head_dim", None) or facts.hidden_size // n_heads
     return ModelShape(
-        family=family.model_type, title=family.title, num_layers=facts.num_layers, moe_layers=facts.moe_layers,
-        num_experts=facts.num_experts, top_k=facts.top_k, hidden_size=facts.hidden_size,
-        expert_intermediate_size=facts.expert_intermediate_size,
-        shared_expert_intermediate_size=facts.shared_expert_intermediate_size,
+        facts=facts, title=family.title,
         num_heads=n_heads, num_kv_heads=int(getattr(model_config, "num_key_value_heads", None) or n_heads),
         head_dim=int(head_dim), vocab_size=int(model_config.vocab_size), params=params,
         linear_numels={g: tuple(v) for g, v in numels.items()})
@@ -154,7 +145,7 @@ def attention_layers(cfg: Config, shape: ModelShape) -> list[int]:
     """Layers that get attention LoRA: every decoder layer for `routing.layers: all`, else the selected ones."""
     if not cfg.routing.attention_lora:
         return []
-    return list(range(shape.num_layers)) if cfg.routing.layers == "all" else cfg.layer_indices(shape.moe_layers)
+    return list(range(shape.facts.num_layers)) if cfg.routing.layers == "all" else cfg.layer_indices(shape.facts.moe_layers)
 
 
 def adapter_params(cfg: Config, shape: ModelShape) -> dict[str, int]:
@@ -167,8 +158,8 @@ def adapter_params(cfg: Config, shape: ModelShape) -> dict[str, int]:
     router E·H; `attention_lora` adds LoRA on q, k, v, o: r·(H+q) + 2·r·(H+kv) + r·(q+H) per layer.
     """
     a, r = cfg.adapter, cfg.routing
-    H, I, E, N = shape.hidden_size, shape.expert_intermediate_size, shape.num_experts, r.num_adapters
-    layers = len(cfg.layer_indices(shape.moe_layers))
+    H, I, E, N = shape.facts.hidden_size, shape.facts.expert_intermediate_size, shape.facts.num_experts, r.num_adapters
+    layers = len(cfg.layer_indices(shape.facts.moe_layers))
     one = _adapter(a.kind, H, H, a.rank)
     per_layer = {
         "none": 0,
@@ -202,8 +193,8 @@ def activation_bytes(cfg: Config, shape: ModelShape) -> dict[str, int]:
     """
     a, r = cfg.adapter, cfg.routing
     tokens = cfg.train.micro_batch * cfg.data.max_len
-    H, I, E, k = shape.hidden_size, shape.expert_intermediate_size, shape.num_experts, shape.top_k
-    q, kv, Is, rank = shape.q_dim, shape.kv_dim, shape.shared_expert_intermediate_size, a.rank
+    H, I, E, k = shape.facts.hidden_size, shape.facts.expert_intermediate_size, shape.facts.num_experts, shape.facts.top_k
+    q, kv, Is, rank = shape.q_dim, shape.kv_dim, shape.facts.shared_expert_intermediate_size, a.rank
     attn = BF16 * (H + 2 * q + 3 * kv + q + H) + 4 * shape.num_heads
     moe = BF16 * H + 2 * 4 * E + k * BF16 * (H + 2 * I + 2 * I + H) + BF16 * H
     shared = BF16 * (4 * Is + H + 1) if Is else 0
@@ -219,11 +210,11 @@ def activation_bytes(cfg: Config, shape: ModelShape) -> dict[str, int]:
         adapters += BF16 * (4 * rank + q + 2 * kv + H)
     per_layer_token = attn + moe + shared + adapters
     if cfg.train.gradient_checkpointing:
-        kept = shape.num_layers * tokens * H * BF16
+        kept = shape.facts.num_layers * tokens * H * BF16
         layer = 2 * tokens * per_layer_token
     else:
         kept = 0
-        layer = (shape.num_layers + 1) * tokens * per_layer_token
+        layer = (shape.facts.num_layers + 1) * tokens * per_layer_token
     return {"layer_inputs": kept, "layer_activations": layer, "logits": tokens * shape.vocab_size * LOGIT_BYTES}
 
 
@@ -357,7 +348,7 @@ def _sizes(cfg: Config, shape: ModelShape) -> dict:
     """Everything but the experts' placement."""
     from .quant import CODE_TABLE_BYTES, nf4_expert_nbytes, nf4_nbytes
 
-    H, I, E = shape.hidden_size, shape.expert_intermediate_size, shape.num_experts
+    H, I, E = shape.facts.hidden_size, shape.facts.expert_intermediate_size, shape.facts.num_experts
     nf4_attn = cfg.model.attention_quant == "nf4"
     non_expert = {}
     for group, n in shape.params.items():
@@ -387,7 +378,7 @@ def _sizes(cfg: Config, shape: ModelShape) -> dict:
 
 def _place(cfg: Config, shape: ModelShape, budget: int) -> dict:
     s = _sizes(cfg, shape)
-    moe, E = list(shape.moe_layers), shape.num_experts
+    moe, E = list(shape.facts.moe_layers), shape.facts.num_experts
     layer, expert = s["layer"], s["expert"]
     total = len(moe) * layer
     left = budget - sum(s["fixed"].values())
@@ -427,7 +418,7 @@ def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None) -> 
     p = _place(cfg, shape, budget)
     gpu = {**p["fixed"], "experts": p["gpu_experts"]}
     result = Plan(
-        model=getattr(model_config, "_name_or_path", "") or cfg.model.path or shape.title, family=shape.family,
+        model=getattr(model_config, "_name_or_path", "") or cfg.model.path or shape.title, family=shape.facts.family,
         budget_bytes=budget, budget_source=source, gpu=gpu, non_expert=p["non_expert"], activations=p["acts"],
         trainable_params=p["trainable"], expert_bytes=p["expert"], expert_layer_bytes=p["layer"],
         experts_total_bytes=p["total"], placement=p["placement"], cache_slots=p["slots"],
@@ -441,8 +432,8 @@ def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None) -> 
                f"at {PCIE_BYTES_PER_S / GB:.0f} GB/s"],
         settings={"quant": cfg.model.quant, "attention_quant": cfg.model.attention_quant,
                   "micro_batch": cfg.train.micro_batch, "max_len": cfg.data.max_len,
-                  "gradient_checkpointing": cfg.train.gradient_checkpointing, "moe_layers": len(shape.moe_layers),
-                  "num_experts": shape.num_experts, "top_k": shape.top_k, "strategy": cfg.routing.strategy,
+                  "gradient_checkpointing": cfg.train.gradient_checkpointing, "moe_layers": len(shape.facts.moe_layers),
+                  "num_experts": shape.facts.num_experts, "top_k": shape.facts.top_k, "strategy": cfg.routing.strategy,
                   "adapter_kind": cfg.adapter.kind, "rank": cfg.adapter.rank})
     result.advice = _advice(cfg, shape, budget, p)
     if stand_in:
@@ -520,7 +511,7 @@ def _advice(cfg: Config, shape: ModelShape, budget: int, p: dict) -> list[str]:
         lever("data.max_len", max(128, cfg.data.max_len // 2), "shorter sequences (longer rows are cut)")
     if cfg.adapter.rank > 4 and cfg.routing.strategy != "none":
         lever("adapter.rank", max(4, cfg.adapter.rank // 2), "a smaller adapter rank")
-    if cfg.routing.layers == "all" and cfg.routing.strategy != "none" and len(shape.moe_layers) > 1:
+    if cfg.routing.layers == "all" and cfg.routing.strategy != "none" and len(shape.facts.moe_layers) > 1:
         lever("routing.layers", "every:2", "adapters in every second MoE layer only")
     if not fits and len(levers) > 1:
         trial = copy.deepcopy(cfg)
