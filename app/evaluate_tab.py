@@ -15,12 +15,9 @@ import yaml
 
 from engine.io import atomic_write_json
 
-#: the variable engine/evaluate/benchmarks.py reads (not imported: that package imports torch)
-DATA_ROOT_ENV = "MOETUNE_EVAL_DATA"
-
 from . import commands, plots
 from .controls import make_widget
-from .paths import DEMO_EVAL, ROOT, display_path, resolve_data, resolve_path
+from .paths import DATA_ROOT_ENV, DEMO_EVAL, ROOT, display_path, resolve_data, resolve_path
 from .runner import Runner
 
 RESULTS_FILE = Path("eval") / "app-results.json"

@@ -19,6 +19,7 @@ DEMO_TRAIN = "assets/demo/train.jsonl"
 DEMO_EVAL = "assets/demo/eval.json"
 RUNS_ENV = "MOETUNE_RUNS"
 REGISTRY_ENV = "MOETUNE_DATASETS"  # the same variable engine/data/registry.py reads
+DATA_ROOT_ENV = "MOETUNE_EVAL_DATA"  # the same variable engine/evaluate/benchmarks.py reads
 DEFAULT_REGISTRY = ROOT / "assets" / "datasets.json"
 RECENT_FILE = ".recent_models.json"
 MAX_RECENT = 10
