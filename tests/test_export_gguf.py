@@ -19,6 +19,7 @@ from engine.export import ExportError, write_gguf
 from engine.loader import iter_tensors, load_model, read_config
 
 from .conftest import FAMILY_NAMES
+from .tolerance import assert_logits_close
 
 DTYPES = ["f32", "f16", "bf16", "q8_0"]
 #: llama.cpp's architecture of each family (src/llama-arch.cpp); Mixtral runs as llama with experts
@@ -183,7 +184,12 @@ def test_incomplete_checkpoint_is_refused_and_nothing_written(tiny_checkpoint, t
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[dev]')")
+    """llama.cpp runs only in a child process (engine.llama_child): a native crash fails one test, not the suite."""
+    from engine import llama_child
+
+    if not llama_child.llama_cpp_available():
+        pytest.skip("llama-cpp-python is not installed (pip install -e '.[dev]')")
+    return llama_child
 
 
 @pytest.fixture(scope="module")
@@ -227,22 +233,10 @@ def _hf_greedy(model, prompt: list[int]) -> tuple[list[int], np.ndarray]:
     return ids[len(prompt):], np.stack(logits)
 
 
-def _open(llama_cpp, path: Path):
-    # f32 KV cache so the f32 file computes in f32 throughout (the default cache is f16)
-    return llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=1, logits_all=True,
-                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
-
-
-def _cpp_greedy(llm, prompt: list[int]) -> tuple[list[int], np.ndarray]:
-    llm.reset()
-    llm.eval(prompt)
-    out, logits = [], []
-    for _ in range(NEW_TOKENS):
-        row = np.array(llm.scores[llm.n_tokens - 1])
-        logits.append(row)
-        out.append(int(row.argmax()))
-        llm.eval([out[-1]])
-    return out, np.stack(logits)
+def cpp_greedy(llama_cpp, path: Path, prompts: list[list[int]], **options) -> list[tuple[list[int], np.ndarray]]:
+    """llama.cpp's greedy continuation of each prompt and the logits that chose each token (f32 KV cache, so
+    an f32 file computes in f32 throughout), in a child process."""
+    return llama_cpp.run_llama(path, [("greedy", p, NEW_TOKENS) for p in prompts], **options)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -250,64 +244,70 @@ def test_llama_cpp_greedy_matches_transformers(llama_cpp, sharp_checkpoint, tmp_
     ckpt = sharp_checkpoint(family)
     model = load_model(ckpt).model
     write_gguf(ckpt, tmp_path / "model.gguf", dtype="f32")
-    llm = _open(llama_cpp, tmp_path / "model.gguf")
-    try:
-        for prompt in PROMPTS:
-            want, want_logits = _hf_greedy(model, prompt)
-            got, got_logits = _cpp_greedy(llm, prompt)
-            assert got == want, f"prompt {prompt}: llama.cpp continued {got}, transformers {want}"
-            np.testing.assert_allclose(got_logits, want_logits, atol=1e-4)
-    finally:
-        llm.close()
+    for prompt, (got, got_logits) in zip(PROMPTS, cpp_greedy(llama_cpp, tmp_path / "model.gguf", PROMPTS)):
+        want, want_logits = _hf_greedy(model, prompt)
+        assert got == want, f"prompt {prompt}: llama.cpp continued {got}, transformers {want}"
+        assert_logits_close(got_logits, want_logits, what=f"prompt {prompt}")
 
 
-#: how far llama.cpp's logits may sit from transformers' f32 ones, per position (max over the vocabulary) as
-#: a fraction of the logits' standard deviation: the median position, per file type (measured: f16 0.3 %,
-#: bf16 2.5 %, q8_0 8 %, which also quantises activations), and any position (a token whose top-k experts flip
-#: under rounding moves more; measured up to 0.6). A wrong tensor mapping moves every position by ≈ 3.
-_MEDIAN_ERR = {"f16": 0.015, "bf16": 0.08, "q8_0": 0.2}
-_MAX_ERR = 1.5
+#: the relative rounding of each file type: f16's and bf16's unit roundoff; q8_0 rounds weights and (in its
+#: vec_dot) activations to 8-bit steps of their block's largest value
+_UNIT = {"f16": 2.0 ** -11, "bf16": 2.0 ** -8, "q8_0": 2.0 ** -7}
+#: how far llama.cpp's logits may sit from transformers' f32 ones, per position (max over the vocabulary) as a
+#: fraction of the logits' standard deviation: the median position 32 units of the file type's rounding
+#: (measured 6-10), any position 1.5 (a token whose top-k experts flip under rounding moves more; measured up
+#: to 0.6). A wrong tensor mapping moves every position by ≈ 3.
+_MEDIAN_UNITS, _MAX_ERR = 32, 1.5
 
 
-@pytest.mark.parametrize("dtype", list(_MEDIAN_ERR))
+def _teacher_forced_errors(llama_cpp, model, path: Path, **options) -> np.ndarray:
+    """Per position along transformers' own continuation of each prompt (so near-ties cannot diverge), the
+    largest |llama.cpp − transformers| logit over the vocabulary, over the std of transformers' logits."""
+    runs, wants = [], []
+    for prompt in PROMPTS:
+        ids = prompt + _hf_greedy(model, prompt)[0]
+        with torch.no_grad():
+            wants.append(model(torch.tensor([ids])).logits[0].numpy()[len(prompt) - 1:])
+        runs.append(("logits", ids))
+    gots = llama_cpp.run_llama(path, runs, **options)
+    return np.concatenate([np.abs(got[len(p) - 1:] - want).max(-1) / want.std()
+                           for p, got, want in zip(PROMPTS, gots, wants)])
+
+
+@pytest.mark.parametrize("dtype", list(_UNIT))
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_llama_cpp_runs_reduced_precision_close_to_transformers(llama_cpp, sharp_checkpoint, tmp_path, family,
                                                                 dtype):
     ckpt = sharp_checkpoint(family)
     model = load_model(ckpt).model
     write_gguf(ckpt, tmp_path / "model.gguf", dtype=dtype)
-    llm = _open(llama_cpp, tmp_path / "model.gguf")
-    errors = []
+    known = None
     try:
-        for prompt in PROMPTS:  # teacher-forced along transformers' continuation, so near-ties cannot diverge
-            cont, _ = _hf_greedy(model, prompt)
-            ids = prompt + cont
-            with torch.no_grad():
-                want = model(torch.tensor([ids])).logits[0].numpy()[len(prompt) - 1:]
-            llm.reset()
-            llm.eval(ids)
-            got = np.array(llm.scores[len(prompt) - 1:len(ids)])
-            errors.append(np.abs(got - want).max(-1) / want.std())
-    finally:
-        llm.close()
-    errors = np.concatenate(errors)
-    assert np.median(errors) < _MEDIAN_ERR[dtype] and errors.max() < _MAX_ERR, errors.round(3)
+        errors = _teacher_forced_errors(llama_cpp, model, tmp_path / "model.gguf")
+    except llama_cpp.LlamaCppCrash as crash:
+        known = llama_cpp.known_crash(crash, dtype)
+        if known is None:
+            raise
+        # llama.cpp's bug, not the file's: with its AMX / repacked kernels off the same file must be right
+        errors = _teacher_forced_errors(llama_cpp, model, tmp_path / "model.gguf", repack=False)
+    assert np.median(errors) < _MEDIAN_UNITS * _UNIT[dtype] and errors.max() < _MAX_ERR, errors.round(3)
+    if known:
+        pytest.xfail(known)
 
 
 def test_llama_cpp_check_detects_a_wrong_export(llama_cpp, sharp_checkpoint, tmp_path, monkeypatch):
-    """Without the q/k permutation llama's interleaved RoPE is applied to the wrong pairs: the comparison
-    above must see that (so it is not vacuous on these tiny models)."""
+    """Without the q/k permutation llama's interleaved RoPE is applied to the wrong pairs: the comparisons
+    above must see that (so they are not vacuous on these tiny models)."""
     ckpt = sharp_checkpoint("mixtral")
     model = load_model(ckpt).model
     monkeypatch.setattr(get_family("mixtral"), "gguf_permute_qk", False)
     write_gguf(ckpt, tmp_path / "model.gguf", dtype="f32")
-    llm = _open(llama_cpp, tmp_path / "model.gguf")
-    try:
-        results = [(_hf_greedy(model, p), _cpp_greedy(llm, p)) for p in PROMPTS]
-    finally:
-        llm.close()
+    results = [(_hf_greedy(model, p), got) for p, got in zip(PROMPTS, cpp_greedy(llama_cpp, tmp_path / "model.gguf",
+                                                                                 PROMPTS))]
     assert any(want[0] != got[0] for want, got in results)
     assert all(np.abs(want[1][0] - got[1][0]).max() > 0.05 for want, got in results)
+    errors = _teacher_forced_errors(llama_cpp, model, tmp_path / "model.gguf")
+    assert np.median(errors) > 10 * _MEDIAN_UNITS * _UNIT["bf16"], errors.round(3)
 
 
 def test_tied_embeddings_export_runs(llama_cpp, sharp_checkpoint, tmp_path):
@@ -320,12 +320,8 @@ def test_tied_embeddings_export_runs(llama_cpp, sharp_checkpoint, tmp_path):
     save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     model = load_model(ckpt).model
     write_gguf(ckpt, tmp_path / "model.gguf", dtype="f32")
-    llm = _open(llama_cpp, tmp_path / "model.gguf")
-    try:
-        for prompt in PROMPTS:
-            assert _cpp_greedy(llm, prompt)[0] == _hf_greedy(model, prompt)[0]
-    finally:
-        llm.close()
+    for prompt, (got, _) in zip(PROMPTS, cpp_greedy(llama_cpp, tmp_path / "model.gguf", PROMPTS)):
+        assert got == _hf_greedy(model, prompt)[0]
 
 
 def test_fused_expert_layout_exports_the_same_file(tiny_checkpoint, tmp_path):
@@ -408,16 +404,21 @@ def test_llama_cpp_tokenizes_like_hf(llama_cpp, tiny_checkpoint, tmp_path, style
     pre = _field(gguf.GGUFReader(tmp_path / "model.gguf"), "tokenizer.ggml.pre")
     assert style == "tiny" or pre == style
     hf = AutoTokenizer.from_pretrained(str(ckpt))
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), vocab_only=True, verbose=False)
-    try:
-        for text in TEXTS:
-            ids = hf.encode(text, add_special_tokens=False)
-            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
-            # llama.cpp's own special-token policy (add_bos) gives what the HF tokenizer gives by default
-            assert llm.tokenize(text.encode(), add_bos=True, special=True) == hf(text)["input_ids"], text
-            assert llm.detokenize(ids, special=True).decode() == hf.decode(ids) == text
-    finally:
-        llm.close()
+    ids = [hf.encode(text, add_special_tokens=False) for text in TEXTS]
+    got = _vocab_ops(llama_cpp, tmp_path / "model.gguf", TEXTS, ids, "detokenize")
+    for text, want, (plain, with_bos, back) in zip(TEXTS, ids, got):
+        assert plain == want, text
+        # llama.cpp's own special-token policy (add_bos) gives what the HF tokenizer gives by default
+        assert with_bos == hf(text)["input_ids"], text
+        assert back == hf.decode(want) == text
+
+
+def _vocab_ops(llama_cpp, path: Path, texts: list[str], ids: list[list[int]], detokenize: str) -> list[tuple]:
+    """For each text: llama.cpp's tokens without and with its BOS policy, and its detokenisation of `ids`."""
+    ops = [op for text, i in zip(texts, ids) for op in
+           (("tokenize", text, False), ("tokenize", text, True), (detokenize, i))]
+    out = llama_cpp.run_llama(path, ops, vocab_only=True)
+    return [tuple(out[k:k + 3]) for k in range(0, len(out), 3)]
 
 
 # ---- SentencePiece-style BPE (Llama / Mistral / Mixtral tokenizers) ----------------------------------------
@@ -438,17 +439,6 @@ def spm_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("spm") / "mixtral"
     assert main(["tiny-model", "--family", "mixtral", "--out", str(out), "--tokenizer", "spm"]) == 0
     return _sharpen(out)
-
-
-def _detokenize(llama_cpp, llm, ids: list[int]) -> str:
-    """llama.cpp's own detokenizer (llama_detokenize drops the prefix space it adds, as common_detokenize)."""
-    import ctypes
-
-    buf = ctypes.create_string_buffer(4096)
-    n = llama_cpp.llama_detokenize(llm._model.vocab, (llama_cpp.llama_token * len(ids))(*ids), len(ids), buf,
-                                   len(buf), False, True)
-    assert n >= 0
-    return buf.raw[:n].decode()
 
 
 def test_spm_tokenizer_round_trips_text(spm_checkpoint):
@@ -510,15 +500,14 @@ def test_llama_cpp_tokenizes_spm_like_hf(llama_cpp, spm_checkpoint, tmp_path):
         warnings.simplefilter("error")  # a tokenizer.json made from SentencePiece exports without a caveat
         write_gguf(spm_checkpoint, tmp_path / "model.gguf")
     hf = AutoTokenizer.from_pretrained(str(spm_checkpoint))
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), vocab_only=True, verbose=False)
-    try:
-        for text in TEXTS + SCORE_TEXTS + ["", "<s>x</s>"]:
-            ids = hf.encode(text, add_special_tokens=False)
-            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
-            assert llm.tokenize(text.encode(), add_bos=True, special=True) == hf(text)["input_ids"], text
-            assert _detokenize(llama_cpp, llm, ids) == hf.decode(ids), text
-    finally:
-        llm.close()
+    texts = TEXTS + SCORE_TEXTS + ["", "<s>x</s>"]
+    ids = [hf.encode(text, add_special_tokens=False) for text in texts]
+    # llama_detokenize drops the prefix space llama.cpp adds, as its common_detokenize does
+    got = _vocab_ops(llama_cpp, tmp_path / "model.gguf", texts, ids, "detokenize_raw")
+    for text, want, (plain, with_bos, back) in zip(texts, ids, got):
+        assert plain == want, text
+        assert with_bos == hf(text)["input_ids"], text
+        assert back == hf.decode(want), text
 
 
 def _metaspace(spec: dict) -> None:
@@ -538,13 +527,10 @@ def test_metaspace_tokenizer_exports_with_its_caveat(llama_cpp, spm_checkpoint, 
     with pytest.warns(UserWarning, match="starts with a space or follows a special token"):
         write_gguf(ckpt, tmp_path / "model.gguf")
     assert _field(gguf.GGUFReader(tmp_path / "model.gguf"), "tokenizer.ggml.add_space_prefix") is True
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), vocab_only=True, verbose=False)
-    try:
-        for text in TEXTS:
-            caveat = text.startswith(" ") or text.startswith("<|im_start|>")
-            assert (llm.tokenize(text.encode(), add_bos=True, special=True) == hf(text)["input_ids"]) != caveat, text
-    finally:
-        llm.close()
+    got = llama_cpp.run_llama(tmp_path / "model.gguf", [("tokenize", text, True) for text in TEXTS], vocab_only=True)
+    for text, tokens in zip(TEXTS, got):
+        caveat = text.startswith(" ") or text.startswith("<|im_start|>")
+        assert (tokens == hf(text)["input_ids"]) != caveat, text
 
 
 def test_llama_cpp_greedy_matches_transformers_with_spm_tokenizer(llama_cpp, spm_checkpoint, tmp_path):
@@ -553,17 +539,14 @@ def test_llama_cpp_greedy_matches_transformers_with_spm_tokenizer(llama_cpp, spm
     hf = AutoTokenizer.from_pretrained(str(spm_checkpoint))
     model = load_model(spm_checkpoint).model
     write_gguf(spm_checkpoint, tmp_path / "model.gguf", dtype="f32")
-    llm = _open(llama_cpp, tmp_path / "model.gguf")
-    try:
-        for text in SPM_PROMPTS:
-            prompt = llm.tokenize(text.encode(), add_bos=True)
-            assert prompt == hf(text)["input_ids"], text
-            want, want_logits = _hf_greedy(model, prompt)
-            got, got_logits = _cpp_greedy(llm, prompt)
-            assert got == want, f"{text!r}: llama.cpp continued {got}, transformers {want}"
-            np.testing.assert_allclose(got_logits, want_logits, atol=1e-4)
-    finally:
-        llm.close()
+    prompts = llama_cpp.run_llama(tmp_path / "model.gguf", [("tokenize", t, True) for t in SPM_PROMPTS],
+                                  vocab_only=True)
+    assert prompts == [hf(text)["input_ids"] for text in SPM_PROMPTS]
+    for text, prompt, (got, got_logits) in zip(SPM_PROMPTS, prompts, cpp_greedy(llama_cpp, tmp_path / "model.gguf",
+                                                                                 prompts)):
+        want, want_logits = _hf_greedy(model, prompt)
+        assert got == want, f"{text!r}: llama.cpp continued {got}, transformers {want}"
+        assert_logits_close(got_logits, want_logits, what=repr(text))
 
 
 def _edit_tokenizer(ckpt: Path, edit) -> Path:

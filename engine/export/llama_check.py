@@ -1,0 +1,52 @@
+"""The llama.cpp check of a GGUF export: the file is run by llama.cpp (llama-cpp-python, when installed) in a
+child process on the sample prompts, and its logits are compared with the fp32 merged checkpoint's in
+transformers. A crash is reported with its signal and, where it is llama.cpp's documented bug, with what
+runs instead; it never takes the export down, and the file is kept (it is sound: the comparison says so)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import llama_child
+from . import check
+
+
+def llama_cpp_check(gguf_path: Path, hf_dir: Path, base: Path, dtype: str) -> dict[str, Any]:
+    """Run `gguf_path` in llama.cpp on the sample prompts; the logit difference from `hf_dir` in transformers."""
+    if not llama_child.llama_cpp_available():
+        return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python, or "
+                           "pip install -e '.[dev]'), so the file was not run in llama.cpp"}
+    inputs = check.sample_inputs(base)
+    ops = [("logits", ids[0].tolist()) for ids in inputs]
+    report: dict[str, Any] = {"llama_cpp_version": llama_child.llama_cpp_version()}
+    try:
+        got = llama_child.run_llama(gguf_path, ops, n_ctx=_context(inputs))
+    except llama_child.LlamaCppCrash as crash:
+        report["crashed"] = crash.signal_name
+        known = llama_child.known_crash(crash, dtype)
+        if known is None:
+            report["error"] = str(crash)
+            warnings.warn(f"llama.cpp crashed ({crash.signal_name}) running the exported {gguf_path.name}; "
+                          "see export_report.json", stacklevel=2)
+            return report
+        report["known_issue"] = known
+        got = llama_child.run_llama(gguf_path, ops, n_ctx=_context(inputs), repack=False)
+        report["runs_with"] = "--no-repack (llama.cpp's extra CPU buffer types off)"
+        warnings.warn(f"{gguf_path.name}: {known}", stacklevel=2)
+    except llama_child.LlamaCppError as error:
+        report["error"] = str(error)
+        return report
+    reference = check.logits(check.transformers_model(hf_dir), inputs)
+    report.update(check.compare(reference, [torch.from_numpy(g) for g in got],
+                                f"llama.cpp running the {dtype} GGUF, against the fp32 merged checkpoint "
+                                "in transformers"))
+    return report
+
+
+def _context(inputs: list[torch.Tensor]) -> int:
+    """A context just big enough for the longest sample prompt (llama.cpp rounds it up)."""
+    return max(64, max(int(ids.shape[1]) for ids in inputs))
