@@ -91,6 +91,7 @@ class RunState:
     log_tail: str = ""
     parameters: dict | None = None
     examples: int | None = None
+    dropped: int = 0  # training rows the cut-off left out (data.max_len)
     device: str = ""
 
     @property
@@ -136,6 +137,7 @@ class _Follower:
             s.step = int(e.get("step") or 0)
             s.started, s.first_step, s.last_step = e.get("time"), None, None
             s.parameters, s.examples, s.device = e.get("parameters"), e.get("examples"), e.get("device", "")
+            s.dropped = int(e.get("dropped") or 0)
             s.error = ""
         elif kind == "step":
             s.step, s.total_steps = int(e["step"]), int(e.get("total_steps") or s.total_steps)

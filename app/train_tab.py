@@ -72,6 +72,9 @@ def status_markdown(s: RunState) -> str:
         bits.append(f"epoch {s.epoch + 1}")  # events count passes from 0
     if s.device:
         bits.append(f"on {s.device}")
+    if s.dropped:
+        bits.append(f"{s.dropped:,} rows dropped by the cut-off (data.max_len)"
+                    + (f", training on {s.examples:,}" if s.examples else ""))
     if s.final_loss is not None:
         bits.append(f"final loss {s.final_loss:.4f}")
     for bench, acc in s.accuracy.items():

@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .arch import Family, get_family
+from .arch import Family, UnsupportedModelError, get_family
 
 #: Which projection fills which slice of transformers' fused tensors.
 _FUSED = {"gate": ("gate_up_proj", 0), "up": ("gate_up_proj", 1), "down": ("down_proj", None)}
@@ -55,7 +55,10 @@ def read_config(path: str | Path):
         raise CheckpointError(f"{cfg_file} is not valid JSON ({e}).") from None
     if "model_type" not in raw:
         raise CheckpointError(f"{cfg_file} has no 'model_type'; it is not a transformers checkpoint config.")
-    family = get_family(raw["model_type"])
+    try:
+        family = get_family(raw["model_type"])
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"model.path {str(path)!r}: {e}") from None
     return AutoConfig.from_pretrained(str(path), local_files_only=True), family
 
 
@@ -74,6 +77,21 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     if missing:
         raise CheckpointError(f"checkpoint shards listed in the index are missing: {', '.join(missing)}")
     return files
+
+
+def check_checkpoint(path: str | Path):
+    """Check a model folder before anything loads: it exists, its config.json names a supported family, its
+    weights and a tokenizer are there. Returns (transformers config, family); a CheckpointError names the fix."""
+    path = Path(path).expanduser()
+    config, family = read_config(path)
+    checkpoint_files(path)
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise CheckpointError(f"model.path {str(path)!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
+                              "copy the tokenizer files of the model into the folder.")
+    return config, family
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
 def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -190,7 +208,16 @@ def load_tokenizer(path: str | Path):
     """The checkpoint's tokenizer, with a pad token set (the EOS token when it has none)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    path = Path(path).expanduser()
+    if not path.is_dir():  # transformers would take a missing local folder for a hub repo id
+        raise CheckpointError(f"model.path {str(path)!r} does not exist or is not a folder; give a local HF "
+                              "checkpoint directory.")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"model.path {str(path)!r}: transformers cannot load its tokenizer ({first}); copy "
+                              "the model's tokenizer files (tokenizer.json, tokenizer_config.json) into it.") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -9,6 +9,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,20 @@ def _lock(out: Path) -> Path:
     return lock
 
 
+def dropped_rows(stats: dict) -> int:
+    """Rows of the training set left out by the cut-off (prompt fills data.max_len, or too long and dropped)."""
+    return int(stats.get("dropped_long_prompt", 0)) + int(stats.get("dropped_too_long", 0))
+
+
+def _report_dropped(stats: dict, echo: bool) -> None:
+    """Say on the terminal how many rows the cut-off left out, and why."""
+    if echo and dropped_rows(stats):
+        print(f"data: {dropped_rows(stats):,} of {stats['rows']:,} rows dropped by the cut-off data.max_len="
+              f"{stats['max_len']} ({stats['dropped_long_prompt']:,} whose prompt alone fills it, "
+              f"{stats['dropped_too_long']:,} longer and too_long='drop'); training on {stats['examples']:,}",
+              file=sys.stderr)
+
+
 def _memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
@@ -124,7 +139,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
           device: str | None = None, stop_after: int | None = None) -> dict:
     """Run (or resume) a training; returns the final summary. `stop_after` simulates a stop after that step."""
     from .data import load_examples
-    from .loader import load_tokenizer
+    from .loader import check_checkpoint, load_tokenizer
     from .routing import attach, save_adapter
     from .runs import default_device, load_run_model, offload_experts
 
@@ -140,10 +155,13 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
     lock = _lock(out)
     log = None
     try:
+        check_checkpoint(cfg.model.path)  # before anything loads: a bad folder is one clear error
         dev = default_device(device)
         seed_everything(cfg.train.seed)
         tokenizer = load_tokenizer(cfg.model.path)
-        examples, data_stats = load_examples(cfg.data.train, tokenizer, cfg.data.template, cfg.data.max_len)
+        examples, data_stats = load_examples(cfg.data.train, tokenizer, cfg.data.template, cfg.data.max_len,
+                                             min_examples=cfg.train.micro_batch * cfg.train.grad_accum)
+        _report_dropped(data_stats, echo)
         held_out = Batches(load_examples(cfg.data.eval, tokenizer, cfg.data.template, cfg.data.max_len)[0],
                            cfg.train.micro_batch, cfg.train.seed, tokenizer.pad_token_id) if cfg.data.eval else None
         loaded, slots = load_run_model(cfg, dev)
@@ -178,7 +196,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
         log = EventLog(out / "events.jsonl", echo=echo, total_steps=total)
         log.set_position(step)
         log.emit("start", step=step, total_steps=total, resumed=bool(resume and latest is not None),
-                 examples=len(examples), data=data_stats, parameters=peft.parameter_report(),
+                 examples=len(examples), dropped=dropped_rows(data_stats), data=data_stats,
+                 parameters=peft.parameter_report(),
                  device=str(dev))
         model.train()
         order = batches.epoch(epoch)

@@ -53,7 +53,8 @@ def test_held_out_loss_and_offload_traffic_are_shown(tmp_path):
     run = tmp_path / "r2"
     run.mkdir()
     offload = {"hits": 3, "misses": 5, "prefetched": 2, "evictions": 1, "bytes_moved": 2_500_000}
-    _events(run, [{"type": "start", "time": 1000.0, "step": 0, "total_steps": 4, "device": "cuda:0"}]
+    _events(run, [{"type": "start", "time": 1000.0, "step": 0, "total_steps": 4, "device": "cuda:0",
+                   "examples": 1997, "dropped": 3}]
             + [{**_step(i), "offload": offload} for i in range(1, 5)]
             + [{"type": "eval", "time": 1002.5, "step": 2, "eval_loss": 0.9},
                {"type": "eval", "time": 1004.5, "step": 4, "eval_loss": 0.7},
@@ -64,6 +65,7 @@ def test_held_out_loss_and_offload_traffic_are_shown(tmp_path):
     text = train_tab.status_markdown(s)
     assert "held-out loss 0.7000" in text and "2.5 MB/step (3 hits, 5 misses)" in text
     assert "gsm8k **25.0%**" in text and "boolq: not scored (no test file)" in text
+    assert "3 rows dropped by the cut-off (data.max_len), training on 1,997" in text
     svg = plots.training_charts(s.history, s.eval_loss)
     assert svg.count('class="mt-marker"') == 2 and "held-out 0.7" in svg
 

@@ -303,21 +303,32 @@ def test_truncation_and_drop_counts(tmp_path, tokenizer):
     assert [e.row for e in kept] == [1]
 
 
-def test_prompt_longer_than_cutoff_is_an_error_or_a_counted_drop(tmp_path, tokenizer):
+def test_prompt_longer_than_cutoff_is_a_counted_drop_or_on_request_an_error(tmp_path, tokenizer):
     long = "word " * 200
     rows = [{"instruction": "Short.", "output": "ok"}, {"instruction": long, "output": "x"},
             {"instruction": "Fine.", "output": "y"}, {"instruction": long + "more", "output": "z"}]
     f = write_json(tmp_path / "long.json", rows)
+    examples, stats = load_examples(f, tokenizer, "alpaca", 128)  # the default, as LLaMA-Factory's cutoff_len
+    assert stats["dropped_long_prompt"] == 2 and [e.row for e in examples] == [1, 3]
     with pytest.raises(DataError) as e:
-        load_examples(f, tokenizer, "alpaca", 128)
+        load_examples(f, tokenizer, "alpaca", 128, long_prompt="error")
     msg = str(e.value)
     assert msg.startswith(f"{f}, row 2: field 'instruction': the prompt is ")
     assert "not shorter than the cut-off max_len=128" in msg and "(2 of 4 rows are like this: rows 2, 4)" in msg
-    assert "long_prompt='drop'" in msg
-    examples, stats = load_examples(f, tokenizer, "alpaca", 128, long_prompt="drop")
-    assert stats["dropped_long_prompt"] == 2 and [e.row for e in examples] == [1, 3]
-    with pytest.raises(DataError, match="no examples left out of 1 rows"):
-        load_examples(write_json(tmp_path / "all.json", rows[1:2]), tokenizer, "alpaca", 128, long_prompt="drop")
+    with pytest.raises(DataError, match=r"no rows left to train out of 1 \(1 rows' prompts fill the cut-off "
+                                        r"data.max_len=128.*Fix: raise data.max_len \(the longest row is \d+ tokens\)"):
+        load_examples(write_json(tmp_path / "all.json", rows[1:2]), tokenizer, "alpaca", 128)
+    with pytest.raises(DataError, match=r"2 of 4 rows left to train, and one optimizer step needs 3"):
+        load_examples(f, tokenizer, "alpaca", 128, min_examples=3)
+
+
+def test_the_template_alone_is_counted_with_the_tokenizer(tokenizer):
+    from engine.data.encode import template_tokens
+    from engine.data.templates import alpaca_prompt
+
+    n = template_tokens("alpaca", tokenizer)
+    assert n == len(tokenizer(alpaca_prompt("", ""))["input_ids"]) and 60 < n < 100
+    assert template_tokens("chat", tokenizer) < n
 
 
 # ---- registry ------------------------------------------------------------------------------

@@ -247,6 +247,75 @@ def test_bad_input_fails_with_a_clear_error_and_an_error_event(task, tmp_path, c
         train(from_dict(cfg), tmp_path / "run-nomodel", echo=False)
 
 
+def _llama_folder(path: Path) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "vocab_size": 100}))
+    return path
+
+
+def test_bad_model_folder_is_named_with_its_fix_and_no_traceback(task, tmp_path, capsys):
+    """The model folder is checked before anything loads (a missing local folder is never taken for a hub id)."""
+    import shutil
+
+    import yaml
+
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    shutil.copy(task["model"] / "config.json", weightless / "config.json")
+    cases = {tmp_path / "no-such-model": "does not exist", _llama_folder(tmp_path / "llama"):
+             "model_type 'llama' is not supported; supported families: olmoe, mixtral, qwen2_moe, qwen3_moe",
+             weightless: "holds no *.safetensors weights", tmp_path / "config.yaml": "is not a directory"}
+    (tmp_path / "config.yaml").write_text("x: 1\n")
+    for folder, expected in cases.items():
+        cfg = _config(folder, task["train"], max_steps=2)
+        cfg_file = tmp_path / f"{folder.name}.yaml"
+        cfg_file.write_text(yaml.safe_dump(cfg))
+        assert main(["train", str(cfg_file), "--out", str(tmp_path / f"run-{folder.name}")]) == 2
+        err = capsys.readouterr().err
+        assert str(folder) in err and expected in err, err
+    # the console script, as a user runs it: one line, no Python traceback
+    for folder in (tmp_path / "no-such-model", tmp_path / "llama"):
+        run = subprocess.run([str(Path(sys.executable).parent / "moetune"), "train",
+                              str(tmp_path / f"{folder.name}.yaml"), "--out", str(tmp_path / f"cli-{folder.name}")],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and "Traceback" not in run.stderr and str(folder) in run.stderr, run.stderr
+
+
+def test_rows_whose_prompt_fills_the_cut_off_are_dropped_and_counted(task, tmp_path, capsys):
+    """As LLaMA-Factory's cutoff_len: a few rows too long to learn from are left out, the run starts, and the
+    start event, the terminal and the app's run line count them."""
+    from app import train_tab
+    from app.runner import Runner
+
+    rows = json.loads(task["train"].read_text())[:40]
+    long = [{**rows[0], "instruction": "Spell this out: " + " ".join(["word"] * 200)}] * 3
+    data = _write_json(tmp_path / "mixed.json", rows[:10] + long + rows[10:])
+    out = tmp_path / "runs" / "mixed"
+    train(from_dict(_config(task["model"], data, max_steps=2, micro_batch=4)), out, echo=True)
+    start = next(e for e in read_events(out / "events.jsonl", 0)[0] if e["type"] == "start")
+    assert (start["examples"], start["dropped"], start["data"]["dropped_long_prompt"]) == (40, 3, 3)
+    assert "3 of 43 rows dropped by the cut-off data.max_len=128" in capsys.readouterr().err
+    line = train_tab.status_markdown(Runner(tmp_path / "runs").state("mixed"))
+    assert "3 rows dropped by the cut-off (data.max_len), training on 40" in line
+
+
+def test_too_few_rows_left_or_a_cut_off_below_the_template_say_so(task, tmp_path):
+    from engine.data import DataError
+
+    rows = json.loads(task["train"].read_text())
+    long = {**rows[0], "instruction": "Spell this out: " + " ".join(["word"] * 200)}
+    data = _write_json(tmp_path / "few.json", rows[:3] + [long] * 5)
+    with pytest.raises(DataError, match=r"3 of 8 rows left to train, and one optimizer step needs 8 "
+                                        r"\(train.micro_batch × train.grad_accum\) \(5 rows' prompts fill"):
+        train(from_dict(_config(task["model"], data, max_steps=2, micro_batch=4, grad_accum=2)), tmp_path / "a",
+              echo=False)
+    cfg = _config(task["model"], task["train"], max_steps=2)
+    cfg["data"]["max_len"] = 64
+    with pytest.raises(DataError, match=r"The 'alpaca' template alone is \d+ tokens with this model's tokenizer, "
+                                        r"so no row fits under data.max_len=64"):
+        train(from_dict(cfg), tmp_path / "b", echo=False)
+
+
 def test_offloaded_layer_major_training_equals_resident_training(task, tmp_path):
     """memory.offload=on: experts behind a 3-slot cache, steps run layer by layer; same losses and adapter
     as the resident micro-batch loop, and the events count the experts copied."""

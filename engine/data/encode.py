@@ -42,15 +42,27 @@ def _prompt_field(record: Record) -> str:
     return "'instruction'/'input'" if record.input.strip() else "'instruction'"
 
 
+def template_tokens(template: str, tokenizer) -> int:
+    """How many tokens the template itself takes with this tokenizer (its prompt around empty fields)."""
+    if template == "chat":
+        record = Record("the template", 0, messages=[{"role": "user", "content": ""},
+                                                     {"role": "assistant", "content": "x"}])
+    else:
+        record = Record("the template", 0)
+    first = render(record, template, tokenizer).segments[0].text
+    return len(_tokenize(tokenizer, [first], True)[0])
+
+
 def encode_records(records: list[Record], tokenizer, template: str, max_len: int, *,
-                   too_long: str = "truncate", long_prompt: str = "error",
+                   too_long: str = "truncate", long_prompt: str = "drop", min_examples: int = 1,
                    source: str = "") -> tuple[list[Example], dict]:
     """Tokenize records under a template and apply the cut-off `max_len`.
 
     A row longer than `max_len` is truncated (`too_long='truncate'`, the response end is cut) or
-    dropped (`'drop'`); a row whose prompt alone fills `max_len` leaves nothing to learn and is an
-    error (`long_prompt='error'`, the default) or a counted drop (`'drop'`). Returns the examples and
-    stats: rows, examples, truncated, truncated_tokens, dropped_too_long, dropped_long_prompt, tokens, …
+    dropped (`'drop'`); a row whose prompt alone fills `max_len` leaves nothing to learn and is dropped
+    and counted (`long_prompt='drop'`, the default, as LLaMA-Factory's cut-off does) or an error
+    (`'error'`). Fewer than `min_examples` rows left is an error with the counts and the fix. Returns the
+    examples and stats: rows, examples, truncated, truncated_tokens, dropped_too_long, dropped_long_prompt, …
     """
     check_template(template)
     if too_long not in TOO_LONG:
@@ -124,27 +136,45 @@ def encode_records(records: list[Record], tokenizer, template: str, max_len: int
                         "(\"long_prompt\": \"drop\" in the dataset registry entry).")
     stats["dropped_long_prompt"] = len(long_prompts)
     stats["examples"] = len(examples)
-    if not examples:
-        raise DataError(f"{source or 'the dataset'}: no examples left out of {len(records)} rows "
-                        f"({stats['dropped_too_long']} longer than max_len={max_len} and dropped, "
-                        f"{stats['dropped_long_prompt']} with prompts that fill the cut-off); raise data.max_len.")
+    if len(examples) < max(1, min_examples):
+        raise DataError(_too_few(stats, template, tokenizer, max(1, min_examples), source))
     return examples, stats
+
+
+def _too_few(stats: dict, template: str, tokenizer, needed: int, source: str) -> str:
+    """Why too few rows are left to train, with the numbers and the fix."""
+    max_len, rows, left = stats["max_len"], stats["rows"], stats["examples"]
+    own = template_tokens(template, tokenizer)
+    head = (f"{source or 'the dataset'}: {left} of {rows} rows left to train, and one optimizer step needs "
+            f"{needed} (train.micro_batch × train.grad_accum)" if needed > 1 else
+            f"{source or 'the dataset'}: no rows left to train out of {rows}")
+    why = (f" ({stats['dropped_long_prompt']} rows' prompts fill the cut-off data.max_len={max_len}, "
+           f"{stats['dropped_too_long']} rows longer than it were dropped by too_long='drop')")
+    if own >= max_len - 1:
+        fix = (f" The {template!r} template alone is {own} tokens with this model's tokenizer, so no row fits "
+               f"under data.max_len={max_len}. Fix: raise data.max_len well above {own} (the paper's recipe "
+               "uses 256).")
+    else:
+        fix = (f" Fix: raise data.max_len (the longest row is {stats['longest']} tokens), or use shorter rows"
+               + (", or lower train.micro_batch × train.grad_accum." if needed > 1 else "."))
+    return head + why + "." + fix
 
 
 def load_examples(spec: str | Path | DatasetSpec, tokenizer, template: str = "alpaca", max_len: int = 512, *,
                   too_long: str | None = None, long_prompt: str | None = None, format: str | None = None,
-                  registry: str | Path | None = None, limit: int | None = None) -> tuple[list[Example], dict]:
+                  registry: str | Path | None = None, limit: int | None = None,
+                  min_examples: int = 1) -> tuple[list[Example], dict]:
     """Read a dataset (file, folder, or registry name), check every row, and tokenize it for training.
 
-    Rows longer than `max_len` are truncated (default) or dropped; a prompt that fills `max_len` is a
-    DataError by default, or a counted drop with `long_prompt='drop'`. Options left None come from the
-    registry entry. Returns (examples, stats); stats counts what was truncated and dropped.
+    Rows longer than `max_len` are truncated (default) or dropped; a row whose prompt fills `max_len` is
+    dropped and counted (default) or, with `long_prompt='error'`, a DataError. Options left None come from
+    the registry entry. Returns (examples, stats); stats counts what was truncated and dropped.
     """
     ds = resolve_dataset(spec, registry)
     records, fmt = read_records(ds.file, format or ds.format, split=ds.split, columns=ds.columns,
                                 ignore_columns=ds.ignore_columns, limit=limit)
     examples, stats = encode_records(records, tokenizer, template, max_len,
                                      too_long=too_long or ds.too_long, long_prompt=long_prompt or ds.long_prompt,
-                                     source=str(ds.file))
+                                     min_examples=min_examples, source=str(ds.file))
     stats = {"dataset": ds.name, "format": fmt, **stats}
     return examples, stats

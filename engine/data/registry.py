@@ -10,7 +10,7 @@
                 "ignore_columns": ["category"],      # optional: columns to leave out
                 "split": "train",                    # optional: split of a saved HF dataset / hub folder
                 "too_long": "truncate",              # optional: truncate | drop rows over max_len
-                "long_prompt": "error",              # optional: error | drop rows whose prompt fills max_len
+                "long_prompt": "drop",               # optional: drop (counted) | error on rows whose prompt fills max_len
                 "source": "where to download it"}}
 """
 
@@ -45,7 +45,7 @@ class DatasetSpec:
     ignore_columns: list[str] = field(default_factory=list)
     split: str | None = None
     too_long: str = "truncate"
-    long_prompt: str = "error"
+    long_prompt: str = "drop"
     source: str = ""
 
 
@@ -101,7 +101,7 @@ def _entry(reg: Path, name: str, entry) -> DatasetSpec:
                        format=entry.get("format", "auto"), template=entry.get("template"),
                        description=entry.get("description", ""), columns=dict(columns), ignore_columns=list(ignore),
                        split=entry.get("split"), too_long=entry.get("too_long", "truncate"),
-                       long_prompt=entry.get("long_prompt", "error"), source=entry.get("source", ""))
+                       long_prompt=entry.get("long_prompt", "drop"), source=entry.get("source", ""))
 
 
 def list_datasets(path: str | Path | None = None) -> list[dict]:
