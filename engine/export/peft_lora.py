@@ -1,7 +1,18 @@
 """PEFT-layout LoRA: per-expert 2-D `lora_A` [r, in] / `lora_B` [out, r] tensors named after the base
-checkpoint's own (hub, per-expert) weight names, plus `adapter_config.json` — the layout PEFT saves and
-llama.cpp's convert_lora_to_gguf.py reads (it strips `base_model.model.` and `.lora_A/B` to find the
-base tensor, and stacks per-expert LoRA like the experts themselves). Only pure-LoRA runs fit it."""
+checkpoint's own (hub, per-expert) weight names, plus `adapter_config.json` — the layout llama.cpp's
+convert_lora_to_gguf.py reads (it strips `base_model.model.` and `.lora_A/B` to find the base tensor, and
+stacks per-expert LoRA like the experts themselves), and the per-expert layout HF PEFT converts onto
+transformers 5's fused experts when it loads an adapter (peft/utils/transformers_weight_conversion.py:
+lora_A concatenated, lora_B block-diagonal). Only pure-LoRA runs fit it.
+
+The config is the one PEFT's own conversion arrives at on transformers 5, written out so that it holds for
+every family (PEFT 0.21 converts the config of OLMoE, Mixtral and Qwen3-MoE but not of Qwen2-MoE, whose
+per-expert names would then also catch the shared expert's linears): attention in `target_modules`, the
+fused expert tensors in `target_parameters`, and `gate_up_proj` at rank 2r and alpha 2·alpha in
+`rank_pattern` / `alpha_pattern` (gate and up side by side keep alpha/r). PEFT's key conversion still runs
+on the per-expert tensors. PEFT warns that these patterns "did not match any targeted module": it checks
+them against modules only, and applies them to the parameters all the same (its own conversion gets the
+same warning)."""
 
 from __future__ import annotations
 
@@ -99,14 +110,35 @@ def peft_tensors(src: RunSource) -> dict[str, torch.Tensor]:
 
 
 def peft_config(src: RunSource, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """adapter_config.json of the run's LoRA (PEFT's LoraConfig fields)."""
+    """adapter_config.json of the run's LoRA (PEFT's LoraConfig fields, in transformers 5's fused-expert terms)."""
     a = src.cfg.adapter
-    modules = sorted({name.removeprefix(PREFIX).split(".lora_")[0].rsplit(".", 1)[-1] for name in tensors})
+    attention, experts = set(), set()
+    for name in tensors:
+        if not name.endswith(".lora_A.weight"):
+            continue
+        weight = name.removeprefix(PREFIX).removesuffix(".lora_A.weight") + ".weight"
+        key = src.family.parse_expert_key(weight)
+        if key is None:
+            attention.add(src.family.rename(weight).removesuffix(".weight"))
+        else:
+            experts.add(key.layer)
+    n_layers = src.facts.num_layers
+    modules = sorted({m.rsplit(".", 1)[-1] for m in attention})
+    if len(attention) != len(modules) * n_layers:  # not every layer: name the modules themselves
+        modules = sorted(attention)
+    params: list[str] = []
+    if experts:
+        params = ["gate_up_proj", "down_proj"]
+        if experts != set(src.facts.moe_layers):
+            params = [f"model.layers.{layer}.{src.family.block_attr}.experts.{p}"
+                      for layer in sorted(experts) for p in params]
+    fused = {r".*\.gate_up_proj": 2} if experts else {}
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(src.base),
             "r": a.rank, "lora_alpha": a.alpha, "lora_dropout": a.dropout, "target_modules": modules,
-            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-            "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
-            "rank_pattern": {}, "alpha_pattern": {}}
+            "target_parameters": params, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+            "use_dora": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+            "rank_pattern": {k: n * a.rank for k, n in fused.items()},
+            "alpha_pattern": {k: n * a.alpha for k, n in fused.items()}}
 
 
 def write_peft(src: RunSource, out_dir: str | Path, dtype: torch.dtype = torch.float16) -> dict[str, Any]:
@@ -119,7 +151,8 @@ def write_peft(src: RunSource, out_dir: str | Path, dtype: torch.dtype = torch.f
     save_file({n: t.to(dtype) for n, t in tensors.items()}, str(out_dir / TENSOR_FILE), metadata={"format": "pt"})
     config = peft_config(src, tensors)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    return {"files": [TENSOR_FILE, CONFIG_FILE], "tensors": len(tensors), "target_modules": config["target_modules"]}
+    return {"files": [TENSOR_FILE, CONFIG_FILE], "tensors": len(tensors), "target_modules": config["target_modules"],
+            "target_parameters": config["target_parameters"]}
 
 
 def apply_peft(model: nn.Module, family: Family, tensors: dict[str, torch.Tensor], alpha: float, rank: int) -> int:

@@ -1,4 +1,5 @@
-"""`export_run`: a finished run as a merged HF checkpoint, a PEFT-layout LoRA, or a GGUF file, with
+"""`export_run`: a finished run as a merged HF checkpoint, a PEFT-layout LoRA, a GGUF file, or a llama.cpp
+LoRA adapter GGUF, with
 export_report.json (what was merged and how, exact or not, and the measured logit difference).
 
 Everything is written into a staging folder beside the output and moved in only when complete; the
@@ -18,21 +19,24 @@ import torch
 from ..io import atomic_write_json
 from . import check
 from .gguf import ExportError, llama_cpp_problems, write_gguf
+from .gguf_lora import LORA_DTYPES, gguf_lora_problems, read_gguf_lora, write_gguf_lora
 from .llama_check import llama_cpp_check
 from .merge import merge_plan, merge_problems, write_merged
 from .peft_lora import apply_peft, peft_plan, peft_problems, write_peft
 from .source import RunSource, open_run
 
 REPORT_FILE = "export_report.json"
-FORMATS = ("hf", "peft", "gguf")
+FORMATS = ("hf", "peft", "gguf", "gguf-lora")
 #: dtypes each format takes; f32 is kept for exactness checks (the user-facing contract names f16|bf16|q8_0)
-DTYPES = {"hf": ("f16", "bf16", "f32"), "peft": ("f16", "bf16", "f32"), "gguf": ("f16", "bf16", "q8_0", "f32")}
+DTYPES = {"hf": ("f16", "bf16", "f32"), "peft": ("f16", "bf16", "f32"), "gguf": ("f16", "bf16", "q8_0", "f32"),
+          "gguf-lora": LORA_DTYPES}
 TORCH_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
 
 
 def export_run(run_dir: str | Path, fmt: str, dtype: str, out_dir: str | Path, *,
                check_logits: bool | None = None) -> dict[str, Any]:
-    """Export the run in `fmt` (hf, peft or gguf) and `dtype` into `out_dir`; returns the report (also written there).
+    """Export the run in `fmt` (hf, peft, gguf or gguf-lora) and `dtype` into `out_dir`; returns the report (also
+    written there).
 
     The logit comparison loads the base model twice in fp32: `check_logits=None` runs it when that fits
     in half the free host memory (else the report says why it was skipped); True / False force it."""
@@ -71,9 +75,18 @@ def _export(src: RunSource, fmt: str, dtype: str, staging: Path, check_logits: b
     if fmt == "peft":
         summary = write_peft(src, staging, TORCH_DTYPES[dtype])
         report.update(merged=[g.to_dict() for g in peft_plan(src)], files=summary["files"],
-                      target_modules=summary["target_modules"])
+                      target_modules=summary["target_modules"], target_parameters=summary["target_parameters"])
         if check_logits:
             report["check"] = _check_peft(src, staging)
+    elif fmt == "gguf-lora":
+        name = f"adapter-{dtype}.gguf"
+        report["gguf_lora"] = write_gguf_lora(src, staging / name, dtype)
+        report["gguf_lora"]["path"] = name
+        report.update(merged=[g.to_dict() for g in peft_plan(src)], files=[name])
+        if check_logits:
+            report["check"] = _check_lora(src, read_gguf_lora(staging / name, src),
+                                          "the original base (transformers, fp32) with the LoRA read back from the "
+                                          "adapter GGUF applied by hand")
     else:
         hf_dir = staging if fmt == "hf" else staging / "hf"
         summary = write_merged(src, hf_dir, TORCH_DTYPES[dtype] if fmt == "hf" else torch.float32)
@@ -119,18 +132,23 @@ def _check_hf(src: RunSource, hf_dir: Path, what: str) -> dict[str, Any]:
 def _check_peft(src: RunSource, folder: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
+    return _check_lora(src, load_file(str(folder / "adapter_model.safetensors")),
+                       "the original base (transformers, fp32) with the PEFT tensors applied by hand")
+
+
+def _check_lora(src: RunSource, tensors: dict[str, torch.Tensor], what: str) -> dict[str, Any]:
     inputs = check.sample_inputs(src.base)
     reference = check.logits(check.unmerged_model(src), inputs)
     model = check.transformers_model(src.base)
-    apply_peft(model, src.family, load_file(str(folder / "adapter_model.safetensors")), src.cfg.adapter.alpha,
-               src.cfg.adapter.rank)
-    return check.compare(reference, check.logits(model, inputs),
-                         "the original base (transformers, fp32) with the PEFT tensors applied by hand")
+    apply_peft(model, src.family, tensors, src.cfg.adapter.alpha, src.cfg.adapter.rank)
+    return check.compare(reference, check.logits(model, inputs), what)
 
 
 def _problems(src: RunSource, fmt: str) -> list[str]:
     if fmt == "peft":
         return peft_problems(src)
+    if fmt == "gguf-lora":
+        return gguf_lora_problems(src)
     problems = merge_problems(src)
     if fmt == "gguf" and not problems:
         problems += [f"llama.cpp: {p}" for p in llama_cpp_problems(src.hf_config, src.family)]
