@@ -24,6 +24,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || [ ! -x .venv/bin/moe
   "${PIP[@]}" install -e ".[dev]"
   echo "$want" > "$stamp"
 fi
+scripts/llama_converters.sh  # llama.cpp's convert_hf_to_gguf.py / convert_lora_to_gguf.py into .venv/llama.cpp/ (tests run them)
 
 # The browser test drives Debian's Chromium (never a browser downloaded by Playwright). Install it when
 # it is missing and we can: as root, with apt-get. Otherwise skip quietly; that test then skips itself.
