@@ -9,6 +9,7 @@ llama_cpp and numpy: no torch, no engine), opens the GGUF once and runs the ops 
     ("tokenize", text, add_bos) -> token ids (special tokens parsed)
     ("detokenize", ids)         -> text (llama-cpp-python's detokenize, special tokens rendered)
     ("detokenize_raw", ids)     -> text (llama.cpp's llama_detokenize, which drops the prefix space it adds)
+    ("raise_signal", name)      -> the child kills itself with that signal (tests of the crash path)
 
 A child killed by a signal raises `LlamaCppCrash` naming the signal; a Python error in the child raises
 `LlamaCppError` with its traceback.
@@ -106,11 +107,16 @@ def cpu_has_amx() -> bool:
         return False
 
 
+def amx_risk(dtype: str) -> str | None:
+    """AMX_CRASH for a `dtype` file on this CPU when llama.cpp built for it may crash running the file, else None."""
+    if dtype.lower() in AMX_TYPES and cpu_has_amx():
+        return AMX_CRASH.format(dtype=dtype, version=llama_cpp_version() or "(not installed)")
+    return None
+
+
 def known_crash(crash: LlamaCppCrash, dtype: str) -> str | None:
     """The documented llama.cpp bug behind `crash` on a `dtype` file (see AMX_CRASH), or None if it is not one."""
-    if crash.signal_name == "SIGSEGV" and dtype.lower() in AMX_TYPES and cpu_has_amx():
-        return AMX_CRASH.format(dtype=dtype, version=llama_cpp_version())
-    return None
+    return amx_risk(dtype) if crash.signal_name == "SIGSEGV" else None
 
 
 def _signal_name(number: int) -> str:
@@ -152,7 +158,9 @@ def _child(request: dict) -> list[Any]:
     llm = llama_cpp.Llama(**kwargs)
     results: list[Any] = []
     for op, *args in request["ops"]:
-        if op == "logits":
+        if op == "raise_signal":
+            signal.raise_signal(getattr(signal, args[0]))
+        elif op == "logits":
             (ids,) = args
             llm.reset()
             llm.eval(list(ids))

@@ -414,3 +414,78 @@ def test_logit_check_is_skipped_with_its_reason_when_host_memory_is_short(checkp
     assert report["max_abs_logit_diff"] is None and "this machine has 0.0 GB free" in report["check"]["skipped"]
     saved = json.loads((tmp_path / "short" / "export_report.json").read_text())
     assert saved["check"] == report["check"] and (tmp_path / "short" / "config.json").is_file()
+
+
+# ---- llama.cpp runs the exported file, in a child process --------------------------------------------------
+
+
+@pytest.fixture
+def llama_child():
+    from engine import llama_child
+
+    if not llama_child.llama_cpp_available():
+        pytest.skip("llama-cpp-python is not installed (pip install -e '.[dev]')")
+    return llama_child
+
+
+def test_a_native_crash_in_llama_cpp_is_an_error_naming_the_signal(llama_child, tiny_checkpoint, tmp_path):
+    from engine.export import write_gguf
+
+    write_gguf(tiny_checkpoint("olmoe"), tmp_path / "model.gguf", dtype="f16")
+    for name in ("SIGSEGV", "SIGABRT"):
+        with pytest.raises(llama_child.LlamaCppCrash, match=f"crashed with {name}") as crash:
+            llama_child.run_llama(tmp_path / "model.gguf", [("logits", [1, 2, 3]), ("raise_signal", name)])
+        assert crash.value.signal_name == name
+    assert llama_child.run_llama(tmp_path / "model.gguf", [("logits", [1, 2, 3])])[0].shape == (3, 512)
+
+
+def test_q8_0_export_is_run_in_llama_cpp_and_reported(llama_child, checkpoint, tmp_path):
+    """On a CPU whose llama.cpp build crashes on Q8_0 (AMX), the export survives, says why and what works, and
+    the file still gives the merged model's logits with repacking off; elsewhere it simply runs."""
+    import warnings
+
+    make_run(checkpoint("qwen3_moe"), tmp_path / "run", "embedded", "lora", placement="inside")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = export_run(tmp_path / "run", "gguf", "q8_0", tmp_path / "out")
+    cpp = report["llama_cpp"]
+    if cpp.get("crashed"):
+        assert cpp["crashed"] == "SIGSEGV" and llama_child.amx_risk("q8_0"), cpp
+        assert "--no-repack" in cpp["known_issue"] and "--no-repack" in cpp["runs_with"]
+        assert any("--no-repack" in str(w.message) for w in caught)
+    q8 = 2.0 ** -7  # q8_0 rounds weights and activations to 8-bit steps of their block's largest value
+    assert cpp["median_abs_logit_diff"] < 32 * q8 * cpp["max_abs_logit"], cpp
+    saved = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
+    assert saved["llama_cpp"] == cpp and (tmp_path / "out" / "model-q8_0.gguf").is_file()
+
+
+def test_a_crash_on_an_amx_cpu_is_reported_with_its_workaround(checkpoint, tmp_path, monkeypatch):
+    """The AMX path on any machine: the first run (llama.cpp's default buffers) dies with SIGSEGV, the report
+    names the bug and the way around it, and the run without repacking is compared."""
+    import numpy as np
+
+    from engine import llama_child
+
+    calls = []
+
+    def fake_run(path, ops, repack=True, **kw):
+        calls.append(repack)
+        if repack:
+            raise llama_child.LlamaCppCrash("crashed with SIGSEGV", "SIGSEGV")
+        return [np.zeros((len(op[1]), 512), np.float32) for op in ops]
+
+    monkeypatch.setattr(llama_child, "llama_cpp_available", lambda: True)
+    monkeypatch.setattr(llama_child, "run_llama", fake_run)
+    monkeypatch.setattr(llama_child, "cpu_has_amx", lambda: True)
+    make_run(checkpoint("olmoe"), tmp_path / "run", "embedded", "lora", placement="inside")
+    with pytest.warns(UserWarning, match=r"model-q8_0.gguf: llama.cpp's CPU backend crashes .*--no-repack"):
+        report = export_run(tmp_path / "run", "gguf", "q8_0", tmp_path / "out")
+    assert calls == [True, False] and report["llama_cpp"]["crashed"] == "SIGSEGV"
+    assert report["llama_cpp"]["max_abs_logit_diff"] > 0  # the zeros above are compared, not trusted
+    with pytest.warns(UserWarning, match="--no-repack"):  # no check run: still warned
+        report = export_run(tmp_path / "run", "gguf", "q8_0", tmp_path / "unchecked", check_logits=False)
+    assert "warning" in report["llama_cpp"] and "skipped" in report["llama_cpp"]
+    monkeypatch.setattr(llama_child, "cpu_has_amx", lambda: False)  # an unknown crash is reported, not hidden
+    with pytest.warns(UserWarning, match=r"llama.cpp crashed \(SIGSEGV\)"):
+        report = export_run(tmp_path / "run", "gguf", "q8_0", tmp_path / "other")
+    assert report["llama_cpp"]["crashed"] == "SIGSEGV" and "known_issue" not in report["llama_cpp"]

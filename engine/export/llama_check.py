@@ -18,8 +18,8 @@ from . import check
 def llama_cpp_check(gguf_path: Path, hf_dir: Path, base: Path, dtype: str) -> dict[str, Any]:
     """Run `gguf_path` in llama.cpp on the sample prompts; the logit difference from `hf_dir` in transformers."""
     if not llama_child.llama_cpp_available():
-        return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python, or "
-                           "pip install -e '.[dev]'), so the file was not run in llama.cpp"}
+        return unchecked(gguf_path, dtype, "llama-cpp-python is not installed (pip install llama-cpp-python, or "
+                                           "pip install -e '.[dev]'), so the file was not run in llama.cpp")
     inputs = check.sample_inputs(base)
     ops = [("logits", ids[0].tolist()) for ids in inputs]
     report: dict[str, Any] = {"llama_cpp_version": llama_child.llama_cpp_version()}
@@ -44,6 +44,16 @@ def llama_cpp_check(gguf_path: Path, hf_dir: Path, base: Path, dtype: str) -> di
     report.update(check.compare(reference, [torch.from_numpy(g) for g in got],
                                 f"llama.cpp running the {dtype} GGUF, against the fp32 merged checkpoint "
                                 "in transformers"))
+    return report
+
+
+def unchecked(gguf_path: Path, dtype: str, why: str) -> dict[str, Any]:
+    """The report of a GGUF not run in llama.cpp: why, and the warning when this CPU is one it may crash on."""
+    report: dict[str, Any] = {"skipped": why}
+    risk = llama_child.amx_risk(dtype)
+    if risk:
+        report["warning"] = risk
+        warnings.warn(f"{gguf_path.name}: {risk}", stacklevel=2)
     return report
 
 

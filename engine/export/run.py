@@ -20,7 +20,7 @@ from ..io import atomic_write_json
 from . import check
 from .gguf import ExportError, llama_cpp_problems, write_gguf
 from .gguf_lora import LORA_DTYPES, gguf_lora_problems, read_gguf_lora, write_gguf_lora
-from .llama_check import llama_cpp_check
+from .llama_check import llama_cpp_check, unchecked
 from .merge import merge_plan, merge_problems, write_merged
 from .peft_lora import apply_peft, peft_plan, peft_problems, write_peft
 from .source import RunSource, open_run
@@ -97,8 +97,8 @@ def _export(src: RunSource, fmt: str, dtype: str, staging: Path, check_logits: b
             report["gguf"] = write_gguf(hf_dir, staging / name, dtype)
             report["gguf"]["path"] = name
             report["files"] = [name]
-            if check_logits:
-                report["llama_cpp"] = llama_cpp_check(staging / name, hf_dir, src.base, dtype)
+            report["llama_cpp"] = llama_cpp_check(staging / name, hf_dir, src.base, dtype) if check_logits else \
+                unchecked(staging / name, dtype, "the checks were skipped (--no-check or too little memory)")
         if check_logits:
             what = "the merged checkpoint reloaded by transformers (fp32)" if fmt == "hf" else \
                 "the fp32 merged HF checkpoint the GGUF was written from, reloaded by transformers"
