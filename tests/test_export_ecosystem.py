@@ -1,0 +1,313 @@
+"""The tools users run accept our exports: HF PEFT's `PeftModel.from_pretrained` loads `--format peft` with no
+missing or unexpected keys and computes the merged `--format hf` export's logits; llama.cpp's own converters
+(convert_hf_to_gguf.py on the hf export, convert_lora_to_gguf.py on the peft export) run, and llama.cpp gives
+the merged model's logits from the converted merge and from a base GGUF with the converted LoRA; our
+`--format gguf-lora` adapter equals the converter's and gives the same logits on our base GGUF. One run per
+family (embedded LoRA inside the experts plus attention LoRA, bf16 experts, so every path starts from the same
+base). The comparisons fail on a wrong export (the negative checks at the end of two tests).
+
+llama.cpp runs in a child process only (engine/llama_child.py). The converters come from the llama-cpp-python
+sdist (scripts/llama_converters.sh, run by bootstrap, puts them in .venv/llama.cpp/; $MOETUNE_LLAMA_CPP_DIR
+names another copy); outside CI a machine without them skips those tests, in CI they must be there."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import from_dict
+from engine.export import ExportError, export_run
+from engine.loader import load_model
+from engine.routing import attach, save_adapter
+
+from .conftest import FAMILY_NAMES
+
+ROOT = Path(__file__).resolve().parents[1]
+RANK, ALPHA = 4, 8.0
+
+
+def _logit_tolerance(want: np.ndarray) -> float:
+    """fp32 paths: what float rounding allows, relative to the logits' scale (measured: ~1e-6 of it)."""
+    return 1e-4 * float(np.abs(want).max()) + 1e-5
+
+
+def assert_logits_equal(got, want, what: str) -> float:
+    got, want = np.asarray(got, dtype=np.float32), np.asarray(want, dtype=np.float32)
+    assert got.shape == want.shape, f"{what}: shape {got.shape}, want {want.shape}"
+    diff = float(np.abs(got - want).max())
+    assert diff <= _logit_tolerance(want), f"{what}: max |Δlogit| {diff:.3g} > {_logit_tolerance(want):.3g}"
+    return diff
+
+
+def _missing(what: str, fix: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing in CI; {fix}")
+    pytest.skip(f"{what} is missing; {fix}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def converters() -> Path:
+    """The folder holding llama.cpp's convert_hf_to_gguf.py and convert_lora_to_gguf.py."""
+    where = Path(os.environ.get("MOETUNE_LLAMA_CPP_DIR") or ROOT / ".venv" / "llama.cpp")
+    if not (where / "convert_lora_to_gguf.py").is_file():
+        _missing(f"llama.cpp's converters ({where})", "run scripts/llama_converters.sh (bootstrap does).")
+    return where
+
+
+@pytest.fixture(scope="module")
+def llama():
+    from engine.llama_child import llama_cpp_available, run_llama
+
+    if not llama_cpp_available():
+        _missing("llama-cpp-python", "pip install -e '.[dev]'.")
+    return run_llama
+
+
+def convert(converters: Path, *jobs: tuple) -> None:
+    """Run llama.cpp's converters, `(script, *args)` each, in one process through tests/llama_convert.py (which
+    names the tiny tokenizer's pre-tokenizer as our GGUF writer does: the converter knows hub tokenizers only)."""
+    argv = []
+    for script, *args in jobs:
+        argv += ["--then"] * bool(argv) + [str(converters / script), *map(str, args)]
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "llama_convert.py"), "qwen2", *argv],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"llama.cpp's converters failed:\n{proc.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, tmp_path_factory):
+    """Factory: family -> folder with `base` (the tiny checkpoint in bf16), `run` (embedded LoRA inside the
+    experts + attention LoRA, every tensor random and non-zero), and its `peft`, `hf` (f32) and `gguf-lora`
+    (f32) exports; built once per family."""
+    from safetensors.torch import load_file, save_file
+
+    cache: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family in cache:
+            return cache[family]
+        root = tmp_path_factory.mktemp(family)
+        base = root / "base"
+        shutil.copytree(tiny_checkpoint(family), base)
+        state = {n: w.to(torch.bfloat16) for n, w in load_file(str(base / "model.safetensors")).items()}
+        save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
+        cfg = from_dict({"model": {"path": str(base), "quant": "bf16"},
+                         "adapter": {"kind": "lora", "placement": "inside", "rank": RANK, "alpha": ALPHA},
+                         "routing": {"strategy": "embedded", "attention_lora": True}})
+        peft = attach(load_model(base, expert_quant="bf16"), cfg)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for _, p in peft.trainable_parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        save_adapter(peft, root / "run")
+        for fmt in ("peft", "hf", "gguf-lora"):
+            export_run(root / "run", fmt, "f32", root / fmt, check_logits=False)
+        cache[family] = root
+        return root
+
+    return make
+
+
+def ids_for(root: Path) -> torch.Tensor:
+    vocab = json.loads((root / "base" / "config.json").read_text())["vocab_size"]
+    return torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def hf_logits(path: Path, ids: torch.Tensor) -> np.ndarray:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits.float().numpy()
+
+
+def load_peft(root: Path, folder: Path | None = None):
+    """Our peft export loaded as a user loads it; returns the model and the warnings PEFT gave."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(root / "base"), dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(base, str(folder or root / "peft"))
+    return model.eval(), [str(w.message) for w in caught]
+
+
+# ---- HF PEFT ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_peft_loads_our_lora_and_equals_the_merged_export(exported, family):
+    pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[dev]')")
+    root = exported(family)
+    model, caught = load_peft(root)
+    # no missing keys (PEFT warns), no key mismatch between config and file (PEFT warns); PEFT's own false alarm
+    # about rank/alpha patterns that name parameters, not modules, is expected (see engine/export/peft_lora.py)
+    bad = [w for w in caught if "missing" in w.lower() or "unexpected" in w.lower() or "inconsisten" in w.lower()]
+    assert not bad, bad
+    again = model.load_adapter(str(root / "peft"), adapter_name="again")
+    assert again.missing_keys == [] and again.unexpected_keys == []
+    model.set_adapter("default")
+    # every LoRA PEFT holds came from the file (lora_B starts at zero otherwise; gate_up's is block-diagonal)
+    loras = {n: p for n, p in model.named_parameters() if ".lora_B.default" in n}
+    assert len(loras) == 2 * 2 + 4 * 2 and all(p.abs().max() > 0 for p in loras.values())
+
+    ids = ids_for(root)
+    with torch.no_grad():
+        got = model(ids).logits.float().numpy()
+    want = hf_logits(root / "hf", ids)
+    assert_logits_equal(got, want, f"{family}: PeftModel.from_pretrained vs the merged hf export")
+    with torch.no_grad(), model.disable_adapter():
+        base = model(ids).logits.float().numpy()
+    assert np.abs(base - want).max() > 100 * _logit_tolerance(want)  # the adapter matters: the check has teeth
+
+    if family == "mixtral":  # negative check: alpha not doubled with gate_up's doubled rank is caught
+        wrong = root / "peft-wrong-alpha"
+        shutil.copytree(root / "peft", wrong)
+        config = json.loads((wrong / "adapter_config.json").read_text())
+        config["alpha_pattern"] = {k: ALPHA for k in config["alpha_pattern"]}
+        (wrong / "adapter_config.json").write_text(json.dumps(config))
+        bad_model, _ = load_peft(root, wrong)
+        with torch.no_grad():
+            bad_logits = bad_model(ids).logits.float().numpy()
+        with pytest.raises(AssertionError, match="max"):
+            assert_logits_equal(bad_logits, want, "gate/up LoRA at half scale")
+
+
+# ---- llama.cpp's converters and our adapter GGUF ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_llama_cpp_converters_and_gguf_lora_give_the_merged_logits(exported, converters, llama, family, monkeypatch):
+    import gguf
+
+    from engine.export import gguf_lora
+    from engine.export.gguf import write_gguf
+    from engine.export.source import open_run
+
+    root = exported(family)
+    convert(converters, ("convert_hf_to_gguf.py", root / "hf", "--outfile", root / "merged-conv.gguf", "--outtype", "f32"),
+            ("convert_lora_to_gguf.py", root / "peft", "--base", root / "base", "--outfile", root / "lora-conv.gguf",
+             "--outtype", "f32"))
+    write_gguf(root / "base", root / "base.gguf", "f32")  # a user's base GGUF (ours; the converter's names match)
+
+    # our adapter GGUF is the converter's, tensor for tensor, with the same adapter metadata
+    ours, theirs = gguf.GGUFReader(root / "gguf-lora" / "adapter-f32.gguf"), gguf.GGUFReader(root / "lora-conv.gguf")
+    assert sorted(t.name for t in ours.tensors) == sorted(t.name for t in theirs.tensors)
+    mine = {t.name: np.array(t.data) for t in ours.tensors}
+    for t in theirs.tensors:
+        np.testing.assert_array_equal(mine[t.name], np.array(t.data), err_msg=t.name)
+    for key in ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha"):
+        assert ours.fields[key].contents() == theirs.fields[key].contents(), key
+    assert ours.fields["adapter.lora.alpha"].contents() == ALPHA
+
+    ids = ids_for(root)
+    want = hf_logits(root / "hf", ids)
+    ops = [("logits", row.tolist()) for row in ids]
+    runs = {"convert_hf_to_gguf.py's merged GGUF": llama(root / "merged-conv.gguf", ops),
+            "base GGUF + convert_lora_to_gguf.py's LoRA": llama(root / "base.gguf", ops,
+                                                                lora_path=root / "lora-conv.gguf"),
+            "base GGUF + our gguf-lora": llama(root / "base.gguf", ops,
+                                               lora_path=root / "gguf-lora" / "adapter-f32.gguf")}
+    for what, got in runs.items():
+        assert_logits_equal(np.stack(got), want, f"{family}: llama.cpp, {what}, vs the merged hf export")
+    base = hf_logits(root / "base", ids)  # the adapter matters (llama.cpp's runs of the base: test_export_gguf.py)
+    assert np.abs(base - want).max() > 100 * _logit_tolerance(want)
+
+    if family == "mixtral":  # negative check: q/k LoRA rows left in HF order (llama permutes q/k) is caught
+        monkeypatch.setattr(gguf_lora, "_permute_rope", lambda w, n_head: w)
+        gguf_lora.write_gguf_lora(open_run(root / "run"), root / "unpermuted.gguf", "f32")
+        got = np.stack(llama(root / "base.gguf", ops, lora_path=root / "unpermuted.gguf"))
+        with pytest.raises(AssertionError, match="max"):
+            assert_logits_equal(got, want, "q/k LoRA unpermuted")
+
+
+def test_f16_adapter_on_an_f16_base(exported, llama, tmp_path):
+    """f16 tensors: llama.cpp with our f16 adapter on an f16 base GGUF is as close to the fp32 merge as the f16
+    merged GGUF is (both round the weights to f16's 11 bits), and the report's check reads the file back."""
+    from engine.export.gguf import write_gguf
+
+    def median_rel(got, want) -> float:
+        """Median over positions of the largest logit difference, relative to the logits' scale: f16 rounding
+        moves logits by ~0.1 % of it (measured), but a position whose top-k experts flip under the rounding
+        moves by far more, so the maximum is no bound (as in test_export_merge.py)."""
+        return float(np.median(np.abs(np.asarray(got) - want).max(-1)) / np.abs(want).max())
+
+    root = exported("qwen3_moe")
+    report = export_run(root / "run", "gguf-lora", "f16", tmp_path / "lora16", check_logits=True)
+    assert report["files"] == ["adapter-f16.gguf"] and report["gguf_lora"]["dtype"] == "f16"
+    assert 0 < report["check"]["median_abs_logit_diff"] < 5e-3 * report["check"]["max_abs_logit"]
+    write_gguf(root / "base", tmp_path / "base16.gguf", "f16")
+    write_gguf(root / "hf", tmp_path / "merged16.gguf", "f16")
+    ids = ids_for(root)
+    ops = [("logits", row.tolist()) for row in ids]
+    want = hf_logits(root / "hf", ids)
+    lora = np.stack(llama(tmp_path / "base16.gguf", ops, lora_path=tmp_path / "lora16" / "adapter-f16.gguf"))
+    merged = np.stack(llama(tmp_path / "merged16.gguf", ops))
+    assert 0 < median_rel(lora, want) < 5e-3
+    assert 0 < median_rel(merged, want) < 5e-3
+    base = np.stack(llama(tmp_path / "base16.gguf", ops))
+    assert median_rel(base, want) > 10 * 5e-3  # the adapter moves logits far beyond f16's rounding
+
+
+# ---- refusals, the command line ----------------------------------------------------------------------------
+
+#: (family, config edits, strategy, kind, placement, phrases the gguf-lora refusal must hold)
+REFUSED = [
+    ("olmoe", {}, "embedded", "lora", "parallel", ["'embedded'", "parallel lora", "No export format"]),
+    ("mixtral", {}, "embedded", "gated", "parallel", ["'embedded'", "gated", "Formats that work for this run: hf, gguf."]),
+    ("mixtral", {}, "routed", "lora", "parallel", ["'routed'", "of its own", "No export format"]),
+    ("qwen3_moe", {"norm_topk_prob": False}, "embedded", "lora", "inside",
+     ["llama.cpp", "norm_topk_prob=False", "Formats that work for this run: hf, peft."]),
+]
+
+
+@pytest.mark.parametrize("family, edits, strategy, kind, placement, phrases", REFUSED,
+                         ids=[f"{c[0]}-{c[2]}-{c[3]}-{c[4]}" for c in REFUSED])
+def test_runs_without_a_lora_form_are_refused(tiny_checkpoint, tmp_path, family, edits, strategy, kind, placement,
+                                              phrases):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_checkpoint(family), base)
+    raw = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**raw, **edits}))
+    cfg = from_dict({"model": {"path": str(base), "quant": "bf16"},
+                     "adapter": {"kind": kind, "placement": placement, "rank": RANK, "alpha": ALPHA},
+                     "routing": {"strategy": strategy, "num_adapters": 3}})
+    save_adapter(attach(load_model(base, expert_quant="bf16"), cfg), tmp_path / "run")
+    with pytest.raises(ExportError) as err:
+        export_run(tmp_path / "run", "gguf-lora", "f16", tmp_path / "out")
+    message = str(err.value)
+    assert "as gguf-lora" in message
+    for phrase in phrases:
+        assert phrase in message, f"{phrase!r} not in: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_exports_gguf_lora(exported, tmp_path, capsys):
+    from engine.cli import main
+
+    root = exported("olmoe")
+    assert main(["export", "--run", str(root / "run"), "--format", "gguf-lora", "--dtype", "bf16",
+                 "--out", str(tmp_path / "out"), "--no-check"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "gguf-lora" and report["files"] == ["adapter-bf16.gguf"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter-bf16.gguf", "export_report.json"]
+    with pytest.raises(ExportError, match=r"--dtype\) 'q8_0' is not allowed for --format gguf-lora"):
+        export_run(root / "run", "gguf-lora", "q8_0", tmp_path / "q8")
