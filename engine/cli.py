@@ -219,7 +219,8 @@ def cmd_export(args) -> int:
 def _add_export(sub):
     p = sub.add_parser("export", help="merge a run's adapter: HF safetensors, PEFT LoRA or GGUF")
     p.add_argument("--run", required=True, help="run folder written by `moetune train`")
-    p.add_argument("--format", required=True, choices=("hf", "peft", "gguf"))
+    p.add_argument("--format", required=True, choices=("hf", "peft", "gguf", "gguf-lora"),
+                   help="gguf-lora: the LoRA alone as a llama.cpp adapter GGUF, for a base GGUF (llama-cli --lora)")
     p.add_argument("--dtype", default="f16", choices=("f16", "bf16", "q8_0"), help="tensor type (q8_0: GGUF only)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-check", action="store_true",
