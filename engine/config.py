@@ -109,7 +109,8 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    format: str = _f("hf", "export format", choices=("hf", "peft", "gguf"))
+    format: str = _f("hf", "export format (gguf-lora: the LoRA alone, for a base GGUF)",
+                     choices=("hf", "peft", "gguf", "gguf-lora"))
     dtype: str = _f("f16", "tensor type of the export", choices=("f16", "bf16", "q8_0"))
 
 
