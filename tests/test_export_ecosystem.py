@@ -311,3 +311,22 @@ def test_cli_exports_gguf_lora(exported, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter-bf16.gguf", "export_report.json"]
     with pytest.raises(ExportError, match=r"--dtype\) 'q8_0' is not allowed for --format gguf-lora"):
         export_run(root / "run", "gguf-lora", "q8_0", tmp_path / "q8")
+
+
+def test_export_tab_shows_the_command_that_runs_the_export(exported, tmp_path):
+    """After an export the app shows how to run the file: llama-cli with --lora, PeftModel.from_pretrained."""
+    from app.export_tab import result_html
+
+    root = exported("olmoe")
+    shown = {}
+    for fmt in ("peft", "gguf-lora", "hf"):
+        text = (root / fmt / "export_report.json").read_text()
+        shown[fmt] = result_html(root / fmt, text)
+        assert "Wrote" in shown[fmt] and "exact&quot;: true" in shown[fmt]
+    lora = root / "gguf-lora" / "adapter-f32.gguf"
+    assert f"llama-cli -m base.gguf --lora {lora}" in shown["gguf-lora"]
+    assert f"convert_hf_to_gguf.py {root / 'base'} --outfile base.gguf" in shown["gguf-lora"]
+    assert (f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(root / 'base')!r}), "
+            f"{str(root / 'peft')!r})").replace("'", "&#x27;") in shown["peft"]
+    assert f"convert_lora_to_gguf.py {root / 'peft'} --base {root / 'base'}" in shown["peft"]
+    assert "AutoModelForCausalLM.from_pretrained" in shown["hf"]
