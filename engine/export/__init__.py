@@ -1,10 +1,13 @@
-"""Export a fine-tune in formats other tools run: a merged HF checkpoint, PEFT-layout adapters, GGUF.
+"""Export a fine-tune in formats other tools run: a merged HF checkpoint, PEFT-layout adapters, GGUF, and a
+llama.cpp LoRA adapter GGUF.
 
 `export_run(run_dir, fmt, dtype, out_dir)` is the one entry point (`moetune export` calls it)."""
 
 from __future__ import annotations
 
 from .gguf import GGUF_DTYPES, ExportError, write_gguf
+from .gguf_lora import write_gguf_lora
 from .run import DTYPES, FORMATS, REPORT_FILE, export_run
 
-__all__ = ["DTYPES", "FORMATS", "GGUF_DTYPES", "REPORT_FILE", "ExportError", "export_run", "write_gguf"]
+__all__ = ["DTYPES", "FORMATS", "GGUF_DTYPES", "REPORT_FILE", "ExportError", "export_run", "write_gguf",
+           "write_gguf_lora"]
