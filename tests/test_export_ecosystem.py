@@ -98,28 +98,30 @@ def exported(tiny_checkpoint, tmp_path_factory):
     (f32) exports; built once per family."""
     from safetensors.torch import load_file, save_file
 
-    cache: dict[str, Path] = {}
+    cache: dict[tuple, Path] = {}
 
-    def make(family: str) -> Path:
-        if family in cache:
-            return cache[family]
+    def make(family: str, layers: list[int] | None = None) -> Path:
+        """`layers`: adapt only these layers (of a three-layer model), else all layers of a two-layer one."""
+        key = (family, tuple(layers or ()))
+        if key in cache:
+            return cache[key]
         root = tmp_path_factory.mktemp(family)
         base = root / "base"
-        shutil.copytree(tiny_checkpoint(family), base)
+        shutil.copytree(tiny_checkpoint(family, layers=3) if layers else tiny_checkpoint(family), base)
         state = {n: w.to(torch.bfloat16) for n, w in load_file(str(base / "model.safetensors")).items()}
         save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
         cfg = from_dict({"model": {"path": str(base), "quant": "bf16"},
                          "adapter": {"kind": "lora", "placement": "inside", "rank": RANK, "alpha": ALPHA},
-                         "routing": {"strategy": "embedded", "attention_lora": True}})
+                         "routing": {"strategy": "embedded", "attention_lora": True, "layers": layers or "all"}})
         peft = attach(load_model(base, expert_quant="bf16"), cfg)
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for _, p in peft.trainable_parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         save_adapter(peft, root / "run")
-        for fmt in ("peft", "hf", "gguf-lora"):
+        for fmt in ("peft", "hf") if layers else ("peft", "hf", "gguf-lora"):
             export_run(root / "run", fmt, "f32", root / fmt, check_logits=False)
-        cache[family] = root
+        cache[key] = root
         return root
 
     return make
@@ -153,9 +155,16 @@ def load_peft(root: Path, folder: Path | None = None):
 # ---- HF PEFT ----------------------------------------------------------------------------------------------
 
 
+def _need_peft():
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        _missing("peft", "pip install -e '.[dev]'.")
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_peft_loads_our_lora_and_equals_the_merged_export(exported, family):
-    pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[dev]')")
+    _need_peft()
     root = exported(family)
     model, caught = load_peft(root)
     # no missing keys (PEFT warns), no key mismatch between config and file (PEFT warns); PEFT's own false alarm
@@ -189,6 +198,23 @@ def test_peft_loads_our_lora_and_equals_the_merged_export(exported, family):
             bad_logits = bad_model(ids).logits.float().numpy()
         with pytest.raises(AssertionError, match="max"):
             assert_logits_equal(bad_logits, want, "gate/up LoRA at half scale")
+
+
+def test_peft_loads_a_run_on_some_layers(exported):
+    """routing.layers [1]: the config names layer 1's modules and fused experts, and PEFT adapts only those."""
+    _need_peft()
+    root = exported("qwen2_moe", layers=[1])
+    config = json.loads((root / "peft" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["model.layers.1.mlp.experts.gate_up_proj",
+                                           "model.layers.1.mlp.experts.down_proj"]
+    assert config["target_modules"] == [f"model.layers.1.self_attn.{p}_proj" for p in "koqv"]
+    model, caught = load_peft(root)
+    assert not [w for w in caught if "missing" in w.lower() or "inconsisten" in w.lower()], caught
+    assert {n.split(".")[4] for n, _ in model.named_parameters() if ".lora_" in n} == {"1"}
+    ids = ids_for(root)
+    with torch.no_grad():
+        got = model(ids).logits.float().numpy()
+    assert_logits_equal(got, hf_logits(root / "hf", ids), "qwen2_moe, layer 1 only: PEFT vs the merged hf export")
 
 
 # ---- llama.cpp's converters and our adapter GGUF ---------------------------------------------------------------
