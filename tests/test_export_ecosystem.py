@@ -230,9 +230,10 @@ def test_llama_cpp_converters_and_gguf_lora_give_the_merged_logits(exported, con
 
     root = exported(family)
     convert(converters, ("convert_hf_to_gguf.py", root / "hf", "--outfile", root / "merged-conv.gguf", "--outtype", "f32"),
+            ("convert_hf_to_gguf.py", root / "base", "--outfile", root / "base-conv.gguf", "--outtype", "f32"),
             ("convert_lora_to_gguf.py", root / "peft", "--base", root / "base", "--outfile", root / "lora-conv.gguf",
              "--outtype", "f32"))
-    write_gguf(root / "base", root / "base.gguf", "f32")  # a user's base GGUF (ours; the converter's names match)
+    write_gguf(root / "base", root / "base.gguf", "f32")  # our GGUF of the base model
 
     # our adapter GGUF is the converter's, tensor for tensor, with the same adapter metadata
     ours, theirs = gguf.GGUFReader(root / "gguf-lora" / "adapter-f32.gguf"), gguf.GGUFReader(root / "lora-conv.gguf")
@@ -248,10 +249,10 @@ def test_llama_cpp_converters_and_gguf_lora_give_the_merged_logits(exported, con
     want = hf_logits(root / "hf", ids)
     ops = [("logits", row.tolist()) for row in ids]
     runs = {"convert_hf_to_gguf.py's merged GGUF": llama(root / "merged-conv.gguf", ops),
-            "base GGUF + convert_lora_to_gguf.py's LoRA": llama(root / "base.gguf", ops,
-                                                                lora_path=root / "lora-conv.gguf"),
-            "base GGUF + our gguf-lora": llama(root / "base.gguf", ops,
-                                               lora_path=root / "gguf-lora" / "adapter-f32.gguf")}
+            "convert_hf_to_gguf.py's base GGUF + convert_lora_to_gguf.py's LoRA":
+                llama(root / "base-conv.gguf", ops, lora_path=root / "lora-conv.gguf"),
+            "our base GGUF + our gguf-lora": llama(root / "base.gguf", ops,
+                                                   lora_path=root / "gguf-lora" / "adapter-f32.gguf")}
     for what, got in runs.items():
         assert_logits_equal(np.stack(got), want, f"{family}: llama.cpp, {what}, vs the merged hf export")
     base = hf_logits(root / "base", ids)  # the adapter matters (llama.cpp's runs of the base: test_export_gguf.py)
