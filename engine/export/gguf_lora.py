@@ -4,8 +4,9 @@ one: `general.type` adapter, `adapter.type` lora, `adapter.lora.alpha`, and a `.
 `blk.N.ffn_{gate,up,down}_exps.weight.lora_a` [E, r, in] / `.lora_b` [E, out, r]; q/k rows permuted where the
 arch's GGUF permutes them. llama.cpp scales each pair by alpha / r (r from the tensor), as PEFT does.
 
-A user keeps one GGUF of the base model (MoETune's `--format gguf` of an untrained run, or llama.cpp's
-convert_hf_to_gguf.py on the checkpoint) and loads adapters onto it: `llama-cli -m base.gguf --lora a.gguf`."""
+A user keeps one GGUF of the base model (llama.cpp's convert_hf_to_gguf.py on the checkpoint, or
+engine.export.write_gguf on it: their tensor names are the same) and loads adapters onto it:
+`llama-cli -m base.gguf --lora adapter.gguf`."""
 
 from __future__ import annotations
 
