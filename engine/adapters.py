@@ -16,10 +16,13 @@ per-module LoRA is not.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .grouped import grouped_mm
 
 KINDS = ("lora", "bottleneck", "gated")
 
@@ -74,6 +77,25 @@ class AdapterBank(nn.Module):
         if torch.is_grad_enabled():
             self.touched.add(idx)
         return (self.hidden(h, idx) @ self.up[idx].to(h.dtype).T) * self.scale
+
+    def forward_grouped(self, h: torch.Tensor, idx: Sequence[int], offs: torch.Tensor,
+                        counts: Sequence[int]) -> torch.Tensor:
+        """Adapter `idx[g]` on the g-th group of rows of h [N, d_in] (`counts` rows each, ends `offs`) -> [N, d_out],
+        as `forward_one` per group, in grouped matmuls (engine.grouped)."""
+        if torch.is_grad_enabled():
+            self.touched.update(idx)
+        sel = None if list(idx) == list(range(self.num)) else torch.tensor(list(idx), device=self.down.device)
+
+        def take(p: torch.Tensor) -> torch.Tensor:  # [G, out, in] of the groups' adapters, as [G, in, out]
+            return (p if sel is None else p.index_select(0, sel)).to(h.dtype).transpose(1, 2)
+
+        h = self.dropout(h)
+        z = grouped_mm(h, take(self.down), offs, counts)
+        if self.kind == "bottleneck":
+            z = self.act(z)
+        elif self.kind == "gated":
+            z = self.act(z) * grouped_mm(h, take(self.gate_up), offs, counts)
+        return grouped_mm(z, take(self.up), offs, counts) * self.scale
 
     def forward_all(self, h: torch.Tensor) -> torch.Tensor:
         """Every adapter on every token: h [T, d_in] -> [T, N, d_out]."""

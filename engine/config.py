@@ -36,6 +36,11 @@ class ModelConfig:
     quant: str = _f("nf4", "how frozen expert weights are stored", choices=("nf4", "bf16"))
     attention_quant: str = _f("none", "store attention and other linear weights in NF4 too (QLoRA style)",
                               choices=("none", "nf4"))
+    expert_backend: str = _f("auto", "how the frozen experts compute: torch (a layer's routed experts dequantised "
+                             "in one batched call, then one grouped GEMM per projection), grouped-nf4-gemm (NF4 "
+                             "decoded inside the grouped GEMM; optional package, CUDA, resident NF4 experts), or "
+                             "auto (grouped-nf4-gemm where installed and usable, else torch)",
+                             choices=("auto", "torch", "grouped-nf4-gemm"))
 
 
 @dataclass

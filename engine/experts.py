@@ -1,21 +1,44 @@
 """The frozen expert bank: replaces a family's experts module, computes only the (token, expert)
 pairs the router chose, grouped by expert, and runs the `embedded` adapters inside.
 
-Expert weights come from a store (`engine.quant`): `store.weights(e, device, dtype)` gives the
-dequantised `gate_up [2I, H]` and `down [H, I]` of expert e on the compute device. Dequantised
-weights are never kept for backward: `FrozenLinear` saves nothing of the weight and fetches it
-again from the store when the gradient of its input is needed.
+A layer's routed pairs are sorted by expert once; then the whole layer is a handful of grouped
+operations, with no Python loop over experts:
+- the touched experts' weights dequantised in one batched call (`store.weights_batched`, from the
+  stacked NF4 tensors; a store without it is read expert by expert into one stacked buffer);
+- one grouped GEMM per projection (`engine.grouped`: `torch._grouped_mm` where the device supports it,
+  segment matmuls elsewhere);
+- the per-expert adapters (`inside` LoRA, `parallel` LoRA / bottleneck / gated) batched over experts
+  in the same grouped form (`AdapterBank.forward_grouped`);
+- one `index_add_` of the gated outputs, in the order transformers' eager loop adds them.
+
+Dequantised weights are never kept for backward: `GroupedFrozenLinear` saves nothing of the weights and
+dequantises them again (one batched call per pass) when the gradient of its input is needed. Touched
+experts are taken in chunks of at most `max_group_bytes` of dequantised weights, which bounds the
+transient memory of one layer.
+
+Backends (`model.expert_backend`): `torch` as above; `grouped-nf4-gemm` (CUDA, optional package) decodes
+NF4 inside the grouped GEMM and its backward, so nothing is dequantised at all; `auto` takes the kernels
+when they are installed and the layer qualifies, else `torch`. `loop` is the earlier per-expert path
+(one dequantisation, two `F.linear` and the adapter calls per expert), kept as the reference.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import importlib.util
+from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .adapters import AdapterBank
+from .grouped import group_offsets, grouped_mm_frozen
+
+#: ExpertBank backends; the config's `model.expert_backend` takes the first three
+BACKENDS = ("auto", "torch", "grouped-nf4-gemm", "loop")
+#: most bytes of dequantised expert weights one grouped pass holds at a time (more touched experts: chunks)
+MAX_GROUP_BYTES = 1 << 30
+KERNEL_MODULE = "nf4_grouped"  # the module the `grouped-nf4-gemm` distribution installs
 
 
 class ExpertStore(Protocol):
@@ -28,6 +51,7 @@ class ExpertStore(Protocol):
         ...
 
 
+# ---- per-expert reference path ------------------------------------------------------------------
 class _ExpertWeights:
     """One expert's weights fetched at most once per pass; dropped after the last use."""
 
@@ -61,31 +85,234 @@ class FrozenLinear(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+# ---- grouped path -------------------------------------------------------------------------------
+def fetch_weights(store, experts: Sequence[int], device: torch.device,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up [n, 2I, H] and down [n, H, I] of `experts`: one batched call when the store has one, else
+    expert by expert into one stacked buffer (one expert's temporary at a time)."""
+    batched = getattr(store, "weights_batched", None)
+    if batched is not None:
+        return batched(experts, device, dtype)
+    gate_up = down = None
+    for i, e in enumerate(experts):
+        gu, dn = store.weights(e, device, dtype)
+        if gate_up is None:
+            gate_up = gu.new_empty(len(experts), *gu.shape)
+            down = dn.new_empty(len(experts), *dn.shape)
+        gate_up[i].copy_(gu)
+        down[i].copy_(dn)
+        del gu, dn
+    return gate_up, down
+
+
+class _DequantisedGroup:
+    """The touched experts of one chunk, dequantised at most once per pass (both projections in one
+    batched fetch), dropped after the last use; grouped GEMMs over them."""
+
+    def __init__(self, store, experts: list[int], counts: list[int], offs: torch.Tensor, device, dtype):
+        self.store, self.experts, self.counts, self.offs = store, experts, counts, offs
+        self.device, self.dtype = device, dtype
+        self._w: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _get(self, which: int) -> torch.Tensor:
+        if self._w is None:
+            self._w = fetch_weights(self.store, self.experts, self.device, self.dtype)
+        return self._w[which]
+
+    def forward_mm(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        """x [N, in] -> [N, out]: each group's rows times its expert's Wᵀ."""
+        w = self._get(which)
+        return grouped_mm_frozen(x, w.transpose(1, 2).to(x.dtype), self.offs, self.counts)
+
+    def backward_mm(self, grad: torch.Tensor, which: int) -> torch.Tensor:
+        """grad [N, out] -> [N, in]: each group's rows times its expert's W."""
+        w = self._get(which)
+        return grouped_mm_frozen(grad, w.to(grad.dtype), self.offs, self.counts)
+
+    def release(self) -> None:
+        self._w = None
+
+
+class _PackedGroup:
+    """The touched experts through the `grouped-nf4-gemm` kernels: NF4 decoded inside the GEMM (forward)
+    and inside its transposed GEMM (backward, dgrad); nothing is dequantised or kept.
+
+    Written against grouped-nf4-gemm 0.51's documented API (`nf4_grouped.gemm_4bit_grouped` /
+    `dgrad_4bit_grouped`: `a [T, K]` bf16 group-sorted, `B [E, N, K/2]` uint8, fp32 `absmax [E, N, K/64]`,
+    per-group `sizes`, `expert_ids`); it runs only on CUDA and has not been run on a GPU by this project yet
+    (no GPU was lent when it was written): `bench/check_offload_device.py`-style device checks must confirm
+    it against the `torch` backend before it is trusted. Imported lazily, so CPU runs never import it.
+    """
+
+    def __init__(self, store, experts: list[int], counts: list[int]):
+        self.store, self.experts, self.counts = store, experts, counts
+
+    def _operands(self, which: int, device: torch.device):
+        return self.store.packed_operands(("gate_up", "down")[which], device)
+
+    def forward_mm(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        """x [N, in] bf16 -> [N, out] bf16 by the fused NF4 grouped GEMM."""
+        from nf4_grouped import gemm_4bit_grouped
+
+        packed, absmax = self._operands(which, x.device)
+        return gemm_4bit_grouped(x.contiguous(), packed, absmax, self.counts, self.experts)
+
+    def backward_mm(self, grad: torch.Tensor, which: int) -> torch.Tensor:
+        """grad [N, out] -> [N, in] by the fused dgrad kernel (dequantise-then-GEMM when it declines the shape)."""
+        from nf4_grouped import dgrad_4bit_grouped, dgrad_eligible
+
+        grad = grad.to(torch.bfloat16).contiguous()
+        packed, absmax = self._operands(which, grad.device)
+        if dgrad_eligible(grad, packed, absmax) is None:
+            return dgrad_4bit_grouped(grad, packed, absmax, self.counts, self.experts)
+        w = fetch_weights(self.store, self.experts, grad.device, grad.dtype)[which]
+        return grouped_mm_frozen(grad, w, group_offsets(self.counts, grad.device), self.counts)
+
+    def release(self) -> None:
+        """Nothing is held."""
+
+
+class GroupedFrozenLinear(torch.autograd.Function):
+    """y = x Wₑᵀ for every group of rows with its frozen expert weight; the weights are fetched again in
+    backward (nothing of them is saved)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group, which: int, release_after_backward: bool):
+        ctx.group, ctx.which, ctx.release = group, which, release_after_backward
+        return group.forward_mm(x, which)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_x = ctx.group.backward_mm(grad.contiguous(), ctx.which)
+        if ctx.release:
+            ctx.group.release()
+        ctx.group = None
+        return grad_x, None, None, None
+
+
+def kernels_installed() -> bool:
+    """Whether the optional `grouped-nf4-gemm` package is importable (checked without importing it)."""
+    return importlib.util.find_spec(KERNEL_MODULE) is not None
+
+
 class ExpertBank(nn.Module):
     """Experts of one MoE layer, computed sparsely from a weight store, with optional per-expert adapters.
 
     `parallel`: an AdapterBank of E adapters H -> H, P_e(h) added beside expert e before gating.
     `inside`:   LoRA banks on each expert's gate, up and down projections.
+    `backend`:  one of BACKENDS (module docstring).
     """
 
     def __init__(self, store: ExpertStore, activation: str, hidden_size: int, intermediate_size: int,
-                 parallel: AdapterBank | None = None, inside: dict[str, AdapterBank] | None = None):
+                 parallel: AdapterBank | None = None, inside: dict[str, AdapterBank] | None = None,
+                 backend: str = "auto", max_group_bytes: int = MAX_GROUP_BYTES):
         super().__init__()
         from transformers.activations import ACT2FN
 
+        if backend not in BACKENDS:
+            raise ValueError(f"model.expert_backend: {backend!r} is not one of {', '.join(BACKENDS[:3])}.")
+        if backend == "grouped-nf4-gemm" and not kernels_installed():
+            raise ValueError("model.expert_backend: grouped-nf4-gemm is not installed; `pip install "
+                             "grouped-nf4-gemm` (CUDA only), or set model.expert_backend to auto or torch.")
         self.store = store
         self.num_experts = store.num_experts
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.act_fn = ACT2FN[activation]
         self.parallel = parallel
         self.inside = nn.ModuleDict(inside) if inside else None
+        self.backend, self.max_group_bytes = backend, max_group_bytes
+        #: the backend the last grouped forward used ("torch" or "grouped-nf4-gemm")
+        self.last_backend: str | None = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.backend == "loop":
+            return self.forward_loop(hidden_states, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden_states)
         num_tokens = top_k_index.shape[0]
         with torch.no_grad():  # group (token, slot) pairs by expert with one sort and one device sync
             flat = top_k_index.T.reshape(-1)  # slot-major: the order transformers' eager loop adds in
+            order = torch.argsort(flat, stable=True)
+            per_expert = torch.bincount(flat, minlength=self.num_experts).tolist()
+            toks, slots = order % num_tokens, order // num_tokens
+        experts = [e for e, n in enumerate(per_expert) if n]
+        if not experts:
+            return out
+        dtype = _compute_dtype(hidden_states)
+        x = hidden_states[toks].to(dtype)
+        gates = top_k_weights[toks, slots, None]
+        packed = self._use_kernels(x)
+        self.last_backend = "grouped-nf4-gemm" if packed else "torch"
+        start = 0
+        for chunk in ([experts] if packed else self._chunks(experts, dtype)):
+            counts = [per_expert[e] for e in chunk]
+            rows = slice(start, start + sum(counts))
+            start = rows.stop
+            whole = rows.start == 0 and rows.stop == x.shape[0]
+            y = self._group_forward(x if whole else x[rows], chunk, counts, packed)
+            g = gates if whole else gates[rows]
+            out.index_add_(0, toks if whole else toks[rows], (y * g).to(out.dtype))
+        return out
+
+    def _chunks(self, experts: list[int], dtype: torch.dtype) -> list[list[int]]:
+        per = 3 * self.hidden_size * self.intermediate_size * torch.empty((), dtype=dtype).element_size()
+        n = max(1, self.max_group_bytes // per)
+        return [experts[i:i + n] for i in range(0, len(experts), n)]
+
+    def _use_kernels(self, x: torch.Tensor) -> bool:
+        """Whether this pass runs on the grouped-nf4-gemm kernels (raises when they are forced and cannot)."""
+        if self.backend not in ("auto", "grouped-nf4-gemm"):
+            return False
+        why = self._kernels_unavailable(x)
+        if why is not None and self.backend == "grouped-nf4-gemm":
+            raise RuntimeError(f"model.expert_backend is grouped-nf4-gemm, but {why}; set it to auto or torch.")
+        return why is None
+
+    def _kernels_unavailable(self, x: torch.Tensor) -> str | None:
+        if x.device.type != "cuda":
+            return f"the experts compute on {x.device.type}, and its kernels are CUDA only"
+        if x.dtype != torch.bfloat16:
+            return f"the experts compute in {x.dtype}, and its kernels take bfloat16"
+        if not kernels_installed():
+            return "grouped-nf4-gemm is not installed"
+        if torch.cuda.get_device_capability(x.device) < (8, 0):
+            return "the GPU is older than sm_80"
+        if not hasattr(self.store, "packed_operands"):
+            return f"the experts are not resident NF4 ({type(self.store).__name__})"
+        if self.hidden_size % 64 or self.intermediate_size % 64:
+            return "hidden and expert intermediate sizes must be multiples of 64"
+        if self.store.packed_operands("down", x.device) is None:
+            return "the NF4 experts are not on the compute device"
+        return None
+
+    def _group_forward(self, x: torch.Tensor, experts: list[int], counts: list[int], packed: bool) -> torch.Tensor:
+        """Experts (plus their adapters) on their groups of rows: x [N, H] sorted by expert -> [N, H]."""
+        offs = group_offsets(counts, x.device)
+        group = _PackedGroup(self.store, experts, counts) if packed else \
+            _DequantisedGroup(self.store, experts, counts, offs, x.device, x.dtype)
+        gate_up = GroupedFrozenLinear.apply(x, group, 0, True)
+        gate, up = gate_up.chunk(2, dim=-1)
+        if self.inside is not None:
+            gate = gate + self.inside["gate"].forward_grouped(x, experts, offs, counts).to(gate.dtype)
+            up = up + self.inside["up"].forward_grouped(x, experts, offs, counts).to(up.dtype)
+        act = self.act_fn(gate) * up
+        # the gate_up backward releases the weights; when it will not run (x needs no gradient), the down one does
+        y = GroupedFrozenLinear.apply(act, group, 1, not x.requires_grad)
+        group.release()  # forward is done with the weights; backward fetches them again
+        if self.inside is not None:
+            y = y + self.inside["down"].forward_grouped(act, experts, offs, counts).to(y.dtype)
+        if self.parallel is not None:
+            y = y + self.parallel.forward_grouped(x, experts, offs, counts).to(y.dtype)
+        return y
+
+    # ---- the per-expert reference -----------------------------------------------------------------
+    def forward_loop(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The earlier per-expert loop (backend `loop`): the reference the grouped path is tested against."""
+        out = torch.zeros_like(hidden_states)
+        num_tokens = top_k_index.shape[0]
+        with torch.no_grad():
+            flat = top_k_index.T.reshape(-1)
             order = torch.argsort(flat, stable=True)
             counts = torch.bincount(flat, minlength=self.num_experts).tolist()
             toks, slots = order % num_tokens, order // num_tokens
@@ -115,3 +342,10 @@ class ExpertBank(nn.Module):
         if self.parallel is not None:
             y = y + self.parallel.forward_one(x, e)
         return y
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: autocast's when it is on for x's device (as F.linear would), else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype

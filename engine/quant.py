@@ -27,7 +27,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Union
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import torch
 from torch import nn
@@ -72,6 +72,15 @@ def _bnb():
     import bitsandbytes.functional as F
 
     return F
+
+
+def denest_absmax(absmax: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor,
+                  nested_code: torch.Tensor) -> torch.Tensor:
+    """fp32 block scales `[n, blocks]` from double-quantised ones (uint8 `[n, blocks]`, fp32 `[n, nested]`,
+    offset `[n]`), computed as bitsandbytes does (code lookup times the nested scale, then the offset)."""
+    blocks = absmax.shape[-1]
+    scale = nested_absmax.repeat_interleave(NESTED_BLOCKSIZE, dim=-1)[..., :blocks]
+    return nested_code[absmax.long()] * scale + offset.unsqueeze(-1)
 
 
 @dataclass(frozen=True)
@@ -213,6 +222,51 @@ class NF4ExpertStore(_FillTracking):
         """gate_up [2I, H] and down [H, I] of one expert, dequantised on `device` in `dtype`."""
         return self.weights_from_tensors(self.expert_tensors(expert), device, dtype)
 
+    def weights_batched(self, experts: Sequence[int], device: torch.device | str,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate_up [n, 2I, H] and down [n, H, I] of `experts`, dequantised on `device` in one bitsandbytes call
+        per matrix kind (the same values as `weights` expert by expert)."""
+        from bitsandbytes.functional import QuantState
+
+        device, idx = torch.device(device), list(experts)
+        code, nested_code = self._code_tables(device)
+        sel = None if idx == list(range(self.num_experts)) else torch.tensor(idx, dtype=torch.long)
+        out = []
+        for part in PARTS:
+            lay = self.layouts[part]
+            if lay.shape[1] % self.blocksize:
+                # rows not whole blocks: bitsandbytes' CPU kernel then indexes the scales per call, not per
+                # expert (and not as its CUDA kernel does), so keep its per-expert values, expert by expert
+                out.append(torch.stack([self.weights(e, device, dtype)[PARTS.index(part)] for e in idx]))
+                continue
+
+            def take(name: str) -> torch.Tensor:
+                t = self.tensors[f"{part}.{name}"]
+                t = t if sel is None else t.index_select(0, sel.to(t.device))
+                return t.to(device, non_blocking=True)
+
+            absmax = denest_absmax(take("absmax"), take("nested_absmax"), take("offset"), nested_code)
+            state = QuantState(absmax=absmax.reshape(-1), shape=torch.Size((len(idx) * lay.shape[0], lay.shape[1])),
+                               code=code, blocksize=self.blocksize, quant_type=QUANT_TYPE, dtype=dtype)
+            w = _bnb().dequantize_4bit(take("weight").reshape(-1, 1), state)
+            out.append(w.view(len(idx), *lay.shape))
+        return out[0], out[1]
+
+    def packed_operands(self, part: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """All experts' packed codes `[E, N, K/2]` uint8 (a view) and de-nested fp32 absmax `[E, N, K/64]` of one
+        matrix kind, the layout of grouped NF4 GEMM kernels (`grouped-nf4-gemm`); None when the stored tensors
+        are not on `device` or K is not a multiple of the blocksize."""
+        lay = self.layouts[part]
+        weight = self.tensors[f"{part}.weight"]
+        if weight.device != torch.device(device) or lay.shape[1] % self.blocksize:
+            return None
+        _, nested_code = self._code_tables(weight.device)
+        absmax = denest_absmax(self.tensors[f"{part}.absmax"], self.tensors[f"{part}.nested_absmax"],
+                               self.tensors[f"{part}.offset"], nested_code)
+        rows, cols = lay.shape
+        return (weight.view(self.num_experts, rows, cols // 2),
+                absmax.view(self.num_experts, rows, cols // self.blocksize))
+
     def _code_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._codes:
             self._codes[device] = (self.tensors["quant_map"].to(device), self.tensors["nested_quant_map"].to(device))
@@ -322,6 +376,17 @@ class DenseExpertStore(_FillTracking):
     def weights(self, expert: int, device: torch.device | str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """gate_up [2I, H] and down [H, I] of one expert on `device` in `dtype` (the stored views when they match)."""
         return (self.gate_up[expert].to(device=device, dtype=dtype), self.down[expert].to(device=device, dtype=dtype))
+
+    def weights_batched(self, experts: Sequence[int], device: torch.device | str,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate_up [n, 2I, H] and down [n, H, I] of `experts` on `device` in `dtype` (views for a run of experts)."""
+        idx = list(experts)
+        if idx == list(range(idx[0], idx[0] + len(idx))):
+            gate_up, down = self.gate_up[idx[0]:idx[-1] + 1], self.down[idx[0]:idx[-1] + 1]
+        else:
+            sel = torch.tensor(idx, dtype=torch.long, device=self.gate_up.device)
+            gate_up, down = self.gate_up.index_select(0, sel), self.down.index_select(0, sel)
+        return gate_up.to(device=device, dtype=dtype), down.to(device=device, dtype=dtype)
 
     def nbytes(self) -> int:
         """Bytes of the fused tensors."""

@@ -61,7 +61,8 @@ class RoutedPEFT:
                               "down": self._bank(E, I, H, "lora")}
                 else:
                     parallel = self._bank(E, H, H)
-            bank = ExpertBank(store, f.activation, H, I, parallel=parallel, inside=inside)
+            bank = ExpertBank(store, f.activation, H, I, parallel=parallel, inside=inside,
+                              backend=self.cfg.model.expert_backend)
             block.experts = bank
             self.banks[layer] = bank
             if layer in selected and r.strategy in ("shared", "dense", "routed"):

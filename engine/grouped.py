@@ -1,0 +1,111 @@
+"""Grouped matrix products over row groups: rows `a [N, K]` sorted by group, `b [G, K, M]` one matrix per
+group, group g owning rows `offs[g-1]:offs[g]`; `out[rows_g] = a[rows_g] @ b[g]`.
+
+`torch._grouped_mm` runs it in one call where the device and dtype allow it (CPU: fp32 / bf16 / fp16 from
+torch 2.9 on; CUDA: bf16 on sm_80+). Elsewhere (float64, older torch, other GPUs) the fallback is segment
+matmuls: one `mm` per group, still one autograd node for all groups. On the CPU `_grouped_mm` runs one
+`mm` per group internally, so both paths give the same bits as per-group `F.linear`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+#: (device type, dtype) pairs on which torch._grouped_mm failed once; they use the segment fallback
+_UNSUPPORTED: set[tuple[str, torch.dtype]] = set()
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` is expected to run on `device` in `dtype` (else segment matmuls)."""
+    if not hasattr(torch, "_grouped_mm") or (device.type, dtype) in _UNSUPPORTED:
+        return False
+    if device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16, torch.float16) and _torch_at_least(2, 9)
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0) \
+            and _torch_at_least(2, 9)
+    return False
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    parts = torch.__version__.split("+")[0].split(".")
+    return (int(parts[0]), int(parts[1])) >= (major, minor)
+
+
+def _segments(counts: Sequence[int]):
+    start = 0
+    for g, n in enumerate(counts):
+        yield g, start, start + n
+        start += n
+
+
+def _mm_3d(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """a [N, K] (grouped rows) @ b [G, K, M] -> [N, M], no autograd."""
+    if a.shape[0] and grouped_mm_supported(a.device, a.dtype) and _aligned(a, b):
+        try:
+            return torch._grouped_mm(a, b, offs=offs)
+        except (RuntimeError, NotImplementedError):
+            _UNSUPPORTED.add((a.device.type, a.dtype))
+    out = a.new_empty(a.shape[0], b.shape[-1])
+    for g, s, e in _segments(counts):
+        if e > s:
+            torch.mm(a[s:e], b[g], out=out[s:e])
+    return out
+
+
+def _mm_2d(a_t: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """Per group a_g.T @ grad_g: a_t [K, N] (a transposed), grad [N, M] -> [G, K, M], no autograd."""
+    if a_t.shape[1] and grouped_mm_supported(a_t.device, a_t.dtype) and _aligned(a_t, grad):
+        try:
+            return torch._grouped_mm(a_t, grad, offs=offs)
+        except (RuntimeError, NotImplementedError):
+            _UNSUPPORTED.add((a_t.device.type, a_t.dtype))
+    out = a_t.new_zeros(len(counts), a_t.shape[0], grad.shape[1])
+    for g, s, e in _segments(counts):
+        if e > s:
+            torch.mm(a_t[:, s:e], grad[s:e], out=out[g])
+    return out
+
+
+def _aligned(*ts: torch.Tensor) -> bool:
+    """CUDA's grouped GEMM wants 16-byte aligned rows (the CPU kernel takes any strides from torch 2.11)."""
+    if ts[0].device.type != "cuda":
+        return True
+    return all(t.shape[-1] * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0 for t in ts)
+
+
+class _GroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, offs, counts):
+        ctx.save_for_backward(a, b, offs)
+        ctx.counts = counts
+        return _mm_3d(a, b, offs, counts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, offs = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = _mm_3d(grad, b.transpose(1, 2), offs, ctx.counts)
+        if ctx.needs_input_grad[1]:
+            grad_b = _mm_2d(a.t(), grad, offs, ctx.counts)
+        return grad_a, grad_b, None, None
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """`a [N, K]` rows grouped as `counts` (ends `offs`, int32 on a's device) times `b [G, K, M]` -> `[N, M]`,
+    differentiable in both; one grouped GEMM where supported, segment matmuls elsewhere."""
+    return _GroupedMM.apply(a, b, offs, list(counts))
+
+
+def grouped_mm_frozen(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """Like `grouped_mm`, without autograd (for frozen weights that a caller's Function recomputes)."""
+    return _mm_3d(a, b, offs, list(counts))
+
+
+def group_offsets(counts: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Group end offsets (cumulative counts) as int32 on `device`, the form `torch._grouped_mm` takes."""
+    return torch.tensor(counts, dtype=torch.int64).cumsum(0).to(dtype=torch.int32, device=device)
