@@ -72,6 +72,37 @@ def _add_train(sub):
     return p
 
 
+def cmd_sweep(args) -> int:
+    """Short trainings of several candidates at matched trainable parameters; print the table (or JSON)."""
+    from .sweep import SWEEP_FILE, run_sweep, table
+
+    out = args.out or str(Path("runs") / f"sweep-{Path(args.config).stem}")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else None
+    result = run_sweep(args.config, args.try_, out, listed=args.candidate, seeds=seeds, params=args.params,
+                       max_steps=args.max_steps, sets=args.set, echo=not args.json)
+    print(json.dumps(result, indent=2) if args.json else f"{table(result)}\n({Path(out) / SWEEP_FILE})")
+    return 0 if result["status"] == "done" else 130 if result["status"] == "stopped" else 1
+
+
+def _add_sweep(sub):
+    p = sub.add_parser("sweep", help="compare routing configurations at matched trainable parameters",
+                       description="Candidates: every --candidate (or the base config) x the cross product of "
+                                   "--try x --seeds. Each is a run folder OUT/NAME; a rerun skips finished ones.")
+    p.add_argument("config", help="base YAML config")
+    p.add_argument("--try", dest="try_", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
+                   help="values to try for one field (the candidates are the cross product)")
+    p.add_argument("--candidate", action="append", default=[], metavar="'[NAME:] KEY=V KEY=V'",
+                   help="one listed candidate: overrides separated by spaces, optionally named")
+    p.add_argument("--seeds", default=None, metavar="0,1,2", help="train every candidate with each seed")
+    p.add_argument("--params", type=int, default=None,
+                   help="trainable parameters to match within 10%% (default: the base config's count)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps of each training (sets epochs to null)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a base field")
+    p.add_argument("--out", help="sweep folder (default: runs/sweep-<config name>)")
+    p.add_argument("--json", action="store_true", help="print sweep.json instead of the table")
+    return p
+
+
 #: exit status of `moetune plan` when the budget cannot work (2 is a usage or config error)
 PLAN_DOES_NOT_FIT = 3
 
@@ -273,6 +304,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "models": (_add_models, cmd_models),
     "tiny-model": (_add_tiny_model, cmd_tiny_model),
     "train": (_add_train, cmd_train),
+    "sweep": (_add_sweep, cmd_sweep),
     "plan": (_add_plan, cmd_plan),
     "eval": (_add_eval, cmd_eval),
     "chat": (_add_chat, cmd_chat),

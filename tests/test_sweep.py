@@ -1,0 +1,126 @@
+"""`moetune sweep` on a tiny model: candidates at matched trainable parameters (within 10 %), the table
+and sweep.json, reruns that skip finished candidates, Ctrl-C that stops cleanly and resumes, and a
+--params no candidate can reach reported as such."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.cli import main
+from engine.config import ConfigError, from_dict
+from engine.events import read_events
+from engine.sweep import count_trainable, expand, plan_sweep, run_sweep
+from engine.synthetic import last_digit_rows
+from engine.train import train
+
+VENV_BIN = Path(sys.executable).parent
+TRIES = ["routing.strategy=shared,embedded"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tiny_checkpoint):
+    """A base config on a tiny qwen3_moe with 64 training rows, 16 held-out rows, 4 steps a training."""
+    root = tmp_path_factory.mktemp("sweep")
+    (root / "train.json").write_text(json.dumps(last_digit_rows(64, seed=1)))
+    (root / "digit").mkdir()
+    (root / "digit" / "test.json").write_text(json.dumps(last_digit_rows(16, seed=2)))
+    cfg = {"model": {"path": str(tiny_checkpoint("qwen3_moe")), "quant": "bf16"},
+           "adapter": {"kind": "lora", "placement": "parallel", "rank": 4, "alpha": 8.0},
+           "routing": {"strategy": "embedded"},
+           "data": {"train": str(root / "train.json"), "eval": str(root / "digit" / "test.json"), "max_len": 128},
+           "train": {"max_steps": 4, "lr": 3e-3, "micro_batch": 8, "save_every": 2, "gradient_checkpointing": False},
+           "eval": {"benchmarks": [str(root / "digit" / "test.json")], "batch_size": 16, "limit": 8}}
+    path = root / "base.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_sweep_matches_parameters_scores_resumes_and_skips_finished_candidates(base, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    data = from_dict(yaml.safe_load(base.read_text())).to_dict()
+    _, planned = plan_sweep(data, expand(TRIES))
+    stopped = planned[0]  # as a Ctrl-C at step 2 leaves it: the sweep resumes it from its checkpoint
+    train(from_dict(stopped["config"]), out / stopped["name"], stop_after=2, echo=False)
+    assert main(["sweep", str(base), "--try", TRIES[0], "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "sweep.json").read_text())
+    target = count_trainable(from_dict(yaml.safe_load(base.read_text())))["trainable"]
+    assert result["target_params"] == target and result["status"] == "done"
+    by = {e["group"]: e for e in result["entries"]}
+    assert set(by) == {"strategy=shared", "strategy=embedded"}
+    for e in by.values():
+        assert e["matched"] and abs(e["trainable"] - target) <= 0.1 * target, e
+        # the run folder trained exactly that many parameters, at the chosen rank and alpha / rank of the base
+        report = json.loads((out / e["name"] / "moetune.json").read_text())
+        assert report["parameters"]["trainable"] == e["trainable"]
+        assert report["config"]["adapter"]["rank"] == e["rank"] and e["alpha"] == 2.0 * e["rank"]
+        r = e["result"]
+        assert r["status"] == "done" and r["step"] == 4 and r["eval_loss"] > 0
+        assert set(r["accuracy"]) == {"digit"} and 0 <= r["accuracy"]["digit"] <= 1
+        assert r["tokens_per_s"] > 0 and r["memory_gb"] > 0
+    starts = [e for e in read_events(out / stopped["name"] / "events.jsonl")[0] if e["type"] == "start"]
+    assert [(e["resumed"], e["step"]) for e in starts] == [(False, 0), (True, 2)]
+    assert by["strategy=embedded"]["rank"] == 4  # the base config itself
+    assert by["strategy=shared"]["rank"] == 16  # 1 adapter instead of the 4 experts' 4: rank x 4
+    rows = {r["candidate"]: r for r in result["table"]}
+    assert rows["strategy=shared"]["eval_loss"]["mean"] == by["strategy=shared"]["result"]["eval_loss"]
+    assert result["winner"]["candidate"] in rows
+    for name in rows:
+        assert name in printed
+    assert "held-out loss" in printed and "accuracy" in printed and "winner:" in printed
+
+    # a rerun trains nothing: every candidate is finished
+    before = {e["name"]: (out / e["name"] / "events.jsonl").stat().st_mtime_ns for e in result["entries"]}
+    again = run_sweep(base, TRIES, out, echo=False)
+    assert again["status"] == "done"
+    assert {e["name"]: (out / e["name"] / "events.jsonl").stat().st_mtime_ns for e in again["entries"]} == before
+
+
+def test_ctrl_c_stops_the_sweep_cleanly(base, tmp_path):
+    out = tmp_path / "sweep"
+    args = [str(VENV_BIN / "moetune"), "sweep", str(base), "--try", "routing.strategy=shared", "--out", str(out),
+            "--max-steps", "100000", "--set", "train.save_every=100000"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    events = out / "strategy-shared" / "events.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(e["type"] == "step" for e in read_events(events)[0]):
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGINT)  # the sweep passes it on: the training saves a checkpoint and stops
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    result = json.loads((out / "sweep.json").read_text())
+    [entry] = result["entries"]
+    assert result["status"] == "stopped" and entry["result"]["status"] == "stopped"
+    assert 0 < entry["result"]["step"] < 100000 and (out / entry["name"] / "checkpoints").is_dir()
+
+
+def test_unreachable_params_are_reported(base):
+    data = from_dict(yaml.safe_load(base.read_text())).to_dict()
+    cands = expand(TRIES)
+    with pytest.raises(ConfigError, match=r"--params 10: no candidate can be matched within 10%.*raise --params"):
+        plan_sweep(data, cands, params=10)
+    # a target one candidate reaches and the other cannot: the sweep runs, the miss is flagged with its reason
+    shared_at_1 = count_trainable(from_dict({**data, "routing": {**data["routing"], "strategy": "shared"},
+                                             "adapter": {**data["adapter"], "rank": 1}}))["trainable"]
+    _, entries = plan_sweep(data, cands, params=shared_at_1)
+    by = {e["group"]: e for e in entries}
+    assert by["strategy=shared"]["matched"] and by["strategy=shared"]["rank"] == 1
+    assert not by["strategy=embedded"]["matched"] and "even at rank 1" in by["strategy=embedded"]["note"]
+
+
+def test_bad_try_names_the_fix():
+    with pytest.raises(ConfigError, match="section.key=V1,V2"):
+        expand(["routing.strategy"])
+    with pytest.raises(ConfigError, match="not section.key"):
+        expand(["strategy=shared,routed"])
+    assert [c.name for c in expand(["adapter.kind=lora,gated"], ["r: routing.strategy=routed"], [0, 1])] == \
+        ["r+kind-lora_seed-0", "r+kind-lora_seed-1", "r+kind-gated_seed-0", "r+kind-gated_seed-1"]
