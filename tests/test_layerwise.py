@@ -11,6 +11,8 @@ from engine.layerwise import layer_major_step, micro_batch_major_step
 from engine.loader import load_model
 from engine.routing import attach
 
+from .tolerance import assert_close
+
 
 def _cfg(strategy, placement="parallel", **routing):
     return from_dict({"model": {"quant": "bf16"}, "adapter": {"kind": "lora", "placement": placement, "rank": 4, "alpha": 8},
@@ -79,7 +81,7 @@ def test_layer_major_equals_micro_batch_major(family, strategy, placement, extra
     for name in want:
         assert want[name] is not None and have[name] is not None, name
         assert want[name].abs().sum() > 0, name
-        torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+        assert_close(have[name], want[name], what=name)
     assert all(getattr(layer, "gradient_checkpointing", False) == (family == "qwen2_moe")
                for layer in lm.model.model.layers)
 
