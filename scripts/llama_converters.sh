@@ -23,7 +23,7 @@ fi
 echo "bootstrap: fetching llama.cpp's converters (llama-cpp-python $version sdist) into $DEST/"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-"$PY" -m pip --disable-pip-version-check -q download --no-deps --no-binary :all: \
+"$PY" -m pip --disable-pip-version-check -q download --no-deps --no-binary llama-cpp-python \
   "llama-cpp-python==$version" -d "$tmp/sdist"
 "$PY" - "$tmp/sdist" "$tmp/out" "$version" <<'EOF'
 import sys, tarfile
