@@ -1,4 +1,4 @@
-"""The app: Train, Evaluate, Chat and Export tabs in one Gradio Blocks, served on 127.0.0.1 by
+"""The app: Train, Sweep, Evaluate, Chat and Export tabs in one Gradio Blocks, served on 127.0.0.1 by
 default with no public share link. Started by `moetune ui`; it imports no torch."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from . import chat_tab, evaluate_tab, export_tab, train_tab  # noqa: E402
+from . import chat_tab, evaluate_tab, export_tab, sweep_tab, train_tab  # noqa: E402
 from .controls import Controls  # noqa: E402
 from .paths import runs_dir  # noqa: E402
 from .runner import Runner  # noqa: E402
@@ -27,23 +27,26 @@ def build_app(runner: Runner | None = None) -> gr.Blocks:
     ctl = Controls()
     with gr.Blocks(title="MoETune", analytics_enabled=False) as app:
         gr.Markdown("## MoETune — routed adapters for Mixture-of-Experts models", elem_id="title")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 train = train_tab.build(runner, ctl)
+            with gr.Tab("Sweep", id="sweep", elem_id="tab-sweep") as sweep_t:
+                # the Train form's preset config is the second of its preview inputs (preset, config, run name, ...)
+                sweep = sweep_tab.build(ctl, train["preview"][1][1], tabs, sweep_tab.Sweeps(runner.root))
             with gr.Tab("Evaluate", id="evaluate", elem_id="tab-evaluate") as eval_t:
                 ev = evaluate_tab.build(runner)
             with gr.Tab("Chat", id="chat", elem_id="tab-chat") as chat_t:
                 chat = chat_tab.build(runner)
             with gr.Tab("Export", id="export", elem_id="tab-export") as export_t:
                 exp = export_tab.build(runner)
-        for part in (train, ev, chat, exp):
+        for part in (train, sweep, ev, chat, exp):
             if part.get("load"):
                 fn, inputs, outputs = part["load"]
                 app.load(fn, inputs, outputs)
         fn, inputs, outputs = train["preview"]
         app.load(fn, inputs, outputs)
         # runs finished meanwhile appear in the other tabs when they are opened
-        for tab, part in ((eval_t, ev), (chat_t, chat), (export_t, exp)):
+        for tab, part in ((sweep_t, sweep), (eval_t, ev), (chat_t, chat), (export_t, exp)):
             hook = part.get("select") or part.get("load")
             if hook:
                 tab.select(*hook)

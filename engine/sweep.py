@@ -211,7 +211,7 @@ def run_result(run_dir: Path) -> dict:
     """What a candidate's run folder says: status, held-out loss, accuracy, tokens/s, peak memory."""
     from .events import iter_events
 
-    out: dict = {"status": "pending", "step": 0, "eval_loss": None, "accuracy": {}, "tokens_per_s": None,
+    out: dict = {"status": "pending", "step": 0, "total_steps": 0, "eval_loss": None, "accuracy": {}, "tokens_per_s": None,
                  "memory_gb": None, "final_loss": None, "error": ""}
     events = list(iter_events(run_dir / "events.jsonl")) if (run_dir / "events.jsonl").is_file() else []
     speeds, memory = [], []
@@ -219,6 +219,7 @@ def run_result(run_dir: Path) -> dict:
         kind = e.get("type")
         if kind == "start":
             speeds, memory, out["status"] = [], [], "running"
+            out["total_steps"] = e.get("total_steps", 0)
         elif kind == "step":
             out["step"], out["final_loss"] = e["step"], e.get("loss")
             if e["step"] > 1:  # the first step carries start-up costs
@@ -279,6 +280,17 @@ def winner(rows: list[dict]) -> dict | None:
         return max(scored, key=lambda r: (r["accuracy"]["mean"], -(r["eval_loss"] or {"mean": 0})["mean"]))
     scored = [r for r in rows if r["done"] and r["eval_loss"]]
     return min(scored, key=lambda r: r["eval_loss"]["mean"]) if scored else None
+
+
+def winner_overrides(result: dict) -> list[str]:
+    """The `section.key=value` items that turn the sweep's base config into its winner (its rank and alpha
+    included, its seed not); empty when no candidate has finished."""
+    best = result.get("winner")
+    if not best:
+        return []
+    keys = {o.split("=", 1)[0] for o in best["overrides"]}
+    extra = [f"adapter.{k}={best[k]}" for k in ("rank", "alpha") if f"adapter.{k}" not in keys]
+    return [o for o in best["overrides"] if not o.startswith(SEED_KEY + "=")] + extra
 
 
 def _fmt(s: dict | None, scale: float = 1.0, digits: int = 4) -> str:

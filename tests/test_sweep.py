@@ -124,3 +124,72 @@ def test_bad_try_names_the_fix():
         expand(["strategy=shared,routed"])
     assert [c.name for c in expand(["adapter.kind=lora,gated"], ["r: routing.strategy=routed"], [0, 1])] == \
         ["r+kind-lora_seed-0", "r+kind-lora_seed-1", "r+kind-gated_seed-0", "r+kind-gated_seed-1"]
+
+
+# ---- the app's Sweep tab ---------------------------------------------------------------------
+
+def _fake_sweep(folder: Path, base_cfg: dict) -> dict:
+    """A finished sweep folder as `moetune sweep` leaves it: sweep.yaml and sweep.json (two candidates)."""
+    from engine.sweep import summarize, winner
+
+    def entry(group, overrides, rank, acc, loss):
+        return {"name": group, "group": group, "seed": None, "overrides": overrides, "rank": rank, "alpha": 2.0 * rank,
+                "trainable": 4096, "percent": 2.9, "matched": True, "note": "",
+                "result": {"status": "done", "step": 4, "total_steps": 4, "eval_loss": loss, "accuracy": {"digit": acc},
+                           "tokens_per_s": 900.0, "memory_gb": 0.4, "final_loss": loss, "error": ""}}
+
+    entries = [entry("strategy=shared", ["routing.strategy=shared"], 16, 0.25, 0.9),
+               entry("strategy=routed", ["routing.strategy=routed", "routing.top_k=1"], 3, 0.5, 1.1)]
+    result = {"target_params": 4096, "tolerance": 0.1, "status": "done", "entries": entries}
+    result["table"] = summarize(entries)
+    result["winner"] = winner(result["table"])
+    folder.mkdir(parents=True)
+    (folder / "sweep.yaml").write_text(yaml.safe_dump(base_cfg))
+    (folder / "sweep.json").write_text(json.dumps(result))
+    return result
+
+
+def test_app_sweep_tab_shows_the_table_and_fills_train_with_the_winner(base, tmp_path):
+    from app import sweep_tab
+    from app.controls import Controls, make_widget
+    from app.main import build_app
+
+    assert build_app() is not None  # the app builds with its Sweep tab
+    cfg = yaml.safe_load(base.read_text())
+    sweeps = sweep_tab.Sweeps(tmp_path)
+    result = _fake_sweep(tmp_path / "sw", cfg)
+    assert sweeps.list() == ["sw"] and sweeps.status("sw") == ("done", "")
+    assert result["winner"]["candidate"] == "strategy=routed"  # the higher accuracy, not the lower loss
+    html = sweep_tab.table_html(result) + sweep_tab.chart_html(result)
+    assert "data-candidate='strategy=shared'" in html and 'data-metric="accuracy"' in html and "50.0%" in html
+    assert 'data-done="2" data-total="2"' in sweep_tab.progress_html(result, "done")
+
+    winner = sweep_tab.winner_config(sweeps, "sw")  # the sweep's base with the winner's overrides, rank, alpha
+    assert (winner["routing"]["strategy"], winner["routing"]["top_k"]) == ("routed", 1)
+    assert (winner["adapter"]["rank"], winner["adapter"]["alpha"]) == (3, 6.0)
+    assert winner["train"]["max_steps"] == cfg["train"]["max_steps"] and winner["train"]["seed"] == 0
+    ctl = Controls()
+    for fid in ("routing.strategy", "adapter.rank", "adapter.alpha", "routing.top_k"):
+        ctl.add(fid, make_widget(fid))
+    assert sweep_tab.form_updates(ctl, winner) == ["routed", 3, 6.0, 1]
+
+
+def test_app_sweep_arguments_and_a_failed_start_are_reported(base, tmp_path):
+    from app import sweep_tab
+
+    args = sweep_tab.sweep_args("a: routing.strategy=shared\nb: routing.strategy=routed", "adapter.kind=lora,gated",
+                                "0,1", "", 20)
+    assert args == ["--candidate", "a: routing.strategy=shared", "--candidate", "b: routing.strategy=routed",
+                    "--try", "adapter.kind=lora,gated", "--seeds", "0,1", "--max-steps", "20"]
+    with pytest.raises(ConfigError, match="seeds"):
+        sweep_tab.sweep_args("a: routing.strategy=shared", "", "zero", "", 20)
+    with pytest.raises(ConfigError, match="at least two"):
+        sweep_tab.sweep_args("a: routing.strategy=shared", "", "0", "", 20)
+    # the app starts `moetune sweep` as a subprocess; an error it reports is shown with the log's line
+    sweeps = sweep_tab.Sweeps(tmp_path)
+    sweeps.start(yaml.safe_load(base.read_text()), "bad", ["--try", "routing.strategy=shared,dense", "--params", "10"])
+    deadline = time.time() + 120
+    while time.time() < deadline and sweeps.status("bad")[0] == "running":
+        time.sleep(0.3)
+    status, error = sweeps.status("bad")
+    assert status == "error" and "--params 10" in error, (status, error)
