@@ -54,7 +54,8 @@ def result_html(dest: Path, text: str) -> str:
         report.setdefault("out", str(dest))
         parts.append("<div id='export-usage'><b>Run it</b>")
         for what, code in how_to_run(report):
-            parts.append(f"<div>{html.escape(what)}</div><pre class='mt-command'>{html.escape(code)}</pre>")
+            parts.append(f"<div>{html.escape(what)}</div><pre class='mt-command' style='padding:6px 8px;"
+                         f"border-radius:6px;background:rgba(127,127,127,0.12)'>{html.escape(code)}</pre>")
         parts.append("</div>")
         diff = report.get("max_abs_logit_diff")
         if diff is not None:
