@@ -33,12 +33,18 @@ def base(tmp_path_factory, tiny_checkpoint):
     (root / "train.json").write_text(json.dumps(last_digit_rows(64, seed=1)))
     (root / "digit").mkdir()
     (root / "digit" / "test.json").write_text(json.dumps(last_digit_rows(16, seed=2)))
+    # the benchmark: true/false answers (32 new tokens at most; a number's 256 would dominate the test's time)
+    parity = [{"instruction": f"Is the last digit of {r['instruction'].split()[-1][:-1]} odd?", "input": "",
+               "output": f"The answer is {str(int(r['answer']) % 2 == 1).lower()}",
+               "answer": str(int(r["answer"]) % 2 == 1).lower()} for r in last_digit_rows(8, seed=3)]
+    (root / "parity").mkdir()
+    (root / "parity" / "test.json").write_text(json.dumps(parity))
     cfg = {"model": {"path": str(tiny_checkpoint("qwen3_moe")), "quant": "bf16"},
            "adapter": {"kind": "lora", "placement": "parallel", "rank": 4, "alpha": 8.0},
            "routing": {"strategy": "embedded"},
            "data": {"train": str(root / "train.json"), "eval": str(root / "digit" / "test.json"), "max_len": 128},
            "train": {"max_steps": 4, "lr": 3e-3, "micro_batch": 8, "save_every": 2, "gradient_checkpointing": False},
-           "eval": {"benchmarks": [str(root / "digit" / "test.json")], "batch_size": 16, "limit": 8}}
+           "eval": {"benchmarks": [str(root / "parity" / "test.json")], "batch_size": 8}}
     path = root / "base.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -65,7 +71,7 @@ def test_sweep_matches_parameters_scores_resumes_and_skips_finished_candidates(b
         assert report["config"]["adapter"]["rank"] == e["rank"] and e["alpha"] == 2.0 * e["rank"]
         r = e["result"]
         assert r["status"] == "done" and r["step"] == 4 and r["eval_loss"] > 0
-        assert set(r["accuracy"]) == {"digit"} and 0 <= r["accuracy"]["digit"] <= 1
+        assert set(r["accuracy"]) == {"parity"} and 0 <= r["accuracy"]["parity"] <= 1
         assert r["tokens_per_s"] > 0 and r["memory_gb"] > 0
     starts = [e for e in read_events(out / stopped["name"] / "events.jsonl")[0] if e["type"] == "start"]
     assert [(e["resumed"], e["step"]) for e in starts] == [(False, 0), (True, 2)]
