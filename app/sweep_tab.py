@@ -81,9 +81,9 @@ class Sweeps:
         return self.root / name
 
     def list(self) -> list[str]:
-        """Sweep names, newest first."""
+        """Sweep names, newest first (started here, or by `moetune sweep --out` into the runs folder)."""
         found = [(p.stat().st_mtime, p.name) for p in (self.root.iterdir() if self.root.is_dir() else [])
-                 if (p / BASE_FILE).is_file()]
+                 if (p / BASE_FILE).is_file() or (p / SWEEP_FILE).is_file()]
         return [n for _, n in sorted(found, reverse=True)]
 
     def _meta(self, path: Path) -> dict:
@@ -161,7 +161,15 @@ def winner_config(sweeps: Sweeps, name: str) -> dict:
     items = winner_overrides(result or {})
     if not items:
         raise RuntimeError(f"sweep {name} has no finished candidate yet.")
-    base = yaml.safe_load((sweeps.path(name) / BASE_FILE).read_text()) or {}
+    if (sweeps.path(name) / BASE_FILE).is_file():
+        base = yaml.safe_load((sweeps.path(name) / BASE_FILE).read_text()) or {}
+    else:  # started on the command line: the config it ran (--set included), with its file's steps, not --max-steps
+        base = {k: dict(v) if isinstance(v, dict) else v for k, v in result["base"].items()}
+        source = Path(result.get("config") or "")
+        source = source if source.is_absolute() else ROOT / source
+        if source.is_file():
+            own = C.load(source).to_dict()["train"]
+            base["train"].update(max_steps=own["max_steps"], epochs=own["epochs"])
     cfg = C.from_dict(C.apply_overrides(base, items)).to_dict()
     for fid in ("model.path", "data.train", "data.eval"):  # shown as the Train tab shows them
         if K.get(cfg, fid):

@@ -179,6 +179,15 @@ def test_app_sweep_tab_shows_the_table_and_fills_train_with_the_winner(base, tmp
         ctl.add(fid, make_widget(fid))
     assert sweep_tab.form_updates(ctl, winner) == ["routed", 3, 6.0, 1]
 
+    # a sweep run on the command line (no sweep.yaml): the config it ran, with its file's own steps
+    (tmp_path / "cli").mkdir()
+    ran = from_dict(cfg).to_dict()
+    ran["train"]["max_steps"], ran["data"]["max_len"] = 2, 96  # as --max-steps 2 --set data.max_len=96 left it
+    (tmp_path / "cli" / "sweep.json").write_text(json.dumps({**result, "config": str(base), "base": ran}))
+    assert "cli" in sweeps.list()
+    winner = sweep_tab.winner_config(sweeps, "cli")
+    assert (winner["train"]["max_steps"], winner["data"]["max_len"], winner["adapter"]["rank"]) == (4, 96, 3)
+
 
 def test_app_sweep_arguments_and_a_failed_start_are_reported(base, tmp_path):
     from app import sweep_tab
