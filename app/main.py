@@ -31,8 +31,7 @@ def build_app(runner: Runner | None = None) -> gr.Blocks:
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 train = train_tab.build(runner, ctl)
             with gr.Tab("Sweep", id="sweep", elem_id="tab-sweep") as sweep_t:
-                # the Train form's preset config is the second of its preview inputs (preset, config, run name, ...)
-                sweep = sweep_tab.build(ctl, train["preview"][1][1], tabs, sweep_tab.Sweeps(runner.root))
+                sweep = sweep_tab.build(ctl, train["preset_base"], tabs, sweep_tab.Sweeps(runner.root))
             with gr.Tab("Evaluate", id="evaluate", elem_id="tab-evaluate") as eval_t:
                 ev = evaluate_tab.build(runner)
             with gr.Tab("Chat", id="chat", elem_id="tab-chat") as chat_t:

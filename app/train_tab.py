@@ -259,4 +259,4 @@ def build(runner: Runner, ctl: K.Controls) -> dict:
         return gr.update(choices=runner.list_runs(), value=current), runner.new_name(first or "run")
 
     return {"load": (on_load, [], [run_pick, run_name]), "preview": (preview, preview_inputs, [cmd_box, yaml_box]),
-            "run_pick": run_pick}
+            "run_pick": run_pick, "preset_base": preset_base}
