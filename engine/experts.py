@@ -13,8 +13,8 @@ operations, with no Python loop over experts:
 
 Dequantised weights are never kept for backward: `GroupedFrozenLinear` saves nothing of the weights and
 dequantises them again (one batched call per pass) when the gradient of its input is needed. Touched
-experts are taken in chunks of at most `max_group_bytes` of dequantised weights, which bounds the
-transient memory of one layer.
+experts are taken in chunks (`group_size`: at most `max_group_bytes` of dequantised weights and a quarter
+of the layer's experts), which bounds the transient memory of a layer.
 
 Backends (`model.expert_backend`): `torch` as above; `grouped-nf4-gemm` (CUDA, optional package) decodes
 NF4 inside the grouped GEMM and its backward, so nothing is dequantised at all; `auto` takes the kernels
@@ -36,8 +36,10 @@ from .grouped import group_offsets, grouped_mm_frozen
 
 #: ExpertBank backends; the config's `model.expert_backend` takes the first three
 BACKENDS = ("auto", "torch", "grouped-nf4-gemm", "loop")
-#: most bytes of dequantised expert weights one grouped pass holds at a time (more touched experts: chunks)
-MAX_GROUP_BYTES = 1 << 30
+#: most bytes of dequantised expert weights one grouped pass holds at a time (more touched experts: chunks) ...
+MAX_GROUP_BYTES = 256 << 20
+#: ... and at most 1/GROUPS_PER_LAYER of a layer's experts, so the transient stays a fraction of the layer
+GROUPS_PER_LAYER = 4
 KERNEL_MODULE = "nf4_grouped"  # the module the `grouped-nf4-gemm` distribution installs
 
 
@@ -139,9 +141,12 @@ class _PackedGroup:
 
     Written against grouped-nf4-gemm 0.51's documented API (`nf4_grouped.gemm_4bit_grouped` /
     `dgrad_4bit_grouped`: `a [T, K]` bf16 group-sorted, `B [E, N, K/2]` uint8, fp32 `absmax [E, N, K/64]`,
-    per-group `sizes`, `expert_ids`); it runs only on CUDA and has not been run on a GPU by this project yet
-    (no GPU was lent when it was written): `bench/check_offload_device.py`-style device checks must confirm
-    it against the `torch` backend before it is trusted. Imported lazily, so CPU runs never import it.
+    per-group `sizes`, `expert_ids`); it runs only on CUDA and has NOT been run by this project yet (no GPU
+    was lent when it was written; Triton's CPU interpreter, 3.4 and 3.9, fails inside the package's own
+    kernels). What is checked on the CPU: `NF4ExpertStore.packed_operands` decodes, as the package's
+    `dequant_ref` does, to the stored weights (tests/test_experts_grouped.py). A GPU run must compare it with
+    the `torch` backend (bench/bench_step.py --expert-backend) before it is trusted. Imported lazily, so CPU
+    runs never import it.
     """
 
     def __init__(self, store, experts: list[int], counts: list[int]):
@@ -188,6 +193,14 @@ class GroupedFrozenLinear(torch.autograd.Function):
             ctx.group.release()
         ctx.group = None
         return grad_x, None, None, None
+
+
+def group_size(num_experts: int, hidden_size: int, intermediate_size: int, itemsize: int,
+               max_group_bytes: int = MAX_GROUP_BYTES) -> int:
+    """Experts one grouped pass dequantises at a time: within `max_group_bytes` and a 1/GROUPS_PER_LAYER share
+    of the layer, at least one (the planner's dequantisation workspace is this many experts)."""
+    per = 3 * hidden_size * intermediate_size * itemsize
+    return max(1, min(max_group_bytes // per, -(-num_experts // GROUPS_PER_LAYER)))
 
 
 def kernels_installed() -> bool:
@@ -255,8 +268,8 @@ class ExpertBank(nn.Module):
         return out
 
     def _chunks(self, experts: list[int], dtype: torch.dtype) -> list[list[int]]:
-        per = 3 * self.hidden_size * self.intermediate_size * torch.empty((), dtype=dtype).element_size()
-        n = max(1, self.max_group_bytes // per)
+        n = group_size(self.num_experts, self.hidden_size, self.intermediate_size,
+                       torch.empty((), dtype=dtype).element_size(), self.max_group_bytes)
         return [experts[i:i + n] for i in range(0, len(experts), n)]
 
     def _use_kernels(self, x: torch.Tensor) -> bool:

@@ -43,7 +43,7 @@ def _segments(counts: Sequence[int]):
 
 def _mm_3d(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     """a [N, K] (grouped rows) @ b [G, K, M] -> [N, M], no autograd."""
-    if a.shape[0] and grouped_mm_supported(a.device, a.dtype) and _aligned(a, b):
+    if a.shape[0] and grouped_mm_supported(a.device, a.dtype) and _aligned((a, b), b.shape[-2:]):
         try:
             return torch._grouped_mm(a, b, offs=offs)
         except (RuntimeError, NotImplementedError):
@@ -57,7 +57,8 @@ def _mm_3d(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: Sequenc
 
 def _mm_2d(a_t: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     """Per group a_g.T @ grad_g: a_t [K, N] (a transposed), grad [N, M] -> [G, K, M], no autograd."""
-    if a_t.shape[1] and grouped_mm_supported(a_t.device, a_t.dtype) and _aligned(a_t, grad):
+    if a_t.shape[1] and grouped_mm_supported(a_t.device, a_t.dtype) \
+            and _aligned((a_t, grad), (a_t.shape[0], grad.shape[1])):
         try:
             return torch._grouped_mm(a_t, grad, offs=offs)
         except (RuntimeError, NotImplementedError):
@@ -69,11 +70,13 @@ def _mm_2d(a_t: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, counts: Se
     return out
 
 
-def _aligned(*ts: torch.Tensor) -> bool:
-    """CUDA's grouped GEMM wants 16-byte aligned rows (the CPU kernel takes any strides from torch 2.11)."""
+def _aligned(ts: tuple[torch.Tensor, ...], dims: tuple[int, ...]) -> bool:
+    """CUDA's grouped GEMM wants 16-byte aligned matrix strides (`dims`: the non-grouped sizes) and data (the CPU
+    kernel takes any strides from torch 2.11)."""
     if ts[0].device.type != "cuda":
         return True
-    return all(t.shape[-1] * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0 for t in ts)
+    size = ts[0].element_size()
+    return all(d * size % 16 == 0 for d in dims) and all(t.data_ptr() % 16 == 0 for t in ts)
 
 
 class _GroupedMM(torch.autograd.Function):

@@ -18,8 +18,9 @@ What the GPU holds, placed in this order:
    alive at a time while it is recomputed and back-propagated (×2: the saved tensors and their
    gradients); the logits with their fp32 upcast and gradient (10 bytes a logit). Attention is assumed
    to run through SDPA/flash kernels (no T×T score matrix).
-4. dequantised weights in flight: one expert in bf16 (the expert bank dequantises one expert at a time
-   and recomputes in backward), plus the largest NF4 linear layer when attention is NF4.
+4. dequantised weights in flight: one group of experts in bf16 (the expert bank dequantises a layer's
+   touched experts in groups of `engine.experts.group_size` — a quarter of the layer, at most 256 MiB, at
+   least one expert — and recomputes in backward), plus the largest NF4 linear layer when attention is NF4.
 5. a fixed reserve of `CUDA_RESERVE` bytes for the CUDA context, cuBLAS workspaces and allocator slack.
 6. experts (NF4 with double quantisation: `engine.quant.nf4_nbytes`, ≈ 4.13 bits a weight; or bf16):
    all of them *resident* when they fit; otherwise an expert cache of what is left. The schedule runs
@@ -347,6 +348,7 @@ def _budget(cfg: Config, gpu_gb: float | None) -> tuple[int, str]:
 def _sizes(cfg: Config, shape: ModelShape) -> dict:
     """Everything but the experts' placement."""
     from .quant import CODE_TABLE_BYTES, nf4_expert_nbytes, nf4_nbytes
+    from .experts import group_size
 
     H, I, E = shape.facts.hidden_size, shape.facts.expert_intermediate_size, shape.facts.num_experts
     nf4_attn = cfg.model.attention_quant == "nf4"
@@ -362,7 +364,7 @@ def _sizes(cfg: Config, shape: ModelShape) -> dict:
     if cfg.model.quant == "nf4":
         expert = nf4_expert_nbytes(H, I)
         layer = E * expert + CODE_TABLE_BYTES
-        workspace = 3 * H * I * BF16  # one expert dequantised at a time
+        workspace = group_size(E, H, I, BF16) * 3 * H * I * BF16  # the experts one grouped pass dequantises
     else:
         expert = 3 * H * I * BF16
         layer = E * expert

@@ -34,3 +34,24 @@ def test_bench_small_layer_major_moves_each_expert_once_per_sweep(tmp_path):
     assert layer["pcie_bytes_per_step"] == 32 * per_expert
     assert micro["pcie_bytes_per_step"] == micro["cache_last_step"]["misses"] * per_expert
     assert micro["pcie_bytes_per_step"] > 2 * layer["pcie_bytes_per_step"]
+
+
+def test_bench_step_cpu_small_runs_both_sides_on_the_same_model():
+    """bench_step's CPU mode: MoETune and transformers + PEFT train the same random-weight model on the same
+    tokens (their first, fresh-adapter losses agree up to NF4 rounding of the experts); the JSON carries the
+    figures and ratios. Correctness only: no timing is asserted."""
+    proc = subprocess.run([sys.executable, "bench/bench_step.py", "--cpu-small", "--json", "--repeats", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    for key in ("moetune_tokens_per_s", "baseline_tokens_per_s", "moetune_peak_gb", "baseline_peak_gb"):
+        assert out[key] is not None and out[key] > 0, key
+    assert out["tokens_per_s_ratio"] == round(out["moetune_tokens_per_s"] / out["baseline_tokens_per_s"], 3)
+    assert [r["model"] for r in out["per_model"]] == ["olmoe", "qwen3_moe"]
+    for r in out["per_model"]:
+        ours, base = r["variants"]["moetune"], r["variants"]["baseline"]
+        assert ours["status"] == base["status"] == "ok"
+        assert ours["expert_backend"] == "torch" and ours["trainable"] > 0 and base["trainable"] > 0
+        assert len(ours["losses"]) == len(base["losses"]) == 2  # one warm-up and one timed step each
+        first_ours, first_base = ours["losses"][0], base["losses"][0]
+        assert abs(first_ours - first_base) < 0.02 * first_base, (first_ours, first_base)

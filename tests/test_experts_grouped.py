@@ -99,7 +99,10 @@ class _Counting:
         return self.inner.weights(e, device, dtype)
 
 
-def test_one_batched_dequantisation_per_pass_and_chunks(tiny_checkpoint):
+def test_one_batched_dequantisation_per_pass_and_chunks(tiny_checkpoint, monkeypatch):
+    import engine.experts
+
+    monkeypatch.setattr(engine.experts, "GROUPS_PER_LAYER", 1)  # the whole layer in one group (bytes permitting)
     lm, peft = _attached(tiny_checkpoint("olmoe", hidden=128, experts=8), "lora", "inside", "nf4")
     _, block = next(iter(lm.family.moe_blocks(lm.model)))
     bank = block.experts
@@ -122,6 +125,11 @@ def test_one_batched_dequantisation_per_pass_and_chunks(tiny_checkpoint):
     _close(out, ref_out, "chunked output")
     for a, b in zip(grads, ref_grads):
         _close(a, b, "chunked gradient")
+    # the default share: a quarter of the layer's experts at a time
+    monkeypatch.setattr(engine.experts, "GROUPS_PER_LAYER", 4)
+    bank.store = counting = _Counting(store)
+    _run(bank, block, lm, h, "torch")
+    assert max(len(c) for c in counting.batched_calls) == 2
     # a store with only per-expert `weights` (e.g. one behind the offload cache): read expert by expert
     bank.store, bank.max_group_bytes = (counting := _Counting(store, batched=False)), 1 << 30
     out, _, _ = _run(bank, block, lm, h, "torch")
