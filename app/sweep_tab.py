@@ -31,7 +31,7 @@ from engine.sweep import SWEEP_FILE, expand, winner_overrides
 from . import controls as K, plots
 from .paths import ROOT, display_path, resolve_config_paths, runs_dir
 from .runner import _log_tail, child_env, moetune_command, pid_alive
-from .train_tab import _message, dataset_choices, model_choices
+from .train_tab import _message, form_updates
 
 BASE_FILE, APP_FILE, LOG_FILE = "sweep.yaml", "app.json", "sweep.log"
 #: the paper's comparison: attention LoRA (standard PEFT) against the four routings, LoRA experts throughout
@@ -175,19 +175,6 @@ def winner_config(sweeps: Sweeps, name: str) -> dict:
         if K.get(cfg, fid):
             K.put(cfg, fid, display_path(K.get(cfg, fid)))
     return cfg
-
-
-def form_updates(ctl: K.Controls, cfg: dict) -> list:
-    """Updates of the Train form's widgets for a config, as choosing a preset makes them."""
-    out = []
-    for fid, v in zip(ctl.ids, ctl.values_of(cfg)):
-        if fid == "model.path":
-            out.append(gr.update(value=v, choices=model_choices(v)))
-        elif fid == "data.train":
-            out.append(gr.update(value=v, choices=dataset_choices(v)))
-        else:
-            out.append(v)
-    return out
 
 
 # ---- the view --------------------------------------------------------------------------------

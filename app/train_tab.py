@@ -43,6 +43,19 @@ def dataset_choices(current: str | None = None) -> list[tuple[str, str]]:
     return out
 
 
+def form_updates(ctl: K.Controls, cfg: dict) -> list:
+    """Updates of the Train form's widgets for a config, as choosing a preset makes them."""
+    out = []
+    for fid, v in zip(ctl.ids, ctl.values_of(cfg)):
+        if fid == "model.path":
+            out.append(gr.update(value=v, choices=model_choices(v)))
+        elif fid == "data.train":
+            out.append(gr.update(value=v, choices=dataset_choices(v)))
+        else:
+            out.append(v)
+    return out
+
+
 def _message(text: str, kind: str = "error") -> str:
     color = {"error": "#ef4444", "ok": "#22c55e", "info": "#3b82f6"}[kind]
     return (f'<div class="mt-msg mt-{kind}" style="border-left:4px solid {color};padding:6px 10px;'
@@ -141,16 +154,7 @@ def build(runner: Runner, ctl: K.Controls) -> dict:
 
     def on_preset(name):
         cfg = load_preset(name).to_dict()
-        values = ctl.values_of(cfg)
-        updates = []
-        for fid, v in zip(ctl.ids, values):
-            if fid == "model.path":
-                updates.append(gr.update(value=v, choices=model_choices(v)))
-            elif fid == "data.train":
-                updates.append(gr.update(value=v, choices=dataset_choices(v)))
-            else:
-                updates.append(v)
-        return [cfg, desc.get(name, ""), runner.new_name(name), ""] + updates
+        return [cfg, desc.get(name, ""), runner.new_name(name), ""] + form_updates(ctl, cfg)
 
     preset.input(on_preset, [preset], [preset_base, preset_desc, run_name, fit_out] + widgets)
 

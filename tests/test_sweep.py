@@ -156,7 +156,7 @@ def _fake_sweep(folder: Path, base_cfg: dict) -> dict:
 
 
 def test_app_sweep_tab_shows_the_table_and_fills_train_with_the_winner(base, tmp_path):
-    from app import sweep_tab
+    from app import sweep_tab, train_tab
     from app.controls import Controls, make_widget
     from app.main import build_app
 
@@ -177,7 +177,7 @@ def test_app_sweep_tab_shows_the_table_and_fills_train_with_the_winner(base, tmp
     ctl = Controls()
     for fid in ("routing.strategy", "adapter.rank", "adapter.alpha", "routing.top_k"):
         ctl.add(fid, make_widget(fid))
-    assert sweep_tab.form_updates(ctl, winner) == ["routed", 3, 6.0, 1]
+    assert train_tab.form_updates(ctl, winner) == ["routed", 3, 6.0, 1]
 
     # a sweep run on the command line (no sweep.yaml): the config it ran, with its file's own steps
     (tmp_path / "cli").mkdir()
