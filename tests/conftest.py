@@ -20,6 +20,17 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 LLM_ADAPTERS = SHARED / "data" / "llm-adapters"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models gain
+    nothing from threads, and OpenMP threads that spin at barriers crawl (100x) when another process holds one
+    of a shared machine's two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Factory: tiny_checkpoint(family, **sizes) -> path of a saved random-weight checkpoint (cached)."""

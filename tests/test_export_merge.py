@@ -24,13 +24,7 @@ from .tolerance import assert_close, assert_logits_close, bound, check_positions
 RANK, ALPHA, N_ADAPTERS = 4, 8.0, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; spinning OpenMP threads crawl on a shared two-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
