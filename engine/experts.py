@@ -13,8 +13,8 @@ operations, with no Python loop over experts:
 
 Dequantised weights are never kept for backward: `GroupedFrozenLinear` saves nothing of the weights and
 dequantises them again (one batched call per pass) when the gradient of its input is needed. Touched
-experts are taken in chunks (`group_size`: at most `max_group_bytes` of dequantised weights and a quarter
-of the layer's experts), which bounds the transient memory of a layer.
+experts are taken in chunks (`group_size`: a quarter of the layer's experts or 32 MiB, whichever is more,
+within `max_group_bytes` of dequantised weights), which bounds the transient memory of a layer.
 
 Backends (`model.expert_backend`): `torch` as above; `grouped-nf4-gemm` (CUDA, optional package) decodes
 NF4 inside the grouped GEMM and its backward, so nothing is dequantised at all; `auto` takes the kernels
@@ -38,8 +38,10 @@ from .grouped import group_offsets, grouped_mm_frozen
 BACKENDS = ("auto", "torch", "grouped-nf4-gemm", "loop")
 #: most bytes of dequantised expert weights one grouped pass holds at a time (more touched experts: chunks) ...
 MAX_GROUP_BYTES = 256 << 20
-#: ... and at most 1/GROUPS_PER_LAYER of a layer's experts, so the transient stays a fraction of the layer
+#: ... and at most 1/GROUPS_PER_LAYER of a layer's experts, so the transient stays a fraction of the layer ...
 GROUPS_PER_LAYER = 4
+#: ... unless that is under MIN_GROUP_BYTES (small layers: one more group costs more time than it saves memory)
+MIN_GROUP_BYTES = 32 << 20
 KERNEL_MODULE = "nf4_grouped"  # the module the `grouped-nf4-gemm` distribution installs
 
 
@@ -197,10 +199,11 @@ class GroupedFrozenLinear(torch.autograd.Function):
 
 def group_size(num_experts: int, hidden_size: int, intermediate_size: int, itemsize: int,
                max_group_bytes: int = MAX_GROUP_BYTES) -> int:
-    """Experts one grouped pass dequantises at a time: within `max_group_bytes` and a 1/GROUPS_PER_LAYER share
-    of the layer, at least one (the planner's dequantisation workspace is this many experts)."""
+    """Experts one grouped pass dequantises at a time: a 1/GROUPS_PER_LAYER share of the layer or MIN_GROUP_BYTES,
+    whichever is more, within `max_group_bytes`, at least one (the planner's dequantisation workspace)."""
     per = 3 * hidden_size * intermediate_size * itemsize
-    return max(1, min(max_group_bytes // per, -(-num_experts // GROUPS_PER_LAYER)))
+    share = max(-(-num_experts // GROUPS_PER_LAYER), MIN_GROUP_BYTES // per)
+    return max(1, min(max_group_bytes // per, share))
 
 
 def kernels_installed() -> bool:

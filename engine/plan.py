@@ -19,8 +19,9 @@ What the GPU holds, placed in this order:
    gradients); the logits with their fp32 upcast and gradient (10 bytes a logit). Attention is assumed
    to run through SDPA/flash kernels (no T×T score matrix).
 4. dequantised weights in flight: one group of experts in bf16 (the expert bank dequantises a layer's
-   touched experts in groups of `engine.experts.group_size` — a quarter of the layer, at most 256 MiB, at
-   least one expert — and recomputes in backward), plus the largest NF4 linear layer when attention is NF4.
+   touched experts in groups of `engine.experts.group_size` — a quarter of the layer or 32 MiB, at most
+   256 MiB, at least one expert — and recomputes in backward), plus the largest NF4 linear layer when
+   attention is NF4.
 5. a fixed reserve of `CUDA_RESERVE` bytes for the CUDA context, cuBLAS workspaces and allocator slack.
 6. experts (NF4 with double quantisation: `engine.quant.nf4_nbytes`, ≈ 4.13 bits a weight; or bf16):
    all of them *resident* when they fit; otherwise an expert cache of what is left. The schedule runs
