@@ -247,13 +247,9 @@ def _param_count(cfg) -> int:
 
 # ---- one variant ----------------------------------------------------------------------------------
 def _batches(cfg, args, device, step):
-    g = torch.Generator().manual_seed(1000 + step)
-    out = []
-    for _ in range(args.grad_accum):
-        ids = torch.randint(3, cfg.vocab_size, (args.micro_batch, args.seq_len), generator=g)
-        out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-                    "labels": ids.to(device)})
-    return out
+    from engine.synthetic import random_token_batches
+
+    return random_token_batches(cfg.vocab_size, args.micro_batch, args.seq_len, args.grad_accum, 1000 + step, device)
 
 
 def link_bandwidth(device: torch.device, nbytes: int = 256 * 2 ** 20) -> float | None:

@@ -195,15 +195,9 @@ def build_baseline(cfg, device, dtype, args):
 
 def batches_for(cfg, args, step: int, device):
     """The micro-batches of one step: random token ids from a seed of the step (identical in every variant)."""
-    import torch
+    from engine.synthetic import random_token_batches
 
-    g = torch.Generator().manual_seed(1000 + step)
-    out = []
-    for _ in range(args.grad_accum):
-        ids = torch.randint(3, cfg.vocab_size, (args.micro_batch, args.seq_len), generator=g)
-        out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-                    "labels": ids.to(device)})
-    return out
+    return random_token_batches(cfg.vocab_size, args.micro_batch, args.seq_len, args.grad_accum, 1000 + step, device)
 
 
 # ---- one variant, in its own process ---------------------------------------------------------------

@@ -28,3 +28,17 @@ def last_digit_rows(n: int, seed: int = 0, digits: int = 4) -> list[dict]:
         rows.append({"instruction": f"What is the last digit of {x}?", "input": "",
                      "output": f"The answer is {x % 10}", "answer": str(x % 10)})
     return rows
+
+
+def random_token_batches(vocab_size: int, micro_batch: int, seq_len: int, grad_accum: int, seed: int,
+                         device="cpu") -> list[dict]:
+    """One optimizer step of random-token micro-batches (labels = inputs), the same for a seed on any device."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(grad_accum):
+        ids = torch.randint(3, vocab_size, (micro_batch, seq_len), generator=g)
+        out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                    "labels": ids.to(device)})
+    return out
