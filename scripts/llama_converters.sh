@@ -12,9 +12,7 @@ version=$("$PY" -c 'from importlib.metadata import version; print(version("llama
   echo "llama_converters: llama-cpp-python is not installed in .venv/; no converters fetched" >&2
   exit 0
 }
-# the one module of the converters' requirements (llama.cpp's requirements/requirements-convert_*.txt) that
-# MoETune's own dependencies do not bring: the Llama-family vocabulary path imports it before anything else
-"$PY" -c 'import sentencepiece' 2>/dev/null || "$PY" -m pip --disable-pip-version-check -q install 'sentencepiece>=0.1.98,<0.3'
+# the converters' one requirement MoETune's own dependencies lack, sentencepiece, is in the dev extra
 if [ "$(cat "$DEST/VERSION" 2>/dev/null)" = "$version" ] && [ -f "$DEST/convert_hf_to_gguf.py" ] \
    && [ -f "$DEST/convert_lora_to_gguf.py" ] && [ -d "$DEST/conversion" ] && [ -d "$DEST/gguf-py" ]; then
   exit 0
