@@ -40,6 +40,9 @@ def llama_cpp_check(gguf_path: Path, hf_dir: Path, base: Path, dtype: str) -> di
     except llama_child.LlamaCppError as error:
         report["error"] = str(error)
         return report
+    risk = llama_child.amx_risk(dtype)
+    if risk and "known_issue" not in report:  # this llama.cpp ran it; one built natively for this CPU may not
+        report["note"] = risk
     reference = check.logits(check.transformers_model(hf_dir), inputs)
     report.update(check.compare(reference, [torch.from_numpy(g) for g in got],
                                 f"llama.cpp running the {dtype} GGUF, against the fp32 merged checkpoint "
