@@ -14,8 +14,9 @@ from pathlib import Path
 
 import yaml
 
+from engine.process import child_env, moetune_command
+
 from .paths import ROOT
-from .runner import child_env, moetune_command
 
 
 @dataclass

@@ -19,7 +19,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from engine.events import read_events
 from engine.io import atomic_write_json
+from engine.process import child_env, moetune_command
 
 from .paths import ROOT, runs_dir
 
@@ -34,17 +34,24 @@ LAUNCH_FILE, APP_FILE, LOG_FILE, EVENTS_FILE = "launch.yaml", "app.json", "train
 TERMINAL = ("done", "stopped", "error")
 
 
-def moetune_command() -> list[str]:
-    """How to call the `moetune` console script of this environment (the one beside this Python)."""
-    script = Path(sys.executable).parent / "moetune"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "engine.cli"]
+def read_app_meta(path: Path) -> dict:
+    """What the app recorded of the process it started on a folder (APP_FILE: pid, command, ...), or {}."""
+    try:
+        return json.loads((path / APP_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
-def child_env() -> dict[str, str]:
-    """The environment of the app's subprocesses: this one, unbuffered, with the project importable."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
+def spawn_logged(path: Path, cmd: list[str], log_name: str) -> subprocess.Popen:
+    """Start `cmd` in its own session (closing the app does not stop it), its output appended to
+    path/log_name, and record it in path/APP_FILE."""
+    with open(path / log_name, "ab") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=str(ROOT), env=child_env(), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    atomic_write_json(path / APP_FILE, {"pid": proc.pid, "command": cmd, "started": time.time()})
+    return proc
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -222,15 +229,9 @@ class Runner:
 
     def _pid(self, path: Path) -> int | None:
         try:
-            return int(json.loads((path / APP_FILE).read_text()).get("pid") or 0) or None
-        except (OSError, ValueError, json.JSONDecodeError):
+            return int(read_app_meta(path).get("pid") or 0) or None
+        except ValueError:
             return None
-
-    def _app_meta(self, path: Path) -> dict:
-        try:
-            return json.loads((path / APP_FILE).read_text())
-        except (OSError, ValueError):
-            return {}
 
     def is_alive(self, path: Path) -> bool:
         """Whether a training process is working on this folder (ours, or one a previous app started)."""
@@ -239,7 +240,7 @@ class Runner:
             if proc.poll() is None:
                 return True
             self._procs.pop(path, None)
-            meta = self._app_meta(path)
+            meta = read_app_meta(path)
             if meta.get("pid") == proc.pid and "returncode" not in meta:
                 atomic_write_json(path / APP_FILE, {**meta, "returncode": proc.returncode})
             return False
@@ -254,15 +255,7 @@ class Runner:
         with self._lock:
             if self.is_alive(path):
                 raise RuntimeError(f"run {path.name} is already running; stop it first or start another run.")
-            cmd = moetune_command() + args
-            log = open(path / LOG_FILE, "ab")
-            log.write(f"\n$ {' '.join(cmd)}\n".encode())
-            log.flush()
-            proc = subprocess.Popen(cmd, cwd=str(ROOT), env=child_env(), stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            log.close()
-            self._procs[path] = proc
-            atomic_write_json(path / APP_FILE, {"pid": proc.pid, "command": cmd, "started": time.time()})
+            self._procs[path] = spawn_logged(path, moetune_command() + args, LOG_FILE)
             self._followers.pop(path, None)
 
     def start(self, config: dict, name: str) -> str:
@@ -302,7 +295,7 @@ class Runner:
                 pid = int((path / ".lock").read_text().strip())
             except (OSError, ValueError):
                 return False
-        meta = self._app_meta(path)
+        meta = read_app_meta(path)
         atomic_write_json(path / APP_FILE, {**meta, "stop_requested": time.time()})
         os.kill(pid, signal.SIGTERM)
         return True
@@ -318,7 +311,7 @@ class Runner:
         fol.read()
         s = fol.state
         alive = self.is_alive(path)
-        meta = self._app_meta(path)
+        meta = read_app_meta(path)
         last = fol.last_type
         if alive:
             if meta.get("stop_requested") and meta.get("stop_requested", 0) > meta.get("started", 0):

@@ -25,15 +25,16 @@ import gradio as gr
 import yaml
 
 from engine import config as C
-from engine.io import atomic_write_json, atomic_write_text
-from engine.sweep import SWEEP_FILE, expand, winner_overrides
+from engine.io import atomic_write_text
+from engine.process import moetune_command
+from engine.sweep import SWEEP_FILE, expand, format_stat, winner_overrides
 
 from . import controls as K, plots
 from .paths import ROOT, display_path, resolve_config_paths, runs_dir
-from .runner import _log_tail, child_env, moetune_command, pid_alive
+from .runner import _log_tail, pid_alive, read_app_meta, spawn_logged
 from .train_tab import _message, form_updates
 
-BASE_FILE, APP_FILE, LOG_FILE = "sweep.yaml", "app.json", "sweep.log"
+BASE_FILE, LOG_FILE = "sweep.yaml", "sweep.log"
 #: the paper's comparison: attention LoRA (standard PEFT) against the four routings, LoRA experts throughout
 DEFAULT_CANDIDATES = """attention-lora: routing.strategy=none routing.attention_lora=true adapter.placement=parallel
 shared: routing.strategy=shared adapter.placement=parallel
@@ -86,29 +87,17 @@ class Sweeps:
                  if (p / BASE_FILE).is_file() or (p / SWEEP_FILE).is_file()]
         return [n for _, n in sorted(found, reverse=True)]
 
-    def _meta(self, path: Path) -> dict:
-        try:
-            return json.loads((path / APP_FILE).read_text())
-        except (OSError, ValueError):
-            return {}
-
     def alive(self, path: Path) -> bool:
         """Whether the sweep's process runs."""
         proc = self._procs.get(path)
         if proc is not None and proc.poll() is None:
             return True
-        return pid_alive(self._meta(path).get("pid"))
+        return pid_alive(read_app_meta(path).get("pid"))
 
     def _spawn(self, path: Path, cmd: list[str]) -> None:
         if self.alive(path):
             raise RuntimeError(f"sweep {path.name} is running already; stop it first.")
-        with open(path / LOG_FILE, "ab") as log:
-            log.write(f"\n$ {' '.join(cmd)}\n".encode())
-            log.flush()
-            proc = subprocess.Popen(cmd, cwd=str(ROOT), env=child_env(), stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        self._procs[path] = proc
-        atomic_write_json(path / APP_FILE, {"pid": proc.pid, "command": cmd, "started": time.time()})
+        self._procs[path] = spawn_logged(path, cmd, LOG_FILE)
 
     def start(self, config: dict, name: str, args: list[str]) -> str:
         """Write the base config into a new sweep folder and start `moetune sweep` on it."""
@@ -123,7 +112,7 @@ class Sweeps:
     def rerun(self, name: str) -> None:
         """Start the sweep's command again: finished candidates are skipped, a stopped one resumes."""
         path = self.path(name)
-        cmd = self._meta(path).get("command")
+        cmd = read_app_meta(path).get("command")
         if not cmd:
             raise RuntimeError(f"sweep {name} was not started from the app; rerun its command in a terminal.")
         self._spawn(path, cmd)
@@ -133,7 +122,7 @@ class Sweeps:
         path = self.path(name)
         if not self.alive(path):
             return False
-        os.kill(int(self._meta(path)["pid"]), signal.SIGTERM)
+        os.kill(int(read_app_meta(path)["pid"]), signal.SIGTERM)
         return True
 
     def result(self, name: str) -> dict | None:
@@ -179,13 +168,6 @@ def winner_config(sweeps: Sweeps, name: str) -> dict:
 
 # ---- the view --------------------------------------------------------------------------------
 
-def _pm(s: dict | None, scale: float = 1.0, digits: int = 4) -> str:
-    if not s:
-        return "–"
-    text = f"{s['mean'] * scale:.{digits}f}"
-    return text + (f" ± {s['std'] * scale:.{digits}f}" if s.get("n", 1) > 1 else "")
-
-
 def table_html(result: dict | None) -> str:
     """The sweep's table: candidate, rank, trainable params and %, held-out loss, accuracy, tokens/s, memory."""
     if not result or not result.get("table"):
@@ -193,6 +175,10 @@ def table_html(result: dict | None) -> str:
     heads = ("candidate", "rank", "trainable", "%", "held-out loss", "accuracy", "tokens/s", "peak GB", "runs")
     best = (result.get("winner") or {}).get("candidate")
     body = []
+
+    def _pm(s: dict | None, scale: float = 1.0, digits: int = 4) -> str:
+        return format_stat(s, scale, digits, missing="–")
+
     for r in result["table"]:
         cells = [html.escape(r["candidate"]) + (" 🏆" if r["candidate"] == best else ""), str(r["rank"]),
                  f"{r['trainable']:,}", f"{r['percent']:.2f}%", _pm(r["eval_loss"]), _pm(r["accuracy"], 100, 1),

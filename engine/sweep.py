@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import yaml
 from . import config as C
 from .config import ConfigError
 from .io import atomic_write_json, atomic_write_text
+from .process import StopFlag, child_env, moetune_command
 
 SWEEP_FILE = "sweep.json"
 #: a candidate is matched when its trainable count is within this fraction of the target
@@ -293,9 +293,10 @@ def winner_overrides(result: dict) -> list[str]:
     return [o for o in best["overrides"] if not o.startswith(SEED_KEY + "=")] + extra
 
 
-def _fmt(s: dict | None, scale: float = 1.0, digits: int = 4) -> str:
-    if s is None:
-        return "-"
+def format_stat(s: dict | None, scale: float = 1.0, digits: int = 4, missing: str = "-") -> str:
+    """A score's mean (± std when it has several seeds) scaled and rounded; `missing` when none was scored."""
+    if not s:
+        return missing
     text = f"{s['mean'] * scale:.{digits}f}"
     return text + (f" ± {s['std'] * scale:.{digits}f}" if s["n"] > 1 else "")
 
@@ -308,8 +309,8 @@ def table(result: dict) -> str:
     for r in result["table"]:
         flag = "" if r["matched"] else "  (not matched: " + r["note"] + ")"
         lines.append(f"{r['candidate'][:34]:<34} {r['rank']:>4} {r['trainable']:>10,} {r['percent']:>6.2f}% "
-                     f"{_fmt(r['eval_loss']):>17} {_fmt(r['accuracy'], 100, 1):>13} "
-                     f"{_fmt(r['tokens_per_s'], 1, 0):>9} {_fmt(r['memory_gb'], 1, 2):>8}  {r['done']}/{r['runs']}{flag}")
+                     f"{format_stat(r['eval_loss']):>17} {format_stat(r['accuracy'], 100, 1):>13} "
+                     f"{format_stat(r['tokens_per_s'], 1, 0):>9} {format_stat(r['memory_gb'], 1, 2):>8}  {r['done']}/{r['runs']}{flag}")
     best = result.get("winner")
     if best:
         lines.append(f"winner: {best['candidate']} (rank {best['rank']}; "
@@ -319,43 +320,20 @@ def table(result: dict) -> str:
 
 # ---- running ---------------------------------------------------------------------------------
 
-class _Signals:
-    """SIGINT/SIGTERM: remember it and pass it on to the running training (which saves a checkpoint)."""
+class _Signals(StopFlag):
+    """SIGINT/SIGTERM: the stop flag, also passed on to the running training (which saves a checkpoint)."""
 
     def __init__(self):
-        self.stop, self.child, self._old = False, None, {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
+        super().__init__()
+        self.child = None
 
     def _handle(self, signum, frame):
-        self.stop = True
+        super()._handle(signum, frame)
         if self.child is not None and self.child.poll() is None:
             try:
                 os.kill(self.child.pid, signum)
             except ProcessLookupError:
                 pass
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _train_command() -> list[str]:
-    script = Path(sys.executable).parent / "moetune"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "engine.cli"]
-
-
-def _child_env() -> dict:
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
 
 
 def plan_sweep(base: dict, candidates: list[Candidate], params: int | None = None) -> tuple[int, list[dict]]:
@@ -445,8 +423,8 @@ def run_sweep(config: str | Path, tries: list[str], out: str | Path, *, listed: 
                 f"({e['percent']:.2f} %){' (resuming)' if resume else ''}")
             live.append(e["name"])
             with open(run_dir / "train.log", "ab") as log:
-                sig.child = subprocess.Popen(_train_command() + ["train", str(launch), "--out", str(run_dir), *resume],
-                                             env=_child_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                sig.child = subprocess.Popen(moetune_command() + ["train", str(launch), "--out", str(run_dir), *resume],
+                                             env=child_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
                 sig.child.wait()
             code, sig.child = sig.child.returncode, None
             live.clear()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from .io import atomic_write_json
 from .layerwise import add_usage, layer_major_step, micro_batch_major_step
 from .offload import OffloadSchedule
 from .optim import SparseAdamW, sparse_params_of
+from .process import StopFlag
 
 LOCK_FILE = ".lock"
 #: at most about this many `step` events of a run carry expert usage (summed over the steps between them)
@@ -74,29 +74,6 @@ class Batches:
         from .data import collate
 
         return {k: v.to(device) for k, v in collate([self.examples[i] for i in idx], self.pad_id).items()}
-
-
-class _StopFlag:
-    """Turns SIGINT/SIGTERM into a flag checked between optimizer steps."""
-
-    def __init__(self):
-        self.stop = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no signals, still a flag
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.stop = True
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def _lock(out: Path) -> Path:
@@ -201,7 +178,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
                  device=str(dev))
         model.train()
         order = batches.epoch(epoch)
-        with _StopFlag() as flag:
+        with StopFlag() as flag:
             while step < total:
                 t0, micro = time.perf_counter(), []
                 for _ in range(cfg.train.grad_accum):
