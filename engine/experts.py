@@ -245,12 +245,7 @@ class ExpertBank(nn.Module):
         if self.backend == "loop":
             return self.forward_loop(hidden_states, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden_states)
-        num_tokens = top_k_index.shape[0]
-        with torch.no_grad():  # group (token, slot) pairs by expert with one sort and one device sync
-            flat = top_k_index.T.reshape(-1)  # slot-major: the order transformers' eager loop adds in
-            order = torch.argsort(flat, stable=True)
-            per_expert = torch.bincount(flat, minlength=self.num_experts).tolist()
-            toks, slots = order % num_tokens, order // num_tokens
+        per_expert, toks, slots = self._by_expert(top_k_index)
         experts = [e for e, n in enumerate(per_expert) if n]
         if not experts:
             return out
@@ -269,6 +264,16 @@ class ExpertBank(nn.Module):
             g = gates if whole else gates[rows]
             out.index_add_(0, toks if whole else toks[rows], (y * g).to(out.dtype))
         return out
+
+    def _by_expert(self, top_k_index: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """(token, slot) pairs grouped by expert with one sort and one device sync: pairs per expert, and the
+        token and slot of each pair in that order (slot-major within an expert: transformers' eager add order)."""
+        num_tokens = top_k_index.shape[0]
+        with torch.no_grad():
+            flat = top_k_index.T.reshape(-1)
+            order = torch.argsort(flat, stable=True)
+            per_expert = torch.bincount(flat, minlength=self.num_experts).tolist()
+        return per_expert, order % num_tokens, order // num_tokens
 
     def _chunks(self, experts: list[int], dtype: torch.dtype) -> list[list[int]]:
         n = group_size(self.num_experts, self.hidden_size, self.intermediate_size,
@@ -297,7 +302,7 @@ class ExpertBank(nn.Module):
             return f"the experts are not resident NF4 ({type(self.store).__name__})"
         if self.hidden_size % 64 or self.intermediate_size % 64:
             return "hidden and expert intermediate sizes must be multiples of 64"
-        if self.store.packed_operands("down", x.device) is None:
+        if not self.store.packed_available("down", x.device):
             return "the NF4 experts are not on the compute device"
         return None
 
@@ -326,12 +331,7 @@ class ExpertBank(nn.Module):
                      top_k_weights: torch.Tensor) -> torch.Tensor:
         """The earlier per-expert loop (backend `loop`): the reference the grouped path is tested against."""
         out = torch.zeros_like(hidden_states)
-        num_tokens = top_k_index.shape[0]
-        with torch.no_grad():
-            flat = top_k_index.T.reshape(-1)
-            order = torch.argsort(flat, stable=True)
-            counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-            toks, slots = order % num_tokens, order // num_tokens
+        counts, toks, slots = self._by_expert(top_k_index)
         start = 0
         for e, n in enumerate(counts):
             if not n:

@@ -252,14 +252,18 @@ class NF4ExpertStore(_FillTracking):
             out.append(w.view(len(idx), *lay.shape))
         return out[0], out[1]
 
+    def packed_available(self, part: str, device: torch.device) -> bool:
+        """Whether `packed_operands` serves `part` on `device` (the codes stored there, K whole blocks); cheap."""
+        return self.tensors[f"{part}.weight"].device == torch.device(device) \
+            and not self.layouts[part].shape[1] % self.blocksize
+
     def packed_operands(self, part: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """All experts' packed codes `[E, N, K/2]` uint8 (a view) and de-nested fp32 absmax `[E, N, K/64]` of one
         matrix kind, the layout of grouped NF4 GEMM kernels (`grouped-nf4-gemm`); None when the stored tensors
         are not on `device` or K is not a multiple of the blocksize."""
-        lay = self.layouts[part]
-        weight = self.tensors[f"{part}.weight"]
-        if weight.device != torch.device(device) or lay.shape[1] % self.blocksize:
+        if not self.packed_available(part, device):
             return None
+        lay, weight = self.layouts[part], self.tensors[f"{part}.weight"]
         _, nested_code = self._code_tables(weight.device)
         absmax = denest_absmax(self.tensors[f"{part}.absmax"], self.tensors[f"{part}.nested_absmax"],
                                self.tensors[f"{part}.offset"], nested_code)
