@@ -172,7 +172,6 @@ def _gguf_tensors(family: Family, cfg, tensors: Iterable[tuple[str, torch.Tensor
     """llama.cpp's tensors from checkpoint tensors: renamed, q/k permuted where the arch needs it,
     per-expert projections stacked into [E, out, in] once a layer's last one arrives."""
     n_experts = family.num_experts(cfg)
-    n_head, n_kv = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     fused = re.compile(rf"model\.layers\.(\d+)\.{re.escape(family.block_attr)}\.experts\.(gate_up_proj|down_proj)")
     pending: dict[int, dict[tuple[str, int], torch.Tensor]] = {}  # layer -> (proj, expert) -> tensor
@@ -210,10 +209,9 @@ def _gguf_tensors(family: Family, cfg, tensors: Iterable[tuple[str, torch.Tensor
             if tied and target == _OUTPUT:
                 continue  # the tied head was already written from the embeddings
             raise ExportError(f"checkpoint tensor {name!r} appears twice.")
-        if family.gguf_permute_qk and _ATTN_Q.fullmatch(target):
-            tensor = _permute_rope(tensor, n_head)
-        elif family.gguf_permute_qk and _ATTN_K.fullmatch(target):
-            tensor = _permute_rope(tensor, n_kv)
+        heads = rope_heads(family, cfg, target)
+        if heads:
+            tensor = _permute_rope(tensor, heads)
         seen.add(target)
         yield target, tensor
         if tied and target == _TOKEN_EMBD and _OUTPUT not in seen:
@@ -223,6 +221,18 @@ def _gguf_tensors(family: Family, cfg, tensors: Iterable[tuple[str, torch.Tensor
         layer, parts = next(iter(pending.items()))
         raise ExportError(f"layer {layer} has {len(parts)} of its {3 * n_experts} expert projections in the "
                           "checkpoint; is it complete?")
+
+
+def rope_heads(family: Family, hf_config, target: str) -> int | None:
+    """How many heads llama.cpp's tensor `target` (q or k, weight or bias) has its rows permuted by, when the
+    family's GGUF permutes them (see _permute_rope); None for every other tensor."""
+    if not family.gguf_permute_qk:
+        return None
+    if _ATTN_Q.fullmatch(target):
+        return int(hf_config.num_attention_heads)
+    if _ATTN_K.fullmatch(target):
+        return int(hf_config.num_key_value_heads)
+    return None
 
 
 def _permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 
 from ..arch import ExpertKey
 from ..io import atomic_path
-from .gguf import GGUF_DTYPES, ExportError, _ATTN_K, _ATTN_Q, _encode, _permute_rope, llama_cpp_problems
+from .gguf import GGUF_DTYPES, ExportError, _encode, _permute_rope, llama_cpp_problems, rope_heads
 from .peft_lora import PREFIX, peft_problems, peft_tensors
 from .source import RunSource
 
@@ -40,7 +40,6 @@ def gguf_lora_tensors(src: RunSource) -> dict[str, torch.Tensor]:
     """The run's LoRA under llama.cpp's names, in fp32 and numpy order: `blk.N.attn_q.weight.lora_a` [r, in],
     `.lora_b` [out, r]; experts stacked `blk.N.ffn_gate_exps.weight.lora_a` [E, r, in] / `.lora_b` [E, out, r]."""
     family, cfg = src.family, src.hf_config
-    n_head, n_kv = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     experts: dict[tuple[int, str], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     peft = peft_tensors(src)
@@ -57,10 +56,9 @@ def gguf_lora_tensors(src: RunSource) -> dict[str, torch.Tensor]:
         target = family.gguf_tensor_name(weight)
         if target is None:
             raise ExportError(f"the run adapts {weight}, which has no llama.cpp tensor in {family.gguf_arch!r}.")
-        if family.gguf_permute_qk and _ATTN_Q.fullmatch(target):
-            B = _permute_rope(B, n_head)
-        elif family.gguf_permute_qk and _ATTN_K.fullmatch(target):
-            B = _permute_rope(B, n_kv)
+        heads = rope_heads(family, cfg, target)
+        if heads:
+            B = _permute_rope(B, heads)
         pairs[target] = {"lora_a": A, "lora_b": B}
     n_experts = family.num_experts(cfg)
     for (layer, proj), by_expert in experts.items():
@@ -108,7 +106,6 @@ def read_gguf_lora(path: str | Path, src: RunSource) -> dict[str, torch.Tensor]:
     """A LoRA adapter GGUF read back as PEFT tensors of the run's base (`base_model.model.<hub name>.lora_A.weight`
     [r, in] / `.lora_B.weight` [out, r], fp32): the inverse of gguf_lora_tensors, for the export's own check."""
     family, cfg = src.family, src.hf_config
-    n_head, n_kv = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
     back: dict[str, str] = {}  # llama.cpp's name of each weight a LoRA may adapt -> hub name, or expert projection
     for weight in _hub_weights(src):
         key = family.parse_expert_key(weight)
@@ -125,8 +122,9 @@ def read_gguf_lora(path: str | Path, src: RunSource) -> dict[str, torch.Tensor]:
         if target not in back:
             raise ExportError(f"{path}: tensor {t.name} adapts {target}, which the base model does not have.")
         if back[target] not in PROJECTIONS:
-            if which == "B" and family.gguf_permute_qk and (_ATTN_Q.fullmatch(target) or _ATTN_K.fullmatch(target)):
-                data = _unpermute_rope(data, n_head if _ATTN_Q.fullmatch(target) else n_kv)
+            heads = rope_heads(family, cfg, target)
+            if which == "B" and heads:
+                data = _unpermute_rope(data, heads)
             out[f"{PREFIX}{back[target].removesuffix('.weight')}.lora_{which}.weight"] = data
         else:
             layer = int(target.split(".")[1])
