@@ -15,12 +15,13 @@ from .. import llama_child
 from . import check
 
 
-def llama_cpp_check(gguf_path: Path, hf_dir: Path, base: Path, dtype: str) -> dict[str, Any]:
-    """Run `gguf_path` in llama.cpp on the sample prompts; the logit difference from `hf_dir` in transformers."""
+def llama_cpp_check(gguf_path: Path, inputs: list[torch.Tensor], reference: list[torch.Tensor],
+                    dtype: str) -> dict[str, Any]:
+    """Run `gguf_path` in llama.cpp on `inputs` ([1, T] token ids); the logit difference from `reference`, the
+    fp32 merged checkpoint's logits on them in transformers."""
     if not llama_child.llama_cpp_available():
         return unchecked(gguf_path, dtype, "llama-cpp-python is not installed (pip install llama-cpp-python, or "
                                            "pip install -e '.[dev]'), so the file was not run in llama.cpp")
-    inputs = check.sample_inputs(base)
     ops = [("logits", ids[0].tolist()) for ids in inputs]
     report: dict[str, Any] = {"llama_cpp_version": llama_child.llama_cpp_version()}
     try:
@@ -43,7 +44,6 @@ def llama_cpp_check(gguf_path: Path, hf_dir: Path, base: Path, dtype: str) -> di
     risk = llama_child.amx_risk(dtype)
     if risk and "known_issue" not in report:  # this llama.cpp ran it; one built natively for this CPU may not
         report["note"] = risk
-    reference = check.logits(check.transformers_model(hf_dir), inputs)
     report.update(check.compare(reference, [torch.from_numpy(g) for g in got],
                                 f"llama.cpp running the {dtype} GGUF, against the fp32 merged checkpoint "
                                 "in transformers"))

@@ -92,17 +92,19 @@ def _export(src: RunSource, fmt: str, dtype: str, staging: Path, check_logits: b
         summary = write_merged(src, hf_dir, TORCH_DTYPES[dtype] if fmt == "hf" else torch.float32)
         report.update(merged=[g.to_dict() for g in merge_plan(src)],
                       expert_intermediate_size=summary["expert_intermediate_size"], files=summary["files"])
+        if check_logits:  # the merged model's logits, once: against the unmerged model, and against llama.cpp
+            inputs = check.sample_inputs(src.base)
+            merged = check.logits(check.transformers_model(hf_dir), inputs)
+            what = "the merged checkpoint reloaded by transformers (fp32)" if fmt == "hf" else \
+                "the fp32 merged HF checkpoint the GGUF was written from, reloaded by transformers"
+            report["check"] = check.compare(check.logits(check.unmerged_model(src), inputs), merged, what)
         if fmt == "gguf":
             name = f"model-{dtype}.gguf"
             report["gguf"] = write_gguf(hf_dir, staging / name, dtype)
             report["gguf"]["path"] = name
             report["files"] = [name]
-            report["llama_cpp"] = llama_cpp_check(staging / name, hf_dir, src.base, dtype) if check_logits else \
+            report["llama_cpp"] = llama_cpp_check(staging / name, inputs, merged, dtype) if check_logits else \
                 unchecked(staging / name, dtype, "the checks were skipped (--no-check or too little memory)")
-        if check_logits:
-            what = "the merged checkpoint reloaded by transformers (fp32)" if fmt == "hf" else \
-                "the fp32 merged HF checkpoint the GGUF was written from, reloaded by transformers"
-            report["check"] = _check_hf(src, hf_dir, what)
     report["exact"] = all(g["exact"] for g in report["merged"])
     report["max_abs_logit_diff"] = report["check"]["max_abs_logit_diff"] if check_logits else None
     return report
@@ -121,12 +123,6 @@ def _check_too_big(base: Path) -> str | None:
         return None
     return (f"the check loads the base model twice in fp32 ({need / 1e9:.1f} GB) and this machine has "
             f"{free / 1e9:.1f} GB free; the merge itself is exact by construction (see `merged`)")
-
-
-def _check_hf(src: RunSource, hf_dir: Path, what: str) -> dict[str, Any]:
-    inputs = check.sample_inputs(src.base)
-    reference = check.logits(check.unmerged_model(src), inputs)
-    return check.compare(reference, check.logits(check.transformers_model(hf_dir), inputs), what)
 
 
 def _check_peft(src: RunSource, folder: Path) -> dict[str, Any]:
