@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import ConfigError
+from .io import NoSpaceError, is_no_space, no_space
 
 
 def cmd_models(args) -> int:
@@ -330,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"moetune {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk is one line naming the folder; other OS errors are bugs to see whole
+        if not is_no_space(e):
+            raise
+        full = e if isinstance(e, NoSpaceError) else no_space(Path(e.filename or ".").parent)
+        print(f"moetune {args.command}: error: {full}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"moetune {args.command}: stopped", file=sys.stderr)
         return 130

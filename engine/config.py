@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -177,6 +178,9 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a YAML mapping of sections (model:, adapter:, routing:, ...), "
+                          f"not a {type(data).__name__}.")
     return from_dict(apply_overrides(data, overrides or []))
 
 
@@ -252,6 +256,9 @@ def _check_value(where: str, value: Any, typ: Any, meta: dict) -> Any:
     if choices and value not in choices:
         raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(str, choices))}.")
     lo, hi = meta.get("min"), meta.get("max")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} is not a finite number; give a finite value"
+                          + (f" between {lo} and {hi}." if lo is not None and hi is not None else "."))
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if lo is not None and value < lo:
             raise ConfigError(f"{where}: {value!r} is out of range; it must be at least {lo}.")

@@ -36,3 +36,60 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj) -> None:
     """Write JSON (indented) to `path` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+class DamagedFileError(ValueError):
+    """A file MoETune wrote that no longer reads back as written (truncated, bytes changed, not ours)."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_sha256(path: str | Path, expected: str | None, what: str = "file") -> None:
+    """Raise DamagedFileError naming `path` when it is missing or its SHA-256 is not `expected`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DamagedFileError(f"{path} is missing ({what}).")
+    if expected is None:
+        return
+    got = sha256_file(path)
+    if got != expected:
+        raise DamagedFileError(f"{path} is damaged: its SHA-256 is {got[:12]}…, {what} was written with "
+                               f"{expected[:12]}…; restore it or train again.")
+
+
+def is_no_space(e: BaseException) -> bool:
+    """Whether an error (or one it was raised from) is the disk being full (ENOSPC / EDQUOT)."""
+    import errno
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "unexpected pos" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class NoSpaceError(OSError):
+    """The disk under a folder MoETune writes to is full."""
+
+
+def no_space(folder: str | Path) -> NoSpaceError:
+    """The one-line error for a full disk under `folder`."""
+    import errno
+
+    e = NoSpaceError(f"no space left on the disk under {folder}; free some space (or choose another folder) "
+                     "and run again")
+    e.errno = errno.ENOSPC
+    return e

@@ -24,6 +24,24 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process runs under `pid` (a zombie, killed but not yet reaped, does not; one of another user does)."""
+    if not pid or pid < 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 class StopFlag:
     """Turns SIGINT/SIGTERM into a flag the caller checks (between optimizer steps, between candidates)."""
 

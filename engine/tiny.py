@@ -110,6 +110,9 @@ def tiny_config(family: str, layers: int = 2, hidden: int = 64, experts: int = 4
     from transformers import AutoConfig
 
     fam = get_family(family)
+    for flag, value in (("--layers", layers), ("--hidden", hidden), ("--experts", experts), ("--top-k", top_k)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: it must be at least 1.")
     if top_k > experts:
         raise ValueError(f"--top-k {top_k} is larger than --experts {experts}; choose top_k <= experts.")
     if hidden % 8:
@@ -132,10 +135,10 @@ def make_tiny_model(family: str, out: str | Path, layers: int = 2, hidden: int =
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"--tokenizer {tokenizer!r} is not a tiny tokenizer kind; "
                          f"choose one of {', '.join(TOKENIZERS)}.")
+    tok = build_spm_tokenizer(vocab_size) if tokenizer == "spm" else build_tokenizer(vocab_size)
+    config = tiny_config(family, layers, hidden, experts, top_k, len(tok))  # checks the sizes before writing
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_spm_tokenizer(vocab_size) if tokenizer == "spm" else build_tokenizer(vocab_size)
-    config = tiny_config(family, layers, hidden, experts, top_k, len(tok))
     config.pad_token_id = tok.pad_token_id  # None for the SentencePiece style, which has no pad token (as Llama)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -5,6 +5,7 @@ checkpoint and stop cleanly. Progress goes to the terminal and to `OUT/events.js
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -19,11 +20,11 @@ import torch
 from . import checkpoint as ckpt
 from .config import Config, save as save_config
 from .events import EventLog
-from .io import atomic_write_json
+from .io import DamagedFileError, atomic_write_json, is_no_space, no_space
 from .layerwise import add_usage, layer_major_step, micro_batch_major_step
 from .offload import OffloadSchedule
 from .optim import SparseAdamW, sparse_params_of
-from .process import StopFlag
+from .process import StopFlag, pid_alive
 
 LOCK_FILE = ".lock"
 #: at most about this many `step` events of a run carry expert usage (summed over the steps between them)
@@ -32,6 +33,10 @@ USAGE_REPORTS = 500
 
 class RunError(ValueError):
     """A run that cannot start: its folder is busy or holds another run."""
+
+
+class Diverged(ValueError):
+    """The loss or its gradient became NaN or inf (from the data or the hyper-parameters); the step was not applied."""
 
 
 def lr_lambda(cfg: Config, total_steps: int):
@@ -77,17 +82,26 @@ class Batches:
 
 
 def _lock(out: Path) -> Path:
+    """Take the run folder's lock (created exclusively, holding our PID); a live owner refuses with its PID,
+    a stale lock (its PID gone) is taken over."""
     lock = out / LOCK_FILE
-    if lock.exists():
+    for _ in range(3):
         try:
-            pid = int(lock.read_text().strip() or 0)
-            os.kill(pid, 0)
-            raise RunError(f"{out} is in use by a running training (pid {pid}); wait for it, stop it, "
-                           "or choose another --out.")
-        except (ProcessLookupError, ValueError):
-            pass  # stale lock of a process that is gone
-    lock.write_text(str(os.getpid()))
-    return lock
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0  # unreadable or garbled: no live owner to protect
+            if pid > 0 and pid != os.getpid() and pid_alive(pid):
+                raise RunError(f"{out} is in use by a running training (pid {pid}); wait for it, stop it, "
+                               "or choose another --out.") from None
+            lock.unlink(missing_ok=True)  # stale lock of a process that is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return lock
+    raise RunError(f"could not take the lock {lock}: another process keeps taking it; choose another --out.")
 
 
 def dropped_rows(stats: dict) -> int:
@@ -121,6 +135,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
     from .runs import default_device, load_run_model, offload_experts
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a folder; choose a folder for the run.")
     if not cfg.model.path:
         raise RunError("model.path is empty; set it to a local HF checkpoint directory.")
     if not cfg.data.train:
@@ -128,10 +144,14 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
     latest = ckpt.latest_checkpoint(out)
     if not resume and (latest is not None or (out / "adapter.safetensors").exists()):
         raise RunError(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
-    out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
-    log = None
     try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise (no_space(out) if is_no_space(e) else RunError(f"cannot create the run folder {out}: {e.strerror}.")) from None
+    lock = _lock(out)
+    log, warnings = None, []
+    try:
+        ckpt.remove_unfinished(out)  # step-N.tmp folders a crash or a full disk left behind
         check_checkpoint(cfg.model.path)  # before anything loads: a bad folder is one clear error
         dev = default_device(device)
         seed_everything(cfg.train.seed)
@@ -158,21 +178,31 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
         schedule = OffloadSchedule(cache) if cache is not None else None
         autocast = torch.bfloat16 if dev.type == "cuda" else None
-        step, epoch, pos = 0, 0, 0
+        step, epoch, pos, loss_sum, resumed_from = 0, 0, 0, None, None
         usage_every, usage_sum = max(1, total // USAGE_REPORTS), None
-        if resume and latest is not None:
-            tensors, tstate, state = ckpt.load_checkpoint(latest)
+        good = ckpt.load_latest(out, warnings.append) if resume else None
+        if good is not None:
+            resumed_from, tensors, tstate, state = good
             named = dict(peft.trainable_parameters())
+            missing = sorted(set(named) - set(tensors))
+            if missing:
+                raise DamagedFileError(f"{resumed_from / 'adapter.safetensors'} does not hold {missing[0]} of this "
+                                       "config's adapter; resume with the config the run was started with.")
             for n, p in named.items():
                 p.data.copy_(tensors[n])
             opt.load_state_dict(tstate["optimizer"])
             sched.load_state_dict(tstate["scheduler"])
             ckpt.set_rng_state(tstate["rng"])
-            step, epoch, pos = state["step"], state["epoch"], state["position"]
+            step, epoch, pos, loss_sum = state["step"], state["epoch"], state["position"], state.get("loss")
         save_config(cfg, out / "config.yaml")
         log = EventLog(out / "events.jsonl", echo=echo, total_steps=total)
         log.set_position(step)
-        log.emit("start", step=step, total_steps=total, resumed=bool(resume and latest is not None),
+        for w in warnings:
+            if echo:
+                print(f"warning: {w}", file=sys.stderr)
+            log.emit("warning", message=w)
+        log.emit("start", step=step, total_steps=total, resumed=resumed_from is not None,
+                 **({"resumed_from": str(resumed_from)} if resumed_from is not None else {}),
                  examples=len(examples), dropped=dropped_rows(data_stats), data=data_stats,
                  parameters=peft.parameter_report(),
                  device=str(dev))
@@ -194,8 +224,15 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
                 else:
                     loss_sum, aux_sum, usage = micro_batch_major_step(model, peft, micro, cfg.train.grad_accum,
                                                                       autocast_dtype=autocast)
-                if cfg.train.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0
+                                                      else float("inf"))
+                if not (math.isfinite(loss_sum) and math.isfinite(float(norm))):  # before the update spoils the adapter
+                    what = "the loss" if not math.isfinite(loss_sum) else "the gradient"
+                    last = ckpt.latest_checkpoint(out)
+                    keep = (f"the last good checkpoint is {last} (--resume continues from it)" if last
+                            else "no checkpoint was written yet")
+                    raise Diverged(f"{what} became NaN or inf at step {step + 1}; nothing of that step was applied "
+                                   f"and {keep}. Lower train.lr or raise train.warmup_steps, and check the data.")
                 lr = opt.param_groups[0]["lr"]
                 opt.step()
                 sched.step()
@@ -214,7 +251,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
                 usage_sum = None if report else usage_sum
                 if step % cfg.train.save_every == 0 or stopping or step == total:
                     path = ckpt.save_checkpoint(out, step, peft.adapter_state_dict(), opt, sched,
-                                                {"epoch": epoch, "position": pos, "total_steps": total})
+                                                {"epoch": epoch, "position": pos, "total_steps": total,
+                                                 "loss": loss_sum})
                     log.emit("checkpoint", step=step, path=str(path))
                     if held_out:
                         log.emit("eval", step=step, **_held_out_loss(model, peft, held_out, dev, autocast))
@@ -223,21 +261,41 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
                     return {"status": "stopped", "step": step, "out": str(out)}
         model.eval()
         save_adapter(peft, out, extra={"train": {"steps": step, "data": data_stats}})
-        summary = {"status": "done", "step": step, "out": str(out), "final_loss": round(loss_sum, 6)}
+        summary = {"status": "done", "step": step, "out": str(out),
+                   "final_loss": None if loss_sum is None else round(loss_sum, 6)}
         if cfg.eval.benchmarks:
             summary["accuracy"] = _run_benchmarks(cfg, model, tokenizer, out, log, step)
         atomic_write_json(out / "summary.json", summary)
         log.emit("done", **summary)
         return summary
     except Exception as e:
-        if log is None:
-            log = EventLog(out / "events.jsonl", echo=False)
-        log.emit("error", message=str(e), kind=type(e).__name__)
+        full = is_no_space(e)
+        err = no_space(_written_folder(e, out)) if full else e
+        try:  # where the disk still takes it
+            if log is None:
+                log = EventLog(out / "events.jsonl", echo=False)
+            log.emit("error", message=str(err), kind=type(err).__name__)
+        except OSError:
+            pass
+        if full:
+            raise err from None
         raise
     finally:
         if log is not None:
-            log.close()
+            with contextlib.suppress(OSError):
+                log.close()
         lock.unlink(missing_ok=True)
+
+
+def _written_folder(e: BaseException, out: Path) -> Path:
+    """The folder a failed write was going to: the run folder, or the folder outside it an OSError names
+    (the NF4 expert cache, say)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.filename:
+            target = Path(e.filename).resolve()
+            return out if target.is_relative_to(out.resolve()) else target.parent
+        e = e.__cause__ or e.__context__
+    return out
 
 
 def _run_benchmarks(cfg: Config, model, tokenizer, out: Path, log: EventLog, step: int) -> dict[str, float]:
