@@ -202,9 +202,11 @@ def chat_both(run_dir: Path, prompt: str) -> tuple[str, str]:
     return answer.get("base", ""), answer.get("tuned", "")
 
 
-def export(run_dir: Path, fmt: str, dtype: str, out: Path) -> str:
-    """Export a run's adapter (`moetune export`); returns its output, raises RuntimeError."""
-    r = run_cli(["export", "--run", str(run_dir), "--format", fmt, "--dtype", dtype, "--out", str(out)])
+def export(run_dir: Path, fmt: str, dtype: str, out: Path, base: bool = False) -> str:
+    """Export a run's adapter (`moetune export`; `base`: its base model alone, --format gguf --base); returns its
+    output, raises RuntimeError."""
+    r = run_cli(["export", "--run", str(run_dir), "--format", fmt, "--dtype", dtype, "--out", str(out)]
+                + ["--base"] * base)
     if r.returncode != 0:
         raise RuntimeError(r.error)
     return r.stdout.strip()

@@ -243,7 +243,8 @@ def cmd_export(args) -> int:
     """Export a run as merged HF safetensors, PEFT-layout LoRA or GGUF; print the export report."""
     from .export import export_run
 
-    report = export_run(args.run, args.format, args.dtype, args.out, check_logits=False if args.no_check else None)
+    report = export_run(args.run, args.format, args.dtype, args.out, check_logits=False if args.no_check else None,
+                        base=args.base)
     print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0
 
@@ -255,6 +256,8 @@ def _add_export(sub):
                    help="gguf-lora: the LoRA alone as a llama.cpp adapter GGUF, for a base GGUF (llama-cli --lora)")
     p.add_argument("--dtype", default="f16", choices=("f16", "bf16", "q8_0"), help="tensor type (q8_0: GGUF only)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--base", action="store_true",
+                   help="with --format gguf: the run's base model alone, to load its gguf-lora adapter onto")
     p.add_argument("--no-check", action="store_true",
                    help="skip the logit comparison against the unmerged model (it loads the base model twice in "
                         "fp32; by default it runs when that fits in half the free memory)")

@@ -346,8 +346,10 @@ def test_export_tab_shows_the_command_that_runs_the_export(exported, tmp_path):
         shown[fmt] = result_html(root / fmt, text)
         assert "Wrote" in shown[fmt] and "exact&quot;: true" in shown[fmt]
     lora = root / "gguf-lora" / "adapter-f32.gguf"
-    assert f"llama-cli -m base.gguf --lora {lora}" in shown["gguf-lora"]
-    assert f"convert_hf_to_gguf.py {root / 'base'} --outfile base.gguf" in shown["gguf-lora"]
+    base_gguf = root / "run" / "export-gguf-base" / "base-f16.gguf"  # the base model by MoETune's own GGUF writer
+    assert f"llama-cli -m {base_gguf} --lora {lora}" in shown["gguf-lora"]
+    assert (f"moetune export --run {root / 'run'} --format gguf --base --dtype f16 --out {base_gguf.parent}"
+            in shown["gguf-lora"])
     assert (f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(root / 'base')!r}), "
             f"{str(root / 'peft')!r})").replace("'", "&#x27;") in shown["peft"]
     assert f"convert_lora_to_gguf.py {root / 'peft'} --base {root / 'base'}" in shown["peft"]

@@ -57,6 +57,18 @@ class ExportError(ValueError):
     """A checkpoint or option the export cannot turn into a correct file."""
 
 
+def require_finite(name: str, written: torch.Tensor, dtype: str) -> None:
+    """Raise ExportError naming tensor `name` when it holds NaN or inf as it is written (`written`: its values in
+    the file's type `dtype`), so that no export of a broken model is ever reported as done."""
+    finite = torch.isfinite(written)
+    if bool(finite.all()):
+        return
+    raise ExportError(f"the exported tensor {name} holds {int((~finite).sum())} NaN or inf values in {dtype} "
+                      "(from NaN / inf in the run, or values beyond what that type holds); nothing was written. "
+                      "Check the run (moetune eval), or export with --dtype bf16 if the values are only too large "
+                      "for f16.")
+
+
 def write_gguf(hf_dir: str | Path, out_file: str | Path, dtype: str = "f16") -> dict[str, Any]:
     """Write the HF checkpoint at `hf_dir` as a GGUF file (f32, f16, bf16 or q8_0); returns a summary."""
     hf_dir, out_file = Path(hf_dir), Path(out_file)
@@ -95,7 +107,7 @@ def write_gguf(hf_dir: str | Path, out_file: str | Path, dtype: str = "f16") -> 
                 if name != want or tuple(tensor.shape) != shape:
                     raise ExportError(f"{hf_dir}: the checkpoint changed while it was being exported ({name} "
                                       f"{tuple(tensor.shape)} where {want} {shape} was planned); export again.")
-                writer.write_tensor_data(_encode(tensor, tensor_type))
+                writer.write_tensor_data(_encode(name, tensor, tensor_type))
                 written += 1
         finally:
             writer.close()
@@ -252,14 +264,21 @@ def _tensor_type(name: str, shape: torch.Size, qtype: Q) -> Q:
     return qtype
 
 
-def _encode(tensor: torch.Tensor, tensor_type: Q) -> np.ndarray:
-    """The bytes of one tensor in its GGUF type."""
-    data = tensor.detach().to(torch.float32).contiguous().numpy()
+def _encode(name: str, tensor: torch.Tensor, tensor_type: Q) -> np.ndarray:
+    """The bytes of one tensor in its GGUF type; ExportError when it holds NaN or inf as written."""
+    data = tensor.detach().to(torch.float32).contiguous()
     if tensor_type == Q.F32:
-        return data
-    if tensor_type == Q.F16:
-        return data.astype(np.float16)
-    return gguf.quants.quantize(data, tensor_type)
+        out = data.numpy()
+        written = data
+    elif tensor_type == Q.F16:
+        with np.errstate(over="ignore"):  # an overflow is inf, which require_finite names below
+            out = data.numpy().astype(np.float16)
+        written = torch.from_numpy(out)
+    else:  # bf16 rounds within f32's range; q8_0 stores each block's largest |value| / 127 as an f16 scale
+        out = gguf.quants.quantize(data.numpy(), tensor_type)
+        written = data.to(torch.bfloat16) if tensor_type == Q.BF16 else (data.abs().amax() / 127).to(torch.float16)
+    require_finite(name, written, tensor_type.name.lower())
+    return out
 
 
 # ---- metadata ---------------------------------------------------------------------------------------------

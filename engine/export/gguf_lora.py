@@ -90,7 +90,7 @@ def write_gguf_lora(src: RunSource, out_file: str | Path, dtype: str = "f16") ->
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(src.cfg.adapter.alpha))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for name, t in tensors.items():
-        writer.add_tensor(name, _encode(t, qtype), raw_dtype=qtype)
+        writer.add_tensor(name, _encode(name, t, qtype), raw_dtype=qtype)
     with atomic_path(out_file) as tmp:
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()

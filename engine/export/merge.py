@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import torch
 
 from ..arch import ExpertKey
-from .gguf import ExportError
+from .gguf import ExportError, require_finite
 from .source import RunSource, expert_stores, expert_weights, non_expert_tensors, nf4_round_trip, quant_note
 
 #: tokenizer and generation files copied from the base checkpoint
@@ -222,14 +222,17 @@ def write_merged(src: RunSource, out_dir: str | Path, dtype: torch.dtype = torch
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = _ShardWriter(out_dir, max_shard_bytes)
+    dtype_name = str(dtype).removeprefix("torch.")
     for name, tensor in merged_tensors(src):
-        writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+            require_finite(name, tensor, dtype_name)
+        writer.add(name, tensor)
     files = writer.close()
 
     config = json.loads((src.base / "config.json").read_text())
     inter = merged_intermediate_size(src)
     config[src.family.expert_intermediate_key] = inter
-    dtype_name = str(dtype).removeprefix("torch.")
     config["dtype"] = dtype_name
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype_name

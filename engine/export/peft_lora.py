@@ -25,7 +25,7 @@ from torch import nn
 
 from ..arch import ExpertKey, Family
 from ..loader import checkpoint_files
-from .gguf import ExportError
+from .gguf import ExportError, require_finite
 from .merge import MergeGroup
 from .source import RunSource
 
@@ -148,7 +148,10 @@ def write_peft(src: RunSource, out_dir: str | Path, dtype: torch.dtype = torch.f
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = peft_tensors(src)
-    save_file({n: t.to(dtype) for n, t in tensors.items()}, str(out_dir / TENSOR_FILE), metadata={"format": "pt"})
+    written = {n: t.to(dtype) for n, t in tensors.items()}
+    for name, t in written.items():
+        require_finite(name, t, str(dtype).removeprefix("torch."))
+    save_file(written, str(out_dir / TENSOR_FILE), metadata={"format": "pt"})
     config = peft_config(src, tensors)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return {"files": [TENSOR_FILE, CONFIG_FILE], "tensors": len(tensors), "target_modules": config["target_modules"],

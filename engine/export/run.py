@@ -1,13 +1,15 @@
 """`export_run`: a finished run as a merged HF checkpoint, a PEFT-layout LoRA, a GGUF file, or a llama.cpp
-LoRA adapter GGUF, with
+LoRA adapter GGUF (or, `base=True`, its base model alone as GGUF, for those adapters), with
 export_report.json (what was merged and how, exact or not, and the measured logit difference).
 
 Everything is written into a staging folder beside the output and moved in only when complete; the
-report is written last, so a folder with export_report.json holds a finished export."""
+report is moved in last, so a folder with export_report.json holds a finished export. A NaN / inf in an
+exported tensor or in a logit figure fails the export; a full disk is one NoSpaceError naming the folder."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -16,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..io import atomic_write_json
+from ..io import atomic_write_json, is_no_space, no_space
 from . import check
 from .gguf import ExportError, llama_cpp_problems, write_gguf
 from .gguf_lora import LORA_DTYPES, gguf_lora_problems, read_gguf_lora, write_gguf_lora
@@ -34,23 +36,39 @@ TORCH_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float
 
 
 def export_run(run_dir: str | Path, fmt: str, dtype: str, out_dir: str | Path, *,
-               check_logits: bool | None = None) -> dict[str, Any]:
+               check_logits: bool | None = None, base: bool = False) -> dict[str, Any]:
     """Export the run in `fmt` (hf, peft, gguf or gguf-lora) and `dtype` into `out_dir`; returns the report (also
-    written there).
+    written there). `base=True` (with gguf): the run's base model alone, for its gguf-lora adapter.
 
     The logit comparison loads the base model twice in fp32: `check_logits=None` runs it when that fits
     in half the free host memory (else the report says why it was skipped); True / False force it."""
-    _check_options(fmt, dtype)
+    _check_options(fmt, dtype, base)
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     src = open_run(run_dir)
     _check_out_dir(out_dir, src)
-    problems = {f: _problems(src, f) for f in FORMATS}
-    if problems[fmt]:
-        working = [f for f in FORMATS if not problems[f]]
-        where = (f"Formats that work for this run: {', '.join(working)}." if working else
-                 "No export format holds this run exactly; use it with MoETune itself (moetune eval / chat).")
-        raise ExportError(f"cannot export {run_dir} as {fmt}: " + "; ".join(problems[fmt]) + f". {where}")
+    if base:
+        problems = [f"llama.cpp: {p}" for p in llama_cpp_problems(src.hf_config, src.family)]
+        if problems:
+            raise ExportError(f"cannot export the base model of {run_dir} as gguf: " + "; ".join(problems) + ".")
+    else:
+        problems = {f: _problems(src, f) for f in FORMATS}
+        if problems[fmt]:
+            working = [f for f in FORMATS if not problems[f]]
+            where = (f"Formats that work for this run: {', '.join(working)}." if working else
+                     "No export format holds this run exactly; use it with MoETune itself (moetune eval / chat).")
+            raise ExportError(f"cannot export {run_dir} as {fmt}: " + "; ".join(problems[fmt]) + f". {where}")
+    try:
+        return _export_into(src, fmt, dtype, out_dir, check_logits, base)
+    except Exception as e:  # safetensors, gguf and torch each word a full disk their own way
+        if is_no_space(e):
+            raise no_space(out_dir) from None
+        raise
 
+
+def _export_into(src: RunSource, fmt: str, dtype: str, out_dir: Path, check_logits: bool | None,
+                 base: bool) -> dict[str, Any]:
+    """Write the export into a staging folder beside `out_dir`, check it, and move it in (the report last)."""
+    created = not out_dir.exists()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     try:
@@ -58,15 +76,57 @@ def export_run(run_dir: str | Path, fmt: str, dtype: str, out_dir: str | Path, *
         if check_logits is None:
             skipped = _check_too_big(src.base)
             check_logits = skipped is None
-        report = _export(src, fmt, dtype, staging, check_logits)
+        report = _export_base(src, dtype, staging, check_logits) if base else \
+            _export(src, fmt, dtype, staging, check_logits)
         if skipped:
             report["check"] = {"skipped": skipped}
+        _require_finite_figures(report, src.run_dir)
+        report["out"] = str(out_dir)
+        atomic_write_json(staging / REPORT_FILE, report)
         _move_in(staging, out_dir, report["files"])
+    except BaseException:
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    report["out"] = str(out_dir)
-    atomic_write_json(out_dir / REPORT_FILE, report)
     return report
+
+
+def _export_base(src: RunSource, dtype: str, staging: Path, check_logits: bool) -> dict[str, Any]:
+    """The run's base checkpoint alone as GGUF (MoETune's writer), checked in llama.cpp against transformers."""
+    name = f"base-{dtype}.gguf"
+    report: dict[str, Any] = {"format": "gguf", "base_only": True, "dtype": dtype, "run": str(src.run_dir),
+                              "base": str(src.base), "family": src.family.model_type,
+                              "note": "the base model alone, without the run's adapter: load the run's "
+                                      "--format gguf-lora adapter onto it (llama-cli -m BASE --lora ADAPTER)"}
+    report["gguf"] = write_gguf(src.base, staging / name, dtype)
+    report["gguf"]["path"] = name
+    report.update(merged=[], files=[name])
+    if check_logits:
+        inputs = check.sample_inputs(src.base)
+        reference = check.logits(check.transformers_model(src.base), inputs)
+        report["llama_cpp"] = llama_cpp_check(staging / name, inputs, reference, dtype)
+    else:
+        report["llama_cpp"] = unchecked(staging / name, dtype, "the checks were skipped (--no-check or too little "
+                                                               "memory)")
+    report["exact"] = True  # nothing is merged: the file holds the base checkpoint in `dtype`
+    report["max_abs_logit_diff"] = report["llama_cpp"].get("max_abs_logit_diff")
+    return report
+
+
+def _require_finite_figures(report: dict[str, Any], run_dir: Path) -> None:
+    """ExportError when a logit figure of the report is NaN or inf: such an export is never exact or done."""
+    figures = {"max_abs_logit_diff": report.get("max_abs_logit_diff")}
+    for part in ("check", "llama_cpp"):
+        section = report.get(part) or {}
+        figures.update({f"{part}.{k}": section.get(k) for k in ("max_abs_logit_diff", "median_abs_logit_diff",
+                                                                 "max_abs_logit")})
+    bad = {k: v for k, v in figures.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        shown = ", ".join(f"{k} = {v}" for k, v in bad.items())
+        raise ExportError(f"the export of {run_dir} computes non-finite logits ({shown}), so it is not exact and "
+                          "was not written; check the run (moetune eval) or train it again.")
 
 
 def _export(src: RunSource, fmt: str, dtype: str, staging: Path, check_logits: bool) -> dict[str, Any]:
@@ -151,9 +211,12 @@ def _problems(src: RunSource, fmt: str) -> list[str]:
     return problems
 
 
-def _check_options(fmt: str, dtype: str) -> None:
+def _check_options(fmt: str, dtype: str, base: bool = False) -> None:
     if fmt not in FORMATS:
         raise ExportError(f"export.format (--format) {fmt!r} is not one of {', '.join(FORMATS)}.")
+    if base and fmt != "gguf":
+        raise ExportError(f"--base writes the base model alone as GGUF: use it with --format gguf, not {fmt} "
+                          "(the run's LoRA for that base is --format gguf-lora).")
     if dtype not in DTYPES[fmt]:
         only = " (q8_0 is for --format gguf only)" if dtype == "q8_0" else ""
         raise ExportError(f"export.dtype (--dtype) {dtype!r} is not allowed for --format {fmt}{only}; "
@@ -173,7 +236,7 @@ def _check_out_dir(out_dir: Path, src: RunSource) -> None:
 
 
 def _move_in(staging: Path, out_dir: Path, files: list[str]) -> None:
-    """Replace an earlier export in `out_dir` (the files its report lists) with the staged files."""
+    """Replace an earlier export in `out_dir` (the files its report lists) with the staged files and report."""
     out_dir.mkdir(parents=True, exist_ok=True)
     old = out_dir / REPORT_FILE
     if old.is_file():
@@ -185,5 +248,5 @@ def _move_in(staging: Path, out_dir: Path, files: list[str]) -> None:
         for name in stale:
             if name not in files and "/" not in name and (out_dir / name).is_file():
                 (out_dir / name).unlink()
-    for name in files:
+    for name in files + [REPORT_FILE]:  # the report last: the folder claims a finished export only then
         os.replace(staging / name, out_dir / name)

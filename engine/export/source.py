@@ -15,7 +15,7 @@ from ..adapters import LoraLinear
 from ..arch import Family, MoEFacts
 from ..config import Config, ConfigError, from_dict
 from ..loader import CheckpointError, LoadedModel, base_identity, read_config
-from ..routing import RoutedPEFT, attach, read_meta
+from ..routing import RoutedPEFT, attach, read_adapter_tensors, read_meta
 from ..routing.persist import ADAPTER_FILE
 from .gguf import ExportError
 
@@ -55,14 +55,13 @@ class RunSource:
 def open_run(run_dir: str | Path) -> RunSource:
     """Open a run folder (moetune.json + adapter.safetensors) and its base checkpoint for export."""
     from accelerate import init_empty_weights
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     run_dir = Path(run_dir)
     try:
         meta = read_meta(run_dir)
         cfg = from_dict(meta["config"])
-    except (FileNotFoundError, ConfigError, KeyError) as e:
+    except (FileNotFoundError, ConfigError) as e:
         raise ExportError(f"--run {str(run_dir)!r} is not a finished run folder: {e}") from None
     adapter_file = run_dir / ADAPTER_FILE
     if not adapter_file.is_file():
@@ -86,7 +85,7 @@ def open_run(run_dir: str | Path) -> RunSource:
     peft = attach(LoadedModel(model=model, family=family, path=base), view_cfg)
     peft.cfg = cfg
 
-    tensors = load_file(str(adapter_file))
+    tensors = read_adapter_tensors(run_dir, meta)  # checked against moetune.json's SHA-256, and for NaN / inf
     params = dict(peft.trainable_parameters())
     if set(tensors) != set(params):
         missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))

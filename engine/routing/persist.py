@@ -1,18 +1,22 @@
 """Save and load adapters: `adapter.safetensors` (the trainable tensors) and `moetune.json`
-(the config that made them and the identity of the base model)."""
+(the config that made them, the identity of the base model, and the SHA-256 of the adapter file)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
+
 from ..config import from_dict
-from ..io import atomic_path, atomic_write_json
+from ..io import DamagedFileError, atomic_path, atomic_write_json, sha256_file, verify_sha256
 from ..loader import LoadedModel, base_identity
 from .attach import RoutedPEFT, attach
 
 ADAPTER_FILE = "adapter.safetensors"
 META_FILE = "moetune.json"
+#: the key of moetune.json that holds adapter.safetensors' SHA-256 (absent in runs written before it)
+CHECKSUM_KEY = "adapter_sha256"
 FORMAT = 1
 
 
@@ -21,41 +25,75 @@ class AdapterMismatchError(ValueError):
 
 
 def save_adapter(peft: RoutedPEFT, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write adapter.safetensors and moetune.json into `out_dir`, atomically."""
+    """Write adapter.safetensors and moetune.json (with the adapter's SHA-256) into `out_dir`, atomically."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     tensors = {n: t.contiguous().cpu() for n, t in peft.adapter_state_dict().items()}
     with atomic_path(out / ADAPTER_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "moetune"})
+        checksum = sha256_file(tmp)
     meta = {"format": FORMAT, "config": peft.cfg.to_dict(), "base": base_identity(peft.loaded.path),
-            "parameters": peft.parameter_report(), **(extra or {})}
+            "parameters": peft.parameter_report(), **(extra or {}), CHECKSUM_KEY: checksum}
     atomic_write_json(out / META_FILE, meta)
     return out
 
 
 def read_meta(run_dir: str | Path) -> dict:
-    """moetune.json of a run or adapter folder, with a clear error when it is not one."""
+    """moetune.json of a run or adapter folder, with a clear error when it is not one or is damaged."""
     path = Path(run_dir) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; --run must be a folder written by `moetune train`.")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedFileError(f"{path} is damaged: it is not valid JSON ({e}); restore it or train the run "
+                               "again.") from None
+    if not isinstance(meta, dict):
+        raise DamagedFileError(f"{path} is damaged: it holds a JSON {type(meta).__name__}, not the object "
+                               "`moetune train` writes; restore it or train the run again.")
+    for key in ("config", "base"):
+        if not isinstance(meta.get(key), dict):
+            what = "has no" if key not in meta else "has a malformed"
+            raise DamagedFileError(f"{path} is damaged: it {what} {key!r} entry; restore it or train the run again.")
+    return meta
 
 
-def load_adapter(loaded: LoadedModel, run_dir: str | Path) -> RoutedPEFT:
-    """Attach the saved strategy to `loaded` and load its tensors; refuse a different base model."""
+def read_adapter_tensors(run_dir: str | Path, meta: dict | None = None) -> dict[str, torch.Tensor]:
+    """adapter.safetensors of a run, checked against the SHA-256 in its moetune.json (when it has one) and for
+    NaN / inf; a damaged file raises DamagedFileError naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
+    meta = read_meta(run_dir) if meta is None else meta
+    path = run_dir / ADAPTER_FILE
+    verify_sha256(path, meta.get(CHECKSUM_KEY), what="the run's adapter")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DamagedFileError(f"{path} is damaged: it does not read as safetensors ({e}); restore it or train "
+                               "the run again.") from None
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise DamagedFileError(f"{path} is damaged: tensor {name} holds {bad} NaN or inf values; restore it "
+                                   "or train the run again.")
+    return tensors
+
+
+def load_adapter(loaded: LoadedModel, run_dir: str | Path) -> RoutedPEFT:
+    """Attach the saved strategy to `loaded` and load its checked tensors; refuse a different base model."""
+    run_dir = Path(run_dir)
     meta = read_meta(run_dir)
     want, have = meta["base"], base_identity(loaded.path)
-    if (want["model_type"], want["config_sha256"]) != (have["model_type"], have["config_sha256"]):
+    if (want.get("model_type"), want.get("config_sha256")) != (have["model_type"], have["config_sha256"]):
         raise AdapterMismatchError(
-            f"the adapter in {run_dir} was trained on {want['path']} ({want['model_type']}), but the model "
+            f"the adapter in {run_dir} was trained on {want.get('path')} ({want.get('model_type')}), but the model "
             f"loaded from {have['path']} ({have['model_type']}) has a different config; load the base model "
             "it was trained on.")
+    tensors = read_adapter_tensors(run_dir, meta)
     peft = attach(loaded, from_dict(meta["config"]))
-    tensors = load_file(str(run_dir / ADAPTER_FILE))
     params = dict(peft.trainable_parameters())
     if set(tensors) != set(params):
         missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
