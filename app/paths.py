@@ -32,6 +32,22 @@ def runs_dir() -> Path:
     return path
 
 
+def is_folder_name(name: str) -> bool:
+    """Whether `name` is one folder name: not empty, no `/` or `\\`, not `.` or `..` (so never absolute)."""
+    return isinstance(name, str) and name.strip() == name and name not in ("", ".", "..") \
+        and not any(c in name for c in "/\\\0") and len(name.encode()) <= 255
+
+
+def child_folder(parent: Path, name: str, what: str) -> Path:
+    """`parent / name` for `name` one folder name (surrounding spaces dropped), so the app writes nowhere but
+    inside `parent`; otherwise ValueError naming the field `what` and the fix."""
+    text = name.strip() if isinstance(name, str) else ""
+    if not is_folder_name(text):
+        raise ValueError(f"{what}: {name!r} is not a folder name; give one name, without '/' or '..', "
+                         f"for a folder inside {parent}.")
+    return Path(parent) / text
+
+
 def resolve_path(value: str, base: Path = ROOT) -> str:
     """An absolute path for a relative or `~` path (relative to the project root); other values unchanged."""
     if not isinstance(value, str) or not value.strip():

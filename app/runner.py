@@ -24,11 +24,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.events import read_events
+from engine.events import read_events_counted, skipped_warning
 from engine.io import atomic_write_json
-from engine.process import child_env, moetune_command
+from engine.process import child_env, moetune_command, pid_alive
 
-from .paths import ROOT, runs_dir
+from .paths import ROOT, child_folder, is_folder_name, runs_dir
 
 LAUNCH_FILE, APP_FILE, LOG_FILE, EVENTS_FILE = "launch.yaml", "app.json", "train.log", "events.jsonl"
 TERMINAL = ("done", "stopped", "error")
@@ -52,23 +52,6 @@ def spawn_logged(path: Path, cmd: list[str], log_name: str) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, start_new_session=True)
     atomic_write_json(path / APP_FILE, {"pid": proc.pid, "command": cmd, "started": time.time()})
     return proc
-
-
-def pid_alive(pid: int | None) -> bool:
-    """Whether a process runs (not a zombie) under `pid`."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    except OSError:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 @dataclass
@@ -100,6 +83,12 @@ class RunState:
     examples: int | None = None
     dropped: int = 0  # training rows the cut-off left out (data.max_len)
     device: str = ""
+    bad_lines: int = 0  # lines of events.jsonl that are not a readable event (skipped)
+
+    @property
+    def warning(self) -> str:
+        """What the view should warn about the run's files ('' when nothing)."""
+        return skipped_warning(self.path / EVENTS_FILE, self.bad_lines)
 
     @property
     def running(self) -> bool:
@@ -132,9 +121,13 @@ class _Follower:
         self.last_type: str | None = None
 
     def read(self) -> None:
-        events, self.offset = read_events(self.state.path / EVENTS_FILE, self.offset)
-        for e in events:
-            self.apply(e)
+        got = read_events_counted(self.state.path / EVENTS_FILE, self.offset)
+        self.offset, self.state.bad_lines = got.offset, self.state.bad_lines + got.bad_lines
+        for e in got.events:
+            try:
+                self.apply(e)
+            except (KeyError, TypeError, ValueError):  # an object, but not an event of its type (hand-edited?)
+                self.state.bad_lines += 1
 
     def apply(self, e: dict) -> None:
         s, kind = self.state, e.get("type")
@@ -192,15 +185,15 @@ class Runner:
     # ---- listing ---------------------------------------------------------------------------
 
     def run_path(self, name: str) -> Path:
-        """The folder of a run name (a plain name under the runs folder, or an absolute folder)."""
-        p = Path(name).expanduser()
-        return p if p.is_absolute() else self.root / name
+        """The folder of a run name: one folder name under the runs folder (ValueError for anything else)."""
+        return child_folder(self.root, name, "run name")
 
     def list_runs(self) -> list[str]:
         """Run names, newest first (a run is a folder with events, a launch file or a config)."""
         runs = []
         for p in self.root.iterdir() if self.root.is_dir() else []:
-            if p.is_dir() and any((p / f).exists() for f in (EVENTS_FILE, LAUNCH_FILE, "config.yaml")):
+            if p.is_dir() and is_folder_name(p.name) \
+                    and any((p / f).exists() for f in (EVENTS_FILE, LAUNCH_FILE, "config.yaml")):
                 runs.append((max((p / f).stat().st_mtime for f in (EVENTS_FILE, LAUNCH_FILE, APP_FILE, "config.yaml")
                                  if (p / f).exists()), p.name))
         return [name for _, name in sorted(runs, reverse=True)]

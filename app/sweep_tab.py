@@ -15,7 +15,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import re
 import signal
 import subprocess
 import time
@@ -30,7 +29,7 @@ from engine.process import moetune_command
 from engine.sweep import SWEEP_FILE, expand, format_stat, winner_overrides
 
 from . import controls as K, plots
-from .paths import ROOT, display_path, resolve_config_paths, runs_dir
+from .paths import ROOT, child_folder, display_path, is_folder_name, resolve_config_paths, runs_dir
 from .runner import _log_tail, pid_alive, read_app_meta, spawn_logged
 from .train_tab import _message, form_updates
 
@@ -78,13 +77,13 @@ class Sweeps:
         self._procs: dict[Path, subprocess.Popen] = {}
 
     def path(self, name: str) -> Path:
-        """The folder of a sweep name."""
-        return self.root / name
+        """The folder of a sweep name: one folder name under the runs folder (ValueError for anything else)."""
+        return child_folder(self.root, name, "sweep name")
 
     def list(self) -> list[str]:
         """Sweep names, newest first (started here, or by `moetune sweep --out` into the runs folder)."""
         found = [(p.stat().st_mtime, p.name) for p in (self.root.iterdir() if self.root.is_dir() else [])
-                 if (p / BASE_FILE).is_file() or (p / SWEEP_FILE).is_file()]
+                 if is_folder_name(p.name) and ((p / BASE_FILE).is_file() or (p / SWEEP_FILE).is_file())]
         return [n for _, n in sorted(found, reverse=True)]
 
     def alive(self, path: Path) -> bool:
@@ -183,7 +182,9 @@ def table_html(result: dict | None) -> str:
         cells = [html.escape(r["candidate"]) + (" 🏆" if r["candidate"] == best else ""), str(r["rank"]),
                  f"{r['trainable']:,}", f"{r['percent']:.2f}%", _pm(r["eval_loss"]), _pm(r["accuracy"], 100, 1),
                  _pm(r["tokens_per_s"], 1, 0), _pm(r["memory_gb"], 1, 2), f"{r['done']}/{r['runs']}"]
-        note = "" if r["matched"] else f"<div style='font-size:11px;color:#ef4444'>not matched: {html.escape(r['note'])}</div>"
+        notes = r.get("notes", [] if r["matched"] else [f"not matched: {r['note']}"])  # older sweep.json: no notes
+        note = "".join(f"<div class='sweep-note' style='font-size:11px;color:"
+                       f"{'#ef4444' if n.startswith('not matched') else '#b45309'}'>{html.escape(n)}</div>" for n in notes)
         acc = r["accuracy"]["mean"] if r["accuracy"] else ""
         body.append(f"<tr class='sweep-row' data-candidate='{html.escape(r['candidate'])}' data-accuracy='{acc}'>" +
                     "".join(f"<td style='padding:3px 8px;text-align:{'left' if i == 0 else 'right'}'>{c}"
@@ -275,8 +276,7 @@ def build(ctl: K.Controls, base_state, tabs=None, sweeps: Sweeps | None = None) 
             data = resolve_config_paths(K.config_dict(ctl.to_dict(base, list(values))))
             args = sweep_args(cand, tri, seed, target.strip() if isinstance(target, str) else target, steps)
             sweep_name = (sweep_name or "").strip() or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-            sweep_name = re.sub(r"[^A-Za-z0-9_.-]+", "-", sweep_name)
-            sweeps.start(data, sweep_name, args)
+            sweeps.start(data, sweep_name, args)  # refuses a name that is not one folder name
         except (C.ConfigError, RuntimeError, OSError, ValueError) as e:
             return gr.update(), _message(str(e))
         return gr.update(choices=sweeps.list(), value=sweep_name), _message(f"started {sweep_name}", "ok")

@@ -57,7 +57,7 @@ def form_updates(ctl: K.Controls, cfg: dict) -> list:
 
 
 def _message(text: str, kind: str = "error") -> str:
-    color = {"error": "#ef4444", "ok": "#22c55e", "info": "#3b82f6"}[kind]
+    color = {"error": "#ef4444", "warn": "#f59e0b", "ok": "#22c55e", "info": "#3b82f6"}[kind]
     return (f'<div class="mt-msg mt-{kind}" style="border-left:4px solid {color};padding:6px 10px;'
             f'white-space:pre-wrap">{html.escape(text)}</div>') if text else ""
 
@@ -161,9 +161,9 @@ def build(runner: Runner, ctl: K.Controls) -> dict:
     def preview(preset_name, base, name, *values):
         try:
             data = K.config_dict(ctl.to_dict(base, list(values)))
-        except C.ConfigError as e:
+            out = display_path(str(runner.run_path(name) if (name or "").strip() else runs_dir() / "RUN"))
+        except ValueError as e:  # ConfigError, or a run name that is not one folder name
             return f"# {e}", f"# {e}"
-        out = display_path(str(runs_dir() / (name or "RUN")))
         return K.command_preview(preset_name, base, data, out), yaml.safe_dump(data, sort_keys=False)
 
     preview_inputs = [preset, preset_base, run_name] + widgets
@@ -206,7 +206,7 @@ def build(runner: Runner, ctl: K.Controls) -> dict:
                                     "config.json); pick the demo model or give a local HF checkpoint folder.")
             name = (name or "").strip() or runner.new_name(data.get("title") or "run")
             started = runner.start(data, name)
-        except (C.ConfigError, RuntimeError, OSError) as e:
+        except (ValueError, RuntimeError, OSError) as e:  # ConfigError is a ValueError, as is a bad run name
             return gr.update(), _message(str(e)), gr.update()
         remember_model(str(model))
         return (gr.update(choices=runner.list_runs(), value=started), _message(f"started {started}", "ok"),
@@ -227,7 +227,7 @@ def build(runner: Runner, ctl: K.Controls) -> dict:
             return _message("no run is shown", "info")
         try:
             runner.resume(name)
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:
             return _message(str(e))
         return _message(f"resuming {name}", "ok")
 
@@ -241,10 +241,10 @@ def build(runner: Runner, ctl: K.Controls) -> dict:
                     plots.expert_heatmap(None), gr.update(interactive=True), gr.update(interactive=False),
                     gr.update(interactive=False))
         s = runner.state(name)
-        err = ""
+        err = _message(s.warning, "warn")
         if s.error:
             tail = f"\n\n{s.log_tail}" if s.log_tail else ""
-            err = _message(f"{s.status}: {s.error}{tail}")
+            err += _message(f"{s.status}: {s.error}{tail}")
         can_resume = s.status in ("stopped", "crashed") or (s.status == "error" and s.step > 0)
         return (plots.progress_bar(s.step, s.total_steps, s.status, s.eta_s, s.elapsed_s), status_markdown(s), err,
                 plots.training_charts(s.history, s.eval_loss), plots.expert_heatmap(s.expert_usage),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -70,18 +71,54 @@ def _drop_torn_line(path: Path) -> None:
         f.truncate(size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 65536 else size))
 
 
-def read_events(path: str | Path, start: int = 0) -> tuple[list[dict], int]:
-    """Events from byte offset `start` of an events file; returns them and the offset to read on from.
-    A last line still being written is left for the next read."""
+@dataclass
+class EventsRead:
+    """What one read of an events file gave: the events, the offset to read on from, and how many complete
+    lines were skipped because they are not a JSON object (a garbled or hand-edited line)."""
+
+    events: list[dict]
+    offset: int
+    bad_lines: int = 0
+
+
+def read_events_counted(path: str | Path, start: int = 0) -> EventsRead:
+    """Events from byte offset `start` of an events file, skipping and counting lines that are not JSON
+    objects; a last line still being written is left for the next read. The one reader of events files."""
     path = Path(path)
     if not path.is_file():
-        return [], start
+        return EventsRead([], start)
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read()
     end = data.rfind(b"\n") + 1
-    events = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
-    return events, start + end
+    out = EventsRead([], start + end)
+    for line in data[:end].splitlines():
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+            event = None
+        if isinstance(event, dict):
+            out.events.append(event)
+        else:
+            out.bad_lines += 1
+    return out
+
+
+def skipped_warning(path: str | Path, bad_lines: int) -> str:
+    """The one-line warning for `bad_lines` unreadable lines skipped in events file `path` ('' for none)."""
+    if not bad_lines:
+        return ""
+    lines = "1 line is" if bad_lines == 1 else f"{bad_lines} lines are"
+    return f"{path}: {lines} not a readable event and skipped; the run is shown without them."
+
+
+def read_events(path: str | Path, start: int = 0) -> tuple[list[dict], int]:
+    """Events from byte offset `start` of an events file (unreadable lines skipped, see `read_events_counted`);
+    returns them and the offset to read on from."""
+    got = read_events_counted(path, start)
+    return got.events, got.offset
 
 
 def iter_events(path: str | Path) -> Iterator[dict]:

@@ -157,6 +157,37 @@ def _with(data: dict, overrides: list[str]) -> C.Config:
     return C.from_dict(C.apply_overrides(data, overrides))
 
 
+def _sets(overrides: list[str], key: str) -> bool:
+    return any(o.split("=", 1)[0].strip() == key for o in overrides)
+
+
+def adapt_placement(data: dict, overrides: list[str]) -> tuple[list[str], str]:
+    """A candidate's overrides with `adapter.placement=parallel` added when the base config's `inside` cannot
+    apply to it (inside needs lora + embedded), and the note saying so ('' when nothing was changed). A
+    placement the candidate sets itself is kept (and checked as given)."""
+    if _sets(overrides, "adapter.placement"):
+        return overrides, ""
+    merged = C.apply_overrides(data, overrides)
+    adapter, routing = merged.get("adapter") or {}, merged.get("routing") or {}
+    if adapter.get("placement") != "inside":
+        return overrides, ""
+    needs = [w for w, ok in (("lora", adapter.get("kind", "lora") == "lora"),
+                             ("embedded", routing.get("strategy") == "embedded")) if not ok]
+    if not needs:
+        return overrides, ""
+    return overrides + ["adapter.placement=parallel"], f"placement parallel (inside needs {' + '.join(needs)})"
+
+
+def _placement_error(c: "Candidate", e: ConfigError) -> ConfigError:
+    """The error of a candidate that sets adapter.placement=inside where it cannot apply, with the flag to use."""
+    fixed = [o if o.split("=", 1)[0].strip() != "adapter.placement" else "adapter.placement=parallel"
+             for o in c.overrides]
+    name = c.group if not set("=:") & set(c.group) else Candidate(_short(fixed), []).name
+    return ConfigError(f"candidate {c.group}: {e} Within a sweep: list it as --candidate '{name}: {' '.join(fixed)}' "
+                       "instead of the --try/--candidate that gives it adapter.placement=inside, or give no "
+                       "adapter.placement and the sweep uses parallel wherever inside cannot apply.")
+
+
 @dataclass
 class Match:
     """The rank a candidate trains at and its trainable count against the target."""
@@ -209,29 +240,35 @@ def match_rank(data: dict, overrides: list[str], target: int, tolerance: float =
 
 def run_result(run_dir: Path) -> dict:
     """What a candidate's run folder says: status, held-out loss, accuracy, tokens/s, peak memory."""
-    from .events import iter_events
+    from .events import read_events_counted, skipped_warning
 
     out: dict = {"status": "pending", "step": 0, "total_steps": 0, "eval_loss": None, "accuracy": {}, "tokens_per_s": None,
-                 "memory_gb": None, "final_loss": None, "error": ""}
-    events = list(iter_events(run_dir / "events.jsonl")) if (run_dir / "events.jsonl").is_file() else []
+                 "memory_gb": None, "final_loss": None, "error": "", "bad_lines": 0, "warning": ""}
+    got = read_events_counted(run_dir / "events.jsonl")
+    bad = got.bad_lines
     speeds, memory = [], []
-    for e in events:
+    for e in got.events:
         kind = e.get("type")
-        if kind == "start":
-            speeds, memory, out["status"] = [], [], "running"
-            out["total_steps"] = e.get("total_steps", 0)
-        elif kind == "step":
-            out["step"], out["final_loss"] = e["step"], e.get("loss")
-            if e["step"] > 1:  # the first step carries start-up costs
-                speeds.append(e["tokens_per_s"])
-            memory.append(e.get("memory_gb") or 0.0)
-        elif kind == "eval" and e.get("eval_loss") is not None:
-            out["eval_loss"] = e["eval_loss"]
-        elif kind == "eval" and "accuracy" in e:
-            out["accuracy"][e["benchmark"]] = e["accuracy"]
-        elif kind in ("stopped", "done", "error"):
-            out["status"] = kind
-            out["error"] = e.get("message", "") if kind == "error" else ""
+        try:
+            if kind == "start":
+                speeds, memory, out["status"] = [], [], "running"
+                out["total_steps"] = int(e.get("total_steps") or 0)
+            elif kind == "step":
+                step, speed = int(e["step"]), float(e["tokens_per_s"])
+                out["step"], out["final_loss"] = step, e.get("loss")
+                if step > 1:  # the first step carries start-up costs
+                    speeds.append(speed)
+                memory.append(float(e.get("memory_gb") or 0.0))
+            elif kind == "eval" and e.get("eval_loss") is not None:
+                out["eval_loss"] = float(e["eval_loss"])
+            elif kind == "eval" and "accuracy" in e:
+                out["accuracy"][str(e["benchmark"])] = float(e["accuracy"])
+            elif kind in ("stopped", "done", "error"):
+                out["status"] = kind
+                out["error"] = str(e.get("message", "")) if kind == "error" else ""
+        except (KeyError, TypeError, ValueError):  # an object, but not an event of its type (hand-edited?)
+            bad += 1
+    out["bad_lines"], out["warning"] = bad, skipped_warning(run_dir / "events.jsonl", bad)
     if speeds:
         out["tokens_per_s"] = round(statistics.median(speeds), 1)
     if memory:
@@ -269,8 +306,17 @@ def summarize(entries: list[dict]) -> list[dict]:
                      "eval_loss": _stats([r["result"]["eval_loss"] for r in done]),
                      "accuracy": _stats([mean_accuracy(r["result"]["accuracy"]) for r in done]),
                      "tokens_per_s": _stats([r["result"]["tokens_per_s"] for r in done]),
-                     "memory_gb": _stats([r["result"]["memory_gb"] for r in done])})
+                     "memory_gb": _stats([r["result"]["memory_gb"] for r in done]),
+                     "notes": row_notes(first, runs)})
     return rows
+
+
+def row_notes(first: dict, runs: list[dict]) -> list[str]:
+    """What a candidate's row must say besides its scores: a placement the sweep chose for it, a target it
+    could not match, a run folder whose events file had unreadable lines."""
+    notes = [first["adapted"]] if first.get("adapted") else []
+    notes += [] if first["matched"] else [f"not matched: {first['note']}"]
+    return notes + [r["result"]["warning"] for r in runs if r["result"].get("warning")]
 
 
 def winner(rows: list[dict]) -> dict | None:
@@ -304,10 +350,11 @@ def format_stat(s: dict | None, scale: float = 1.0, digits: int = 4, missing: st
 def table(result: dict) -> str:
     """The sweep as a plain-text table, one line per candidate (mean ± std over its seeds)."""
     head = (f"{'candidate':<34} {'rank':>4} {'trainable':>10} {'%':>7} {'held-out loss':>17} {'accuracy %':>13} "
-            f"{'tokens/s':>9} {'peak GB':>8}  runs")
+            f"{'tokens/s':>9} {'peak GB':>8}  runs  notes")
     lines = [head, "-" * len(head)]
     for r in result["table"]:
-        flag = "" if r["matched"] else "  (not matched: " + r["note"] + ")"
+        notes = r.get("notes", [] if r["matched"] else [f"not matched: {r['note']}"])
+        flag = f"  {'; '.join(notes)}" if notes else ""
         lines.append(f"{r['candidate'][:34]:<34} {r['rank']:>4} {r['trainable']:>10,} {r['percent']:>6.2f}% "
                      f"{format_stat(r['eval_loss']):>17} {format_stat(r['accuracy'], 100, 1):>13} "
                      f"{format_stat(r['tokens_per_s'], 1, 0):>9} {format_stat(r['memory_gb'], 1, 2):>8}  {r['done']}/{r['runs']}{flag}")
@@ -345,19 +392,23 @@ def plan_sweep(base: dict, candidates: list[Candidate], params: int | None = Non
     matches: dict[tuple, Match] = {}
     entries = []
     for c in candidates:
+        overrides, adapted = adapt_placement(base, c.overrides)
+        c = dataclasses.replace(c, overrides=overrides)
         key = tuple(c.overrides)
         if key not in matches:
             try:
                 matches[key] = match_rank(base, c.overrides, target)
             except ConfigError as e:
+                if str(e).startswith("adapter.placement:") and _sets(c.overrides, "adapter.placement"):
+                    raise _placement_error(c, e) from None
                 raise ConfigError(f"candidate {c.group} ({' '.join(c.overrides) or 'the base config'}): {e}") from None
         m = matches[key]
-        extra = [] if any(o.startswith("adapter.rank=") for o in c.overrides) else [f"adapter.rank={m.rank}"]
-        extra += [] if any(o.startswith("adapter.alpha=") for o in c.overrides) else [f"adapter.alpha={m.alpha}"]
+        extra = [] if _sets(c.overrides, "adapter.rank") else [f"adapter.rank={m.rank}"]
+        extra += [] if _sets(c.overrides, "adapter.alpha") else [f"adapter.alpha={m.alpha}"]
         cfg = _with(base, c.all_overrides() + extra)
         entries.append({"name": c.name, "group": c.group, "seed": c.seed, "overrides": c.overrides,
                         "rank": m.rank, "alpha": m.alpha, "trainable": m.trainable, "percent": m.percent,
-                        "matched": m.matched, "note": m.note, "config": cfg.to_dict()})
+                        "matched": m.matched, "note": m.note, "adapted": adapted, "config": cfg.to_dict()})
     if not any(e["matched"] for e in entries):
         notes = "; ".join(sorted({f"{e['group']}: {e['note']}" for e in entries}))
         raise ConfigError(f"--params {target:,}: no candidate can be matched within {TOLERANCE:.0%} ({notes}); "
@@ -400,6 +451,8 @@ def run_sweep(config: str | Path, tries: list[str], out: str | Path, *, listed: 
             print(text, file=sys.stderr, flush=True)
 
     for e in entries:
+        if e["adapted"]:
+            say(f"sweep: {e['name']}: {e['adapted']}")
         if not e["matched"]:
             say(f"sweep: {e['group']}: not matched: {e['note']}")
     sig = _Signals()
@@ -430,6 +483,8 @@ def run_sweep(config: str | Path, tries: list[str], out: str | Path, *, listed: 
             live.clear()
             write()
             state = e["result"]
+            if state["warning"]:
+                say(f"sweep: {e['name']}: warning: {state['warning']}")
             if state["status"] != "done" and not sig.stop:
                 reason = state["error"] or f"exit status {code}; see {run_dir / 'train.log'}"
                 say(f"sweep: {e['name']}: failed: {reason}")

@@ -9,6 +9,7 @@ Playwright never downloads a browser here: it launches the system Chromium.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -76,6 +77,11 @@ def _attr(page, selector: str, name: str) -> str | None:
     return loc.first.get_attribute(name) if loc.count() else None
 
 
+def _textbox(page, selector: str):
+    """The text field of a Gradio Textbox (an input or a textarea, as its number of lines makes it)."""
+    return page.locator(selector).locator("input, textarea").first
+
+
 def _wait_for(page, what: str, check, timeout: float, shots: Path):
     """Poll `check()` until it returns a truthy value; on timeout, screenshot and fail with the run's errors."""
     end = time.time() + timeout
@@ -95,6 +101,14 @@ def test_demo_train_then_evaluate_in_the_browser(app_url, tmp_path):
     shots = tmp_path / "screenshots"
     shots.mkdir()
     print(f"\nscreenshots: {shots}")
+    # an earlier run whose events.jsonl has a garbled middle line: the page still loads and shows it, with a warning
+    garbled = tmp_path / "runs" / "garbled"
+    garbled.mkdir(parents=True, exist_ok=True)
+    step = {"type": "step", "time": 2.0, "step": 1, "total_steps": 2, "epoch": 0, "loss": 1.5, "lr": 1e-3,
+            "tokens_per_s": 100.0}
+    (garbled / "events.jsonl").write_text("\n".join([json.dumps({"type": "start", "time": 1.0, "step": 0, "total_steps": 2}),
+                                                     json.dumps(step), '{"type": "step", "st', json.dumps({**step, "step": 2}),
+                                                     json.dumps({"type": "done", "time": 3.0, "final_loss": 1.0})]) + "\n")
     t0 = time.time()
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -102,6 +116,11 @@ def test_demo_train_then_evaluate_in_the_browser(app_url, tmp_path):
         page.set_default_timeout(60_000)
         page.goto(app_url)
         page.wait_for_selector("#start")
+        _wait_for(page, "the garbled run's warning", lambda: "1 line is not a readable event" in
+                  page.locator("#run-error").inner_text(), 30, shots)
+        assert page.locator("#run-shown input").input_value() == "garbled"
+        assert str(garbled / "events.jsonl") in page.locator("#run-error").inner_text()
+        assert int(_attr(page, "#progress .mt-progress", "data-step")) == 2
         page.screenshot(path=str(shots / "01-opened.png"), full_page=True)
 
         # the demo preset fills every control
@@ -111,8 +130,19 @@ def test_demo_train_then_evaluate_in_the_browser(app_url, tmp_path):
                   30, shots)
         assert "train.jsonl" in page.locator("#cfg-data-train input").input_value()
 
-        # start, and see the run advance
+        # a run name that is not one folder name is refused, and nothing is written outside the runs folder
+        escape = tmp_path / "runs" / "../../tmp/x"
+        _textbox(page, "#run-name").fill("../../tmp/x")
         page.locator("#start").click()
+        _wait_for(page, "the run name's refusal", lambda: "is not a folder name" in
+                  page.locator("#train-message").inner_text(), 30, shots)
+        assert not escape.exists() and page.locator("#run-shown input").input_value() == "garbled"
+
+        # start, and see the run advance
+        _textbox(page, "#run-name").fill("demo-run")
+        page.locator("#start").click()
+        _wait_for(page, "the new run to be shown", lambda: page.locator("#run-shown input").input_value() == "demo-run",
+                  60, shots)
         _wait_for(page, "the run to start", lambda: _attr(page, "#progress .mt-progress", "data-status")
                   in ("running", "done"), 180, shots)
         first = int(_wait_for(page, "the first step", lambda: int(_attr(page, "#loss-chart", "data-points") or 0),
@@ -170,8 +200,15 @@ def test_demo_train_then_evaluate_in_the_browser(app_url, tmp_path):
         page.locator("#tab-export-button, button[role=tab]:has-text('Export')").first.click()
         _wait_for(page, "the finished run in the Export tab",
                   lambda: page.locator("#export-run input").input_value().strip(), 30, shots)
+        _textbox(page, "#export-out").fill("../../tmp/exp_escape")  # not one folder name inside the run
         page.locator("#export-start").click()
-        _wait_for(page, "the export", lambda: page.locator("#export-result .mt-msg").count(), 300, shots)
+        _wait_for(page, "the export folder's refusal", lambda: "is not a folder name" in
+                  page.locator("#export-result").inner_text(), 30, shots)
+        assert not (tmp_path / "runs" / "demo-run" / "../../tmp/exp_escape").exists()
+        _textbox(page, "#export-out").fill("")
+        page.locator("#export-start").click()
+        _wait_for(page, "the export", lambda: page.locator("#export-result .mt-msg").count()
+                  and "is not a folder name" not in page.locator("#export-result").inner_text(), 300, shots)
         page.screenshot(path=str(shots / "06-exported.png"), full_page=True)
         result = page.locator("#export-result").inner_text()
         assert "Wrote" in result and '"exact": true' in result, result

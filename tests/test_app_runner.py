@@ -103,3 +103,67 @@ def test_one_live_process_per_run_folder_and_stop(tmp_path, monkeypatch):
     finally:
         if sleeper.poll() is None:
             os.kill(sleeper.pid, 9)
+
+
+def test_a_garbled_events_line_is_skipped_counted_and_shown(tmp_path):
+    """A bad middle line of events.jsonl: the page still loads (the run is current), the other events are
+    shown, the Train tab warns with the file and the count, and the sweep's reader counts the same."""
+    import gradio as gr
+
+    from app.controls import Controls
+    from engine.sweep import run_result
+
+    run = tmp_path / "garbled"
+    run.mkdir()
+    _events(run, [{"type": "start", "time": 1000.0, "step": 0, "total_steps": 4}, _step(1, 4), _step(2, 4)])
+    with open(run / "events.jsonl", "ab") as f:
+        f.write(b'{"type": "step", "step": 3, "lo\xff\x00ss": nan}}\n')  # garbled in the middle
+    _events(run, [_step(3, 4), _step(4, 4), {"type": "done", "time": 1005.0, "final_loss": 0.5}])
+    runner = Runner(tmp_path)
+    with gr.Blocks():
+        part = train_tab.build(runner, Controls())
+    on_load, _, _ = part["load"]
+    shown, _ = on_load()  # what every page load runs (it raised JSONDecodeError)
+    assert shown["value"] == "garbled"
+    s = runner.state("garbled")
+    assert (s.status, s.step, sorted(s.history), s.final_loss, s.bad_lines) == ("done", 4, [1, 2, 3, 4], 0.5, 1)
+    assert s.warning.startswith(f"{run / 'events.jsonl'}: 1 line is not a readable event and skipped")
+    assert runner.state("garbled").bad_lines == 1  # read on from the offset: counted once
+    _events(run, [{"type": "step", "time": 1006.0, "step": "four", "loss": 0.1}])  # JSON, but not an event
+    assert runner.state("garbled").bad_lines == 2 and "2 lines are" in runner.state("garbled").warning
+    (run / "summary.json").write_text("{}")
+    result = run_result(run)  # the sweep reads the same file with the same reader
+    assert (result["status"], result["step"], result["bad_lines"]) == ("done", 4, 2)
+    assert str(run / "events.jsonl") in result["warning"]
+
+
+def test_run_and_export_folders_are_one_name_inside_the_runs_folder(tmp_path, monkeypatch):
+    """The run-name box and the export folder take one folder name; `../..`, an absolute path or `a/b` is
+    refused with a message and nothing is written outside the runs folder (or the run)."""
+    import gradio as gr
+
+    from app import commands, export_tab
+
+    root = tmp_path / "a" / "b" / "runs"
+    root.mkdir(parents=True)
+    runner = Runner(root)
+    for bad in ("../../escape", str(tmp_path / "abs"), "a/b", "..", " "):
+        with pytest.raises(ValueError, match="run name: .* is not a folder name"):
+            runner.start({}, bad)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "runs"]
+
+    run = root / "done-run"
+    run.mkdir()
+    (run / "adapter.safetensors").write_bytes(b"")
+    exported = []
+    monkeypatch.setattr(commands, "export", lambda run_dir, f, d, dest, **kw: exported.append(dest) or "{}")
+    with gr.Blocks() as blocks:
+        export_tab.build(runner)
+    [do_export] = [b.fn for b in blocks.fns.values() if getattr(b.fn, "__name__", "") == "do_export"]
+    for bad in ("../../tmp/exp_escape", str(tmp_path / "abs"), "x/../../y"):
+        html = do_export("done-run", "hf", "f16", bad)
+        assert "mt-error" in html and "Output folder" in html and "is not a folder name" in html, html
+    assert exported == []
+    do_export("done-run", "hf", "f16", "mine")
+    do_export("done-run", "hf", "f16", "")
+    assert exported == [run / "mine", run / "export-hf"]

@@ -208,3 +208,50 @@ def test_app_sweep_arguments_and_a_failed_start_are_reported(base, tmp_path):
         time.sleep(0.3)
     status, error = sweeps.status("bad")
     assert status == "error" and "--params 10" in error, (status, error)
+
+
+# ---- placement per candidate -------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_sweep_over_strategies_adapts_inside_placement(tmp_path, monkeypatch):
+    """The demo preset's `placement: inside` suits only embedded: the other strategies train parallel, and
+    the table and sweep.json say so; the winner's overrides carry the placement it trained with."""
+    from engine.config import apply_overrides, load
+    from engine.sweep import run_result, summarize, table, winner_overrides
+
+    monkeypatch.chdir(ROOT)  # the preset's paths are relative to the project root
+    base = load("presets/demo.yaml").to_dict()
+    assert base["adapter"]["placement"] == "inside"
+    _, entries = plan_sweep(base, expand(["routing.strategy=shared,routed,embedded"]))
+    by = {e["group"]: e for e in entries}
+    for group in ("strategy=shared", "strategy=routed"):
+        assert by[group]["config"]["adapter"]["placement"] == "parallel"
+        assert by[group]["adapted"] == "placement parallel (inside needs embedded)"
+        assert "adapter.placement=parallel" in by[group]["overrides"]
+    assert by["strategy=embedded"]["config"]["adapter"]["placement"] == "inside" and not by["strategy=embedded"]["adapted"]
+    for e in entries:
+        e["result"] = {**run_result(tmp_path / e["name"]), "status": "done", "eval_loss": 1.0}
+    by["strategy=shared"]["result"]["eval_loss"] = 0.5
+    rows = summarize(entries)
+    text = table({"table": rows, "winner": rows[0]})
+    shared_line = next(ln for ln in text.splitlines() if ln.startswith("strategy=shared"))
+    assert shared_line.endswith("placement parallel (inside needs embedded)")
+    assert "placement" not in next(ln for ln in text.splitlines() if ln.startswith("strategy=embedded"))
+    winner = from_dict(apply_overrides(base, winner_overrides({"winner": rows[0]})))
+    assert (winner.routing.strategy, winner.adapter.placement) == ("shared", "parallel")
+
+
+def test_a_placement_the_candidate_sets_that_cannot_apply_names_the_flag(tmp_path):
+    """`--try adapter.placement=inside` crossed with a non-embedded strategy is the user's own choice: an
+    error (one line, rc 2, no traceback) naming the --candidate that would work."""
+    run = subprocess.run([str(VENV_BIN / "moetune"), "sweep", "presets/demo.yaml", "--try",
+                          "routing.strategy=shared,embedded", "--try", "adapter.placement=inside", "--out",
+                          str(tmp_path / "sw")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    [line] = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert line.startswith("moetune sweep: error: candidate strategy=shared,placement=inside: adapter.placement:")
+    assert ("--candidate 'strategy-shared-placement-parallel: routing.strategy=shared adapter.placement=parallel'"
+            in line), line
+    assert not (tmp_path / "sw" / "strategy-shared-placement-inside").exists()  # nothing trained
