@@ -6,7 +6,9 @@ a layer, let alone the model) into pinned host memory, served through an ExpertC
 the GPU budget leaves. Then trains a few steps with expert LoRA (`embedded`, `inside`) and prints
 tokens/s, peak GPU memory, PCIe bytes per step and GB/s for each variant, side by side:
 
-  moetune-layer-major   engine.layerwise.layer_major_step + OffloadSchedule prefetch
+  moetune-layer-major   engine.layerwise.layer_major_step + OffloadSchedule prefetch; one dequantisation per
+                        group of experts (their NF4 cache slots stacked on the device)
+  moetune-layer-major-per-expert   the same, dequantising expert by expert (the earlier offloaded path)
   moetune-microbatch    the plain loop ((loss/accum).backward() per micro-batch), same cache
   peft-baseline         transformers + PEFT LoRA (`target_parameters` on the fused experts), bf16,
                         gradient checkpointing — only where its bf16 weights fit the budget
@@ -33,89 +35,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 MODELS = ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral")
-VARIANTS = ("moetune-layer-major", "moetune-microbatch", "peft-baseline")
+VARIANTS = ("moetune-layer-major", "moetune-layer-major-per-expert", "moetune-microbatch", "peft-baseline")
 GB = 1e9
-
-
-# ---- NF4 experts in pinned host memory -----------------------------------------------------------
-class NF4HostLayer:
-    """One layer's experts in NF4 (bitsandbytes, double quantisation), all in one (pinned) host buffer.
-
-    The `HostExpertStore` interface of engine.offload: `expert_tensors(e)` are views into the buffer,
-    `weights_from_tensors` dequantises slot tensors on the device. (A stand-in until engine.quant's
-    NF4ExpertStore offers the same two methods.)
-    """
-
-    ALIGN = 16
-
-    def __init__(self, num_experts: int, gate_up_shape: tuple[int, int], down_shape: tuple[int, int], pin: bool):
-        import bitsandbytes.functional as bnbf
-
-        self.bnbf = bnbf
-        self.num_experts = num_experts
-        self.shapes = {"gate_up": gate_up_shape, "down": down_shape}
-        self.layout: dict[str, tuple[int, torch.Size, torch.dtype]] | None = None  # name -> (offset, shape, dtype)
-        self.stride = 0
-        self.buffer: torch.Tensor | None = None
-        self.pin = pin
-        self.meta: dict[str, dict] = {}  # per projection: blocksizes, codes (identical for all experts)
-        self._codes: dict[tuple[str, str, torch.device], torch.Tensor] = {}
-
-    def _quantize(self, w: torch.Tensor) -> tuple[dict[str, torch.Tensor], object]:
-        q, st = self.bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-        return {"q": q, "absmax": st.absmax, "offset": st.offset.reshape(1).float(),
-                "absmax2": st.state2.absmax}, st
-
-    def add_expert(self, e: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-        """Quantise one expert (on whatever device its weights are) into the host buffer."""
-        flat = {}
-        for name, w in (("gate_up", gate_up), ("down", down)):
-            parts, st = self._quantize(w)
-            self.meta.setdefault(name, {"blocksize": st.blocksize, "blocksize2": st.state2.blocksize,
-                                        "dtype": st.dtype, "code": st.code.cpu(), "code2": st.state2.code.cpu()})
-            flat.update({f"{name}.{k}": v for k, v in parts.items()})
-        if self.layout is None:
-            offset, self.layout = 0, {}
-            for k, v in flat.items():
-                self.layout[k] = (offset, v.shape, v.dtype)
-                offset += -(-v.nbytes // self.ALIGN) * self.ALIGN
-            self.stride = offset
-            self.buffer = torch.empty(self.num_experts * offset, dtype=torch.uint8, pin_memory=self.pin)
-        for k, v in flat.items():
-            self.expert_tensors(e)[k].copy_(v)
-
-    def expert_tensors(self, expert: int) -> dict[str, torch.Tensor]:
-        """Views of one expert's packed weights and scales in the host buffer."""
-        base = expert * self.stride
-        out = {}
-        for k, (off, shape, dtype) in self.layout.items():
-            n = int(torch.Size(shape).numel()) * dtype.itemsize
-            out[k] = self.buffer[base + off: base + off + n].view(dtype).view(shape)
-        return out
-
-    def _code(self, name: str, which: str, device: torch.device) -> torch.Tensor:
-        key = (name, which, device)
-        if key not in self._codes:
-            self._codes[key] = self.meta[name][which].to(device)
-        return self._codes[key]
-
-    def weights_from_tensors(self, tensors, device, dtype):
-        """Dequantised gate_up [2I, H] and down [H, I] from one expert's tensors on `device`."""
-        out = []
-        for name in ("gate_up", "down"):
-            m = self.meta[name]
-            state2 = self.bnbf.QuantState(absmax=tensors[f"{name}.absmax2"], code=self._code(name, "code2", device),
-                                          blocksize=m["blocksize2"], dtype=torch.float32)
-            st = self.bnbf.QuantState(absmax=tensors[f"{name}.absmax"], shape=torch.Size(self.shapes[name]),
-                                      code=self._code(name, "code", device), blocksize=m["blocksize"],
-                                      quant_type="nf4", dtype=m["dtype"], offset=tensors[f"{name}.offset"][0],
-                                      state2=state2)
-            out.append(self.bnbf.dequantize_4bit(tensors[f"{name}.q"], st).to(dtype))
-        return out[0], out[1]
-
-    def nbytes(self) -> int:
-        """Host bytes of the layer's experts."""
-        return self.buffer.nbytes
 
 
 # ---- model building -----------------------------------------------------------------------------
@@ -139,8 +60,9 @@ def _random_(p: torch.Tensor, name: str, hidden: int) -> torch.Tensor:
     return p.normal_(0.0, 0.02)
 
 
-def build_moetune(cfg, device: torch.device, dtype: torch.dtype, args, log) -> tuple:
-    """Random model with NF4 experts in host memory behind an ExpertCache; returns (model, peft, cache, info)."""
+def build_moetune(cfg, device: torch.device, dtype: torch.dtype, args, log, batched: bool = True) -> tuple:
+    """Random model with NF4 experts in host memory behind an ExpertCache; returns (model, peft, cache, info).
+    `batched`: one dequantisation per group of experts (else expert by expert: the earlier offloaded path)."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoModelForCausalLM
@@ -149,6 +71,7 @@ def build_moetune(cfg, device: torch.device, dtype: torch.dtype, args, log) -> t
     from engine.config import from_dict
     from engine.loader import LoadedModel
     from engine.offload import ExpertCache, OffloadedExpertStore
+    from engine.quant import NF4ExpertStore
     from engine.routing import attach
 
     family = get_family(cfg.model_type)
@@ -174,17 +97,17 @@ def build_moetune(cfg, device: torch.device, dtype: torch.dtype, args, log) -> t
     model.to(device)
     model.config.use_cache = False
     non_expert = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    # experts: random bf16 of ONE expert at a time on the device, quantised there, copied to pinned host
+    # experts: random bf16 of ONE expert at a time on the device, quantised there into the layer's host store
     hosts = {}
     g = torch.Generator(device=device).manual_seed(1)
     for layer in facts.moe_layers:
-        host = NF4HostLayer(E, (2 * I, H), (H, I), pin=device.type == "cuda")
+        host = NF4ExpertStore(E, H, I, dtype)
         for e in range(E):
             gu = torch.empty(2 * I, H, device=device, dtype=dtype).normal_(0, 0.02, generator=g)
             dn = torch.empty(H, I, device=device, dtype=dtype).normal_(0, 0.02, generator=g)
-            host.add_expert(e, gu, dn)
+            host.set_expert(e, gu, dn)
             del gu, dn
-        hosts[layer] = host
+        hosts[layer] = host.pin_memory()  # page-locked (on a GPU machine): asynchronous copies
     expert_bytes = sum(t.nbytes for t in hosts[facts.moe_layers[0]].expert_tensors(0).values())
     total_experts = E * len(facts.moe_layers)
     if args.slots is not None:
@@ -200,7 +123,7 @@ def build_moetune(cfg, device: torch.device, dtype: torch.dtype, args, log) -> t
                          "lower --reserve-gb or raise --gpu-gb")
     cache = ExpertCache(slots, device, num_layers=facts.num_layers)
     for layer, host in hosts.items():
-        peft.banks[layer].store = OffloadedExpertStore(host, layer, cache)
+        peft.banks[layer].store = OffloadedExpertStore(host, layer, cache, batched=batched)
     info = {"build_s": round(time.perf_counter() - t0, 1), "expert_mb": round(expert_bytes / 1e6, 3),
             "experts_total": total_experts, "cache_slots": slots,
             "cache_gb": round(slots * expert_bytes / GB, 2),
@@ -299,7 +222,8 @@ def run_variant(variant: str, args) -> dict:
                 for b in batches:
                     (model(**b).loss / len(batches)).backward()
         else:
-            model, peft, cache, info = build_moetune(cfg, device, dtype, args, log)
+            model, peft, cache, info = build_moetune(cfg, device, dtype, args, log,
+                                                     batched=variant != "moetune-layer-major-per-expert")
             result.update(info)
             params = [p for _, p in peft.trainable_parameters()]
             opt = SparseAdamW(params, lr=1e-4, weight_decay=0.0, sparse_params=sparse_params_of(model))
@@ -308,7 +232,7 @@ def run_variant(variant: str, args) -> dict:
             schedule = OffloadSchedule(cache)
 
             def step(batches):
-                if variant == "moetune-layer-major":
+                if variant.startswith("moetune-layer-major"):
                     layer_major_step(model, peft, batches, hooks=schedule)
                 else:
                     micro_batch_major_step(model, peft, batches)
@@ -358,16 +282,16 @@ def _table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["variant"] == "peft-baseline" and r.get("status") == "ok"), None)
     mb = next((r for r in rows if r["variant"] == "moetune-microbatch" and r.get("status") == "ok"), None)
     mem_key = "peak_gpu_gb" if any("peak_gpu_gb" in r for r in rows) else "peak_host_rss_gb"
-    head = (f"{'variant':22} {'tokens/s':>10} {'x peft':>7} {'x mb':>6} {mem_key:>16} {'PCIe MB/step':>13} "
+    head = (f"{'variant':31} {'tokens/s':>10} {'x peft':>7} {'x mb':>6} {mem_key:>16} {'PCIe MB/step':>13} "
             f"{'PCIe GB/s':>10}  status")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.get("status") != "ok":
-            lines.append(f"{r['variant']:22} {'-':>10} {'-':>7} {'-':>6} {'-':>16} {'-':>13} {'-':>10}  {r['status']}")
+            lines.append(f"{r['variant']:31} {'-':>10} {'-':>7} {'-':>6} {'-':>16} {'-':>13} {'-':>10}  {r['status']}")
             continue
         xp = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
         xm = f"{r['tokens_per_s'] / mb['tokens_per_s']:.2f}" if mb else "-"
-        lines.append(f"{r['variant']:22} {r['tokens_per_s']:>10} {xp:>7} {xm:>6} {r.get(mem_key, '-'):>16} "
+        lines.append(f"{r['variant']:31} {r['tokens_per_s']:>10} {xp:>7} {xm:>6} {r.get(mem_key, '-'):>16} "
                      f"{r['pcie_mb_per_step']:>13} {r['pcie_gb_s']:>10}  ok")
     return "\n".join(lines)
 

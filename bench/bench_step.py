@@ -24,6 +24,7 @@ as a ratio MoETune / baseline.
   python bench/bench_step.py --cpu-small --json          # about a minute on 2 cores; one JSON object
   python bench/bench_step.py --model olmoe --threads 2    # a wider model, a table
   python bench/bench_step.py --published --gpu-gb 24      # on a GPU: the published configs under a 24 GB cap
+  python bench/bench_step.py --cpu-small --before ../old   # also MoETune as another checkout builds it, interleaved
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 MODELS = {"olmoe": {"experts": 64, "top_k": 8}, "qwen3_moe": {"experts": 128, "top_k": 8}}
 VARIANTS = ("moetune", "baseline", "moetune-loop")
+BEFORE = "moetune-before"  # `moetune` as another checkout (--before DIR) builds it, interleaved with the rest
 GB = 1e9
 
 
@@ -264,12 +266,14 @@ def child(args) -> None:
 
 
 class Child:
-    """A variant's process: send a command, read its JSON line."""
+    """A variant's process: send a command, read its JSON line. `root`: the checkout whose bench and engine it
+    runs (`moetune-before` runs `moetune` from the `--before` checkout)."""
 
-    def __init__(self, variant: str, model: str, argv: list[str]):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--model", model, *argv]
+    def __init__(self, variant: str, model: str, argv: list[str], root: Path = ROOT):
+        served = "moetune" if variant == BEFORE else variant
+        cmd = [sys.executable, str(root / "bench" / "bench_step.py"), "--child", served, "--model", model, *argv]
         self.variant = variant
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root)
 
     def read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -370,6 +374,11 @@ def summary(results: list[dict], args) -> dict:
         out["tokens_per_s_ratio"] = round(out["moetune_tokens_per_s"] / out["baseline_tokens_per_s"], 3)
     if out["moetune_peak_gb"] is not None and out["baseline_peak_gb"]:
         out["peak_ratio"] = round(out["moetune_peak_gb"] / out["baseline_peak_gb"], 3)
+    before = total(BEFORE, "tokens_per_s")
+    if before and out["baseline_tokens_per_s"]:
+        out["before_tokens_per_s_ratio"] = round(before / out["baseline_tokens_per_s"], 3)
+        out["before_peak_ratio"] = round(total(BEFORE, "peak_gb") / out["baseline_peak_gb"], 3) \
+            if out["baseline_peak_gb"] else None
     loop = total("moetune-loop", "tokens_per_s")
     if loop:
         out["moetune_loop_tokens_per_s"] = loop
@@ -380,19 +389,21 @@ def summary(results: list[dict], args) -> dict:
 
 def table(summ: dict) -> str:
     """The results side by side, one line per model and variant."""
-    head = f"{'model':10} {'variant':13} {'tokens/s':>10} {'x base':>7} {'peak GB':>9} {'x base':>7}  backend / status"
+    head = f"{'model':10} {'variant':14} {'tokens/s':>10} {'x base':>7} {'peak GB':>9} {'x base':>7}  backend / status"
     lines = [head, "-" * len(head)]
     for r in summ["per_model"]:
         base = r["variants"].get("baseline", {})
         for v, row in r["variants"].items():
             if "tokens_per_s" not in row:
-                lines.append(f"{r['model']:10} {v:13} {'-':>10} {'-':>7} {'-':>9} {'-':>7}  {row.get('status')}")
+                lines.append(f"{r['model']:10} {v:14} {'-':>10} {'-':>7} {'-':>9} {'-':>7}  {row.get('status')}")
                 continue
             xt = f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}" if "tokens_per_s" in base else "-"
             xm = f"{row['peak_gb'] / base['peak_gb']:.2f}" if base.get("peak_gb") else "-"
             how = row.get("expert_backend") or row.get("experts_implementation") or ""
-            lines.append(f"{r['model']:10} {v:13} {row['tokens_per_s']:>10} {xt:>7} {row['peak_gb']:>9} {xm:>7}  {how}")
-    lines.append(f"combined: tokens/s x{summ.get('tokens_per_s_ratio')}, peak x{summ.get('peak_ratio')}")
+            lines.append(f"{r['model']:10} {v:14} {row['tokens_per_s']:>10} {xt:>7} {row['peak_gb']:>9} {xm:>7}  {how}")
+    lines.append(f"combined: tokens/s x{summ.get('tokens_per_s_ratio')}, peak x{summ.get('peak_ratio')}"
+                 + (f"   (before: tokens/s x{summ['before_tokens_per_s_ratio']}, peak x{summ['before_peak_ratio']})"
+                    if "before_tokens_per_s_ratio" in summ else ""))
     return "\n".join(lines)
 
 
@@ -417,6 +428,8 @@ def parse_args(argv=None):
     p.add_argument("--gpu-gb", type=float, default=24.0, help="GPU memory cap (set_per_process_memory_fraction)")
     p.add_argument("--expert-backend", default="auto", choices=("auto", "torch", "grouped-nf4-gemm"),
                    help="MoETune's model.expert_backend (moetune-loop always runs the per-expert loop)")
+    p.add_argument("--before", type=Path, default=None, metavar="DIR",
+                   help="also run MoETune as the checkout DIR builds it (variant moetune-before), interleaved")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON object here")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: serve one variant
@@ -446,8 +459,13 @@ def main(argv=None) -> int:
     for v in variants:
         if v not in VARIANTS:
             raise SystemExit(f"--variants {v!r}: choose from {', '.join(VARIANTS)}")
+    if args.before is not None:
+        if not (args.before / "bench" / "bench_step.py").is_file():
+            raise SystemExit(f"--before {args.before}: no bench/bench_step.py there; give a MoETune checkout")
+        variants.append(BEFORE)
+    roots = {BEFORE: args.before.resolve()} if args.before is not None else {}
     # every variant of every shape starts at once (their imports and builds overlap); steps run shape by shape
-    children = {m: {v: Child(v, m, _child_argv(args)) for v in variants} for m in models}
+    children = {m: {v: Child(v, m, _child_argv(args), roots.get(v, ROOT)) for v in variants} for m in models}
     try:
         results = [run_model(m, variants, args, children[m]) for m in models]
     finally:

@@ -8,6 +8,7 @@ must match the plain micro-batch loop. Runs on CUDA when there is one, else on C
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -71,6 +72,13 @@ def main() -> int:
     from engine.tiny import make_tiny_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # "bit-identical" compares two runs: both must add in the same order (one CPU thread; CUDA's deterministic
+    # index_add_ / cuBLAS workspaces instead of atomics) — with 2 CPU threads the two runs differed in the last bits
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    else:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny_model("olmoe", Path(tmp) / "m", layers=4, hidden=256, experts=16, top_k=4)

@@ -108,6 +108,35 @@ class AdapterBank(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def lora_pair_grouped(first: AdapterBank, second: AdapterBank, h: torch.Tensor, idx: Sequence[int],
+                      offs: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """`[first(h) | second(h)]` per group for two LoRA banks on the same input (an expert's gate and up LoRA):
+    their A stacked and their B block-diagonal, so two grouped matmuls instead of four (the same math as two
+    `forward_grouped` calls). Both banks must be `lora` without dropout."""
+    if torch.is_grad_enabled():
+        first.touched.update(idx)
+        second.touched.update(idx)
+    sel = None if list(idx) == list(range(first.num)) else torch.tensor(list(idx), device=first.down.device)
+
+    def take(p: torch.Tensor) -> torch.Tensor:
+        return p if sel is None else p.index_select(0, sel)
+
+    a = torch.cat([take(first.down), take(second.down)], dim=1).to(h.dtype)  # [G, 2r, H]
+    z = grouped_mm(h, a.transpose(1, 2), offs, counts)  # [N, 2r]
+    b1, b2 = take(first.up) * first.scale, take(second.up) * second.scale  # [G, out, r] each
+    (g, o1, r1), (o2, r2) = b1.shape, b2.shape[1:]
+    b = b1.new_zeros(g, o1 + o2, r1 + r2)
+    b[:, :o1, :r1] = b1
+    b[:, o1:, r1:] = b2
+    return grouped_mm(z, b.to(h.dtype).transpose(1, 2), offs, counts)
+
+
+def pairable(first: AdapterBank, second: AdapterBank) -> bool:
+    """Whether `lora_pair_grouped` applies: two LoRA banks with the same input size and no dropout."""
+    return first.kind == second.kind == "lora" and first.d_in == second.d_in \
+        and isinstance(first.dropout, nn.Identity) and isinstance(second.dropout, nn.Identity)
+
+
 class LoraLinear(nn.Module):
     """A frozen nn.Linear plus a LoRA update (alpha / r) · B A x, B zero at init."""
 

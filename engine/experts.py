@@ -8,11 +8,14 @@ operations, with no Python loop over experts:
 - one grouped GEMM per projection (`engine.grouped`: `torch._grouped_mm` where the device supports it,
   segment matmuls elsewhere);
 - the per-expert adapters (`inside` LoRA, `parallel` LoRA / bottleneck / gated) batched over experts
-  in the same grouped form (`AdapterBank.forward_grouped`);
+  in the same grouped form (`AdapterBank.forward_grouped`; `inside` gate and up as one pair,
+  `engine.adapters.lora_pair_grouped`);
 - one `index_add_` of the gated outputs, in the order transformers' eager loop adds them.
 
 Dequantised weights are never kept for backward: `GroupedFrozenLinear` saves nothing of the weights and
-dequantises them again (one batched call per pass) when the gradient of its input is needed. Touched
+dequantises them again (one batched call per pass) when the gradient of its input is needed — except right
+after a gradient-checkpoint recompute of a one-group layer, whose weights go straight to the backward that
+follows (`_RecomputeHandoff`: two decodes a layer-step, not three). Touched
 experts are taken in chunks (`group_size`: a quarter of the layer's experts or 32 MiB, whichever is more,
 within `max_group_bytes` of dequantised weights), which bounds the transient memory of a layer.
 
@@ -31,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import AdapterBank
-from .grouped import group_offsets, grouped_mm_frozen
+from .adapters import AdapterBank, lora_pair_grouped, pairable
+from .grouped import group_offsets, grouped_mm_frozen, sort_by_group
 
 #: ExpertBank backends; the config's `model.expert_backend` takes the first three
 BACKENDS = ("auto", "torch", "grouped-nf4-gemm", "loop")
@@ -97,6 +100,13 @@ def fetch_weights(store, experts: Sequence[int], device: torch.device,
     batched = getattr(store, "weights_batched", None)
     if batched is not None:
         return batched(experts, device, dtype)
+    return stack_weights(store, experts, device, dtype)
+
+
+def stack_weights(store, experts: Sequence[int], device: torch.device,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up [n, 2I, H] and down [n, H, I] of `experts` read expert by expert (`store.weights`) into one
+    stacked buffer, one expert's temporary at a time: the per-expert path."""
     gate_up = down = None
     for i, e in enumerate(experts):
         gu, dn = store.weights(e, device, dtype)
@@ -113,12 +123,16 @@ class _DequantisedGroup:
     """The touched experts of one chunk, dequantised at most once per pass (both projections in one
     batched fetch), dropped after the last use; grouped GEMMs over them."""
 
-    def __init__(self, store, experts: list[int], counts: list[int], offs: torch.Tensor, device, dtype):
+    def __init__(self, store, experts: list[int], counts: list[int], offs: torch.Tensor, device, dtype,
+                 handoff: "_RecomputeHandoff | None" = None):
         self.store, self.experts, self.counts, self.offs = store, experts, counts, offs
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.handoff = device, dtype, handoff
+        self.key = (tuple(experts), device, dtype)
         self._w: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _get(self, which: int) -> torch.Tensor:
+        if self._w is None and self.handoff is not None:
+            self._w = self.handoff.take(self.key)
         if self._w is None:
             self._w = fetch_weights(self.store, self.experts, self.device, self.dtype)
         return self._w[which]
@@ -135,6 +149,30 @@ class _DequantisedGroup:
 
     def release(self) -> None:
         self._w = None
+
+
+class _RecomputeHandoff:
+    """The weights a checkpoint recompute (a forward run by the autograd engine, inside backward) dequantised,
+    handed to the backward of the same experts that follows at once, so a checkpointed layer dequantises twice
+    a step, not three times. One entry, taken once; a forward outside backward drops it."""
+
+    def __init__(self):
+        self.key, self.weights = None, None
+
+    def put(self, key: tuple, weights: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Keep `weights` for the next `take(key)`."""
+        self.key, self.weights = key, weights
+
+    def take(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The kept weights when they are `key`'s (then forgotten), else None."""
+        if self.key != key:
+            return None
+        weights, self.key, self.weights = self.weights, None, None
+        return weights
+
+    def clear(self) -> None:
+        """Drop what is kept."""
+        self.key, self.weights = None, None
 
 
 class _PackedGroup:
@@ -239,6 +277,7 @@ class ExpertBank(nn.Module):
         self.backend, self.max_group_bytes = backend, max_group_bytes
         #: the backend the last grouped forward used ("torch" or "grouped-nf4-gemm")
         self.last_backend: str | None = None
+        self._handoff = _RecomputeHandoff()
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -254,26 +293,26 @@ class ExpertBank(nn.Module):
         gates = top_k_weights[toks, slots, None]
         packed = self._use_kernels(x)
         self.last_backend = "grouped-nf4-gemm" if packed else "torch"
+        chunks = [experts] if packed else self._chunks(experts, dtype)
+        # a checkpoint recompute of a layer that is one group: its backward follows at once and takes its weights
+        recompute = torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1
+        if not recompute:
+            self._handoff.clear()
         start = 0
-        for chunk in ([experts] if packed else self._chunks(experts, dtype)):
+        for chunk in chunks:
             counts = [per_expert[e] for e in chunk]
             rows = slice(start, start + sum(counts))
             start = rows.stop
             whole = rows.start == 0 and rows.stop == x.shape[0]
-            y = self._group_forward(x if whole else x[rows], chunk, counts, packed)
+            y = self._group_forward(x if whole else x[rows], chunk, counts, packed,
+                                    hand_off=recompute and len(chunks) == 1)
             g = gates if whole else gates[rows]
             out.index_add_(0, toks if whole else toks[rows], (y * g).to(out.dtype))
         return out
 
     def _by_expert(self, top_k_index: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-        """(token, slot) pairs grouped by expert with one sort and one device sync: pairs per expert, and the
-        token and slot of each pair in that order (slot-major within an expert: transformers' eager add order)."""
-        num_tokens = top_k_index.shape[0]
-        with torch.no_grad():
-            flat = top_k_index.T.reshape(-1)
-            order = torch.argsort(flat, stable=True)
-            per_expert = torch.bincount(flat, minlength=self.num_experts).tolist()
-        return per_expert, order % num_tokens, order // num_tokens
+        """(token, slot) pairs grouped by expert (engine.grouped.sort_by_group)."""
+        return sort_by_group(top_k_index, self.num_experts)
 
     def _chunks(self, experts: list[int], dtype: torch.dtype) -> list[list[int]]:
         n = group_size(self.num_experts, self.hidden_size, self.intermediate_size,
@@ -306,25 +345,36 @@ class ExpertBank(nn.Module):
             return "the NF4 experts are not on the compute device"
         return None
 
-    def _group_forward(self, x: torch.Tensor, experts: list[int], counts: list[int], packed: bool) -> torch.Tensor:
-        """Experts (plus their adapters) on their groups of rows: x [N, H] sorted by expert -> [N, H]."""
+    def _group_forward(self, x: torch.Tensor, experts: list[int], counts: list[int], packed: bool,
+                       hand_off: bool = False) -> torch.Tensor:
+        """Experts (plus their adapters) on their groups of rows: x [N, H] sorted by expert -> [N, H]; `hand_off`:
+        keep the dequantised weights for the backward that follows (a checkpoint recompute)."""
         offs = group_offsets(counts, x.device)
         group = _PackedGroup(self.store, experts, counts) if packed else \
-            _DequantisedGroup(self.store, experts, counts, offs, x.device, x.dtype)
+            _DequantisedGroup(self.store, experts, counts, offs, x.device, x.dtype, self._handoff)
         gate_up = GroupedFrozenLinear.apply(x, group, 0, True)
-        gate, up = gate_up.chunk(2, dim=-1)
         if self.inside is not None:
-            gate = gate + self.inside["gate"].forward_grouped(x, experts, offs, counts).to(gate.dtype)
-            up = up + self.inside["up"].forward_grouped(x, experts, offs, counts).to(up.dtype)
+            gate_up = gate_up + self._inside_gate_up(x, experts, offs, counts).to(gate_up.dtype)
+        gate, up = gate_up.chunk(2, dim=-1)
         act = self.act_fn(gate) * up
         # the gate_up backward releases the weights; when it will not run (x needs no gradient), the down one does
         y = GroupedFrozenLinear.apply(act, group, 1, not x.requires_grad)
-        group.release()  # forward is done with the weights; backward fetches them again
+        if hand_off and not packed:
+            self._handoff.put(group.key, group._w)
+        group.release()  # forward is done with the weights; backward fetches them again (or takes the handoff)
         if self.inside is not None:
             y = y + self.inside["down"].forward_grouped(act, experts, offs, counts).to(y.dtype)
         if self.parallel is not None:
             y = y + self.parallel.forward_grouped(x, experts, offs, counts).to(y.dtype)
         return y
+
+    def _inside_gate_up(self, x: torch.Tensor, experts: list[int], offs: torch.Tensor,
+                        counts: list[int]) -> torch.Tensor:
+        """The `inside` LoRA deltas of gate and up, side by side [N, 2I]: one pair of grouped matmuls for both."""
+        g, u = self.inside["gate"], self.inside["up"]
+        if pairable(g, u):
+            return lora_pair_grouped(g, u, x, experts, offs, counts)
+        return torch.cat([g.forward_grouped(x, experts, offs, counts), u.forward_grouped(x, experts, offs, counts)], -1)
 
     # ---- the per-expert reference -----------------------------------------------------------------
     def forward_loop(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

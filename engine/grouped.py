@@ -112,3 +112,15 @@ def grouped_mm_frozen(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, coun
 def group_offsets(counts: Sequence[int], device: torch.device) -> torch.Tensor:
     """Group end offsets (cumulative counts) as int32 on `device`, the form `torch._grouped_mm` takes."""
     return torch.tensor(counts, dtype=torch.int64).cumsum(0).to(dtype=torch.int32, device=device)
+
+
+def sort_by_group(top_index: torch.Tensor, num_groups: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(token, slot) pairs of a top-k choice `[T, k]` grouped by the chosen index with one stable sort and one
+    device sync: pairs per group (a list), then the token and the slot of each pair in that order (slot-major
+    within a group: transformers' eager add order)."""
+    num_tokens = top_index.shape[0]
+    with torch.no_grad():
+        flat = top_index.T.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=num_groups).tolist()
+    return counts, order % num_tokens, order // num_tokens

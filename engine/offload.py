@@ -13,8 +13,9 @@ prefetches along the step's sweep (DESIGN "Memory").
   stream with events, and never evicts what is needed sooner than what it brings; on a CPU
   "device" everything is synchronous and the same bytes are counted. Counters: hits, misses,
   prefetched copies, bytes moved, per layer.
-- `OffloadedExpertStore`: the `ExpertStore` interface (`num_experts`, `weights(e, device, dtype)`)
-  of one layer, served from the cache; an ExpertBank uses it unchanged.
+- `OffloadedExpertStore`: the `ExpertStore` interface (`num_experts`, `weights(e, device, dtype)`,
+  `weights_batched`) of one layer, served from the cache; an ExpertBank uses it unchanged, one
+  dequantisation per group of experts (their NF4 slots stacked on the device).
 - `OffloadSchedule`: `LayerHooks` for `engine.layerwise.layer_major_step`: at each layer it tells the
   cache where the sweep is and prefetches the next layer (forward: the experts that layer used last
   step; backward: exactly the experts it used in this step's forward).
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, Sequence
 
 import torch
 
@@ -44,6 +45,9 @@ class HostExpertStore(Protocol):
                              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """gate_up [2I, H] and down [H, I], dequantised from `tensors` (already on `device`), as new tensors."""
         ...
+
+    # optional: weights_from_stacked(tensors stacked [n, ...], device, dtype) -> gate_up [n, 2I, H], down [n, H, I]
+    # in one dequantisation (OffloadedExpertStore.weights_batched uses it when it is there)
 
 
 class DenseHostStore:
@@ -73,6 +77,10 @@ class DenseHostStore:
         """New copies of the tensors on `device` in `dtype`."""
         return (tensors["gate_up"].to(device=device, dtype=dtype, copy=True),
                 tensors["down"].to(device=device, dtype=dtype, copy=True))
+
+    def weights_from_stacked(self, tensors, device, dtype):
+        """The same for n experts' tensors stacked on a leading axis: gate_up [n, 2I, H], down [n, H, I]."""
+        return self.weights_from_tensors(tensors, device, dtype)
 
     def nbytes(self) -> int:
         """Host bytes of all experts."""
@@ -337,12 +345,38 @@ class ExpertCache:
 
 
 class OffloadedExpertStore:
-    """One layer's experts served through an ExpertCache: the `ExpertStore` interface of engine.experts."""
+    """One layer's experts served through an ExpertCache: the `ExpertStore` interface of engine.experts.
 
-    def __init__(self, host: HostExpertStore, layer: int, cache: ExpertCache):
+    `weights_batched` (what the expert bank's grouped path asks for) gathers a group's raw (NF4) tensors from
+    their cache slots into one stacked buffer on the device, each slot read once, and dequantises the group in
+    one call (`host.weights_from_stacked`); `batched=False`, or a host without that method, dequantises expert
+    by expert instead (the earlier path, kept as the reference). Either way each expert crosses PCIe only on
+    a cache miss or prefetch: the stacked buffer is a device-side copy.
+    """
+
+    def __init__(self, host: HostExpertStore, layer: int, cache: ExpertCache, batched: bool = True):
         self.host, self.layer, self.cache = host, layer, cache
         self.num_experts = host.num_experts
+        self.batched = batched and hasattr(host, "weights_from_stacked")
         cache.register(layer, host)
+
+    def weights_batched(self, experts: Sequence[int], device: torch.device,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate_up [n, 2I, H] and down [n, H, I] of `experts`, dequantised on `device`: one dequantisation of the
+        group from its stacked cache slots (or expert by expert, see the class)."""
+        if not self.batched:
+            from .experts import stack_weights
+
+            return stack_weights(self, experts, device, dtype)
+        stacked: dict[str, torch.Tensor] = {}
+        for i, e in enumerate(experts):
+            index, tensors = self.cache.get(self.layer, e)
+            for k, v in tensors.items():
+                if k not in stacked:
+                    stacked[k] = torch.empty((len(experts), *v.shape), dtype=v.dtype, device=v.device)
+                stacked[k][i].copy_(v)
+            self.cache.done_reading(index)
+        return self.host.weights_from_stacked(stacked, device, dtype)
 
     def weights(self, expert: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """gate_up [2I, H] and down [H, I] of `expert`, dequantised on `device` from its cache slot."""

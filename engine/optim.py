@@ -117,8 +117,8 @@ class SparseAdamW(torch.optim.Optimizer):
         steps[idx] += 1
         m, v = state["exp_avg"], state["exp_avg_sq"]
         by_step: dict[float, list[int]] = defaultdict(list)
-        for r in rows:
-            by_step[float(steps[r].item())].append(r)
+        for r, s in zip(rows, steps[idx].tolist()):  # one read of the step counts, not one per row
+            by_step[float(s)].append(r)
         if len(rows) == p.shape[0] and len(by_step) == 1:  # every row, one step count: in place, as AdamW
             _adamw(p, grad, m, v, next(iter(by_step)), group)
             return

@@ -55,3 +55,44 @@ def test_bench_step_cpu_small_runs_both_sides_on_the_same_model():
         assert len(ours["losses"]) == len(base["losses"]) == 2  # one warm-up and one timed step each
         first_ours, first_base = ours["losses"][0], base["losses"][0]
         assert abs(first_ours - first_base) < 0.02 * first_base, (first_ours, first_base)
+
+
+def test_bench_full_cap_kills_a_child_above_it_and_measures_one_below(tmp_path):
+    """The full-size bench's own memory cap: the resident set of a child's process tree, polled from /proc; a
+    child that grows past the cap is killed (with what it started), one that stays under it runs to the end."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_full import run_capped
+
+    grow = ("import subprocess, sys, time\n"  # a grandchild holds the memory: the cap counts the whole tree
+            "p = subprocess.Popen([sys.executable, '-c', 'b = bytearray(600 * 2**20); import time; time.sleep(60)'])\n"
+            "time.sleep(60)\n")
+    res = run_capped([sys.executable, "-c", grow], cap_gb=0.3, timeout_s=60, log_file=tmp_path / "grow.log")
+    assert res["killed"] == "cap" and res["peak_bytes"] > 0.3e9 and res["seconds"] < 30
+    small = run_capped([sys.executable, "-c", "b = bytearray(50 * 2**20); import time; time.sleep(1)"],
+                       cap_gb=0.3, timeout_s=60, log_file=tmp_path / "small.log", poll_s=0.05)
+    assert small["killed"] is None and small["returncode"] == 0 and 50 * 2 ** 20 < small["peak_bytes"] < 0.3e9
+
+
+def test_bench_full_checkpoint_is_complete_in_the_hub_layout(tmp_path):
+    """The checkpoint the full-size bench writes layer by layer (one shard per decoder layer, per-expert names):
+    transformers loads it with no missing or unexpected tensor, and MoETune's streaming quantiser finds every
+    expert of every layer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_full import bench_config, write_checkpoint
+    from engine.quant import quantize_checkpoint_experts
+
+    cfg = bench_config("olmoe", 2, ["num_experts=4", "hidden_size=64", "intermediate_size=32", "vocab_size=512",
+                                    "num_attention_heads=4", "num_key_value_heads=4"])
+    info = write_checkpoint(cfg, tmp_path / "ckpt")
+    assert len(list((tmp_path / "ckpt").glob("model-*.safetensors"))) == 3  # 2 layers + embeddings/norm/head
+    assert write_checkpoint(cfg, tmp_path / "ckpt") == info  # the same shape again: reused, not rewritten
+    model, loading = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16,
+                                                          output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"]
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    stores = quantize_checkpoint_experts(tmp_path / "ckpt", "bf16")
+    assert sorted(stores) == [0, 1] and all(s.complete for s in stores.values())
+    torch.testing.assert_close(stores[1].gate_up[3].float(), model.model.layers[1].mlp.experts.gate_up_proj[3].float())

@@ -208,3 +208,33 @@ def test_grouped_mm_gradients_match_segment_matmuls():
         for x, y in zip((out, *got), (ref, *want)):
             assert (x - y).abs().max() <= 64 * eps * y.abs().max()
         assert torch.count_nonzero(got[1][[1, 4]]) == 0  # empty groups: zero gradient
+
+
+def test_checkpoint_recompute_hands_its_weights_to_the_backward(tiny_checkpoint):
+    """Under non-reentrant gradient checkpointing a layer is run forward, recomputed in backward, then
+    backpropagated: the recompute's dequantised weights go straight to that backward (two batched fetches a
+    step, not three), with the same output and gradients as the per-expert loop."""
+    from torch.utils.checkpoint import checkpoint
+
+    lm, peft = _attached(tiny_checkpoint("olmoe", hidden=128, experts=8), "lora", "inside", "nf4")
+    _, block = next(iter(lm.family.moe_blocks(lm.model)))
+    bank = block.experts
+    h = torch.randn(40, lm.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    _, weights, index = lm.family.router(block)(h)
+    touched = sorted(set(index.flatten().tolist()))
+    params = [p for p in bank.parameters() if p.requires_grad]
+
+    def run(backend):
+        bank.backend = backend
+        x = h.detach().requires_grad_(True)
+        out = checkpoint(bank, x, index, weights.detach(), use_reentrant=False)
+        return out, torch.autograd.grad(out.square().sum(), [x, *params])
+
+    want, want_grads = run("loop")
+    bank.store = counting = _Counting(bank.store)
+    got, got_grads = run("torch")
+    assert counting.batched_calls == [touched, touched]  # forward, recompute; the backward took the recompute's
+    assert bank._handoff.weights is None  # nothing left held after the backward
+    _close(got, want, "output")
+    for a, b in zip(got_grads, want_grads):
+        _close(a, b, "gradient")

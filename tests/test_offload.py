@@ -1,5 +1,7 @@
 """Offloaded experts: bit-equal to resident ones (logits and gradients, plain and layer-major), the
-cache's hits / misses / bytes on scripted sweeps equal hand-computed numbers, only routed experts move."""
+cache's hits / misses / bytes on scripted sweeps equal hand-computed numbers, only routed experts move;
+offloaded NF4 experts dequantised once per group (their cache slots stacked), equal to the per-expert path,
+each needed layer's packed NF4 bytes crossing once per sweep."""
 
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ from engine.config import from_dict
 from engine.layerwise import layer_major_step
 from engine.loader import load_model
 from engine.offload import DenseHostStore, ExpertCache, OffloadedExpertStore, OffloadSchedule, offload_banks
+from engine.quant import nf4_expert_nbytes
 from engine.routing import attach
+
+from .tolerance import assert_close
 
 LAYERS, EXPERTS, H, I = 3, 4, 8, 4
 EXPERT_BYTES = (2 * I * H + H * I) * 4  # fp32 gate_up + down = 384
@@ -111,9 +116,9 @@ def test_prefetch_never_evicts_what_is_needed_sooner():
 
 
 # ---- through a tiny model ------------------------------------------------------------------------
-def _model(path, seed=0):
+def _model(path, seed=0, quant="bf16"):
     lm = load_model(path)
-    cfg = from_dict({"model": {"quant": "bf16"}, "adapter": {"kind": "lora", "placement": "inside", "rank": 4, "alpha": 8},
+    cfg = from_dict({"model": {"quant": quant}, "adapter": {"kind": "lora", "placement": "inside", "rank": 4, "alpha": 8},
                      "routing": {"strategy": "embedded", "base_balance_loss": 0.01}})
     peft = attach(lm, cfg)
     g = torch.Generator().manual_seed(seed)
@@ -160,17 +165,20 @@ def test_offloaded_equals_resident(family, tiny_checkpoint):
     assert cache.stats.misses > 0 and cache.stats.evictions > 0  # the cache really was too small
 
 
-def test_layer_major_offloaded_equals_resident_and_moves_each_layer_once(tiny_checkpoint):
+@pytest.mark.parametrize("quant", ["bf16", "nf4"])
+def test_layer_major_offloaded_equals_resident_and_moves_each_layer_once(quant, tiny_checkpoint):
     path = tiny_checkpoint("olmoe", layers=3, experts=6)
-    lm, peft = _model(path)
+    lm, peft = _model(path, quant=quant)
     batches = _batches(lm.config.vocab_size, n=3)
     want = layer_major_step(lm.model, peft, batches)
     want_grads = {n: p.grad.clone() for n, p in peft.trainable_parameters()}
 
-    lm2, peft2 = _model(path)
+    lm2, peft2 = _model(path, quant=quant)
     L, E = 3, 6
     cache = offload_banks(peft2.banks, num_slots=2 * E, device="cpu", num_layers=L)  # two layers' worth
-    per_expert = cache.expert_nbytes(0, 0)
+    H, I = lm.config.hidden_size, lm.config.intermediate_size
+    # NF4: the packed codes and scales of gate_up and down, nothing else (counted from the shapes, not the cache)
+    per_expert = nf4_expert_nbytes(H, I) if quant == "nf4" else (3 * H * I) * 4
     schedule = OffloadSchedule(cache)
     got = layer_major_step(lm2.model, peft2, batches, hooks=schedule)
     assert got.loss == want.loss and got.aux == want.aux and got.usage == want.usage
@@ -189,3 +197,59 @@ def test_layer_major_offloaded_equals_resident_and_moves_each_layer_once(tiny_ch
     lm2.model.zero_grad(set_to_none=True)
     layer_major_step(lm2.model, peft2, batches, hooks=schedule)
     assert cache.stats.misses == 0 and cache.stats.prefetched > 0
+
+
+class _CountingHost:
+    """Counts the host store's dequantisations: batched (one per group) and per expert."""
+
+    def __init__(self, host):
+        self.host, self.num_experts = host, host.num_experts
+        self.stacked_calls: list[int] = []
+        self.single_calls = 0
+
+    def expert_tensors(self, e):
+        return self.host.expert_tensors(e)
+
+    def weights_from_tensors(self, tensors, device, dtype):
+        self.single_calls += 1
+        return self.host.weights_from_tensors(tensors, device, dtype)
+
+    def weights_from_stacked(self, tensors, device, dtype):
+        self.stacked_calls.append(tensors["down.offset"].shape[0])
+        return self.host.weights_from_stacked(tensors, device, dtype)
+
+
+def test_offloaded_nf4_one_dequantisation_per_group_equals_per_expert_and_resident(tiny_checkpoint):
+    """NF4 experts behind a cache of 5 slots (fewer than a layer's 8): the grouped expert bank's batched fetch
+    gathers each group's slots and dequantises them in ONE call (forward, and again in backward), never
+    expert by expert; logits and gradients equal the resident store's and the per-expert offloaded path's."""
+    path = tiny_checkpoint("olmoe", layers=3, hidden=128, experts=8)  # rows of whole NF4 blocks
+    lm, peft = _model(path, quant="nf4")
+    batches = _batches(lm.config.vocab_size)
+    want_logits, want_grads = _run(lm, peft, batches)
+    cache = offload_banks(peft.banks, num_slots=5, device="cpu", num_layers=3)
+    hosts = {}
+    for layer, bank in peft.banks.items():
+        hosts[layer] = _CountingHost(bank.store.host)
+        bank.store = OffloadedExpertStore(hosts[layer], layer, cache)
+    got_logits, got_grads = _run(lm, peft, batches)
+    for a, b in zip(got_logits, want_logits):
+        assert_close(a, b, what="logits (batched offload vs resident)")
+    for name in want_grads:
+        assert_close(got_grads[name], want_grads[name], what=f"gradient of {name}")
+    # per layer and micro-batch: one dequantisation of the touched experts forward, one in backward
+    for layer, host in hosts.items():
+        assert host.single_calls == 0, layer
+        assert len(host.stacked_calls) == 2 * len(batches), (layer, host.stacked_calls)
+        assert all(1 < n <= 8 for n in host.stacked_calls)
+    assert cache.stats.misses > 0 and cache.stats.evictions > 0  # the cache really was too small
+    # the earlier path, expert by expert: the same numbers
+    for layer, bank in peft.banks.items():
+        hosts[layer] = _CountingHost(bank.store.host.host)
+        bank.store = OffloadedExpertStore(hosts[layer], layer, cache, batched=False)
+    old_logits, old_grads = _run(lm, peft, batches)
+    for a, b in zip(old_logits, want_logits):
+        assert_close(a, b, what="logits (per-expert offload vs resident)")
+    for name in want_grads:
+        assert_close(old_grads[name], want_grads[name], what=f"per-expert gradient of {name}")
+    assert all(h.stacked_calls == [] and h.single_calls > 0 for h in hosts.values())

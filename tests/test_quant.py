@@ -160,7 +160,8 @@ def test_cache_folder_is_reused_and_invalidated(tiny_checkpoint, tmp_path):
     assert sorted(again) == sorted(first) and others
     assert all(torch.equal(again[l].tensors[k], v) for l in first for k, v in first[l].tensors.items())
     (folder / "layer-001" / "experts.json").write_text("{}")  # damaged cache -> quantised again, same result
-    fixed = quantize_checkpoint_experts(path, cache_dir=tmp_path)
+    with pytest.warns(UserWarning, match=r"layer-001/experts.json is not a 'moetune-nf4-experts' v1 description"):
+        fixed = quantize_checkpoint_experts(path, cache_dir=tmp_path)
     assert all(torch.equal(fixed[l].tensors[k], v) for l in first for k, v in first[l].tensors.items())
     bf16 = quantize_checkpoint_experts(path, quant="bf16")
     assert isinstance(bf16[0], DenseExpertStore) and bf16[0].gate_up.dtype == torch.bfloat16
@@ -282,3 +283,85 @@ def test_streamed_expert_stores_equal_quantising_the_loaded_model(quant, tiny_ch
             assert torch.equal(again.model(ids).logits, got)
     else:  # experts stored in bf16: within bf16 rounding of the fp32 model
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def _flip_inside(file, tensor: str) -> None:
+    """Flip the bytes of the middle of one tensor's data in a safetensors file (same size, header intact)."""
+    import struct as _struct
+
+    data = bytearray(file.read_bytes())
+    size = _struct.unpack("<Q", data[:8])[0]
+    begin, end = json.loads(data[8:8 + size])[tensor]["data_offsets"]
+    mid = 8 + size + (begin + end) // 2
+    data[mid - 8:mid + 8] = bytes(b ^ 0xFF for b in data[mid - 8:mid + 8])
+    file.write_bytes(bytes(data))
+
+
+def test_damaged_cache_layers_are_checked_by_checksum_and_quantised_again(tiny_checkpoint, tmp_path):
+    """Same-size flipped bytes, a truncated file and an old entry without a checksum: each such layer is
+    quantised again from the checkpoint, with a warning naming its file, and the result equals a fresh
+    quantisation (the damaged bytes are never used); the rewritten cache then loads silently."""
+    import hashlib
+    import warnings
+
+    from engine.io import sha256_file
+
+    path = tiny_checkpoint("qwen3_moe", layers=3, hidden=64, experts=4)
+    fresh = quantize_checkpoint_experts(path)  # no cache: the reference
+    quantize_checkpoint_experts(path, cache_dir=tmp_path)
+    folder = cache_folder(path, tmp_path)
+
+    def same_as_fresh(stores) -> bool:
+        return sorted(stores) == sorted(fresh) and all(
+            torch.equal(stores[l].tensors[k], v) for l in fresh for k, v in fresh[l].tensors.items())
+
+    flipped = folder / "layer-002" / "experts.safetensors"
+    _flip_inside(flipped, "gate_up.weight")
+    damaged = dict(read_tensors(flipped))
+    assert not torch.equal(damaged["gate_up.weight"], fresh[2].tensors["gate_up.weight"])  # wrong weights on disk
+    truncated = folder / "layer-000" / "experts.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    meta_file = folder / "layer-001" / "experts.json"  # as an older MoETune wrote it: sizes, no checksum
+    meta_file.write_text(json.dumps({k: v for k, v in json.loads(meta_file.read_text()).items() if k != "sha256"}))
+
+    with pytest.warns(UserWarning) as caught:
+        got = quantize_checkpoint_experts(path, cache_dir=tmp_path)
+    texts = [str(w.message) for w in caught]
+    assert any(str(flipped) in t and "SHA-256" in t and "quantising layer 2 again" in t for t in texts), texts
+    assert any(str(truncated) in t and "truncated" in t and "quantising layer 0 again" in t for t in texts), texts
+    assert any(str(meta_file) in t and "no checksum" in t and "quantising layer 1 again" in t for t in texts), texts
+    assert same_as_fresh(got)
+    assert all("sha256" in json.loads((folder / f"layer-{l:03d}" / "experts.json").read_text()) for l in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # repaired: no warning any more, and the same experts
+        assert same_as_fresh(quantize_checkpoint_experts(path, cache_dir=tmp_path))
+    digest = hashlib.sha256()  # the checksum taken while reading is the file's SHA-256, as written
+    assert len(dict(read_tensors(flipped, digest=digest))) == 10
+    assert digest.hexdigest() == sha256_file(flipped) == json.loads(flipped.with_suffix(".json").read_text())["sha256"]
+
+
+def test_a_damaged_cache_layer_never_reaches_training(tiny_checkpoint, tmp_path, monkeypatch):
+    """The trainer's first loss with a damaged cache layer equals the loss with an intact cache."""
+    from engine.config import from_dict
+    from engine.events import read_events
+    from engine.synthetic import last_digit_rows
+    from engine.train import train
+
+    monkeypatch.setenv("MOETUNE_CACHE", str(tmp_path / "cache"))
+    path = tiny_checkpoint("qwen3_moe", layers=2, hidden=64, experts=4)
+    (tmp_path / "train.json").write_text(json.dumps(last_digit_rows(16, seed=1)))
+    cfg = from_dict({"model": {"path": str(path), "quant": "nf4"}, "routing": {"strategy": "embedded"},
+                     "adapter": {"kind": "lora", "rank": 4, "alpha": 8.0},
+                     "data": {"train": str(tmp_path / "train.json"), "max_len": 128},
+                     "train": {"max_steps": 1, "micro_batch": 4, "save_every": 100, "gradient_checkpointing": False}})
+
+    def first_loss(out) -> float:
+        train(cfg, tmp_path / out, echo=False)
+        return next(e["loss"] for e in read_events(tmp_path / out / "events.jsonl")[0] if e["type"] == "step")
+
+    intact = first_loss("a")  # quantises and fills the cache
+    [flipped] = (tmp_path / "cache").glob("experts/*/layer-001/experts.safetensors")
+    for tensor in ("gate_up.weight", "down.weight", "gate_up.absmax"):
+        _flip_inside(flipped, tensor)
+    with pytest.warns(UserWarning, match="quantising layer 1 again"):
+        assert first_loss("b") == intact

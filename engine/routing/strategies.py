@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import AdapterBank
+from ..grouped import group_offsets, sort_by_group
 
 
 def balance_loss(probs: torch.Tensor, top_idx: torch.Tensor, num: int) -> torch.Tensor:
@@ -55,18 +56,20 @@ class RoutedAdapters(nn.Module):
         return probs, gates, idx
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Σ over each token's top-k adapters of gate · P_j(h): the (token, adapter) pairs sorted by adapter once,
+        then the N adapters in grouped matmuls (`AdapterBank.forward_grouped`), no loop over adapters."""
         probs, gates, idx = self.route(h)
-        with torch.no_grad():
-            counts = torch.bincount(idx.reshape(-1), minlength=self.bank.num)
-            self.last_counts = counts.cpu()
+        per_adapter, toks, slots = sort_by_group(idx, self.bank.num)
+        self.last_counts = torch.tensor(per_adapter)
         if self.balance_coef > 0 and torch.is_grad_enabled():
             self.aux_losses.append(self.balance_coef * balance_loss(probs, idx, self.bank.num))
         out = torch.zeros(h.shape[0], self.bank.d_out, dtype=h.dtype, device=h.device)
-        for j in torch.nonzero(counts).flatten().tolist():
-            tok, pos = torch.where(idx == j)
-            y = self.bank.forward_one(h[tok], j)
-            out.index_add_(0, tok, (y * gates[tok, pos, None].to(y.dtype)).to(out.dtype))
-        return out
+        used = [j for j, n in enumerate(per_adapter) if n]
+        if not used:
+            return out
+        counts = [per_adapter[j] for j in used]
+        y = self.bank.forward_grouped(h[toks], used, group_offsets(counts, h.device), counts)
+        return out.index_add_(0, toks, (y * gates[toks, slots, None].to(y.dtype)).to(out.dtype))
 
 
 class RouterTap:
