@@ -46,8 +46,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, adapter: dict[str, torch.Tensor], optimizer, scheduler,
-                    state: dict, keep: int = 2) -> Path:
-    """Write a complete checkpoint atomically (temp folder, then rename); keep the newest `keep`."""
+                    state: dict, keep: int = 2, extra: dict | None = None) -> Path:
+    """Write a complete checkpoint atomically (temp folder, then rename); keep the newest `keep`. `extra`
+    joins the torch state (e.g. every rank's RNG, engine.distributed)."""
     from safetensors.torch import save_file
 
     final = checkpoint_dir(run_dir, step)
@@ -55,8 +56,8 @@ def save_checkpoint(run_dir: str | Path, step: int, adapter: dict[str, torch.Ten
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({n: t.contiguous().cpu() for n, t in adapter.items()}, str(tmp / "adapter.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               tmp / "trainer.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                **(extra or {})}, tmp / "trainer.pt")
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:

@@ -54,10 +54,13 @@ def cmd_tiny_model(args) -> int:
 def cmd_train(args) -> int:
     """Train (or resume) a run from a YAML config."""
     from . import config as C
+    from .distributed import launch_local
     from .train import train
 
-    cfg = C.load(args.config, args.set)
+    cfg = C.load(args.config, args.set)  # a bad config is one error here, not one per rank
     out = args.out or str(Path("runs") / (Path(args.config).stem))
+    launch_local(args.gpus, ["train", args.config, *[a for s in args.set for a in ("--set", s)], "--out", out,
+                             *(["--resume"] if args.resume else [])])  # --gpus N: torchrun takes over
     summary = train(cfg, out, resume=args.resume)
     print(json.dumps(summary))
     return 0
@@ -69,6 +72,9 @@ def _add_train(sub):
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a field")
     p.add_argument("--out", help="run folder (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="train data-parallel on N GPUs of this machine (starts torchrun; gloo on the CPU without "
+                        "GPUs); under torchrun or accelerate launch, leave it out")
     return p
 
 
@@ -330,6 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"moetune {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a job of several ranks that cannot go on (engine.distributed), one line
+        from .distributed import DistributedError
+
+        if not isinstance(e, DistributedError):
+            raise
+        print(f"moetune {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"moetune {args.command}: stopped", file=sys.stderr)
         return 130

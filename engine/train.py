@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import Config, save as save_config
 from .events import EventLog
 from .io import atomic_write_json
@@ -125,15 +126,19 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
         raise RunError("model.path is empty; set it to a local HF checkpoint directory.")
     if not cfg.data.train:
         raise RunError("data.train is empty; give a dataset file or a registry name.")
-    latest = ckpt.latest_checkpoint(out)
-    if not resume and (latest is not None or (out / "adapter.safetensors").exists()):
+    dist = distributed.init_from_env(device)  # None: one process; else this rank of a torchrun job
+    main = distributed.is_main(dist)  # rank 0 alone writes the run folder
+    echo = echo and main
+    latest = ckpt.latest_checkpoint(out) if main else None
+    if main and not resume and (latest is not None or (out / "adapter.safetensors").exists()):
         raise RunError(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
-    out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
-    log = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out) if main else None
+    log = None if main else distributed.NullLog()
     try:
         check_checkpoint(cfg.model.path)  # before anything loads: a bad folder is one clear error
-        dev = default_device(device)
+        dev = dist.device if dist is not None else default_device(device)
         seed_everything(cfg.train.seed)
         tokenizer = load_tokenizer(cfg.model.path)
         examples, data_stats = load_examples(cfg.data.train, tokenizer, cfg.data.template, cfg.data.max_len,
@@ -148,31 +153,37 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-        batches = Batches(examples, cfg.train.micro_batch, cfg.train.seed, tokenizer.pad_token_id)
+        batches = distributed.shard(Batches(examples, cfg.train.micro_batch, cfg.train.seed, tokenizer.pad_token_id),
+                                    dist)  # data parallel: this rank's slice of every global micro-batch
         per_epoch = max(1, len(batches.epoch(0)) // cfg.train.grad_accum)
         total = math.ceil(cfg.train.epochs * per_epoch) if cfg.train.epochs else cfg.train.max_steps
         params = [p for _, p in peft.trainable_parameters()]
+        distributed.join_replicas(dist, params, cfg.train.seed)
         # per-expert adapters that no token reached this step keep their values and moments (DESIGN "Memory")
-        opt = SparseAdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                          sparse_params=sparse_params_of(model))
+        sparse = sparse_params_of(model)
+        opt = SparseAdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, sparse_params=sparse)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
         schedule = OffloadSchedule(cache) if cache is not None else None
         autocast = torch.bfloat16 if dev.type == "cuda" else None
         step, epoch, pos = 0, 0, 0
         usage_every, usage_sum = max(1, total // USAGE_REPORTS), None
-        if resume and latest is not None:
-            tensors, tstate, state = ckpt.load_checkpoint(latest)
+        restored = distributed.load_checkpoint(dist, latest if resume else None)  # rank 0 reads, every rank gets it
+        if restored is not None:
+            tensors, tstate, state = restored
+            distributed.check_world_size(dist, state, latest or "the checkpoint")
             named = dict(peft.trainable_parameters())
             for n, p in named.items():
                 p.data.copy_(tensors[n])
             opt.load_state_dict(tstate["optimizer"])
             sched.load_state_dict(tstate["scheduler"])
-            ckpt.set_rng_state(tstate["rng"])
+            ckpt.set_rng_state(distributed.rank_state(dist, tstate, "rng"))
             step, epoch, pos = state["step"], state["epoch"], state["position"]
-        save_config(cfg, out / "config.yaml")
-        log = EventLog(out / "events.jsonl", echo=echo, total_steps=total)
+        if main:
+            save_config(cfg, out / "config.yaml")
+        log = EventLog(out / "events.jsonl", echo=echo, total_steps=total) if main else log
         log.set_position(step)
-        log.emit("start", step=step, total_steps=total, resumed=bool(resume and latest is not None),
+        log.emit("start", step=step, total_steps=total, resumed=restored is not None,
+                 world_size=dist.world_size if dist is not None else 1,
                  examples=len(examples), dropped=dropped_rows(data_stats), data=data_stats,
                  parameters=peft.parameter_report(),
                  device=str(dev))
@@ -188,12 +199,15 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
                     micro.append(batches.tensors(order[pos], dev))
                     pos += 1
                 tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+                num_items = distributed.global_token_counts(dist, micro)  # None alone: each micro-batch's mean
                 if cache is not None:  # each offloaded layer crosses PCIe once per sweep, not per micro-batch
                     loss_sum, aux_sum, usage = layer_major_step(model, peft, micro, cfg.train.grad_accum,
-                                                                hooks=schedule, autocast_dtype=autocast)
+                                                                hooks=schedule, autocast_dtype=autocast,
+                                                                num_items=num_items)
                 else:
                     loss_sum, aux_sum, usage = micro_batch_major_step(model, peft, micro, cfg.train.grad_accum,
-                                                                      autocast_dtype=autocast)
+                                                                      autocast_dtype=autocast, num_items=num_items)
+                distributed.reduce_gradients(dist, params, list(sparse.values()))  # sum + union of used rows
                 if cfg.train.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
                 lr = opt.param_groups[0]["lr"]
@@ -202,8 +216,10 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 dt = time.perf_counter() - t0
+                loss_sum, aux_sum, tokens, usage, signalled = distributed.reduce_report(
+                    dist, loss_sum, aux_sum, tokens, usage, flag.stop)  # every rank stops after the same step
                 usage_sum = add_usage(usage_sum, usage)
-                stopping = flag.stop or (stop_after is not None and step >= stop_after)
+                stopping = signalled or (stop_after is not None and step >= stop_after)
                 # expert usage summed over the steps since the last report (USAGE_REPORTS a run), so
                 # events.jsonl stays small for 48 layers x 128 experts over tens of thousands of steps
                 report = step % usage_every == 0 or step in (1, total) or stopping
@@ -213,20 +229,23 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
                          **({"offload": _cache_stats(cache)} if cache is not None else {}))
                 usage_sum = None if report else usage_sum
                 if step % cfg.train.save_every == 0 or stopping or step == total:
-                    path = ckpt.save_checkpoint(out, step, peft.adapter_state_dict(), opt, sched,
-                                                {"epoch": epoch, "position": pos, "total_steps": total})
-                    log.emit("checkpoint", step=step, path=str(path))
+                    adapter, extra, shared = distributed.checkpoint_parts(dist, peft)  # every rank's RNG
+                    if main:
+                        path = ckpt.save_checkpoint(out, step, adapter, opt, sched, {"epoch": epoch, "position": pos,
+                                                    "total_steps": total, **shared}, extra=extra)
+                        log.emit("checkpoint", step=step, path=str(path))
                     if held_out:
                         log.emit("eval", step=step, **_held_out_loss(model, peft, held_out, dev, autocast))
                 if stopping and step < total:
-                    log.emit("stopped", step=step, reason="signal" if flag.stop else "stop_after")
+                    log.emit("stopped", step=step, reason="signal" if signalled else "stop_after")
                     return {"status": "stopped", "step": step, "out": str(out)}
         model.eval()
-        save_adapter(peft, out, extra={"train": {"steps": step, "data": data_stats}})
         summary = {"status": "done", "step": step, "out": str(out), "final_loss": round(loss_sum, 6)}
-        if cfg.eval.benchmarks:
-            summary["accuracy"] = _run_benchmarks(cfg, model, tokenizer, out, log, step)
-        atomic_write_json(out / "summary.json", summary)
+        if main:
+            save_adapter(peft, out, extra={"train": {"steps": step, "data": data_stats}})
+            if cfg.eval.benchmarks:  # on rank 0 alone: the adapter is the same on every rank
+                summary["accuracy"] = _run_benchmarks(cfg, model, tokenizer, out, log, step)
+            atomic_write_json(out / "summary.json", summary)
         log.emit("done", **summary)
         return summary
     except Exception as e:
@@ -237,7 +256,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
     finally:
         if log is not None:
             log.close()
-        lock.unlink(missing_ok=True)
+        if lock is not None:
+            lock.unlink(missing_ok=True)
 
 
 def _run_benchmarks(cfg: Config, model, tokenizer, out: Path, log: EventLog, step: int) -> dict[str, float]:
