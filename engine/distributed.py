@@ -346,6 +346,8 @@ def rank_state(dist: Dist | None, tstate: dict, key: str) -> Any:
     if dist is None:
         return tstate[key]
     ranks = tstate.get(f"{key}_ranks")
+    if ranks is None and key == "optimizer" and dist.expert_parallel == 1:
+        return tstate[key]  # data parallel: every replica's optimizer state is rank 0's
     if ranks is None or len(ranks) != dist.world_size:
         raise DistributedError(f"the checkpoint holds no {key} state for {dist.world_size} ranks; resume it with "
                                "the world size that wrote it.")
@@ -362,17 +364,41 @@ def adapter_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def checkpoint_parts(dist: Dist | None, peft) -> tuple[dict[str, torch.Tensor], dict, dict]:
+def adapter_state(dist: Dist | None, peft) -> dict[str, torch.Tensor]:
+    """The adapter tensors as one process holds them: under expert parallelism gathered from every rank
+    (collective; complete on rank 0 only), else this rank's own."""
+    if dist is not None and dist.expert_parallel > 1:
+        from .expert_parallel import gather_expert_state
+
+        return _collective(dist, "gathering the experts' adapters", lambda: gather_expert_state(peft, dist.group))
+    return peft.adapter_state_dict()
+
+
+def restore_adapter(dist: Dist | None, peft, tensors: dict[str, torch.Tensor]) -> None:
+    """Load a checkpoint's adapter tensors (one process's layout) into this rank's model (its shard of the
+    experts under expert parallelism)."""
+    if dist is not None and dist.expert_parallel > 1:
+        from .expert_parallel import scatter_expert_state
+
+        _collective(dist, "sharing the experts' adapters", lambda: scatter_expert_state(peft, tensors, dist.group))
+        return
+    for n, p in peft.trainable_parameters():
+        p.data.copy_(tensors[n])
+
+
+def checkpoint_parts(dist: Dist | None, peft, optimizer) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(adapter tensors, torch state, trainer state) of a checkpoint, on every rank together (only rank 0's
-    are complete): the adapter as one process holds it; every rank's RNG and the world size; every rank's
-    adapter digest, checked equal (replicas that drifted stop the job rather than train on)."""
+    are complete): the adapter as one process holds it; every rank's RNG (and, under expert parallelism, its
+    optimizer state) and the world size; every rank's digest of the replicated adapters, checked equal
+    (replicas that drifted stop the job rather than train on)."""
     from . import checkpoint as ckpt
 
+    adapter = adapter_state(dist, peft)
     if dist is None:
-        return peft.adapter_state_dict(), {}, {}
-    replicated = {n: p for n, p in peft.adapter_state_dict().items()
-                  if not _sharded(dict(peft.trainable_parameters())[n])}
-    mine = {"rng": ckpt.rng_state(), "digest": adapter_digest(replicated)}
+        return adapter, {}, {}
+    replicated = {n: p for n, p in peft.trainable_parameters() if not _sharded(p)}
+    mine = {"rng": ckpt.rng_state(), "digest": adapter_digest(replicated),
+            **({"optimizer": optimizer.state_dict()} if dist.expert_parallel > 1 else {})}
     ranks = _gather_object(dist, mine, "gathering every rank's RNG state")
     if not dist.is_main:
         return {}, {}, {}
@@ -380,8 +406,44 @@ def checkpoint_parts(dist: Dist | None, peft) -> tuple[dict[str, torch.Tensor], 
     if len(set(digests)) != 1:
         raise DistributedError(f"the replicated adapters differ between ranks (sha256 {', '.join(d[:12] for d in digests)}); "
                                "the job stops before it trains on diverged replicas.")
-    return peft.adapter_state_dict(), {"rng_ranks": [r["rng"] for r in ranks]}, \
-        {"world_size": dist.world_size, "replica_sha256": digests}
+    extra = {"rng_ranks": [r["rng"] for r in ranks]}
+    if dist.expert_parallel > 1:
+        extra["optimizer_ranks"] = [r["optimizer"] for r in ranks]
+    return adapter, extra, {"world_size": dist.world_size, "expert_parallel": dist.expert_parallel,
+                            "replica_sha256": digests}
+
+
+def shard_experts(dist: Dist | None, peft, cfg) -> None:
+    """`train.expert_parallel: N`: split every MoE layer's experts across the job's ranks (engine.expert_parallel),
+    after attach and before the optimizer and any offload; a clear error where it cannot run."""
+    from .config import ConfigError
+
+    n = cfg.train.expert_parallel
+    if n == 1:
+        return
+    world = dist.world_size if dist is not None else 1
+    if n != world:
+        raise ConfigError(f"train.expert_parallel: {n} needs a job of exactly {n} ranks (this one has {world}); "
+                          f"start it with `moetune train CONFIG --gpus {n}` (or torchrun with {n} ranks in all), "
+                          "or set train.expert_parallel: 1 (data parallel only).")
+    if cfg.eval.benchmarks:
+        raise ConfigError("eval.benchmarks: benchmarks after training do not run under train.expert_parallel > 1 "
+                          "(one process holds part of the experts); leave eval.benchmarks empty and run "
+                          "`moetune eval --run DIR` on the saved adapter.")
+    from .expert_parallel import shard_experts as split
+
+    _collective(dist, "splitting the experts", lambda: split(peft, dist.group, device=dist.device))
+    dist.expert_parallel = n
+
+
+def clip_grad_norm(dist: Dist | None, params: Sequence[torch.nn.Parameter], max_norm: float) -> None:
+    """torch's gradient clipping; under expert parallelism with the norm over every rank's expert shards."""
+    if dist is not None and dist.expert_parallel > 1:
+        from .expert_parallel import clip_grad_norm as clip
+
+        _collective(dist, "clipping the gradients", lambda: clip(params, max_norm, dist.group))
+        return
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def join_replicas(dist: Dist | None, params: Sequence[torch.nn.Parameter], seed: int) -> None:

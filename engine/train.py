@@ -148,6 +148,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
                            cfg.train.micro_batch, cfg.train.seed, tokenizer.pad_token_id) if cfg.data.eval else None
         loaded, slots = load_run_model(cfg, dev)
         peft = attach(loaded, cfg)
+        distributed.shard_experts(dist, peft, cfg)  # train.expert_parallel > 1: this rank's experts only
         cache = offload_experts(peft, slots, dev)  # None: experts resident
         model = loaded.model
         if cfg.train.gradient_checkpointing:
@@ -171,10 +172,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
         if restored is not None:
             tensors, tstate, state = restored
             distributed.check_world_size(dist, state, latest or "the checkpoint")
-            named = dict(peft.trainable_parameters())
-            for n, p in named.items():
-                p.data.copy_(tensors[n])
-            opt.load_state_dict(tstate["optimizer"])
+            distributed.restore_adapter(dist, peft, tensors)
+            opt.load_state_dict(distributed.rank_state(dist, tstate, "optimizer"))
             sched.load_state_dict(tstate["scheduler"])
             ckpt.set_rng_state(distributed.rank_state(dist, tstate, "rng"))
             step, epoch, pos = state["step"], state["epoch"], state["position"]
@@ -209,7 +208,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
                                                                       autocast_dtype=autocast, num_items=num_items)
                 distributed.reduce_gradients(dist, params, list(sparse.values()))  # sum + union of used rows
                 if cfg.train.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                    distributed.clip_grad_norm(dist, params, cfg.train.max_grad_norm)
                 lr = opt.param_groups[0]["lr"]
                 opt.step()
                 sched.step()
@@ -229,7 +228,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
                          **({"offload": _cache_stats(cache)} if cache is not None else {}))
                 usage_sum = None if report else usage_sum
                 if step % cfg.train.save_every == 0 or stopping or step == total:
-                    adapter, extra, shared = distributed.checkpoint_parts(dist, peft)  # every rank's RNG
+                    adapter, extra, shared = distributed.checkpoint_parts(dist, peft, opt)  # every rank's RNG
                     if main:
                         path = ckpt.save_checkpoint(out, step, adapter, opt, sched, {"epoch": epoch, "position": pos,
                                                     "total_steps": total, **shared}, extra=extra)
@@ -241,8 +240,9 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
                     return {"status": "stopped", "step": step, "out": str(out)}
         model.eval()
         summary = {"status": "done", "step": step, "out": str(out), "final_loss": round(loss_sum, 6)}
+        final = distributed.adapter_state(dist, peft)  # gathered from every rank under expert parallelism
         if main:
-            save_adapter(peft, out, extra={"train": {"steps": step, "data": data_stats}})
+            save_adapter(peft, out, extra={"train": {"steps": step, "data": data_stats}}, tensors=final)
             if cfg.eval.benchmarks:  # on rank 0 alone: the adapter is the same on every rank
                 summary["accuracy"] = _run_benchmarks(cfg, model, tokenizer, out, log, step)
             atomic_write_json(out / "summary.json", summary)
