@@ -119,7 +119,7 @@ def cmd_plan(args) -> int:
     from .plan import plan
 
     cfg = C.load(args.config, args.set)
-    result = plan(cfg, gpu_gb=args.gpu_gb)
+    result = plan(cfg, gpu_gb=args.gpu_gb, gpus=args.gpus)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0 if result.fits else PLAN_DOES_NOT_FIT
 
@@ -129,6 +129,9 @@ def _add_plan(sub):
                        description="Exit status 0 when the plan fits the budget, 3 when it cannot work.")
     p.add_argument("config", help="YAML config file")
     p.add_argument("--gpu-gb", type=float, default=None, help="GPU budget in GB (10^9 bytes); overrides memory.gpu_gb")
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="plan one GPU of a job of N (default train.expert_parallel); with train.expert_parallel "
+                        "each GPU holds its share of the experts")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a field")
     return p
