@@ -66,10 +66,12 @@ class ExpertShard:
 
     @property
     def per_rank(self) -> int:
+        """Experts of the layer each rank holds."""
         return self.num_experts // self.world
 
     @property
     def first(self) -> int:
+        """The global index of this rank's first expert."""
         return self.rank * self.per_rank
 
     @property
@@ -302,14 +304,12 @@ def scatter_expert_state(peft, tensors: dict[str, torch.Tensor], group=None) -> 
     `tensors` are checked and broadcast (other ranks may pass {}), each rank keeps its rows. Collective; a
     mismatch raises the same ValueError on every rank."""
     rank, _ = _group_rank_world(group)
+    src = dist.get_global_rank(group, 0) if group is not None else 0
     params = peft.trainable_parameters()
-    error = [None]
-    if rank == 0:
-        error[0] = _state_mismatch(params, tensors, group)
-    dist.broadcast_object_list(error, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    error = [_state_mismatch(params, tensors, group) if rank == 0 else None]
+    dist.broadcast_object_list(error, src=src, group=group)
     if error[0]:
         raise ValueError(error[0])
-    src = dist.get_global_rank(group, 0) if group is not None else 0
     with torch.no_grad():
         for name, p in params:
             shape = _full_shape(p, group)
