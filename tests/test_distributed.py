@@ -145,7 +145,7 @@ def two_ranks(setup):
     cases.update({f"ep-{n}": _ep(_config(setup["model"], setup["data"], *CASES[n][:2], micro_batch=2,
                                          balance=CASES[n][2])) for n in EP_CASES})
     runs = [{"config": c, "out": str(root / f"dp-{n}")} for n, c in cases.items()]
-    runs.append({"config": _skew_config(setup, 1), "out": str(root / "dp-skew")})
+    runs.append({"config": _skew_config(setup, 2), "out": str(root / "dp-skew")})
     ep_parts = cases["ep-embedded-inside"]
     runs += [{"config": ep_parts, "out": str(root / "dp-ep-parts"), "stop_after": 2},
              {"config": ep_parts, "out": str(root / "dp-ep-parts"), "resume": True}]
@@ -160,7 +160,7 @@ def two_ranks(setup):
               device="cpu")
         singles[n] = singles[f"ep-{n}"] = out
     singles["skew"] = root / "one-skew"
-    train(from_dict(_skew_config(setup, 2)), singles["skew"], echo=False, device="cpu")
+    train(from_dict(_skew_config(setup, 4)), singles["skew"], echo=False, device="cpu")
     # the last run: kill rank 1 once it trains; rank 0 must end by itself, with an error, within the timeout
     killed = root / "dp-killed"
     try:
@@ -247,49 +247,63 @@ def test_balance_losses_add_up_across_ranks(two_ranks):
         assert dp == pytest.approx(one, abs=3e-6)
 
 
-def _first_step_experts(setup, rank: int) -> set[int]:
-    """Experts of the first MoE layer that rank `rank`'s rows of the first step route to (pads included)."""
+def _first_step_experts(setup, rank: int) -> tuple[set[int], set[int]]:
+    """Experts of the first MoE layer that rank `rank`'s rows of the first step route to: from all its tokens
+    (pads included: the MoE routes them too, and the sparse optimizer counts their rows), and from its real ones."""
     from transformers import AutoModelForCausalLM
 
     from engine.data import load_examples
     from engine.loader import load_tokenizer
     from engine.train import Batches
 
-    cfg = from_dict(_skew_config(setup, 1))
+    cfg = from_dict(_skew_config(setup, 2))
     tok = load_tokenizer(cfg.model.path)
     examples, _ = load_examples(cfg.data.train, tok, cfg.data.template, cfg.data.max_len)
-    batches = distributed.RankBatches(Batches(examples, 1, cfg.train.seed, tok.pad_token_id),
+    batches = distributed.RankBatches(Batches(examples, 2, cfg.train.seed, tok.pad_token_id),
                                       SimpleNamespace(rank=rank, world_size=2))
     batch = batches.tensors(batches.epoch(0)[0], "cpu")
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        output_router_logits=True).router_logits[0]
-    return set(logits.topk(1, dim=-1).indices.flatten().tolist())
+    top = logits.topk(1, dim=-1).indices.flatten()
+    return set(top.tolist()), set(top[batch["attention_mask"].flatten() == 1].tolist())
 
 
 def test_an_expert_routed_on_one_rank_only_is_stepped_on_both(setup, two_ranks):
-    r0, r1 = _first_step_experts(setup, 0), _first_step_experts(setup, 1)
-    assert r0 ^ r1, "the skewed batch should route some expert on one rank only"
+    """Experts with tokens on one rank only: both replicas step them (the used rows are all-reduced), and the
+    result is one process's."""
+    (all0, _), (all1, _) = _first_step_experts(setup, 0), _first_step_experts(setup, 1)
+    assert all0 ^ all1, "the skewed batch should route some expert on one rank only"
     _assert_equivalent(two_ranks["dp"]["skew"], two_ranks["one"]["skew"])
     _assert_replicas_identical(two_ranks["dp"]["skew"])
 
 
-def test_rank_slices_are_the_single_process_rows_padded_alike(setup, tokenizer):
-    """Rank r's micro-batch is the r-th part of the single process's batch at world x b, padding included."""
+def test_rank_slices_are_the_single_process_rows_padded_alike(setup, tokenizer, tmp_path):
+    """Rank r's micro-batch is the r-th part of the single process's batch at world x b, padded to the global
+    batch's width: the MoE routes pad tokens too, so a rank padded to its own width would use other rows."""
+    import random
+
     from engine.data import load_examples
     from engine.train import Batches
 
-    examples, _ = load_examples(str(setup["data"]), tokenizer, "alpaca", 128)
+    rows, rnd = last_digit_rows(12, seed=1), random.Random(0)
+    for r in rows:  # lengths far apart, so a global batch's parts have different longest rows
+        r["instruction"] += " " + " ".join(str(rnd.randint(0, 99)) for _ in range(rnd.randint(0, 60)))
+    (tmp_path / "varied.json").write_text(json.dumps(rows))
+    examples, _ = load_examples(str(tmp_path / "varied.json"), tokenizer, "alpaca", 256)
     single = Batches(examples, 6, 0, tokenizer.pad_token_id)
     ranks = [distributed.RankBatches(Batches(examples, 3, 0, tokenizer.pad_token_id), SimpleNamespace(rank=r, world_size=2))
              for r in range(2)]
     assert ranks[0].epoch(1) == ranks[1].epoch(1) == [b for b in single.epoch(1) if len(b) >= 2]
-    for idx in single.epoch(1)[:3]:
+    narrower = 0
+    for idx in single.epoch(1):
         whole = single.tensors(idx, "cpu")
         parts = [r.tensors(idx, "cpu") for r in ranks]
         for key in whole:
             assert torch.equal(torch.cat([p[key] for p in parts]), whole[key])
+        narrower += sum(int(p["attention_mask"].sum(1).max()) < whole["input_ids"].shape[1] for p in parts)
+    assert narrower, "some rank's rows should be shorter than the global batch's longest"
     assert [distributed.shard_bounds(5, r, 2) for r in range(2)] == [(0, 3), (3, 5)]
 
 
