@@ -390,3 +390,27 @@ def test_gpus_flag_starts_torchrun_with_the_same_arguments_and_errors_are_one_li
         del os.environ["WORLD_SIZE"], os.environ["LOCAL_WORLD_SIZE"]
     assert "the launcher started 2 ranks on this machine" in capsys.readouterr().err
     assert "cmd" in started and len(started) == 3  # no second launch
+
+
+def test_app_starts_a_run_on_n_gpus_and_shows_the_world_size(tmp_path, monkeypatch):
+    """The Train tab's GPUs field: the run is `moetune train ... --gpus 2`, its resume asks for the same number
+    of ranks, and the run line shows the world size from the start event."""
+    from app import runner as R
+    from app import train_tab
+
+    spawned = []
+    monkeypatch.setattr(R, "spawn_logged", lambda path, cmd, log: spawned.append(cmd) or SimpleNamespace(pid=None, poll=lambda: 0, returncode=0))
+    runner = R.Runner(tmp_path)
+    runner.start({"title": "t"}, "two", gpus=2)
+    runner.start({"title": "t"}, "one")
+    assert spawned[0][-2:] == ["--gpus", "2"] and "--gpus" not in spawned[1]
+    run = tmp_path / "two"
+    with open(run / "events.jsonl", "a") as f:
+        f.write(json.dumps({"type": "start", "time": 1.0, "step": 0, "total_steps": 4, "device": "cpu",
+                            "world_size": 2}) + "\n")
+        f.write(json.dumps({"type": "stopped", "time": 2.0, "step": 1}) + "\n")
+    (run / "config.yaml").write_text("{}")
+    s = runner.state("two")
+    assert s.world_size == 2 and "on cpu × 2 ranks" in train_tab.status_markdown(s)
+    runner.resume("two")
+    assert spawned[-1][-2:] == ["--gpus", "2"]
