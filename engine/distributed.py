@@ -240,7 +240,8 @@ def reduce_gradients(dist: Dist | None, params: Sequence[torch.nn.Parameter], ba
     if dist is None:
         return
     replicated = [p for p in params if not _sharded(p)]
-    shared_banks = [b for b in banks if not any(_sharded(p) for p in b.parameters(recurse=False))]
+    shared_banks = [b for b in {id(b): b for b in banks}.values()
+                    if not any(_sharded(p) for p in b.parameters(recurse=False))]
     parts = [(p.grad.detach().reshape(-1).to(torch.float32) if p.grad is not None
               else torch.zeros(p.numel(), dtype=torch.float32, device=p.device)) for p in replicated]
     present = torch.tensor([float(p.grad is not None) for p in replicated], dtype=torch.float32)
