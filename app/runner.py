@@ -83,6 +83,7 @@ class RunState:
     examples: int | None = None
     dropped: int = 0  # training rows the cut-off left out (data.max_len)
     device: str = ""
+    world_size: int = 1  # ranks of the job (the start event), e.g. `--gpus 2`
     bad_lines: int = 0  # lines of events.jsonl that are not a readable event (skipped)
 
     @property
@@ -138,6 +139,7 @@ class _Follower:
             s.started, s.first_step, s.last_step = e.get("time"), None, None
             s.parameters, s.examples, s.device = e.get("parameters"), e.get("examples"), e.get("device", "")
             s.dropped = int(e.get("dropped") or 0)
+            s.world_size = int(e.get("world_size") or 1)
             s.error = ""
         elif kind == "step":
             s.step, s.total_steps = int(e["step"]), int(e.get("total_steps") or s.total_steps)
@@ -251,8 +253,9 @@ class Runner:
             self._procs[path] = spawn_logged(path, moetune_command() + args, LOG_FILE)
             self._followers.pop(path, None)
 
-    def start(self, config: dict, name: str) -> str:
-        """Write `config` (a complete, path-resolved config dict) into a new run folder and start training."""
+    def start(self, config: dict, name: str, gpus: int = 1) -> str:
+        """Write `config` (a complete, path-resolved config dict) into a new run folder and start training
+        (data parallel on `gpus` GPUs of this machine when more than 1: `moetune train --gpus N`)."""
         import yaml
 
         path = self.run_path(name)
@@ -262,7 +265,7 @@ class Runner:
         from engine.io import atomic_write_text
 
         atomic_write_text(path / LAUNCH_FILE, yaml.safe_dump(config, sort_keys=False))
-        self._spawn(path, ["train", str(path / LAUNCH_FILE), "--out", str(path)])
+        self._spawn(path, ["train", str(path / LAUNCH_FILE), "--out", str(path), *_gpus_args(gpus)])
         return path.name
 
     def resume(self, name: str) -> None:
@@ -274,7 +277,8 @@ class Runner:
         if (path / "summary.json").is_file():
             raise RuntimeError(f"run {name} is finished; there is nothing to resume.")
         resume = ["--resume"] if (path / "checkpoints").is_dir() and any((path / "checkpoints").iterdir()) else []
-        self._spawn(path, ["train", str(cfg), "--out", str(path), *resume])
+        # the same number of ranks as the run had (a checkpoint resumes only under its world size)
+        self._spawn(path, ["train", str(cfg), "--out", str(path), *resume, *_gpus_args(self.state(name).world_size)])
 
     def stop(self, name: str) -> bool:
         """Ask a running training to stop (SIGTERM: it saves a checkpoint first). False if none runs."""
@@ -326,6 +330,11 @@ class Runner:
         if s.status == "crashed" and not s.error:
             s.error = "the training process ended without finishing (killed?); Resume continues from its last checkpoint"
         return s
+
+
+def _gpus_args(gpus: int) -> list[str]:
+    """`--gpus N` for a data-parallel run, nothing for one process."""
+    return ["--gpus", str(int(gpus))] if gpus and int(gpus) > 1 else []
 
 
 def _last_error_line(tail: str) -> str:

@@ -84,7 +84,7 @@ def status_markdown(s: RunState) -> str:
     if s.history:
         bits.append(f"epoch {s.epoch + 1}")  # events count passes from 0
     if s.device:
-        bits.append(f"on {s.device}")
+        bits.append(f"on {s.device}" + (f" × {s.world_size} ranks" if s.world_size > 1 else ""))
     if s.dropped:
         bits.append(f"{s.dropped:,} rows dropped by the cut-off (data.max_len)"
                     + (f", training on {s.examples:,}" if s.examples else ""))
@@ -134,6 +134,8 @@ def build(runner: Runner, ctl: K.Controls) -> dict:
         yaml_box = gr.Code(language="yaml", label="config", elem_id="yaml-preview", interactive=False)
     with gr.Row(equal_height=True):
         run_name = gr.Textbox(label="Run name", info=f"a folder under {runs_dir()}", elem_id="run-name", scale=2)
+        gpus = gr.Number(value=1, precision=0, minimum=1, label="GPUs", elem_id="gpus", scale=1,
+                         info="data parallel over this many GPUs of this machine (moetune train --gpus N)")
         start = gr.Button("Start", variant="primary", elem_id="start", scale=1)
         stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1, interactive=False)
         resume = gr.Button("Resume", elem_id="resume", scale=1, interactive=False)
@@ -197,7 +199,7 @@ def build(runner: Runner, ctl: K.Controls) -> dict:
 
     # ---- start / stop / resume ---------------------------------------------------------------
 
-    def on_start(preset_name, base, name, *values):
+    def on_start(preset_name, base, name, n_gpus, *values):
         try:
             data = resolve_config_paths(K.config_dict(ctl.to_dict(base, list(values))))
             model = Path(data["model"]["path"])
@@ -205,14 +207,14 @@ def build(runner: Runner, ctl: K.Controls) -> dict:
                 raise C.ConfigError(f"model.path: {display_path(str(model))} is not a checkpoint folder (no "
                                     "config.json); pick the demo model or give a local HF checkpoint folder.")
             name = (name or "").strip() or runner.new_name(data.get("title") or "run")
-            started = runner.start(data, name)
+            started = runner.start(data, name, gpus=int(n_gpus or 1))
         except (ValueError, RuntimeError, OSError) as e:  # ConfigError is a ValueError, as is a bad run name
             return gr.update(), _message(str(e)), gr.update()
         remember_model(str(model))
         return (gr.update(choices=runner.list_runs(), value=started), _message(f"started {started}", "ok"),
                 runner.new_name(preset_name or "run"))
 
-    start.click(on_start, [preset, preset_base, run_name] + widgets, [run_pick, message, run_name])
+    start.click(on_start, [preset, preset_base, run_name, gpus] + widgets, [run_pick, message, run_name])
 
     def on_stop(name):
         if not name:

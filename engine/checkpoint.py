@@ -70,9 +70,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, adapter: dict[str, torch.Tensor], optimizer, scheduler,
-                    state: dict, keep: int = 2) -> Path:
+                    state: dict, keep: int = 2, extra: dict | None = None) -> Path:
     """Write a complete checkpoint atomically (temp folder, then rename), with the SHA-256 of each file;
-    keep the newest `keep`. On any error (a full disk) the temp folder is removed and the error raised."""
+    keep the newest `keep`. `extra` joins the torch state (e.g. every rank's RNG, engine.distributed).
+    On any error (a full disk) the temp folder is removed and the error raised."""
     from safetensors.torch import save_file
 
     final = checkpoint_dir(run_dir, step)
@@ -81,8 +82,8 @@ def save_checkpoint(run_dir: str | Path, step: int, adapter: dict[str, torch.Ten
     try:
         tmp.mkdir(parents=True)
         save_file({n: t.contiguous().cpu() for n, t in adapter.items()}, str(tmp / "adapter.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-                   tmp / "trainer.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                    **(extra or {})}, tmp / "trainer.pt")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
         sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         (tmp / CHECKSUM_FILE).write_text(json.dumps(sums, indent=2))

@@ -55,10 +55,13 @@ def cmd_tiny_model(args) -> int:
 def cmd_train(args) -> int:
     """Train (or resume) a run from a YAML config."""
     from . import config as C
+    from .distributed import launch_local
     from .train import train
 
-    cfg = C.load(args.config, args.set)
+    cfg = C.load(args.config, args.set)  # a bad config is one error here, not one per rank
     out = args.out or str(Path("runs") / (Path(args.config).stem))
+    launch_local(args.gpus, ["train", args.config, *[a for s in args.set for a in ("--set", s)], "--out", out,
+                             *(["--resume"] if args.resume else [])])  # --gpus N: torchrun takes over
     summary = train(cfg, out, resume=args.resume)
     print(json.dumps(summary))
     return 0
@@ -70,6 +73,9 @@ def _add_train(sub):
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a field")
     p.add_argument("--out", help="run folder (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="train data-parallel on N GPUs of this machine (starts torchrun; gloo on the CPU without "
+                        "GPUs); under torchrun or accelerate launch, leave it out")
     return p
 
 
@@ -114,7 +120,7 @@ def cmd_plan(args) -> int:
     from .plan import plan
 
     cfg = C.load(args.config, args.set)
-    result = plan(cfg, gpu_gb=args.gpu_gb)
+    result = plan(cfg, gpu_gb=args.gpu_gb, gpus=args.gpus)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0 if result.fits else PLAN_DOES_NOT_FIT
 
@@ -124,6 +130,9 @@ def _add_plan(sub):
                        description="Exit status 0 when the plan fits the budget, 3 when it cannot work.")
     p.add_argument("config", help="YAML config file")
     p.add_argument("--gpu-gb", type=float, default=None, help="GPU budget in GB (10^9 bytes); overrides memory.gpu_gb")
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="plan one GPU of a job of N (default train.expert_parallel); with train.expert_parallel "
+                        "each GPU holds its share of the experts")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a field")
     return p
@@ -339,6 +348,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         full = e if isinstance(e, NoSpaceError) else no_space(Path(e.filename or ".").parent)
         print(f"moetune {args.command}: error: {full}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # a job of several ranks that cannot go on (engine.distributed), one line
+        from .distributed import DistributedError
+
+        if not isinstance(e, DistributedError):
+            raise
+        print(f"moetune {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"moetune {args.command}: stopped", file=sys.stderr)

@@ -94,6 +94,9 @@ class TrainConfig:
     seed: int = _f(0, "random seed for init, data order and dropout", min=0)
     save_every: int = _f(50, "checkpoint every N optimizer steps", min=1)
     gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory")
+    expert_parallel: int = _f(1, "split every MoE layer's experts (and their adapters) across this many GPUs, "
+                              "tokens sent to their experts' GPU and back; must divide the number of GPUs and "
+                              "of experts (1: every GPU holds all experts)", min=1)
 
 
 @dataclass

@@ -115,7 +115,8 @@ def _output(out) -> torch.Tensor:
 
 def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, torch.Tensor]],
                      accum: int | None = None, *, hooks: LayerHooks | None = None,
-                     autocast_dtype: torch.dtype | None = None) -> StepResult:
+                     autocast_dtype: torch.dtype | None = None,
+                     num_items: Sequence[int] | None = None) -> StepResult:
     """Forward and backward of one optimizer step in layer-major order; gradients land in `.grad`.
 
     `model` is a *ForCausalLM (decoder layers at `model.model.layers`, `model.model.norm`,
@@ -123,7 +124,8 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
     each micro-batch a dict with `input_ids`, `labels` and usually `attention_mask`. Gradients equal
     those of `((loss_m + aux_m) / accum).backward()` for every micro-batch m; `accum` defaults to the
     number of micro-batches. `autocast_dtype` (e.g. torch.bfloat16) runs forward and recompute under
-    autocast. The caller zeroes gradients and steps the optimizer.
+    autocast. `num_items[m]` (data parallel: the response tokens of micro-batch m on all ranks) makes loss_m
+    this rank's token sum divided by it instead of its own mean. The caller zeroes gradients and steps.
     """
     if not micro_batches:
         raise ValueError("layer_major_step: no micro-batches.")
@@ -176,11 +178,12 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
         if peft is not None:
             peft.clear_losses()
         # ---- head and loss per micro-batch: gradient at the last hidden state --------------------
-        for mb in mbs:
+        for m, mb in enumerate(mbs):
             h = mb.hidden.detach().requires_grad_(True)
             with autocast():
                 logits = model.lm_head(model.model.norm(h))
-                loss = model.loss_function(logits, mb.labels, vocab_size=model.config.vocab_size)
+                loss = model.loss_function(logits, mb.labels, vocab_size=model.config.vocab_size,
+                                           **({"num_items_in_batch": num_items[m]} if num_items else {}))
             (loss / accum).backward()
             loss_sum += loss.item() / accum
             mb.grad, mb.hidden = h.grad, None
@@ -232,16 +235,23 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
 
 def micro_batch_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, torch.Tensor]],
                            accum: int | None = None, *,
-                           autocast_dtype: torch.dtype | None = None) -> StepResult:
-    """The plain loop, for comparison: `((loss + aux) / accum).backward()` per micro-batch."""
+                           autocast_dtype: torch.dtype | None = None,
+                           num_items: Sequence[int] | None = None) -> StepResult:
+    """The plain loop, for comparison: `((loss + aux) / accum).backward()` per micro-batch (`num_items`: as
+    layer_major_step's)."""
     accum = accum or len(micro_batches)
     device = next(model.parameters()).device
     loss_sum, aux_sum, usage = 0.0, 0.0, None
-    for batch in micro_batches:
+    for m, batch in enumerate(micro_batches):
         if peft is not None:
             peft.clear_losses()
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            loss = model(**batch).loss
+            if num_items is None:
+                loss = model(**batch).loss
+            else:
+                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                loss = model.loss_function(logits, batch["labels"], vocab_size=model.config.vocab_size,
+                                           num_items_in_batch=num_items[m])
         aux = peft.aux_loss() if peft is not None else None
         total = loss + aux if aux is not None else loss
         (total / accum).backward()

@@ -31,6 +31,14 @@ What the GPU holds, placed in this order:
    once per step whatever `train.grad_accum` is). A cache of S layers moves 2·(L−S) layers a step in
    steady state. Offloading needs a cache of at least `STREAM_LAYERS` layers (the layer computing
    and the next one being prefetched).
+
+Several GPUs (`--gpus N`, default `train.expert_parallel`): every figure is one GPU's. Data parallel (each GPU
+holds everything) plans as one GPU. With `train.expert_parallel: P` each GPU holds E/P of every layer's experts
+and of the embedded strategy's per-expert adapters (with their optimizer state), everything else replicated,
+plus the buffers of the token exchange (the routed pairs' inputs sent and received, their outputs back);
+items 4 and 6 count E/P experts a layer. The plan assumes balanced routing: a layer whose tokens crowd on one
+GPU's experts needs more activations there. `all_to_all_bytes_per_step` estimates what one GPU sends to the
+others a step (inputs there, outputs back, in the forward, the backward and the checkpointed recompute).
 """
 
 from __future__ import annotations
@@ -182,6 +190,14 @@ def adapter_params(cfg: Config, shape: ModelShape) -> dict[str, int]:
     return out
 
 
+def adapter_params_per_gpu(cfg: Config, shape: ModelShape) -> int:
+    """Trainable parameters one GPU holds: all of `adapter_params`, but 1/P of the embedded strategy's per-expert
+    adapters under `train.expert_parallel: P`."""
+    params = adapter_params(cfg, shape)
+    sharded = params.get("embedded", 0)
+    return sum(params.values()) - sharded + sharded // cfg.train.expert_parallel
+
+
 def activation_bytes(cfg: Config, shape: ModelShape) -> dict[str, int]:
     """Activation memory of one micro-batch (train.micro_batch × data.max_len tokens), by part.
 
@@ -189,9 +205,10 @@ def activation_bytes(cfg: Config, shape: ModelShape) -> dict[str, int]:
     attention out, o_proj out (+ fp32 log-sum-exp per head); MoE = norm out, router logits and
     probabilities (fp32, E each), and for each of the top-k routed pairs the gathered input, gate_up
     out (2I), act(gate) and act·up (I each), the expert output, then the weighted sum; the shared
-    expert's intermediates; the adapters' intermediates. With gradient checkpointing: one layer's
-    input kept per layer + one layer's activations ×2 (saved + gradients); without: every layer's.
-    Plus the logits (LOGIT_BYTES each).
+    expert's intermediates; the adapters' intermediates; under `train.expert_parallel` > 1 the token
+    exchange's buffers (each routed pair's input sent and received, its output sent back and received: 4·H).
+    With gradient checkpointing: one layer's input kept per layer + one layer's activations ×2 (saved +
+    gradients); without: every layer's. Plus the logits (LOGIT_BYTES each).
     """
     a, r = cfg.adapter, cfg.routing
     tokens = cfg.train.micro_batch * cfg.data.max_len
@@ -199,6 +216,8 @@ def activation_bytes(cfg: Config, shape: ModelShape) -> dict[str, int]:
     q, kv, Is, rank = shape.q_dim, shape.kv_dim, shape.facts.shared_expert_intermediate_size, a.rank
     attn = BF16 * (H + 2 * q + 3 * kv + q + H) + 4 * shape.num_heads
     moe = BF16 * H + 2 * 4 * E + k * BF16 * (H + 2 * I + 2 * I + H) + BF16 * H
+    if cfg.train.expert_parallel > 1:
+        moe += k * BF16 * 4 * H
     shared = BF16 * (4 * Is + H + 1) if Is else 0
     inner = {"lora": 1, "bottleneck": 2, "gated": 3}[a.kind] * rank  # rank-sized tensors an adapter keeps
     adapters = {
@@ -220,6 +239,20 @@ def activation_bytes(cfg: Config, shape: ModelShape) -> dict[str, int]:
     return {"layer_inputs": kept, "layer_activations": layer, "logits": tokens * shape.vocab_size * LOGIT_BYTES}
 
 
+def all_to_all_bytes(cfg: Config, shape: ModelShape) -> int:
+    """Bytes one GPU sends to the others a step under `train.expert_parallel: P` (0 when P is 1): each MoE
+    layer's routed pairs (train.micro_batch × data.max_len × train.grad_accum tokens × top-k) go to their
+    experts' GPU (a share (P-1)/P of them leaves this one, balanced routing) in bf16 and their outputs come back;
+    the same again in the backward (gradients) and, with gradient checkpointing, in the recompute."""
+    ep = cfg.train.expert_parallel
+    if ep == 1:
+        return 0
+    pairs = cfg.train.micro_batch * cfg.data.max_len * cfg.train.grad_accum * shape.facts.top_k
+    passes = 3 if cfg.train.gradient_checkpointing else 2
+    per_layer = 2 * pairs * shape.facts.hidden_size * BF16 * passes  # there and back, each pass
+    return len(shape.facts.moe_layers) * per_layer * (ep - 1) // ep
+
+
 # ---- the plan -----------------------------------------------------------------------------------
 @dataclass
 class Plan:
@@ -236,7 +269,7 @@ class Plan:
     activations: dict[str, int]
     trainable_params: dict[str, int]
     expert_bytes: int  # one expert, as stored
-    expert_layer_bytes: int  # one MoE layer's experts, as stored
+    expert_layer_bytes: int  # one MoE layer's experts, as stored (one GPU's share under expert parallelism)
     experts_total_bytes: int
     #: MoE layer -> "resident" | "cached" | "offloaded"
     placement: dict[int, str]
@@ -245,6 +278,10 @@ class Plan:
     pcie_bytes_per_step: int
     pcie_seconds_per_step: float
     fits: bool
+    gpus: int = 1  # GPUs of the job; every figure above is one GPU's
+    expert_parallel: int = 1  # train.expert_parallel: each GPU holds 1/expert_parallel of every layer's experts
+    experts_per_gpu_bytes: int = 0  # what one GPU holds of the experts (resident, cached or in its host memory)
+    all_to_all_bytes_per_step: int = 0  # what one GPU sends to the others a step in the token exchange
     advice: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -270,7 +307,13 @@ class Plan:
         s = self.settings
         lines = [f"MoETune plan: {self.model} ({self.family}), {s['moe_layers']} MoE layers × {s['num_experts']} "
                  f"experts, top-{s['top_k']}",
-                 f"GPU budget {_gb(self.budget_bytes)} ({self.budget_source}); 1 GB = 10^9 bytes", ""]
+                 f"GPU budget {_gb(self.budget_bytes)} ({self.budget_source}); 1 GB = 10^9 bytes"]
+        if self.gpus > 1 or self.expert_parallel > 1:
+            share = (f"expert parallel {self.expert_parallel}: each GPU holds {s['num_experts'] // self.expert_parallel}"
+                     f" of every layer's {s['num_experts']} experts" if self.expert_parallel > 1
+                     else "data parallel: each GPU holds every expert")
+            lines.append(f"{self.gpus} GPUs, figures per GPU; {share}")
+        lines.append("")
         trainable = sum(self.trainable_params.values())
         attn = "NF4" if s["attention_quant"] == "nf4" else "bf16"
         labels = {
@@ -282,6 +325,7 @@ class Plan:
             "dequant_workspace": "dequantised weights in flight",
             "cuda_reserve": "CUDA context / workspace reserve",
             "experts": (f"experts {s['quant'].upper()}, all resident"
+                        + (f" (1/{self.expert_parallel} of them)" if self.expert_parallel > 1 else "")
                         if all(v == "resident" for v in self.placement.values())
                         else f"expert cache ({self.cache_slots} experts)"),
         }
@@ -290,8 +334,13 @@ class Plan:
         verdict = "fits" if self.fits else "DOES NOT FIT"
         lines.append(f"  {'total':<48} {_gb(self.gpu_total):>9}  of {_gb(self.budget_bytes)}: {verdict}")
         lines.append("")
-        lines.append(f"experts: {_gb(self.experts_total_bytes)} in all, {_mb(self.expert_layer_bytes)} a layer, "
-                     f"{_mb(self.expert_bytes)} an expert ({s['quant']})")
+        if self.expert_parallel > 1:
+            lines.append(f"experts: {_gb(self.experts_total_bytes)} in all, {_gb(self.experts_per_gpu_bytes)} on each "
+                         f"GPU ({_mb(self.expert_layer_bytes)} a layer), {_mb(self.expert_bytes)} an expert "
+                         f"({s['quant']})")
+        else:
+            lines.append(f"experts: {_gb(self.experts_total_bytes)} in all, {_mb(self.expert_layer_bytes)} a layer, "
+                         f"{_mb(self.expert_bytes)} an expert ({s['quant']})")
         for p in PLACEMENTS:
             if self.layers(p):
                 lines.append(f"  {p:<10} layers {_ranges(self.layers(p))}")
@@ -302,6 +351,9 @@ class Plan:
                          f"pinned host memory {_gb(self.host_pinned_bytes)}")
         else:
             lines.append("PCIe per step: none (no expert is offloaded)")
+        if self.expert_parallel > 1:
+            lines.append(f"all-to-all per step: ≈ {_gb(self.all_to_all_bytes_per_step)} sent by each GPU (routed "
+                         "tokens to their experts' GPU and back, forward, backward and recompute)")
         if self.advice:
             lines.append("")
             lines.append("advice:" if self.fits else "to make it fit:")
@@ -360,15 +412,16 @@ def _sizes(cfg: Config, shape: ModelShape) -> dict:
         else:
             non_expert[group] = n * BF16
     trainable = adapter_params(cfg, shape)
-    params = sum(trainable.values())
+    params = adapter_params_per_gpu(cfg, shape)
     acts = activation_bytes(cfg, shape)
+    local = E // cfg.train.expert_parallel  # experts of a layer on one GPU
     if cfg.model.quant == "nf4":
         expert = nf4_expert_nbytes(H, I)
-        layer = E * expert + CODE_TABLE_BYTES
-        workspace = group_size(E, H, I, BF16) * 3 * H * I * BF16  # the experts one grouped pass dequantises
+        layer, layer_full = local * expert + CODE_TABLE_BYTES, E * expert + CODE_TABLE_BYTES
+        workspace = group_size(local, H, I, BF16) * 3 * H * I * BF16  # the experts one grouped pass dequantises
     else:
         expert = 3 * H * I * BF16
-        layer = E * expert
+        layer, layer_full = local * expert, E * expert
         workspace = 0
     if nf4_attn:
         workspace += max((x for g in QUANTIZABLE_GROUPS for x in shape.linear_numels[g]), default=0) * BF16
@@ -376,12 +429,12 @@ def _sizes(cfg: Config, shape: ModelShape) -> dict:
              "optimizer": params * OPTIMIZER_BYTES, "activations": sum(acts.values()),
              "dequant_workspace": workspace, "cuda_reserve": CUDA_RESERVE}
     return {"non_expert": non_expert, "trainable": trainable, "acts": acts, "expert": expert, "layer": layer,
-            "fixed": fixed}
+            "layer_full": layer_full, "local": local, "fixed": fixed}
 
 
 def _place(cfg: Config, shape: ModelShape, budget: int) -> dict:
     s = _sizes(cfg, shape)
-    moe, E = list(shape.facts.moe_layers), shape.facts.num_experts
+    moe, E = list(shape.facts.moe_layers), s["local"]  # E: the experts of a layer this GPU holds
     layer, expert = s["layer"], s["expert"]
     total = len(moe) * layer
     left = budget - sum(s["fixed"].values())
@@ -402,11 +455,16 @@ def _place(cfg: Config, shape: ModelShape, budget: int) -> dict:
             "need_all": sum(s["fixed"].values()) + total}
 
 
-def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None) -> Plan:
+def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None, gpus: int | None = None) -> Plan:
     """Plan GPU memory for a config: bytes per item, each MoE layer's expert placement, fits or not, advice.
 
-    Reads only `model.path`/config.json (or uses `model_config`); `gpu_gb` overrides `memory.gpu_gb`.
+    Reads only `model.path`/config.json (or uses `model_config`); `gpu_gb` overrides `memory.gpu_gb` (one GPU's
+    budget); `gpus`: the GPUs of the job (default `train.expert_parallel`), every figure then one GPU's.
     """
+    from .expert_parallel import check_expert_parallel
+
+    if gpus is not None and gpus < 1:
+        raise ConfigError(f"--gpus: {gpus} must be at least 1.")
     stand_in = None
     if model_config is None:
         from .loader import read_config
@@ -417,6 +475,9 @@ def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None) -> 
         stand_in = _published_stand_in(cfg.model.path)
         model_config = stand_in[0] if stand_in else read_config(cfg.model.path)[0]
     shape = model_shape(model_config)
+    ep = cfg.train.expert_parallel
+    world = gpus if gpus is not None else ep
+    check_expert_parallel(ep, world, shape.facts.num_experts)
     budget, source = _budget(cfg, gpu_gb)
     p = _place(cfg, shape, budget)
     gpu = {**p["fixed"], "experts": p["gpu_experts"]}
@@ -424,9 +485,11 @@ def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None) -> 
         model=getattr(model_config, "_name_or_path", "") or cfg.model.path or shape.title, family=shape.facts.family,
         budget_bytes=budget, budget_source=source, gpu=gpu, non_expert=p["non_expert"], activations=p["acts"],
         trainable_params=p["trainable"], expert_bytes=p["expert"], expert_layer_bytes=p["layer"],
-        experts_total_bytes=p["total"], placement=p["placement"], cache_slots=p["slots"],
+        experts_total_bytes=len(shape.facts.moe_layers) * p["layer_full"], placement=p["placement"], cache_slots=p["slots"],
         host_pinned_bytes=p["host"], pcie_bytes_per_step=p["pcie"],
-        pcie_seconds_per_step=p["pcie"] / PCIE_BYTES_PER_S, fits=p["fits"],
+        pcie_seconds_per_step=p["pcie"] / PCIE_BYTES_PER_S, fits=p["fits"], gpus=world, expert_parallel=ep,
+        experts_per_gpu_bytes=len(shape.facts.moe_layers) * p["layer"],
+        all_to_all_bytes_per_step=all_to_all_bytes(cfg, shape),
         notes=[f"1 GB = 10^9 bytes; a 24 GiB card is {24 * 2**30 / GB:.1f} GB",
                f"reserve {_gb(CUDA_RESERVE)} for the CUDA context, workspaces and allocator slack",
                "adapters: fp32 parameter, gradient and two AdamW moments (16 bytes a parameter)",
@@ -438,7 +501,7 @@ def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None) -> 
                   "gradient_checkpointing": cfg.train.gradient_checkpointing, "moe_layers": len(shape.facts.moe_layers),
                   "num_experts": shape.facts.num_experts, "top_k": shape.facts.top_k, "strategy": cfg.routing.strategy,
                   "adapter_kind": cfg.adapter.kind, "rank": cfg.adapter.rank})
-    result.advice = _advice(cfg, shape, budget, p)
+    result.advice = _advice(cfg, shape, budget, p, world)
     if stand_in:
         result.model = f"{stand_in[1]} (published config; {cfg.model.path} is not there yet)"
         result.notes.insert(0, f"planned from the published config of {stand_in[1]}: the folder {cfg.model.path} "
@@ -460,7 +523,7 @@ def _published_stand_in(path: str) -> tuple[Any, str] | None:
     return None
 
 
-def _advice(cfg: Config, shape: ModelShape, budget: int, p: dict) -> list[str]:
+def _advice(cfg: Config, shape: ModelShape, budget: int, p: dict, gpus: int = 1) -> list[str]:
     """What to change: each lever with the memory it frees and whether it is enough on its own."""
     fits, offloaded = p["fits"], sum(v == "offloaded" for v in p["placement"].values())
     if fits and not offloaded:
@@ -497,6 +560,9 @@ def _advice(cfg: Config, shape: ModelShape, budget: int, p: dict) -> list[str]:
             verdict = f"{gained} more layers on the GPU" if gained > 0 else "no whole layer more"
         out.append(f"{sets}: {why} (frees {_gb(saved)}; {verdict}).")
 
+    E = shape.facts.num_experts
+    if gpus > 1 and cfg.train.expert_parallel == 1 and E % gpus == 0:
+        lever("train.expert_parallel", gpus, f"split every layer's experts across the {gpus} GPUs")
     if cfg.model.quant == "bf16":
         lever("model.quant", "nf4", "store the experts in NF4")
     if cfg.model.attention_quant == "none":

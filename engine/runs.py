@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,8 @@ def load_run_model(cfg: Config, device: torch.device) -> tuple[object, int | Non
     """The base model of a config on `device` (bf16 on CUDA, fp32 on CPU), its experts streamed into
     stores as `model.quant` says (NF4 quantised as they load, cached between runs) — kept in host memory
     when they are to be offloaded — its other linear layers in NF4 when `model.attention_quant` says so.
+    Under `train.expert_parallel` > 1 the experts stay in host memory too: each rank then keeps its share and
+    moves only that to the GPU (engine.expert_parallel.shard_experts), so all of them never need one GPU.
     Returns the loaded model and the expert-cache size (None: experts resident)."""
     from .loader import load_model
     from .quant import default_cache_dir
@@ -80,7 +83,7 @@ def load_run_model(cfg: Config, device: torch.device) -> tuple[object, int | Non
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cache = default_cache_dir() if cfg.model.quant == "nf4" else None
     loaded = load_model(Path(cfg.model.path).expanduser(), dtype=dtype, device=device, expert_quant=cfg.model.quant,
-                        cache_dir=cache, expert_device="cpu" if slots else device)
+                        cache_dir=cache, expert_device="cpu" if slots or cfg.train.expert_parallel > 1 else device)
     if cfg.model.attention_quant == "nf4":  # QLoRA style: attention and other frozen linears in NF4 too
         from .quant import quantize_linear_layers
 
@@ -98,6 +101,8 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist; --run takes a folder `moetune train` wrote.")
     cfg = run_config(run_dir)
+    if cfg.train.expert_parallel > 1:  # trained with its experts split over GPUs: this one process holds them all
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, expert_parallel=1))
     model_path = Path(cfg.model.path).expanduser()
     if not (model_path / "config.json").is_file():
         raise FileNotFoundError(f"the base model of {run_dir} ({cfg.model.path}) is not there any more; put it back "

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import Config, save as save_config
 from .events import EventLog
 from .io import DamagedFileError, atomic_write_json, is_no_space, no_space
@@ -141,19 +142,24 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
         raise RunError("model.path is empty; set it to a local HF checkpoint directory.")
     if not cfg.data.train:
         raise RunError("data.train is empty; give a dataset file or a registry name.")
-    latest = ckpt.latest_checkpoint(out)
-    if not resume and (latest is not None or (out / "adapter.safetensors").exists()):
+    dist = distributed.init_from_env(device)  # None: one process; else this rank of a torchrun job
+    main = distributed.is_main(dist)  # rank 0 alone writes the run folder
+    echo = echo and main
+    latest = ckpt.latest_checkpoint(out) if main else None
+    if main and not resume and (latest is not None or (out / "adapter.safetensors").exists()):
         raise RunError(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
+    if main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise (no_space(out) if is_no_space(e) else RunError(f"cannot create the run folder {out}: {e.strerror}.")) from None
+    lock = _lock(out) if main else None
+    log, warnings = (None if main else distributed.NullLog()), []
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise (no_space(out) if is_no_space(e) else RunError(f"cannot create the run folder {out}: {e.strerror}.")) from None
-    lock = _lock(out)
-    log, warnings = None, []
-    try:
-        ckpt.remove_unfinished(out)  # step-N.tmp folders a crash or a full disk left behind
+        if main:
+            ckpt.remove_unfinished(out)  # step-N.tmp folders a crash or a full disk left behind
         check_checkpoint(cfg.model.path)  # before anything loads: a bad folder is one clear error
-        dev = default_device(device)
+        dev = dist.device if dist is not None else default_device(device)
         seed_everything(cfg.train.seed)
         tokenizer = load_tokenizer(cfg.model.path)
         examples, data_stats = load_examples(cfg.data.train, tokenizer, cfg.data.template, cfg.data.max_len,
@@ -163,39 +169,42 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
                            cfg.train.micro_batch, cfg.train.seed, tokenizer.pad_token_id) if cfg.data.eval else None
         loaded, slots = load_run_model(cfg, dev)
         peft = attach(loaded, cfg)
+        distributed.shard_experts(dist, peft, cfg)  # train.expert_parallel > 1: this rank's experts only
         cache = offload_experts(peft, slots, dev)  # None: experts resident
         model = loaded.model
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-        batches = Batches(examples, cfg.train.micro_batch, cfg.train.seed, tokenizer.pad_token_id)
+        batches = distributed.shard(Batches(examples, cfg.train.micro_batch, cfg.train.seed, tokenizer.pad_token_id),
+                                    dist)  # data parallel: this rank's slice of every global micro-batch
         per_epoch = max(1, len(batches.epoch(0)) // cfg.train.grad_accum)
         total = math.ceil(cfg.train.epochs * per_epoch) if cfg.train.epochs else cfg.train.max_steps
         params = [p for _, p in peft.trainable_parameters()]
+        distributed.join_replicas(dist, params, cfg.train.seed)
         # per-expert adapters that no token reached this step keep their values and moments (DESIGN "Memory")
-        opt = SparseAdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                          sparse_params=sparse_params_of(model))
+        sparse = sparse_params_of(model)
+        opt = SparseAdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, sparse_params=sparse)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
         schedule = OffloadSchedule(cache) if cache is not None else None
         autocast = torch.bfloat16 if dev.type == "cuda" else None
         step, epoch, pos, loss_sum, resumed_from = 0, 0, 0, None, None
         usage_every, usage_sum = max(1, total // USAGE_REPORTS), None
-        good = ckpt.load_latest(out, warnings.append) if resume else None
-        if good is not None:
-            resumed_from, tensors, tstate, state = good
-            named = dict(peft.trainable_parameters())
-            missing = sorted(set(named) - set(tensors))
+        restored = distributed.load_checkpoint(dist, out if resume else None, warnings.append)
+        if restored is not None:  # rank 0 verified and read it, every rank has it
+            resumed_from, tensors, tstate, state = restored
+            distributed.check_world_size(dist, state, resumed_from)
+            missing = sorted(set(dict(peft.trainable_parameters())) - set(tensors))
             if missing:
                 raise DamagedFileError(f"{resumed_from / 'adapter.safetensors'} does not hold {missing[0]} of this "
                                        "config's adapter; resume with the config the run was started with.")
-            for n, p in named.items():
-                p.data.copy_(tensors[n])
-            opt.load_state_dict(tstate["optimizer"])
+            distributed.restore_adapter(dist, peft, tensors)
+            opt.load_state_dict(distributed.rank_state(dist, tstate, "optimizer"))
             sched.load_state_dict(tstate["scheduler"])
-            ckpt.set_rng_state(tstate["rng"])
+            ckpt.set_rng_state(distributed.rank_state(dist, tstate, "rng"))
             step, epoch, pos, loss_sum = state["step"], state["epoch"], state["position"], state.get("loss")
-        save_config(cfg, out / "config.yaml")
-        log = EventLog(out / "events.jsonl", echo=echo, total_steps=total)
+        if main:
+            save_config(cfg, out / "config.yaml")
+        log = EventLog(out / "events.jsonl", echo=echo, total_steps=total) if main else log
         log.set_position(step)
         for w in warnings:
             if echo:
@@ -203,6 +212,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
             log.emit("warning", message=w)
         log.emit("start", step=step, total_steps=total, resumed=resumed_from is not None,
                  **({"resumed_from": str(resumed_from)} if resumed_from is not None else {}),
+                 world_size=dist.world_size if dist is not None else 1,
                  examples=len(examples), dropped=dropped_rows(data_stats), data=data_stats,
                  parameters=peft.parameter_report(),
                  device=str(dev))
@@ -218,15 +228,18 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
                     micro.append(batches.tensors(order[pos], dev))
                     pos += 1
                 tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+                num_items = distributed.global_token_counts(dist, micro)  # None alone: each micro-batch's mean
                 if cache is not None:  # each offloaded layer crosses PCIe once per sweep, not per micro-batch
                     loss_sum, aux_sum, usage = layer_major_step(model, peft, micro, cfg.train.grad_accum,
-                                                                hooks=schedule, autocast_dtype=autocast)
+                                                                hooks=schedule, autocast_dtype=autocast,
+                                                                num_items=num_items)
                 else:
                     loss_sum, aux_sum, usage = micro_batch_major_step(model, peft, micro, cfg.train.grad_accum,
-                                                                      autocast_dtype=autocast)
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0
-                                                      else float("inf"))
-                if not (math.isfinite(loss_sum) and math.isfinite(float(norm))):  # before the update spoils the adapter
+                                                                      autocast_dtype=autocast, num_items=num_items)
+                distributed.reduce_gradients(dist, params, list(sparse.values()))  # sum + union of used rows
+                norm = distributed.clip_grad_norm(dist, params, cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0
+                                                  else float("inf"))  # the same on every rank
+                if not (math.isfinite(loss_sum) and math.isfinite(norm)):  # before the update spoils the adapter
                     what = "the loss" if not math.isfinite(loss_sum) else "the gradient"
                     last = ckpt.latest_checkpoint(out)
                     keep = (f"the last good checkpoint is {last} (--resume continues from it)" if last
@@ -239,8 +252,10 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 dt = time.perf_counter() - t0
+                loss_sum, aux_sum, tokens, usage, signalled = distributed.reduce_report(
+                    dist, loss_sum, aux_sum, tokens, usage, flag.stop)  # every rank stops after the same step
                 usage_sum = add_usage(usage_sum, usage)
-                stopping = flag.stop or (stop_after is not None and step >= stop_after)
+                stopping = signalled or (stop_after is not None and step >= stop_after)
                 # expert usage summed over the steps since the last report (USAGE_REPORTS a run), so
                 # events.jsonl stays small for 48 layers x 128 experts over tens of thousands of steps
                 report = step % usage_every == 0 or step in (1, total) or stopping
@@ -250,22 +265,25 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
                          **({"offload": _cache_stats(cache)} if cache is not None else {}))
                 usage_sum = None if report else usage_sum
                 if step % cfg.train.save_every == 0 or stopping or step == total:
-                    path = ckpt.save_checkpoint(out, step, peft.adapter_state_dict(), opt, sched,
-                                                {"epoch": epoch, "position": pos, "total_steps": total,
-                                                 "loss": loss_sum})
-                    log.emit("checkpoint", step=step, path=str(path))
+                    adapter, extra, shared = distributed.checkpoint_parts(dist, peft, opt)  # every rank's RNG
+                    if main:
+                        path = ckpt.save_checkpoint(out, step, adapter, opt, sched, {"epoch": epoch, "position": pos,
+                                                    "total_steps": total, "loss": loss_sum, **shared}, extra=extra)
+                        log.emit("checkpoint", step=step, path=str(path))
                     if held_out:
                         log.emit("eval", step=step, **_held_out_loss(model, peft, held_out, dev, autocast))
                 if stopping and step < total:
-                    log.emit("stopped", step=step, reason="signal" if flag.stop else "stop_after")
+                    log.emit("stopped", step=step, reason="signal" if signalled else "stop_after")
                     return {"status": "stopped", "step": step, "out": str(out)}
         model.eval()
-        save_adapter(peft, out, extra={"train": {"steps": step, "data": data_stats}})
         summary = {"status": "done", "step": step, "out": str(out),
                    "final_loss": None if loss_sum is None else round(loss_sum, 6)}
-        if cfg.eval.benchmarks:
-            summary["accuracy"] = _run_benchmarks(cfg, model, tokenizer, out, log, step)
-        atomic_write_json(out / "summary.json", summary)
+        final = distributed.adapter_state(dist, peft)  # gathered from every rank under expert parallelism
+        if main:
+            save_adapter(peft, out, extra={"train": {"steps": step, "data": data_stats}}, tensors=final)
+            if cfg.eval.benchmarks:  # on rank 0 alone: the adapter is the same on every rank
+                summary["accuracy"] = _run_benchmarks(cfg, model, tokenizer, out, log, step)
+            atomic_write_json(out / "summary.json", summary)
         log.emit("done", **summary)
         return summary
     except Exception as e:
@@ -284,7 +302,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, echo: bool = True,
         if log is not None:
             with contextlib.suppress(OSError):
                 log.close()
-        lock.unlink(missing_ok=True)
+        if lock is not None:
+            lock.unlink(missing_ok=True)
 
 
 def _written_folder(e: BaseException, out: Path) -> Path:

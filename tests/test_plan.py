@@ -5,6 +5,7 @@ adapter parameters, and `moetune plan --json` agreeing with plan()."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -180,3 +181,67 @@ def test_a_preset_is_planned_before_its_model_is_downloaded(published, tmp_path)
                                                                          real.experts_total_bytes)
     with pytest.raises(ValueError, match="does not exist"):
         plan(_cfg(tmp_path / "models" / "my-own-model"), gpu_gb=24)
+
+
+# ---- several GPUs ------------------------------------------------------------------------------------------
+#: the Mixtral recipe (presets/mixtral-*): routed LoRA, 8 adapters, top-2, one sequence of 256 a forward
+MIXTRAL_RECIPE = {"routing": {"strategy": "routed", "num_adapters": 8, "top_k": 2},
+                  "data": {"max_len": 256}, "train": {"micro_batch": 1, "grad_accum": 8}}
+
+
+def _recipe(path, **train):
+    return _cfg(path, routing=MIXTRAL_RECIPE["routing"], data=MIXTRAL_RECIPE["data"],
+                train={**MIXTRAL_RECIPE["train"], **train})
+
+
+def test_mixtral_fits_two_24gb_gpus_with_expert_parallel_and_no_offload(published):
+    """DESIGN: 23.3 GB of NF4 experts cannot sit on one 24 GB card; split in two they do, everything resident."""
+    one = plan(_recipe(published["mixtral"]), gpu_gb=24, gpus=2)  # data parallel: each GPU holds every expert
+    assert one.layers("offloaded") and one.gpus == 2 and one.expert_parallel == 1
+    assert any(a.startswith("train.expert_parallel: 2:") for a in one.advice), one.advice
+    two = plan(_recipe(published["mixtral"], expert_parallel=2), gpu_gb=24, gpus=2)
+    assert two.fits and set(two.placement.values()) == {"resident"} and two.pcie_bytes_per_step == 0
+    assert two.experts_total_bytes == one.experts_total_bytes > 23 * GB
+    tables = 4 * (16 + 256) * 32  # NF4 code tables, one copy a layer on each GPU
+    assert two.experts_per_gpu_bytes - tables == (two.experts_total_bytes - tables) // 2
+    assert two.gpu["experts"] == two.experts_per_gpu_bytes and two.gpu_total <= 24 * GB
+    assert two.gpu["non_expert_weights"] == one.gpu["non_expert_weights"]  # replicated
+    text = two.summary()
+    assert "2 GPUs, figures per GPU; expert parallel 2: each GPU holds 4 of every layer's 8 experts" in text
+    assert ": fits" in text and "PCIe per step: none" in text and not re.search(r"^\s+offloaded\s+layers", text, re.M)
+
+
+def test_expert_parallel_shards_only_the_per_expert_adapters(published):
+    routed = plan(_recipe(published["mixtral"], expert_parallel=2), gpu_gb=24)
+    assert routed.gpu["adapters"] == sum(routed.trainable_params.values()) * 4  # routed adapters: replicated
+    cfg = _cfg(published["mixtral"], routing={"strategy": "embedded", "attention_lora": True},
+               train={"expert_parallel": 2})
+    p = plan(cfg, gpu_gb=24)
+    embedded, attention = p.trainable_params["embedded"], p.trainable_params["attention"]
+    assert p.gpu["adapters"] == (embedded // 2 + attention) * 4 and p.gpu["optimizer"] == (embedded // 2 + attention) * 12
+
+
+def test_all_to_all_estimate_is_the_routed_pairs_there_and_back(published):
+    p = plan(_recipe(published["mixtral"], expert_parallel=2), gpu_gb=24)
+    pairs = 1 * 256 * 8 * 2  # micro_batch × max_len × grad_accum tokens, top-2
+    # bf16 rows of H = 4096 there and back, in the forward, backward and recompute, half of them leave the GPU
+    assert p.all_to_all_bytes_per_step == 32 * 2 * pairs * 4096 * 2 * 3 // 2
+    assert plan(_recipe(published["mixtral"]), gpu_gb=24, gpus=2).all_to_all_bytes_per_step == 0
+
+
+def test_cli_plan_gpus(published, tmp_path, capsys):
+    cfg_file = tmp_path / "mixtral.yaml"
+    cfg_file.write_text(yaml.safe_dump({"model": {"path": str(published["mixtral"])}, **MIXTRAL_RECIPE}))
+    assert main(["plan", str(cfg_file), "--gpu-gb", "24", "--gpus", "2", "--set", "train.expert_parallel=2",
+                 "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["gpus"], printed["expert_parallel"], printed["fits"]) == (2, 2, True)
+    assert set(printed["placement"].values()) == {"resident"}
+    assert main(["plan", str(cfg_file), "--gpu-gb", "24", "--gpus", "3", "--set", "train.expert_parallel=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("moetune plan: error: train.expert_parallel: 2 does not divide the 3 ranks of the job; launch a "
+                   "multiple of 2 processes (--gpus) or set train.expert_parallel to a divisor of 3.")
+    assert main(["plan", str(cfg_file), "--set", "train.expert_parallel=3"]) == 2
+    assert "train.expert_parallel: 3 does not divide the model's 8 experts" in capsys.readouterr().err
+    assert main(["plan", str(cfg_file), "--gpus", "0"]) == 2
+    assert "--gpus: 0 must be at least 1" in capsys.readouterr().err

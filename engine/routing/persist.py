@@ -24,12 +24,14 @@ class AdapterMismatchError(ValueError):
     """An adapter that does not belong to the model it is being loaded onto."""
 
 
-def save_adapter(peft: RoutedPEFT, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write adapter.safetensors and moetune.json (with the adapter's SHA-256) into `out_dir`, atomically."""
+def save_adapter(peft: RoutedPEFT, out_dir: str | Path, extra: dict | None = None,
+                 tensors: dict | None = None) -> Path:
+    """Write adapter.safetensors and moetune.json (with the adapter's SHA-256) into `out_dir`, atomically;
+    `tensors`: the adapter tensors when they are not the model's own (gathered from the ranks of an expert-parallel job)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    tensors = {n: t.contiguous().cpu() for n, t in peft.adapter_state_dict().items()}
+    tensors = {n: t.contiguous().cpu() for n, t in (tensors if tensors is not None else peft.adapter_state_dict()).items()}
     with atomic_path(out / ADAPTER_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "moetune"})
         checksum = sha256_file(tmp)

@@ -4,6 +4,8 @@ MoE's own router (statistics, its balance loss). The embedded strategy lives in 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,14 +14,23 @@ from ..adapters import AdapterBank
 from ..grouped import group_offsets, sort_by_group
 
 
+#: data parallel (engine.distributed.install_balance_stats): (slot counts [num], tokens) -> the same summed over
+#: the ranks; None in a single process
+GLOBAL_COUNTS: Callable[[torch.Tensor, int], tuple[torch.Tensor, float]] | None = None
+
+
 def balance_loss(probs: torch.Tensor, top_idx: torch.Tensor, num: int) -> torch.Tensor:
     """Switch-style load balance: num/k · Σ_j f_j · P_j (f_j: share of routed slots, P_j: mean prob).
 
-    Normalised so that a perfectly balanced router scores 1.0 whatever k is.
+    Normalised so that a perfectly balanced router scores 1.0 whatever k is. Under data parallelism f_j
+    and the token count are the job's (GLOBAL_COUNTS), so the ranks' losses add up to one process's.
     """
     k = top_idx.shape[-1]
-    frac = torch.bincount(top_idx.reshape(-1), minlength=num).to(probs.dtype) / top_idx.numel()
-    return num * (frac * probs.float().mean(dim=0)).sum()
+    counts = torch.bincount(top_idx.reshape(-1), minlength=num).to(probs.dtype)
+    if GLOBAL_COUNTS is None:
+        return num * (counts / top_idx.numel() * probs.float().mean(dim=0)).sum()
+    counts, tokens = GLOBAL_COUNTS(counts, probs.shape[0])
+    return num * (counts.to(probs.dtype) / (tokens * k) * probs.float().sum(dim=0)).sum() / tokens
 
 
 class ParallelAdapters(nn.Module):
