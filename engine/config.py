@@ -95,8 +95,8 @@ class TrainConfig:
     save_every: int = _f(50, "checkpoint every N optimizer steps", min=1)
     gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory")
     expert_parallel: int = _f(1, "split every MoE layer's experts (and their adapters) across this many GPUs, "
-                              "tokens sent to their experts' GPU and back; must divide the number of GPUs and "
-                              "of experts (1: every GPU holds all experts)", min=1)
+                              "tokens sent to their experts' GPU and back; must equal the number of GPUs and "
+                              "divide the number of experts (1: every GPU holds all experts)", min=1)
 
 
 @dataclass

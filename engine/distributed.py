@@ -434,16 +434,13 @@ def shard_experts(dist: Dist | None, peft, cfg) -> None:
     n = cfg.train.expert_parallel
     if n == 1:
         return
-    world = dist.world_size if dist is not None else 1
-    if n != world:
-        raise ConfigError(f"train.expert_parallel: {n} needs a job of exactly {n} ranks (this one has {world}); "
-                          f"start it with `moetune train CONFIG --gpus {n}` (or torchrun with {n} ranks in all), "
-                          "or set train.expert_parallel: 1 (data parallel only).")
+    from .expert_parallel import check_expert_parallel, shard_experts as split
+
+    check_expert_parallel(n, dist.world_size if dist is not None else 1)  # the planner's rule, the same words
     if cfg.eval.benchmarks:
         raise ConfigError("eval.benchmarks: benchmarks after training do not run under train.expert_parallel > 1 "
                           "(one process holds part of the experts); leave eval.benchmarks empty and run "
                           "`moetune eval --run DIR` on the saved adapter.")
-    from .expert_parallel import shard_experts as split
 
     _collective(dist, "splitting the experts", lambda: split(peft, dist.group, device=dist.device))
     dist.expert_parallel = n

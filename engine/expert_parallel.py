@@ -45,10 +45,12 @@ def check_expert_parallel(expert_parallel: int, world_size: int | None = None,
     of experts (either check is skipped when its number is None)."""
     if expert_parallel < 1:
         raise ConfigError(f"train.expert_parallel: {expert_parallel} must be at least 1.")
-    if world_size is not None and world_size % expert_parallel:
-        raise ConfigError(f"train.expert_parallel: {expert_parallel} does not divide the {world_size} ranks of the "
-                          f"job; launch a multiple of {expert_parallel} processes (--gpus) or set "
-                          f"train.expert_parallel to a divisor of {world_size}.")
+    if world_size is not None and expert_parallel > 1 and world_size != expert_parallel:
+        # the trainer splits the experts over every rank of the job (engine.distributed.shard_experts); a hybrid
+        # (world 4, expert_parallel 2) would need the shards' gradients all-reduced across replicas, not built
+        raise ConfigError(f"train.expert_parallel: {expert_parallel} needs a job of exactly {expert_parallel} ranks "
+                          f"(this one has {world_size}); use --gpus {expert_parallel}, or set "
+                          "train.expert_parallel: 1 (data parallel only).")
     if num_experts is not None and num_experts % expert_parallel:
         divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
         raise ConfigError(f"train.expert_parallel: {expert_parallel} does not divide the model's {num_experts} "

@@ -29,7 +29,7 @@ def sparse_params_of(model: nn.Module) -> dict[nn.Parameter, AdapterBank]:
     """The trainable parameters of every AdapterBank with more than one adapter, mapped to their bank."""
     out: dict[nn.Parameter, AdapterBank] = {}
     for module in model.modules():
-        if isinstance(module, AdapterBank) and module.num > 1:
+        if isinstance(module, AdapterBank) and (module.num > 1 or getattr(module, "moetune_expert_shard", False)):
             for p in module.parameters(recurse=False):
                 if p.requires_grad:
                     out[p] = module

@@ -323,15 +323,18 @@ def test_gathered_state_is_one_process_state_and_scatters_back(name, ranks, refe
         assert r["mismatch_error"] and "missing" in r["mismatch_error"]
 
 
-def test_expert_parallel_must_divide_the_experts_and_the_world():
+def test_expert_parallel_must_divide_the_experts_and_equal_the_world():
     from engine.expert_parallel import check_expert_parallel
 
     with pytest.raises(ConfigError, match=r"^train\.expert_parallel: 3 does not divide the model's 8 experts; "
                                           r"choose one of 1, 2, 4, 8\.$"):
         check_expert_parallel(3, num_experts=8)
-    with pytest.raises(ConfigError, match=r"^train\.expert_parallel: 2 does not divide the 3 ranks"):
-        check_expert_parallel(2, world_size=3)
-    check_expert_parallel(2, world_size=4, num_experts=8)
+    for world in (3, 4):  # the experts are split over every rank of the job: no hybrid of replicas and shards
+        with pytest.raises(ConfigError, match=rf"^train\.expert_parallel: 2 needs a job of exactly 2 ranks \(this one "
+                                              rf"has {world}\)"):
+            check_expert_parallel(2, world_size=world)
+    check_expert_parallel(2, world_size=2, num_experts=8)
+    check_expert_parallel(1, world_size=4, num_experts=8)
     with pytest.raises(ConfigError, match=r"train\.expert_parallel: 0 is out of range"):
         from_dict({"train": {"expert_parallel": 0}})
     with pytest.raises(ConfigError, match=r"train\.expert_parallel: expected an integer"):

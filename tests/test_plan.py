@@ -239,8 +239,8 @@ def test_cli_plan_gpus(published, tmp_path, capsys):
     assert set(printed["placement"].values()) == {"resident"}
     assert main(["plan", str(cfg_file), "--gpu-gb", "24", "--gpus", "3", "--set", "train.expert_parallel=2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("moetune plan: error: train.expert_parallel: 2 does not divide the 3 ranks of the job; launch a "
-                   "multiple of 2 processes (--gpus) or set train.expert_parallel to a divisor of 3.")
+    assert err == ("moetune plan: error: train.expert_parallel: 2 needs a job of exactly 2 ranks (this one has 3); "
+                   "use --gpus 2, or set train.expert_parallel: 1 (data parallel only).")
     assert main(["plan", str(cfg_file), "--set", "train.expert_parallel=3"]) == 2
     assert "train.expert_parallel: 3 does not divide the model's 8 experts" in capsys.readouterr().err
     assert main(["plan", str(cfg_file), "--gpus", "0"]) == 2
