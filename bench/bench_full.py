@@ -251,8 +251,9 @@ def peft_child(args) -> int:
     import resource
 
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
+    from bench.bench_step import peft_lora
 
     from engine.arch import get_family
     from engine.loader import read_config
@@ -270,13 +271,7 @@ def peft_child(args) -> int:
                                                            bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(args.ckpt, **kwargs)
     model.config.use_cache = False
-    block = family.block_attr
-    lcfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                      target_parameters=[f"{block}.experts.gate_up_proj", f"{block}.experts.down_proj"])
-    model = get_peft_model(model, lcfg)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    model.train()
+    model = peft_lora(model, family.block_attr, args.rank)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     print(json.dumps({"type": "start", "time": time.time(), "load_s": round(time.perf_counter() - t0, 2)}), flush=True)
     for step in range(args.steps):

@@ -161,10 +161,23 @@ def build_moetune(cfg, device, dtype, args, backend: str):
     return model, step, {"trainable": peft.parameter_report()["trainable"], "bank": bank}
 
 
+def peft_lora(model, block: str, rank: int):
+    """The baseline's adapters: PEFT LoRA on q/v and on the fused experts (`target_parameters`), alpha 2r,
+    gradient checkpointing, in train mode; what every bench compares MoETune with."""
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                      target_parameters=[f"{block}.experts.gate_up_proj", f"{block}.experts.down_proj"])
+    model = get_peft_model(model, lcfg)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    return model
+
+
 def build_baseline(cfg, device, dtype, args):
     """transformers + PEFT LoRA on the base model; returns (model, step function, info)."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from engine.arch import get_family
     from engine.quant import quantize_linear_layers
@@ -172,12 +185,7 @@ def build_baseline(cfg, device, dtype, args):
     block = get_family(cfg.model_type).block_attr
     model = _base_model(cfg, device, dtype)
     quantize_linear_layers(model, compute_dtype=dtype)  # bitsandbytes NF4 Linear4bit, as a QLoRA setup has
-    lcfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                      target_parameters=[f"{block}.experts.gate_up_proj", f"{block}.experts.down_proj"])
-    model = get_peft_model(model, lcfg)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    model.train()
+    model = peft_lora(model, block, args.rank)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
 
