@@ -38,6 +38,10 @@ def base_gguf_command(run: str | Path, dtype: str) -> tuple[str, Path]:
             folder / f"base-{dtype}.gguf")
 
 
+def _error_html(text: str) -> str:
+    return f"<div class='mt-msg mt-error' style='color:#ef4444'>{html.escape(text)}</div>"
+
+
 def how_to_run(report: dict) -> list[tuple[str, str]]:
     """(what, command or code) pairs that load or run an export, from its export_report.json."""
     out, base, fmt = Path(report["out"]), report["base"], report["format"]
@@ -119,12 +123,12 @@ def build(runner: Runner) -> dict:
         try:  # the output folder is one folder name inside the run
             dest = child_folder(run_dir, target, "Output folder") if (target or "").strip() else run_dir / f"export-{f}"
         except ValueError as e:
-            return f"<div class='mt-msg mt-error' style='color:#ef4444'>{html.escape(str(e))}</div>"
+            return _error_html(str(e))
         f, base = ("gguf", True) if f == BASE_FORMAT else (f, False)
         try:
             text = commands.export(run_dir, f, d, dest, base=base)
         except RuntimeError as e:
-            return f"<div class='mt-msg mt-error' style='color:#ef4444'>{html.escape(str(e))}</div>"
+            return _error_html(str(e))
         return result_html(dest, text)
 
     go.click(do_export, [run, fmt, dtype, out], [result])

@@ -26,7 +26,7 @@ import yaml
 from engine import config as C
 from engine.io import atomic_write_text
 from engine.process import moetune_command
-from engine.sweep import SWEEP_FILE, expand, format_stat, winner_overrides
+from engine.sweep import SWEEP_FILE, expand, format_stat, notes_of, winner_overrides
 
 from . import controls as K, plots
 from .paths import ROOT, child_folder, display_path, is_folder_name, resolve_config_paths, runs_dir
@@ -182,7 +182,7 @@ def table_html(result: dict | None) -> str:
         cells = [html.escape(r["candidate"]) + (" 🏆" if r["candidate"] == best else ""), str(r["rank"]),
                  f"{r['trainable']:,}", f"{r['percent']:.2f}%", _pm(r["eval_loss"]), _pm(r["accuracy"], 100, 1),
                  _pm(r["tokens_per_s"], 1, 0), _pm(r["memory_gb"], 1, 2), f"{r['done']}/{r['runs']}"]
-        notes = r.get("notes", [] if r["matched"] else [f"not matched: {r['note']}"])  # older sweep.json: no notes
+        notes = notes_of(r)
         note = "".join(f"<div class='sweep-note' style='font-size:11px;color:"
                        f"{'#ef4444' if n.startswith('not matched') else '#b45309'}'>{html.escape(n)}</div>" for n in notes)
         acc = r["accuracy"]["mean"] if r["accuracy"] else ""

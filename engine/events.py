@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 class EventLog:
@@ -119,8 +119,3 @@ def read_events(path: str | Path, start: int = 0) -> tuple[list[dict], int]:
     returns them and the offset to read on from."""
     got = read_events_counted(path, start)
     return got.events, got.offset
-
-
-def iter_events(path: str | Path) -> Iterator[dict]:
-    """All complete events of a file."""
-    yield from read_events(path)[0]

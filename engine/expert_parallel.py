@@ -30,6 +30,7 @@ from torch import nn
 from .adapters import AdapterBank
 from .config import ConfigError
 from .experts import ExpertBank, _compute_dtype
+from .grouped import sort_by_group
 from .quant import DenseExpertStore, NF4ExpertStore, PARTS
 
 #: the attribute that marks a sharded (not replicated) parameter or adapter bank
@@ -156,18 +157,16 @@ class ShardedExpertBank(ExpertBank):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         s = self.shard
-        num_tokens = top_k_index.shape[0]
+        # (token, slot) pairs by global expert, slot-major within an expert: ExpertBank's sort and add order
+        pairs, toks, slots = sort_by_group(top_k_index, s.num_experts)
         with torch.no_grad():
-            flat = top_k_index.T.reshape(-1)  # slot-major, as ExpertBank._by_expert: same add order
-            order = torch.argsort(flat, stable=True)
-            per_expert = torch.bincount(flat, minlength=s.num_experts)
+            per_expert = torch.tensor(pairs, device=top_k_index.device)
             from_ranks = torch.empty_like(per_expert)
             dist.all_to_all_single(from_ranks, per_expert, group=s.group)  # [src, local expert] pair counts
             counts = torch.stack([per_expert, from_ranks]).view(2, s.world, s.per_rank).cpu()
         send = counts[0].sum(1).tolist()
         received = counts[1]  # [world, per_rank]
         recv = received.sum(1).tolist()
-        toks, slots = order % num_tokens, order // num_tokens
         x = hidden_states[toks].to(_compute_dtype(hidden_states))
         x_recv = AllToAll.apply(x, recv, send, s.group)
         # rows arrive by source rank, each block sorted by expert: regroup them by local expert
@@ -192,15 +191,7 @@ class ShardedExpertBank(ExpertBank):
                 ys.append(self.expert_forward(x[start:start + per_expert[e]], e))
                 start += per_expert[e]
             return torch.cat(ys)
-        packed = self._use_kernels(x)
-        self.last_backend = "grouped-nf4-gemm" if packed else "torch"
-        ys, start = [], 0
-        for chunk in ([experts] if packed else self._chunks(experts, x.dtype)):
-            counts = [per_expert[e] for e in chunk]
-            rows = slice(start, start + sum(counts))
-            start = rows.stop
-            whole = rows.start == 0 and rows.stop == x.shape[0]
-            ys.append(self._group_forward(x if whole else x[rows], chunk, counts, packed))
+        ys = [y for _, y in self._grouped(x, per_expert)]
         return ys[0] if len(ys) == 1 else torch.cat(ys)
 
 

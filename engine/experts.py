@@ -28,7 +28,7 @@ when they are installed and the layer qualifies, else `torch`. `loop` is the ear
 from __future__ import annotations
 
 import importlib.util
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -285,30 +285,37 @@ class ExpertBank(nn.Module):
             return self.forward_loop(hidden_states, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden_states)
         per_expert, toks, slots = self._by_expert(top_k_index)
-        experts = [e for e, n in enumerate(per_expert) if n]
-        if not experts:
+        if not any(per_expert):
             return out
-        dtype = _compute_dtype(hidden_states)
-        x = hidden_states[toks].to(dtype)
+        x = hidden_states[toks].to(_compute_dtype(hidden_states))
         gates = top_k_weights[toks, slots, None]
-        packed = self._use_kernels(x)
-        self.last_backend = "grouped-nf4-gemm" if packed else "torch"
-        chunks = [experts] if packed else self._chunks(experts, dtype)
         # a checkpoint recompute of a layer that is one group: its backward follows at once and takes its weights
         recompute = torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1
         if not recompute:
             self._handoff.clear()
+        for rows, y in self._grouped(x, per_expert, hand_off=recompute):
+            whole = rows.start == 0 and rows.stop == x.shape[0]
+            g = gates if whole else gates[rows]
+            out.index_add_(0, toks if whole else toks[rows], (y * g).to(out.dtype))
+        return out
+
+    def _grouped(self, x: torch.Tensor, per_expert: Sequence[int],
+                 hand_off: bool = False) -> Iterator[tuple[slice, torch.Tensor]]:
+        """The experts (plus their adapters) on rows `x` sorted by expert (`per_expert[e]` rows of expert e, at
+        least one expert with rows), a group of experts at a time: (the group's rows of x, their outputs).
+        `hand_off`: a recompute whose one group keeps its weights for the backward that follows."""
+        experts = [e for e, n in enumerate(per_expert) if n]
+        packed = self._use_kernels(x)
+        self.last_backend = "grouped-nf4-gemm" if packed else "torch"
+        chunks = [experts] if packed else self._chunks(experts, x.dtype)
         start = 0
         for chunk in chunks:
             counts = [per_expert[e] for e in chunk]
             rows = slice(start, start + sum(counts))
             start = rows.stop
             whole = rows.start == 0 and rows.stop == x.shape[0]
-            y = self._group_forward(x if whole else x[rows], chunk, counts, packed,
-                                    hand_off=recompute and len(chunks) == 1)
-            g = gates if whole else gates[rows]
-            out.index_add_(0, toks if whole else toks[rows], (y * g).to(out.dtype))
-        return out
+            yield rows, self._group_forward(x if whole else x[rows], chunk, counts, packed,
+                                            hand_off=hand_off and len(chunks) == 1)
 
     def _by_expert(self, top_k_index: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """(token, slot) pairs grouped by expert (engine.grouped.sort_by_group)."""

@@ -66,6 +66,28 @@ def verify_sha256(path: str | Path, expected: str | None, what: str = "file") ->
                                f"{expected[:12]}…; restore it or train again.")
 
 
+def load_safetensors_checked(path: str | Path, sha256: str | None = None, what: str = "file") -> dict:
+    """The tensors of a safetensors file MoETune wrote, checked: its SHA-256 (when given), that it parses, and
+    that no floating tensor holds NaN or inf; DamagedFileError naming the file (and tensor) otherwise."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    verify_sha256(path, sha256, what)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DamagedFileError(f"{path} is damaged: it does not read as safetensors ({e}); restore it or train "
+                               "again.") from None
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise DamagedFileError(f"{path} is damaged: tensor {name} holds {bad} NaN or inf values; restore it "
+                                   "or train again.")
+    return tensors
+
+
 def is_no_space(e: BaseException) -> bool:
     """Whether an error (or one it was raised from) is the disk being full (ENOSPC / EDQUOT)."""
     import errno

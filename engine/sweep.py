@@ -319,6 +319,11 @@ def row_notes(first: dict, runs: list[dict]) -> list[str]:
     return notes + [r["result"]["warning"] for r in runs if r["result"].get("warning")]
 
 
+def notes_of(row: dict) -> list[str]:
+    """A table row's notes (`row_notes`); a sweep.json from before notes were kept has only its match note."""
+    return row.get("notes", [] if row["matched"] else [f"not matched: {row['note']}"])
+
+
 def winner(rows: list[dict]) -> dict | None:
     """The best finished group: highest mean accuracy when benchmarks were scored, else lowest held-out loss."""
     scored = [r for r in rows if r["done"] and r["accuracy"]]
@@ -353,7 +358,7 @@ def table(result: dict) -> str:
             f"{'tokens/s':>9} {'peak GB':>8}  runs  notes")
     lines = [head, "-" * len(head)]
     for r in result["table"]:
-        notes = r.get("notes", [] if r["matched"] else [f"not matched: {r['note']}"])
+        notes = notes_of(r)
         flag = f"  {'; '.join(notes)}" if notes else ""
         lines.append(f"{r['candidate'][:34]:<34} {r['rank']:>4} {r['trainable']:>10,} {r['percent']:>6.2f}% "
                      f"{format_stat(r['eval_loss']):>17} {format_stat(r['accuracy'], 100, 1):>13} "

@@ -43,17 +43,25 @@ def _out_and_grads(bank, block, lm, h):
     return out, grads
 
 
-def test_grouped_bf16_equals_loop_on_cuda(tiny_checkpoint):
+def _backends_agree(tiny_checkpoint, backend: str, reference: str) -> str:
+    """Output and gradients of the bank under `backend` equal those under `reference` within 16 bf16 rounding
+    steps; returns the backend the first pass really used."""
     lm, peft, block = _bank(tiny_checkpoint("olmoe", hidden=128, experts=8), "cuda")
     bank = block.experts
     h = torch.randn(64, lm.config.hidden_size, device="cuda", dtype=torch.bfloat16)
-    bank.backend = "torch"
-    out_g, grads_g = _out_and_grads(bank, block, lm, h)
-    bank.backend = "loop"
-    out_l, grads_l = _out_and_grads(bank, block, lm, h)
-    assert_close(out_g.float(), out_l.float(), torch.bfloat16, ulps=16, what="output")
-    for a, b in zip(grads_g, grads_l):
+    bank.backend = backend
+    out_a, grads_a = _out_and_grads(bank, block, lm, h)
+    used = bank.last_backend
+    bank.backend = reference
+    out_b, grads_b = _out_and_grads(bank, block, lm, h)
+    assert_close(out_a.float(), out_b.float(), torch.bfloat16, ulps=16, what="output")
+    for a, b in zip(grads_a, grads_b):
         assert_close(a.float(), b.float(), torch.bfloat16, ulps=16, what="gradient")
+    return used
+
+
+def test_grouped_bf16_equals_loop_on_cuda(tiny_checkpoint):
+    _backends_agree(tiny_checkpoint, "torch", "loop")
 
 
 @pytest.mark.parametrize("batched", [True, False])
@@ -81,14 +89,4 @@ def test_offloaded_pinned_nf4_equals_resident_on_cuda(batched, tiny_checkpoint):
 
 @pytest.mark.skipif(not kernels_installed(), reason="grouped-nf4-gemm is not installed")
 def test_grouped_nf4_gemm_kernels_equal_torch_backend(tiny_checkpoint):
-    lm, peft, block = _bank(tiny_checkpoint("olmoe", hidden=128, experts=8), "cuda")
-    bank = block.experts
-    h = torch.randn(64, lm.config.hidden_size, device="cuda", dtype=torch.bfloat16)
-    bank.backend = "grouped-nf4-gemm"
-    out_k, grads_k = _out_and_grads(bank, block, lm, h)
-    assert bank.last_backend == "grouped-nf4-gemm"
-    bank.backend = "torch"
-    out_t, grads_t = _out_and_grads(bank, block, lm, h)
-    assert_close(out_k.float(), out_t.float(), torch.bfloat16, ulps=16, what="output")
-    for a, b in zip(grads_k, grads_t):
-        assert_close(a.float(), b.float(), torch.bfloat16, ulps=16, what="gradient")
+    assert _backends_agree(tiny_checkpoint, "grouped-nf4-gemm", "torch") == "grouped-nf4-gemm"

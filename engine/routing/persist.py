@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..config import from_dict
-from ..io import DamagedFileError, atomic_path, atomic_write_json, sha256_file, verify_sha256
+from ..io import DamagedFileError, atomic_path, atomic_write_json, load_safetensors_checked, sha256_file
 from ..loader import LoadedModel, base_identity
 from .attach import RoutedPEFT, attach
 
@@ -64,24 +64,9 @@ def read_meta(run_dir: str | Path) -> dict:
 def read_adapter_tensors(run_dir: str | Path, meta: dict | None = None) -> dict[str, torch.Tensor]:
     """adapter.safetensors of a run, checked against the SHA-256 in its moetune.json (when it has one) and for
     NaN / inf; a damaged file raises DamagedFileError naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     run_dir = Path(run_dir)
     meta = read_meta(run_dir) if meta is None else meta
-    path = run_dir / ADAPTER_FILE
-    verify_sha256(path, meta.get(CHECKSUM_KEY), what="the run's adapter")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise DamagedFileError(f"{path} is damaged: it does not read as safetensors ({e}); restore it or train "
-                               "the run again.") from None
-    for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            bad = int((~torch.isfinite(t)).sum())
-            raise DamagedFileError(f"{path} is damaged: tensor {name} holds {bad} NaN or inf values; restore it "
-                                   "or train the run again.")
-    return tensors
+    return load_safetensors_checked(run_dir / ADAPTER_FILE, meta.get(CHECKSUM_KEY), what="the run's adapter")
 
 
 def load_adapter(loaded: LoadedModel, run_dir: str | Path) -> RoutedPEFT:
