@@ -20,7 +20,8 @@ from engine import config as C
 
 #: The Train tab's groups of fields, in order. Fields not listed keep the preset's value.
 GROUPS: dict[str, list[str]] = {
-    "Adapter": ["adapter.kind", "adapter.placement", "adapter.rank", "adapter.alpha", "adapter.dropout"],
+    "Adapter": ["adapter.kind", "adapter.placement", "adapter.rank", "adapter.alpha", "adapter.dropout",
+                "adapter.init"],
     "Routing": ["routing.strategy", "routing.num_adapters", "routing.top_k", "routing.layers",
                 "routing.balance_loss", "routing.attention_lora", "routing.renormalize",
                 "routing.base_balance_loss", "routing.train_router"],

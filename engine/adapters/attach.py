@@ -41,7 +41,16 @@ class RoutedPEFT:
     # ---- building -------------------------------------------------------------------------------
     def _bank(self, num: int, d_in: int, d_out: int, kind: str | None = None) -> AdapterBank:
         a = self.cfg.adapter
-        return AdapterBank(kind or a.kind, num, d_in, d_out, a.rank, a.alpha, a.dropout, self.facts.activation)
+        return AdapterBank(kind or a.kind, num, d_in, d_out, a.rank, a.alpha, a.dropout, self.facts.activation,
+                           init=a.init)
+
+    def _router_std(self) -> float | None:
+        """The routed strategy's router init: `perft` as the paper's code leaves it (its `shared_routing_adapter_gate`
+        is not re-drawn by init_trainable_parameters, so from_pretrained's `_init_weights` gives it
+        N(0, config.initializer_range), 0.02 for OLMoE and Mixtral); kaiming: None (N(0, 1/d_in))."""
+        if self.cfg.adapter.init != "perft":
+            return None
+        return float(getattr(self.model.config, "initializer_range", None) or 0.02)
 
     def _attach(self) -> None:
         r, a, f = self.cfg.routing, self.cfg.adapter, self.facts
@@ -66,7 +75,8 @@ class RoutedPEFT:
             if layer in selected and r.strategy in ("shared", "dense", "routed"):
                 num = 1 if r.strategy == "shared" else r.num_adapters
                 if r.strategy == "routed":
-                    module = RoutedAdapters(self._bank(num, H, H), r.top_k, r.renormalize, r.balance_loss)
+                    module = RoutedAdapters(self._bank(num, H, H), r.top_k, r.renormalize, r.balance_loss,
+                                            router_std=self._router_std())
                     self.routed[layer] = module
                 else:
                     module = ParallelAdapters(self._bank(num, H, H))

@@ -50,11 +50,12 @@ class RoutedAdapters(nn.Module):
     """`routed`: N adapters with their own learned router; each token uses its top-k adapters,
     weighted by the router's own softmax probabilities (renormalised over the top-k if asked)."""
 
-    def __init__(self, bank: AdapterBank, top_k: int, renormalize: bool = True, balance_coef: float = 0.0):
+    def __init__(self, bank: AdapterBank, top_k: int, renormalize: bool = True, balance_coef: float = 0.0,
+                 router_std: float | None = None):
         super().__init__()
         self.bank, self.top_k, self.renormalize, self.balance_coef = bank, top_k, renormalize, balance_coef
         self.router = nn.Linear(bank.d_in, bank.num, bias=False)
-        nn.init.normal_(self.router.weight, std=bank.d_in ** -0.5)
+        nn.init.normal_(self.router.weight, std=bank.d_in ** -0.5 if router_std is None else router_std)
         self.aux_losses: list[torch.Tensor] = []
         self.last_counts: torch.Tensor | None = None
 
