@@ -191,3 +191,53 @@ def test_a_run_from_before_the_scale_change_resumes_on_its_own_scale(tiny_checkp
     assert new[1][0] == old[1][0] and 0.4 < new[1][1] / old[1][1] < 0.6, (new[1], old[1])
     assert [e["balance_scale"] for e in new_events if e["type"] == "start"] == [2]
     assert json.loads((checkpoint_dir(tmp_path / "new", 4) / "trainer_state.json").read_text())["balance_scale"] == 2
+
+
+# ---- item 3: data.train_on_prompt -------------------------------------------------------------------------------
+@pytest.mark.parametrize("template", ["alpaca", "llm-adapters", "chat"])
+def test_train_on_prompt_labels_every_token(template, tmp_path, tokenizer):
+    import json
+
+    from engine.data import IGNORE_INDEX, load_examples
+
+    rows = ([{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}]
+            if template == "chat" else
+            [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5", "answer": "5"},
+             {"instruction": "Name a colour.", "input": "", "output": "Blue.", "answer": "Blue."}])
+    f = tmp_path / "rows.json"
+    f.write_text(json.dumps(rows))
+    response, r_stats = load_examples(f, tokenizer, template, 256)
+    everything, e_stats = load_examples(f, tokenizer, template, 256, train_on_prompt=True)
+    for r, e in zip(response, everything):
+        assert e.input_ids == r.input_ids and e.labels == e.input_ids  # the prompt is learned too
+        assert IGNORE_INDEX in r.labels  # the default still masks it
+        assert [t for t in r.labels if t != IGNORE_INDEX] == e.labels[len(e.labels) - len(
+            [t for t in r.labels if t != IGNORE_INDEX]):]
+    assert e_stats["trained_tokens"] == e_stats["tokens"] > r_stats["trained_tokens"]
+    assert e_stats["train_on_prompt"] and not r_stats["train_on_prompt"]
+
+
+def test_train_on_prompt_reaches_the_trainer(tiny_checkpoint, tmp_path):
+    """The config field: the run's training set labels the prompt (its `start` event says so), while the held-out
+    loss stays on the response, equal to a response-only run's held-out loss before any step."""
+    import json
+
+    from engine.data.synthetic import last_digit_rows
+    from engine.runs import read_events
+    from engine.training import train
+
+    (tmp_path / "train.json").write_text(json.dumps(last_digit_rows(16, seed=1)))
+    (tmp_path / "eval.json").write_text(json.dumps(last_digit_rows(8, seed=2)))
+    evals, starts = [], []
+    for on in (False, True):
+        cfg = from_dict({"model": {"path": str(tiny_checkpoint("olmoe")), "quant": "bf16"},
+                         "routing": {"strategy": "shared"}, "adapter": {"rank": 2, "alpha": 4},
+                         "data": {"train": str(tmp_path / "train.json"), "eval": str(tmp_path / "eval.json"),
+                                  "max_len": 128, "train_on_prompt": on},
+                         "train": {"max_steps": 1, "lr": 0.0, "micro_batch": 4, "gradient_checkpointing": False}})
+        events = read_events(train(cfg, tmp_path / f"run-{on}", echo=False) and tmp_path / f"run-{on}" / "events.jsonl")[0]
+        starts.append(next(e for e in events if e["type"] == "start")["data"])
+        evals.append(next(e["eval_loss"] for e in events if e["type"] == "eval"))
+    assert not starts[0]["train_on_prompt"] and starts[1]["train_on_prompt"]
+    assert starts[1]["trained_tokens"] == starts[1]["tokens"] > 2 * starts[0]["trained_tokens"]
+    assert evals[0] == evals[1]  # lr 0: the same adapter; the held-out loss takes the same (response) tokens

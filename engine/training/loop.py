@@ -213,7 +213,8 @@ def setup(cfg: Config, out: Path, dist, echo: bool, device: str | None) -> Job:
     seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.path)
     examples, data_stats = load_examples(cfg.data.train, tokenizer, cfg.data.template, cfg.data.max_len,
-                                         min_examples=cfg.train.micro_batch * cfg.train.grad_accum)
+                                         min_examples=cfg.train.micro_batch * cfg.train.grad_accum,
+                                         train_on_prompt=cfg.data.train_on_prompt)
     _report_dropped(data_stats, echo)
     held_out = Batches(load_examples(cfg.data.eval, tokenizer, cfg.data.template, cfg.data.max_len)[0],
                        cfg.train.micro_batch, cfg.train.seed, tokenizer.pad_token_id) if cfg.data.eval else None
