@@ -28,12 +28,13 @@ GROUPS: dict[str, list[str]] = {
     "Hyperparameters": ["train.lr", "train.epochs", "train.max_steps", "train.micro_batch", "train.grad_accum",
                         "train.warmup_steps", "train.scheduler", "train.weight_decay", "train.max_grad_norm",
                         "train.seed", "train.save_every", "train.gradient_checkpointing"],
-    "Data": ["data.template", "data.max_len", "data.eval"],
+    "Data": ["data.template", "data.max_len", "data.train_on_prompt", "data.eval"],
     "Model and memory": ["model.quant", "model.attention_quant", "memory.offload", "memory.cache_slots"],
 }
 
 _LABELS = {"lr": "learning rate", "num_adapters": "number of adapters", "top_k": "top-k",
            "max_len": "cut-off length", "gpu_gb": "GPU budget (GB)", "attention_lora": "attention LoRA",
+           "train_on_prompt": "loss on the prompt too",
            "balance_loss": "balance loss", "base_balance_loss": "base-router balance loss",
            "micro_batch": "micro-batch", "grad_accum": "gradient accumulation", "max_steps": "max steps",
            "warmup_steps": "warm-up steps", "max_grad_norm": "max grad norm", "save_every": "save every (steps)",

@@ -84,6 +84,9 @@ class DataConfig:
     eval: str = _f("", "held-out data scored during training (optional)")
     template: str = _f("alpaca", "prompt template", choices=("alpaca", "llm-adapters", "chat"))
     max_len: int = _f(512, "cut-off length in tokens", min=8, max=131072)
+    train_on_prompt: bool = _f(False, "take the training loss on every token, prompt and template included (the "
+                               "PERFT paper's code: train_on_inputs=True), not on the response only; the held-out "
+                               "loss of data.eval stays on the response, so runs compare either way")
 
 
 @dataclass
