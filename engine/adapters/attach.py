@@ -205,10 +205,30 @@ class RoutedPEFT:
             stats[layer] = entry
         return stats
 
+    def activated_params(self) -> int:
+        """Activated adapter parameters per token: the trainable parameters one token's forward uses, summed over
+        the layers. shared / dense: all their adapters; routed: top_k of its N adapters + its router (every logit
+        is computed); embedded: the adapters of the MoE's top_k experts (parallel: one adapter each; inside: the
+        LoRA on their gate, up and down); attention LoRA and a trained MoE router: all of them."""
+        k = self.facts.top_k
+        n = sum(p.numel() for m in self.model.modules() if isinstance(m, LoraLinear) for p in m.lora.parameters())
+        n += sum(p.numel() for p, _ in self._base_routers.values())
+        for bank in self.banks.values():
+            for b in ([bank.parallel] if bank.parallel is not None else []) + list((bank.inside or {}).values()):
+                n += k * b.num_params() // b.num
+        for _, block in self.family.moe_blocks(self.model):
+            module = getattr(block, "peft", None)
+            if isinstance(module, RoutedAdapters):
+                n += module.top_k * module.bank.num_params() // module.bank.num + module.router.weight.numel()
+            elif module is not None:
+                n += module.bank.num_params()
+        return n
+
     def parameter_report(self) -> dict:
-        """Trainable parameters as a count and a percentage of the base model, by strategy and by layer."""
+        """Trainable parameters as a count and a percentage of the base model, by strategy and by layer, and the
+        activated adapter parameters per token (`activated_params`)."""
         trainable = sum(p.numel() for _, p in self.trainable_parameters())
-        return {"trainable": trainable, "base": self.base_params,
+        return {"trainable": trainable, "activated": self.activated_params(), "base": self.base_params,
                 "percent": 100.0 * trainable / self.base_params,
                 "by_group": dict(self.groups), "by_layer": {int(k): v for k, v in sorted(self.by_layer.items())}}
 
