@@ -1,22 +1,51 @@
 #!/usr/bin/env bash
-# The routing evidence in bench/README.md ("Which routing fits the task"): on the demo model, two tasks
-# (assets/demo: addition it never saw; assets/subtraction: subtraction it half knows) x 3 seeds x 6
-# candidates at matched trainable parameters (49,152 = 2.6 % of the model), 80 steps each.
-# About 20 minutes on 2 CPU cores; one thread per training is faster than two on a busy machine.
-# A rerun skips the candidates that finished (delete runs/evidence-* to start over).
+# The routing evidence in bench/README.md ("Which routing fits the task"): on the routing testbed
+# (assets/testbed, scripts/make_testbed.py: 16 experts, top-2, a router that separates four fact domains),
+#   facts     every domain's facts changed by its own rule, scored on held-out entities (bench/testbed.yaml);
+#   addition  assets/demo's "What is a + b?", never seen in pretraining: the attention-bound control.
+# Each sweep picks every candidate's lr on held-out loss (--lr-grid, seed 0), then runs seeds 0, 1, 2 at it.
+#   facts-trainable-{kaiming,perft}  all candidates at 35,000 trainable parameters (matched within 10 %)
+#   facts-activated-{kaiming,perft}  routed / embedded at 35,000 activated adapter parameters per token
+#                                    (shared, dense and attention LoRA activate all they have: the rows above)
+#   addition-trainable-kaiming       the control, all candidates at 35,000 trainable
+# kaiming (PEFT's default) and perft (the paper's init) get their own lr grid: perft's A is 5-20x larger.
+# `dense` under kaiming is `shared` (a sum of N kaiming-initialised LoRAs is one LoRA of rank N*r, the same
+# numbers in the same order), and attention LoRA keeps PEFT's init under perft too: neither is run twice.
+# Three sweeps run at a time (JOBS=3), one thread each; about 40 minutes on 2 busy cores. A rerun skips finished
+# runs (delete runs/evidence-* to start over). Then: python scripts/evidence_table.py runs/evidence-*
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-CANDIDATES=(
-  --candidate "attention-lora: routing.strategy=none routing.attention_lora=true adapter.placement=parallel"
-  --candidate "shared: routing.strategy=shared adapter.placement=parallel"
-  --candidate "dense: routing.strategy=dense adapter.placement=parallel"
-  --candidate "routed: routing.strategy=routed adapter.placement=parallel"
-  --candidate "embedded-parallel: routing.strategy=embedded adapter.placement=parallel"
-  --candidate "embedded-inside: routing.strategy=embedded adapter.placement=inside"
-)
-COMMON=(--params 49152 --max-steps 80 --seeds 0,1,2 --set train.save_every=1000 "${CANDIDATES[@]}")
-.venv/bin/moetune sweep presets/demo.yaml "${COMMON[@]}" --out runs/evidence-demo
-.venv/bin/moetune sweep presets/demo.yaml "${COMMON[@]}" --out runs/evidence-subtraction \
-  --set data.train=assets/subtraction/train.jsonl --set data.eval=assets/subtraction/eval.json \
-  --set "eval.benchmarks=[assets/subtraction/eval.json]"
+MOETUNE="${MOETUNE:-.venv/bin/moetune}"
+PARAMS=35000
+ATT="attention-lora: routing.strategy=none routing.attention_lora=true adapter.placement=parallel"
+SHARED="shared: routing.strategy=shared adapter.placement=parallel"
+DENSE="dense: routing.strategy=dense adapter.placement=parallel"
+ROUTED="routed: routing.strategy=routed adapter.placement=parallel"
+EMB="embedded-parallel: routing.strategy=embedded adapter.placement=parallel"
+INSIDE="embedded-inside: routing.strategy=embedded adapter.placement=inside"
+KAIMING=(--set adapter.init=kaiming --lr-grid 3e-3,1e-2,3e-2)
+PERFT=(--set adapter.init=perft --lr-grid 3e-4,1e-3,3e-3)
+COMMON=(--params "$PARAMS" --seeds 0,1,2)
+ADDITION=(--set data.train=assets/demo/train.jsonl --set data.eval=assets/demo/eval.json
+          --set "eval.benchmarks=[assets/demo/eval.json]" --set data.max_len=128)
+
+sweep() {  # NAME ARGS...: one sweep into runs/evidence-NAME, its output in runs/evidence-NAME.log
+  local name=$1; shift
+  mkdir -p runs
+  "$MOETUNE" sweep bench/testbed.yaml "${COMMON[@]}" "$@" --out "runs/evidence-$name" > "runs/evidence-$name.log" 2>&1 \
+    && echo "done: $name" || echo "FAILED: $name (runs/evidence-$name.log)"
+}
+
+{ sweep facts-trainable-kaiming "${KAIMING[@]}" --candidate "$ATT" --candidate "$SHARED" --candidate "$ROUTED" \
+    --candidate "$EMB" --candidate "$INSIDE"
+  sweep facts-activated-kaiming "${KAIMING[@]}" --match activated --candidate "$ROUTED" --candidate "$EMB" \
+    --candidate "$INSIDE"; } &
+{ sweep facts-trainable-perft "${PERFT[@]}" --candidate "$SHARED" --candidate "$DENSE" --candidate "$ROUTED" \
+    --candidate "$EMB" --candidate "$INSIDE"
+  sweep facts-activated-perft "${PERFT[@]}" --match activated --candidate "$ROUTED" --candidate "$EMB" \
+    --candidate "$INSIDE"; } &
+sweep addition-trainable-kaiming "${KAIMING[@]}" "${ADDITION[@]}" --candidate "$ATT" --candidate "$SHARED" \
+  --candidate "$ROUTED" --candidate "$EMB" --candidate "$INSIDE" &
+wait
+.venv/bin/python scripts/evidence_table.py runs/evidence-*/
