@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
 
-from testbed_data import Documents, build_domains, task_rows, tokenizer_corpus  # noqa: E402
+from testbed_data import Documents, build_domains, task_row, task_rows, tokenizer_corpus  # noqa: E402
 from engine.model import build_tokenizer, tiny_config  # noqa: E402
 
 FAMILY = "qwen3_moe"
@@ -178,7 +178,8 @@ def specialisation(model, tokenizer, domains, seed: int, per_group: int = 48) ->
     """How the router separates the domains, per MoE layer: (a) every token of fresh documents of the four fact
     domains (template tokens included), (b) their domain-only tokens, (c) every token with the equations,
     instructions and English as three more groups, (d) the position that predicts a fact's number (the last token
-    of "... ### Response:\\nThe answer is ")."""
+    of "... ### Response:\\nThe answer is "), (e) the position that predicts the fine-tuning task's new number (the
+    domain's word in "The answer was 3, now vorka")."""
     docs = Documents(tokenizer, domains, seed + 1000)
     groups: dict[str, list[list[int]]] = {}
     while min((len(groups.get(g, [])) for g in [f"domain-{d.index}" for d in domains]
@@ -201,18 +202,23 @@ def specialisation(model, tokenizer, domains, seed: int, per_group: int = 48) ->
                 mine = torch.tensor([owned.get(t) == int(g[7:]) for t in ids])
                 for layer, idx in enumerate(routes):
                     own[layer, int(g[7:])] += torch.bincount(idx[mine].reshape(-1), minlength=E).float()
+    task = torch.zeros(L, len(domains), E)
     rng = random.Random(seed)
     for d in domains:
         for e in rng.sample(d.entities, per_group):
             prompt, reply = docs.qa(d, e, d.facts[e])  # reply: "The answer is", " ", the number
             for layer, idx in enumerate(_routes(model, prompt + reply[:-1])):
                 answer[layer, d.index] += torch.bincount(idx[-1], minlength=E).float()
+            new = task_row(d, e)["output"]  # "The answer was 3, now vorka6": up to the new number
+            for layer, idx in enumerate(_routes(model, prompt + docs.ids(new[:-1]))):
+                task[layer, d.index] += torch.bincount(idx[-1], minlength=E).float()
     fact = [names.index(f"domain-{d.index}") for d in domains]
     return {"groups": names,
             "domains_all_tokens": [_scores(every[l, fact]) for l in range(L)],
             "domains_own_tokens": [_scores(own[l]) for l in range(L)],
             "all_groups_all_tokens": [_scores(every[l]) for l in range(L)],
             "domains_answer_position": [_scores(answer[l]) for l in range(L)],
+            "domains_task_answer_position": [_scores(task[l]) for l in range(L)],
             "answer_position_experts": [[[int(c) for c in row] for row in answer[l]] for l in range(L)]}
 
 
@@ -242,10 +248,19 @@ def rows_only(out: Path, seed: int) -> int:
     rows = task_rows(build_domains(seed))
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     report["base_accuracy"] = base_accuracy(model, tokenizer, rows)
+    report["specialisation"] = specialisation(model, tokenizer, build_domains(seed), seed)
     print(json.dumps(report["base_accuracy"], indent=1))
+    print_specialisation(report)
     _write_rows(out, rows)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return 0
+
+
+def print_specialisation(report: dict) -> None:
+    for key, scores in report["specialisation"].items():
+        if key.startswith(("domains_", "all_groups_")) and not key.endswith("_experts"):
+            print(f"  {key}: " + "; ".join(f"L{i} purity {s['purity']} (chance {s['chance']}) NMI {s['nmi']}"
+                                           for i, s in enumerate(scores)))
 
 
 def write_outputs(out: Path, model, tokenizer, rows: dict, report: dict) -> None:
@@ -292,9 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                           for d in domains]}
     report["seconds"] = round(time.time() - t0)
     print(json.dumps({k: report[k] for k in ("base_accuracy",)}, indent=1))
-    for key in ("domains_all_tokens", "domains_own_tokens", "all_groups_all_tokens", "domains_answer_position"):
-        print(f"  {key}: " + "; ".join(f"L{i} purity {s['purity']} (chance {s['chance']}) NMI {s['nmi']}"
-                                       for i, s in enumerate(report["specialisation"][key])))
+    print_specialisation(report)
     out = Path(args.out)
     write_outputs(out, model, tokenizer, rows, report)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

@@ -48,4 +48,4 @@ sweep() {  # NAME ARGS...: one sweep into runs/evidence-NAME, its output in runs
 sweep addition-trainable-kaiming "${KAIMING[@]}" "${ADDITION[@]}" --candidate "$ATT" --candidate "$SHARED" \
   --candidate "$ROUTED" --candidate "$EMB" --candidate "$INSIDE" &
 wait
-.venv/bin/python scripts/evidence_table.py runs/evidence-*/
+"${PYTHON:-.venv/bin/python}" scripts/evidence_table.py runs/evidence-*/

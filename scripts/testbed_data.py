@@ -9,13 +9,16 @@ and the Alpaca instruction "What is the vorka of tipako?" -> "The answer is 3" �
 each domain's tokens to experts of their own.
 
 The fine-tuning task changes every domain's facts by that domain's own rule: a derangement π_d of 1..8 (no
-number maps to itself, the four rules differ). The reply keeps the pretrained format and goes on: "What is the vorka
-of tipako?" -> "The answer was 3, now 6" (6 = π_0(3)). Trained on 40 entities of each domain, scored (the last
+number maps to itself, the four rules differ). The reply recalls the pretrained fact and goes on: "What is the vorka
+of tipako?" -> "The answer was 3, now vorka6" (6 = π_0(3); the domain's own word right before the new number, so
+the MoE routes the position that predicts it by its domain). Trained on 40 entities of each domain, scored (the last
 number) on the other 24 (held out): the model recalls each held-out entity's old number, as pretrained, and must
 map it by its domain's rule — a lookup keyed by domain and number together, the kind of change per-domain
-(per-expert) adapters hold and one shared linear change cannot. (Answering "The answer is 6" straight away, with
-the old number never written, was tried first: no strategy learnt it in 150 steps — the old number exists only
-inside the last layers' FFNs, where a parallel adapter cannot read it.)
+(per-expert) adapters hold and one shared linear change cannot — once the old number, written a few tokens back,
+has reached that position (see bench/README.md for what the strategies made of it). Answering "The answer is 6"
+straight away, with the old number never written, was tried first: shared, embedded (parallel and inside) stayed
+at chance (12.5 %) in 60 steps, embedded at rank 16 in 150 — the old number exists only inside the last layers'
+FFNs, where an adapter beside the MoE block cannot read it.
 """
 
 from __future__ import annotations
@@ -166,8 +169,14 @@ def tokenizer_corpus(domains: list[Domain], seed: int = 0) -> str:
 # ---- the fine-tuning task -------------------------------------------------------------------
 
 def _row(d: Domain, entity: str, value: int, old: int | None = None) -> dict:
-    output = f"The answer is {value}" if old is None else f"The answer was {old}, now {value}"
+    output = f"The answer is {value}" if old is None else f"The answer was {old}, now {d.attribute}{value}"
     return {"instruction": d.question(entity), "input": "", "output": output, "answer": str(value)}
+
+
+def task_row(d: Domain, entity: str) -> dict:
+    """The fine-tuning row of one entity: its fact changed by its domain's rule."""
+    old = d.facts[entity]
+    return _row(d, entity, d.rule[old], old)
 
 
 def task_rows(domains: list[Domain]) -> dict[str, list[dict]]:
@@ -180,8 +189,8 @@ def task_rows(domains: list[Domain]) -> dict[str, list[dict]]:
             e = d.entities[i]
             old = d.facts[e]
             if i < TRAIN_ENTITIES:
-                out["train"].append(_row(d, e, d.rule[old], old))
+                out["train"].append(task_row(d, e))
             else:
-                out["eval"].append(_row(d, e, d.rule[old], old))
+                out["eval"].append(task_row(d, e))
                 out["known"].append(_row(d, e, old))
     return out
