@@ -30,7 +30,8 @@ def _seeds(result: dict, group: str) -> list[str]:
 def _stat(s: dict | None, scale: float, digits: int) -> str:
     if not s:
         return "-"
-    return f"{s['mean'] * scale:.{digits}f} ± {s['std'] * scale:.{digits}f}" if s["n"] > 1 else f"{s['mean'] * scale:.{digits}f}"
+    mean = f"{s['mean'] * scale:.{digits}f}"
+    return f"{mean} ± {s['std'] * scale:.{digits}f}" if s["n"] > 1 else mean
 
 
 def rows(folder: Path) -> list[str]:
@@ -43,8 +44,9 @@ def rows(folder: Path) -> list[str]:
         acc = _stat(r.get("accuracy"), 100, 1)
         if best is not None and r.get("accuracy") and r["accuracy"]["mean"] == best:
             acc = f"**{acc}**"
+        lr = f"{float(r['lr']):g}" if r.get("lr_chosen") or not r.get("grid") else "?"
         out.append(f"| {name} | `{r['candidate']}` | {r['rank']} | {r['trainable']:,} | {r.get('activated') or 0:,} | "
-                   f"{float(r['lr']):g} ({grid}) | {_stat(r.get('eval_loss'), 1, 3)} | {acc} "
+                   f"{lr} ({grid}) | {_stat(r.get('eval_loss'), 1, 3)} | {acc} "
                    f"({' / '.join(_seeds(result, r['candidate']))}) | {r['done']}/{r['runs']} |")
     return out
 

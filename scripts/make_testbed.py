@@ -4,11 +4,16 @@ CPU on four fact domains with their own vocabularies (scripts/testbed_data.py) p
 instruction mix, with a router balance loss, so its router specialises by domain; then the fine-tuning task: every
 domain's facts changed by its own rule, trained on 40 entities per domain and scored on 24 held out.
 
-    .venv/bin/python scripts/make_testbed.py          # writes assets/testbed/ (about 15-25 minutes on 2 cores)
+    .venv/bin/python scripts/make_testbed.py --threads 1   # writes assets/testbed/ (26 minutes on 2 busy cores)
+    .venv/bin/python scripts/make_testbed.py --rows-only   # the task files and report of the model already there
+
+Pretraining: 1,500 AdamW steps of 16 x 128 tokens, every weight, transformers' balance loss at 0.01; the domain
+words start with a shared embedding direction per domain (DOMAIN_PRIOR). The shipped model remembers every
+pretrained fact (100 % on known.json) and answers the task and the addition control wrongly (0 %).
 
 Outputs (deterministic for a seed, up to float rounding and thread count):
     assets/testbed/model/          config.json, model.safetensors (fp16, hub per-expert names), tokenizer files
-    assets/testbed/train.jsonl     160 rows: the changed facts of 40 entities per domain
+    assets/testbed/train.jsonl     160 rows: the changed facts of 40 entities per domain ("... was 3, now vorka6")
     assets/testbed/eval.json       96 held-out rows: the changed facts of the other 24 per domain
     assets/testbed/known.json      the same 96 questions with their pretrained (old) numbers
     assets/testbed/report.json     sizes, pretraining loss, the base model's accuracies, the router's specialisation
@@ -104,8 +109,13 @@ def pretrain(model, tokenizer, domains, steps: int, batch: int, lr: float, seed:
     stream = Stream(Documents(tokenizer, domains, seed))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+
+    def factor(s: int) -> float:  # linear warm-up, then cosine down to 5 %
+        if s < warm:
+            return (s + 1) / warm
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     model.train()
     t0, avg, curve = time.time(), None, []
     for step in range(1, steps + 1):

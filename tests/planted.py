@@ -181,8 +181,8 @@ def run(tmp: Path, strategies=STRATEGIES, changes=CHANGES, lrs=LRS, seed: int = 
     (_, block0), = probe.family.moe_blocks(probe.model)
     router = probe.family.router(block0)
     inputs = Inputs(router.weight, seed)
-    (x_tr, _), (x_va, _), (x_te, _) = (inputs.sample(n, s) for n, s in ((N_TRAIN, 10 + 3 * seed), (N_VAL, 11 + 3 * seed),
-                                                                 (N_TEST, 12 + 3 * seed)))
+    sizes = ((N_TRAIN, 10 + 3 * seed), (N_VAL, 11 + 3 * seed), (N_TEST, 12 + 3 * seed))
+    (x_tr, _), (x_va, _), (x_te, _) = (inputs.sample(n, s) for n, s in sizes)
     changes_ = Changes(router, inputs, seed + 1)
     with torch.no_grad():
         base = {k: block0(x[None])[0] for k, x in (("tr", x_tr), ("va", x_va), ("te", x_te))}
