@@ -8,12 +8,15 @@
 #   facts-trainable-perft      the MoE-side candidates again with the paper's init and its own lr grid
 #   facts-activated-kaiming    routed / embedded at 35,000 activated adapter parameters per token
 #                              (shared, dense and attention LoRA activate all they have: the rows above)
-#   addition-trainable-kaiming the control: attention LoRA, shared, embedded at 35,000 trainable
+#   addition-demo-kaiming      the attention-bound control, "What is a + b?" (assets/demo), on the demo model: the
+#                              testbed learnt too little arithmetic in its 1,500 steps (attention LoRA, its best lr:
+#                              5 % after 100 steps), the demo model knows equations; attention LoRA, shared,
+#                              embedded (parallel, inside) at 49,152 trainable, as the demo's earlier table
 # kaiming (PEFT's default) and perft (the paper's init) get their own lr grid: perft's A is 5-20x larger.
 # `dense` under kaiming is `shared` (a sum of N kaiming-initialised LoRAs is one LoRA of rank N*r, the same
 # numbers in the same order), and attention LoRA keeps PEFT's init under perft too: neither is run twice.
-# Not run, for CPU time (2 shared cores): dense under perft, the activated match under perft, routed and inside
-# on the control. Three sweeps at a time (one thread each); 75 trainings of 100 steps, about an hour on 2 busy
+# Not run, for CPU time (2 shared cores): dense under perft, the activated match under perft, routed on the
+# control. Three sweeps at a time (one thread each); 80 trainings of 80-100 steps, about 75 minutes on 2 busy
 # cores. A rerun skips finished runs (delete runs/evidence-* to start over).
 # Then: python scripts/evidence_table.py runs/evidence-*/
 set -euo pipefail
@@ -28,24 +31,24 @@ EMB="embedded-parallel: routing.strategy=embedded adapter.placement=parallel"
 INSIDE="embedded-inside: routing.strategy=embedded adapter.placement=inside"
 KAIMING=(--set adapter.init=kaiming --lr-grid 3e-3,1e-2,3e-2)
 PERFT=(--set adapter.init=perft --lr-grid 3e-4,1e-3,3e-3)
-COMMON=(--params "$PARAMS" --seeds 0,1,2)
-ADDITION=(--set data.train=assets/demo/train.jsonl --set data.eval=assets/demo/eval.json
-          --set "eval.benchmarks=[assets/demo/eval.json]" --set data.max_len=128)
+ADDITION=(--set model.path=assets/demo/model --set data.train=assets/demo/train.jsonl
+          --set data.eval=assets/demo/eval.json --set "eval.benchmarks=[assets/demo/eval.json]" --set data.max_len=128
+          --set train.max_steps=80)
 
 sweep() {  # NAME ARGS...: one sweep into runs/evidence-NAME, its output in runs/evidence-NAME.log
   local name=$1; shift
   mkdir -p runs
-  "$MOETUNE" sweep bench/testbed.yaml "${COMMON[@]}" "$@" --out "runs/evidence-$name" > "runs/evidence-$name.log" 2>&1 \
-    && echo "done: $name" || echo "FAILED: $name (runs/evidence-$name.log)"
+  "$MOETUNE" sweep bench/testbed.yaml --seeds 0,1,2 "$@" --out "runs/evidence-$name" \
+    > "runs/evidence-$name.log" 2>&1 && echo "done: $name" || echo "FAILED: $name (runs/evidence-$name.log)"
 }
 
-sweep facts-trainable-kaiming "${KAIMING[@]}" --candidate "$ATT" --candidate "$SHARED" --candidate "$ROUTED" \
+sweep facts-trainable-kaiming "${KAIMING[@]}" --params "$PARAMS" --candidate "$ATT" --candidate "$SHARED" \
+  --candidate "$ROUTED" --candidate "$EMB" --candidate "$INSIDE" &
+{ sweep facts-trainable-perft "${PERFT[@]}" --params "$PARAMS" --candidate "$SHARED" --candidate "$ROUTED" \
+    --candidate "$EMB" --candidate "$INSIDE"
+  sweep addition-demo-kaiming "${KAIMING[@]}" "${ADDITION[@]}" --params 49152 --candidate "$ATT" --candidate "$SHARED" \
+    --candidate "$EMB" --candidate "$INSIDE"; } &
+sweep facts-activated-kaiming "${KAIMING[@]}" --params "$PARAMS" --match activated --candidate "$ROUTED" \
   --candidate "$EMB" --candidate "$INSIDE" &
-sweep facts-trainable-perft "${PERFT[@]}" --candidate "$SHARED" --candidate "$ROUTED" --candidate "$EMB" \
-  --candidate "$INSIDE" &
-{ sweep addition-trainable-kaiming "${KAIMING[@]}" "${ADDITION[@]}" --candidate "$ATT" --candidate "$SHARED" \
-    --candidate "$EMB"
-  sweep facts-activated-kaiming "${KAIMING[@]}" --match activated --candidate "$ROUTED" --candidate "$EMB" \
-    --candidate "$INSIDE"; } &
 wait
 "${PYTHON:-.venv/bin/python}" scripts/evidence_table.py runs/evidence-*/
