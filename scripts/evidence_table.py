@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """The routing evidence as one Markdown table (bench/README.md) from the sweep folders of scripts/sweep_evidence.sh:
-one row per sweep and candidate — rank, trainable and activated parameters, the lr the grid chose (with the grid's
+one row per sweep and candidate (the best mean accuracy of each sweep in bold) — rank, trainable and activated parameters, the lr the grid chose (with the grid's
 held-out losses), held-out loss and accuracy as mean ± std over the seeds, and each seed's accuracy.
 
-    .venv/bin/python scripts/evidence_table.py runs/evidence-*/
+    .venv/bin/python scripts/evidence_table.py runs/evidence-facts-trainable-kaiming/ ...   (rows in that order)
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
     print("| sweep | candidate | rank | trainable | activated | lr (grid's held-out losses) | held-out loss "
           "| accuracy % (seeds 0 / 1 / 2) | runs |")
     print("|---|---|---:|---:|---:|---|---:|---|---:|")
-    for folder in sorted(Path(a) for a in argv):
+    for folder in (Path(a) for a in argv):  # in the order given
         if (folder / "sweep.json").is_file():
             print("\n".join(rows(folder)))
     return 0

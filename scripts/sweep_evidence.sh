@@ -16,9 +16,9 @@
 # `dense` under kaiming is `shared` (a sum of N kaiming-initialised LoRAs is one LoRA of rank N*r, the same
 # numbers in the same order), and attention LoRA keeps PEFT's init under perft too: neither is run twice.
 # Not run, for CPU time (2 shared cores): dense under perft, the activated match under perft, routed on the
-# control. Three sweeps at a time (one thread each); 80 trainings of 80-100 steps, about 75 minutes on 2 busy
+# control. Three sweeps at a time (one thread each); 80 trainings of 80-100 steps, about 50 minutes on 2 busy
 # cores. A rerun skips finished runs (delete runs/evidence-* to start over).
-# Then: python scripts/evidence_table.py runs/evidence-*/
+# At the end it prints the Markdown table of bench/README.md (scripts/evidence_table.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
@@ -51,4 +51,5 @@ sweep facts-trainable-kaiming "${KAIMING[@]}" --params "$PARAMS" --candidate "$A
 sweep facts-activated-kaiming "${KAIMING[@]}" --params "$PARAMS" --match activated --candidate "$ROUTED" \
   --candidate "$EMB" --candidate "$INSIDE" &
 wait
-"${PYTHON:-.venv/bin/python}" scripts/evidence_table.py runs/evidence-*/
+"${PYTHON:-.venv/bin/python}" scripts/evidence_table.py runs/evidence-facts-trainable-kaiming/ \
+  runs/evidence-facts-trainable-perft/ runs/evidence-facts-activated-kaiming/ runs/evidence-addition-demo-kaiming/
