@@ -74,8 +74,9 @@ class RouterTap:
         logits, _, idx = output
         with torch.no_grad():
             self.last_counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts).cpu()
-        if self.balance is not None:
-            self.balance.record(F.softmax(logits.float(), dim=-1), idx)
+        if self.balance is not None:  # top-k of the probabilities, as transformers' load_balancing_loss_func takes
+            probs = F.softmax(logits.float(), dim=-1)  # it (a router that chooses with a bias, ERNIE's, differs)
+            self.balance.record(probs, torch.topk(probs, idx.shape[-1], dim=-1).indices)
         return None
 
 
