@@ -56,9 +56,11 @@ def cmd_train(args) -> int:
     """Train (or resume) a run from a YAML config."""
     from . import config as C
     from .distributed import launch_local
+    from .preflight import preflight
     from .train import train
 
-    cfg = C.load(args.config, args.set)  # a bad config is one error here, not one per rank
+    # everything checked before anything loads or the run folder exists: one error here, not one per rank
+    cfg = preflight(C.load(args.config, args.set), gpus=args.gpus)
     out = args.out or str(Path("runs") / (Path(args.config).stem))
     launch_local(args.gpus, ["train", args.config, *[a for s in args.set for a in ("--set", s)], "--out", out,
                              *(["--resume"] if args.resume else [])])  # --gpus N: torchrun takes over
