@@ -166,4 +166,4 @@ def test_run_and_export_folders_are_one_name_inside_the_runs_folder(tmp_path, mo
     assert exported == []
     do_export("done-run", "hf", "f16", "mine")
     do_export("done-run", "hf", "f16", "")
-    assert exported == [run / "mine", run / "export-hf"]
+    assert exported == [run / "mine", run / "export-hf-f16"]
