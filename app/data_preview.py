@@ -12,7 +12,7 @@ _lock = threading.Lock()
 
 
 def _tokenizer(model_path: str):
-    from engine.loader import load_tokenizer
+    from engine.model.loader import load_tokenizer
 
     with _lock:
         if model_path not in _tokenizers:

@@ -124,7 +124,7 @@ def check_gpus(gpus, expert_parallel: int = 1) -> tuple[list[Problem], list[Prob
 def check_model(cfg: C.Config) -> list[Problem]:
     """The model folder is a checkpoint of a supported family with weights and a tokenizer, and routing.layers
     names only its MoE layers (config.json is read; no weight is loaded)."""
-    from .loader import check_checkpoint
+    from .model.hf_checkpoint import check_checkpoint
 
     if not str(cfg.model.path).strip():
         return [Problem("model.path", "model.path: empty; pick the demo model or give a local HF checkpoint folder.")]

@@ -10,7 +10,7 @@ import pytest
 from engine.data import DataError, load_examples
 from engine.data.preview import preview_dataset
 from engine.data.templates import alpaca_prompt
-from engine.train import dropped_rows
+from engine.training.loop import dropped_rows
 
 
 def rows() -> list[dict]:
