@@ -64,7 +64,7 @@ def preview_html(p: dict) -> str:
                     f"<td style='padding:3px 6px'>{_cell(r['response'])}</td>"
                     f"<td style='padding:3px 6px;white-space:nowrap'>{tokens}</td>"
                     f"<td style='padding:3px 6px;color:{color}'>{r['status']}</td></tr>")
-    return (f"<div id='preview' data-rows='{p['rows']}' data-dropped='{p['dropped']}' "
+    return (f"<div id='preview' class='mt-preview mt-filled' data-rows='{p['rows']}' data-dropped='{p['dropped']}' "
             f"data-truncated='{p['truncated']}' style='font-size:13px'>"
             f"<div style='margin-bottom:4px'>{note}</div><div style='overflow-x:auto'>"
             f"<table style='border-collapse:collapse;width:100%'><thead><tr>{head}</tr></thead>"

@@ -30,7 +30,7 @@ footer { display: none !important; }
 .mt-chat .message { padding-bottom: 4px; }
 #fit-result table td { word-break: break-word; }
 /* a message box holding nothing takes no room */
-.mt-slot:not(:has(.mt-msg, #preview, #plan, #train-log, .mt-progress)) { display: none !important; }
+.mt-slot:not(:has(.mt-filled)) { display: none !important; }
 """
 
 

@@ -33,7 +33,7 @@ def slot_of(field: str) -> str | None:
 def message(text: str, kind: str = "error") -> str:
     """A coloured message box (error, warn, ok, info); '' for no text."""
     color = {"error": "#ef4444", "warn": "#f59e0b", "ok": "#22c55e", "info": "#3b82f6"}[kind]
-    return (f'<div class="mt-msg mt-{kind}" style="border-left:4px solid {color};padding:6px 10px;'
+    return (f'<div class="mt-msg mt-{kind} mt-filled" style="border-left:4px solid {color};padding:6px 10px;'
             f'white-space:pre-wrap;overflow-wrap:anywhere">{html.escape(text)}</div>') if text else ""
 
 
@@ -107,6 +107,6 @@ def plan_table(text: str, head: str) -> str:
                     f"<td style='padding:2px 0;text-align:right;white-space:normal'>{esc(b)}</td></tr>"
                     for a, b in rows)
     para = lambda ls: "".join(f"<div>{esc(x)}</div>" for x in ls if x.strip())  # noqa: E731
-    return (f"<div id='plan' style='font-size:13px;overflow-wrap:anywhere'><div><b>{esc(head)}</b></div>"
+    return (f"<div id='plan' class='mt-plan mt-filled' style='font-size:13px;overflow-wrap:anywhere'><div><b>{esc(head)}</b></div>"
             f"{para(before)}<table style='width:100%;border-collapse:collapse;margin:4px 0'>{table}</table>"
             f"{para(after)}</div>")

@@ -167,6 +167,8 @@ def build(runner: Runner, ctl: K.Controls, focus: gr.State | None = None) -> dic
             return "", message(str(e))
 
     preview_btn.click(on_preview, [preset_base] + widgets, [preview_box, slots["data"]])
+    for fid in ("data.train", "data.template", "data.max_len", "model.path"):  # a preview of other settings goes
+        ctl.widgets[fid].change(lambda: "", None, [preview_box], show_progress="hidden")
 
     # ---- check fit ---------------------------------------------------------------------------
 

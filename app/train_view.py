@@ -57,7 +57,7 @@ def log_html(runner: Runner, name: str | None) -> str:
         return ""
     if not text:
         return ""
-    return (f"<details open id='train-log'><summary style='font-size:12px;opacity:.8'>train.log (live)</summary>"
+    return (f"<details open id='train-log' class='mt-log mt-filled'><summary style='font-size:12px;opacity:.8'>train.log (live)</summary>"
             f"<pre style='font-size:11px;line-height:1.35;max-height:190px;overflow:auto;white-space:pre-wrap;"
             f"overflow-wrap:anywhere;margin:2px 0'>{html.escape(text)}</pre></details>")
 
