@@ -160,7 +160,7 @@ def format_notes(problems: dict[str, list[str]]) -> str:
     if not bad:
         return ""
     items = "".join(f"<li><b>{html.escape(f)}</b>: {html.escape('; '.join(p))}</li>" for f, p in bad.items())
-    return (f"<div id='export-unavailable' style='font-size:12px;opacity:.85;overflow-wrap:anywhere'>Not for this run "
+    return (f"<div id='export-unavailable' class='mt-filled' style='font-size:12px;opacity:.85;overflow-wrap:anywhere'>Not for this run "
             f"(a format that cannot hold it exactly is left out of the list):<ul style='margin:2px 0'>{items}</ul></div>")
 
 
@@ -197,10 +197,10 @@ def build(runner: Runner, focus: gr.State | None = None) -> dict:
     with gr.Row():
         fmt = make_widget("export.format", elem_id="export-format")
         dtype = make_widget("export.dtype", elem_id="export-dtype", info="f16 or bf16 (q8_0: GGUF only)")
-    formats_note = gr.HTML(elem_id="export-formats-note")
+    formats_note = gr.HTML(elem_id="export-formats-note", elem_classes=["mt-slot"])
     out = gr.Textbox(label="Output folder", info="a folder name inside the run (empty: export-FORMAT-DTYPE)",
                      elem_id="export-out")
-    replace_note = gr.HTML(elem_id="export-replace-note")
+    replace_note = gr.HTML(elem_id="export-replace-note", elem_classes=["mt-slot"])
     with gr.Row():
         go = gr.Button("Export", variant="primary", elem_id="export-start")
         # the base model alone as GGUF (the dtype above), for the run's gguf-lora adapter: RUN/export-gguf-base
@@ -247,7 +247,7 @@ def build(runner: Runner, focus: gr.State | None = None) -> dict:
             note = ""
         return (gr.update(choices=working, value=f), gr.update(choices=dtypes, value=d),
                 format_notes({k: v for k, v in problems.items() if k in FORMATS}),
-                f"<div class='mt-msg mt-warn'>{html.escape(note)}</div>" if note else "")
+                f"<div class='mt-msg mt-warn mt-filled'>{html.escape(note)}</div>" if note else "")
 
     choice = (on_choice, [run, fmt, dtype, out], [fmt, dtype, formats_note, replace_note])
     for trigger in (fmt.input, dtype.input, out.blur):

@@ -66,7 +66,7 @@ def build_app(runner: Runner | None = None) -> gr.Blocks:
         for tab, part in ((sweep_t, sweep), (eval_t, ev), (chat_t, chat), (export_t, exp), (runs_t, runs)):
             hook = part.get("select") or part.get("load")
             if hook:
-                tab.select(*hook)
+                tab.select(*hook, show_progress="minimal")
     return app
 
 

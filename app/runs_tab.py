@@ -64,7 +64,7 @@ def compare_html(runner: Runner, a: str, b: str) -> str:
     body = "".join(f"<tr style='border-top:1px solid rgba(127,127,127,.25)'><td style='padding:3px 8px'>{esc(k)}</td>"
                    f"<td style='padding:3px 8px;overflow-wrap:anywhere'>{esc(x)}</td>"
                    f"<td style='padding:3px 8px;overflow-wrap:anywhere'>{esc(y)}</td></tr>" for k, x, y in facts)
-    return (f"<table id='runs-comparison' style='border-collapse:collapse;width:100%;font-size:13px'><thead><tr>"
+    return (f"<table id='runs-comparison' class='mt-filled' style='border-collapse:collapse;width:100%;font-size:13px'><thead><tr>"
             f"<th></th><th style='text-align:left;padding:3px 8px'>{esc(run_list.label(a))}</th>"
             f"<th style='text-align:left;padding:3px 8px'>{esc(run_list.label(b))}</th></tr></thead>"
             f"<tbody>{body}</tbody></table>")
@@ -84,12 +84,12 @@ def build(runner: Runner, ctl: K.Controls, tabs, focus, train: dict, opens: dict
         confirm_text = gr.HTML()
         yes = gr.Button("Yes, delete it", variant="stop", elem_id="runs-delete-yes", size="sm", scale=0)
         no = gr.Button("Cancel", elem_id="runs-delete-no", size="sm", scale=0)
-    msg = gr.HTML(elem_id="runs-message")
+    msg = gr.HTML(elem_id="runs-message", elem_classes=["mt-slot"])
     table = gr.HTML(elem_id="runs-table-box")
     with gr.Row(equal_height=True):
         other = gr.Dropdown(label="Compare with", elem_id="runs-compare-with", scale=3)
         compare = gr.Button("Compare", elem_id="runs-compare", scale=0)
-    comparison = gr.HTML(elem_id="runs-comparison-box")
+    comparison = gr.HTML(elem_id="runs-comparison-box", elem_classes=["mt-slot"])
 
     def reload(current=None, wanted=None, second=None):
         names = run_list.all_runs(runner)
