@@ -117,7 +117,7 @@ def make_widget(fid: str, **overrides):
         is_int = numeric == [int]
         return gr.Number(value=default, precision=0 if is_int else None, step=1 if is_int else None, **kw)
     if numeric and str not in opts:  # optional number: empty text is null
-        kw.setdefault("placeholder", "empty: null")
+        kw.setdefault("placeholder", "empty: the default (see the help)")
     return gr.Textbox(value=to_widget(fid, default), **kw)
 
 

@@ -246,6 +246,9 @@ def test_demo_train_then_evaluate_in_the_browser(app_url, tmp_path):
         _textbox(page, "#run-name").fill("second-run")
         page.locator("#start").click()
         _wait_for(page, "the second run", lambda: page.locator("#run-shown input").input_value() == "second-run", 60, shots)
+        _wait_for(page, "the second run's 12 steps", lambda: _attr(page, "#progress .mt-progress", "data-total") == "12"
+                  or ("second-run" in _text(page, "#run-stats")
+                      and _attr(page, "#progress .mt-progress", "data-status") in ("error", "crashed")), 300, shots)
         _wait_for(page, "the second run to finish", lambda: _attr(page, "#progress .mt-progress", "data-status")
                   in ("done", "error", "crashed"), 300, shots)
         assert _attr(page, "#progress .mt-progress", "data-status") == "done", _text(page, "#run-error")
