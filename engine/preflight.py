@@ -91,7 +91,7 @@ def gpu_count() -> int:
     return min(found, len(ids))
 
 
-def check_gpus(gpus, expert_parallel: int = 1) -> tuple[list[Problem], list[Problem]]:
+def check_gpus(gpus, expert_parallel: int = 1, label: str = "GPUs") -> tuple[list[Problem], list[Problem]]:
     """(problems, notes) of the number of processes: a whole number of at least 1, no more than the machine's
     GPUs; with no GPU, more than 1 trains that many ranks on the CPU (a note); train.expert_parallel needs
     exactly its number of ranks."""
@@ -105,18 +105,19 @@ def check_gpus(gpus, expert_parallel: int = 1) -> tuple[list[Problem], list[Prob
         n, whole = 0, False
     if not whole or n < 1:
         shown = gpus if not isinstance(gpus, float) or not whole else int(gpus)
-        return [Problem(GPUS_FIELD, f"GPUs: {shown!r} is not a number of processes; give 1 (one process, on the "
-                                    "GPU when there is one, else the CPU) or more (data parallel).")], notes
+        return [Problem(GPUS_FIELD, f"{label} {shown!r}: give the number of GPUs (processes) on this machine, 1 or "
+                                    "more: 1 trains one process (on the GPU when there is one, else the CPU), more "
+                                    "train data parallel.")], notes
     have = gpu_count()
     if n > 1 and have == 0:
-        notes.append(Problem(GPUS_FIELD, f"GPUs: this machine has no GPU, so {n} processes will train on the CPU "
+        notes.append(Problem(GPUS_FIELD, f"{label} {n}: this machine has no GPU, so {n} processes will train on the CPU "
                                          "(data parallel over gloo, each holding the model); give 1 for one "
                                          "process."))
     elif n > have > 0:
-        problems.append(Problem(GPUS_FIELD, f"GPUs: {n}, but this machine shows {have} GPU(s); give at most {have}."))
+        problems.append(Problem(GPUS_FIELD, f"{label} {n}: this machine shows {have} GPU(s); give at most {have}."))
     if expert_parallel > 1 and expert_parallel != n:
         problems.append(Problem("train.expert_parallel", f"train.expert_parallel: {expert_parallel} needs exactly "
-                                                         f"{expert_parallel} processes (GPUs is {n}); set GPUs to "
+                                                         f"{expert_parallel} processes ({label} is {n}); set {label} to "
                                                          f"{expert_parallel} or train.expert_parallel to 1."))
     return problems, notes
 
@@ -169,14 +170,14 @@ def check_data(fid: str, spec: str, template: str, min_rows: int = 1, registry=N
     return []
 
 
-def check(data: dict | C.Config, gpus=None, registry=None) -> Preflight:
+def check(data: dict | C.Config, gpus=None, registry=None, gpus_label: str = "GPUs") -> Preflight:
     """Everything `moetune train` would check before anything loads, every problem with its field. `data` is a
     config dict (or Config), paths as the trainer will read them; `gpus` the number of processes (None: one)."""
     try:
         cfg = data if isinstance(data, C.Config) else C.from_dict(data)
     except C.ConfigError as e:
         return Preflight(None, [Problem(_field_of(str(e)), str(e))])
-    problems, notes = check_gpus(gpus, cfg.train.expert_parallel)
+    problems, notes = check_gpus(gpus, cfg.train.expert_parallel, gpus_label)
     problems += check_model(cfg)
     if not str(cfg.data.train).strip():
         problems.append(Problem("data.train", "data.train: empty; give a dataset file or a registry name."))
@@ -189,9 +190,10 @@ def check(data: dict | C.Config, gpus=None, registry=None) -> Preflight:
     return Preflight(cfg, problems, notes)
 
 
-def preflight(data: dict | C.Config, gpus=None, registry=None) -> C.Config:
-    """The validated Config when `moetune train` can start on it; else PreflightError listing every problem."""
-    result = check(data, gpus, registry)
+def preflight(data: dict | C.Config, gpus=None, registry=None, gpus_label: str = "--gpus") -> C.Config:
+    """The validated Config when `moetune train` can start on it; else PreflightError listing every problem
+    (`gpus_label`: how the number of processes is named, `--gpus` on the command line)."""
+    result = check(data, gpus, registry, gpus_label)
     if result.problems:
         raise PreflightError(result.problems)
     return result.config

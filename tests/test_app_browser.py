@@ -182,7 +182,7 @@ def test_demo_train_then_evaluate_in_the_browser(app_url, tmp_path):
         _textbox(page, "#run-name").fill("zero-gpus")
         _textbox(page, "#gpus").fill("0")
         _textbox(page, "#gpus").press("Tab")
-        _wait_for(page, "the GPUs message", lambda: "GPUs: 0 is not a number of processes" in _text(page, "#msg-gpus"),
+        _wait_for(page, "the GPUs message", lambda: "GPUs 0: give the number of GPUs" in _text(page, "#msg-gpus"),
                   30, shots)
         page.locator("#start").click()
         _wait_for(page, "the refusal", lambda: "not started" in _text(page, "#train-message"), 60, shots)

@@ -79,8 +79,8 @@ def test_config_values_gpus_and_the_model_folder_name_their_field(tmp_path):
     assert bad.config is None and messages(bad) == [
         ("train.lr", "train.lr: -1.0 is out of range; it must be at least 0.0.")]
     assert messages(P.check(config(), gpus=0)) == [
-        ("gpus", "GPUs: 0 is not a number of processes; give 1 (one process, on the GPU when there is one, else the "
-                 "CPU) or more (data parallel).")]
+        ("gpus", "GPUs 0: give the number of GPUs (processes) on this machine, 1 or more: 1 trains one process (on "
+                 "the GPU when there is one, else the CPU), more train data parallel.")]
     assert [p.field for p in P.check(config(model={"path": str(tmp_path)})).problems] == ["model.path"]
     assert P.check(config(model={"path": str(tmp_path)})).problems[0].message == (
         f"model.path: {tmp_path / 'config.json'} is missing; model.path must be a HF checkpoint directory with "
@@ -95,10 +95,10 @@ def test_gpus_beyond_one_on_a_machine_without_gpu_is_a_note_not_a_refusal(monkey
     monkeypatch.setattr(P, "gpu_count", lambda: 0)
     result = P.check(config(), gpus=2)
     assert result.ok and [n.field for n in result.notes] == ["gpus"]
-    assert result.notes[0].message.startswith("GPUs: this machine has no GPU, so 2 processes will train on the CPU")
+    assert result.notes[0].message.startswith("GPUs 2: this machine has no GPU, so 2 processes will train on the CPU")
     monkeypatch.setattr(P, "gpu_count", lambda: 1)
     assert messages(P.check(config(), gpus=2)) == [
-        ("gpus", "GPUs: 2, but this machine shows 1 GPU(s); give at most 1.")]
+        ("gpus", "GPUs 2: this machine shows 1 GPU(s); give at most 1.")]
 
 
 def test_moetune_train_refuses_before_the_run_folder_exists(tmp_path, capsys):
