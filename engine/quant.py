@@ -678,7 +678,8 @@ def quantize_checkpoint_experts(path: str | Path, quant: str = "nf4", cache_dir:
     fused_re = _fused_expert_regex(family)
 
     def is_expert(name: str) -> bool:
-        return family.parse_expert_key(name) is not None or fused_re.fullmatch(family.rename(name)) is not None
+        return family.parse_expert_key(name) is not None or fused_re.fullmatch(family.rename(name)) is not None \
+            or family.raw_expert_layer(name) is not None
 
     folder = cache_folder(path, cache_dir, quant, blocksize) if cache_dir is not None and quant == "nf4" else None
     cached = load_cached_experts(path, cache_dir, quant, blocksize) if folder is not None else None
@@ -699,8 +700,9 @@ def quantize_checkpoint_experts(path: str | Path, quant: str = "nf4", cache_dir:
     def wanted(name: str) -> bool:  # a tensor to read: not an expert, or an expert of a layer quantised now
         if not is_expert(name):
             return True
-        key = family.parse_expert_key(name)
-        return (key.layer if key is not None else int(fused_re.fullmatch(family.rename(name))[1])) in todo
+        key, raw = family.parse_expert_key(name), family.raw_expert_layer(name)
+        layer = key.layer if key is not None else raw if raw is not None else int(fused_re.fullmatch(family.rename(name))[1])
+        return layer in todo
 
     H, I, E = facts.hidden_size, facts.expert_intermediate_size, facts.num_experts
     stores: dict[int, ExpertStoreT] = {}
@@ -731,7 +733,8 @@ def quantize_checkpoint_experts(path: str | Path, quant: str = "nf4", cache_dir:
             store.save(folder / f"layer-{layer:03d}")
             saved.add(layer)
 
-    source = read_tensors(path, wanted if cached is not None else None) if tensors is None else tensors
+    source = family.convert_stream(read_tensors(path, wanted if cached is not None else None) if tensors is None
+                                   else tensors)
     for name, t in source:
         if cached is not None and not wanted(name):
             continue  # an expert of a layer the cache holds intact
@@ -825,13 +828,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "moetune").expanduser() / "experts"
 
 
-def expert_store(experts: nn.Module, quant: str) -> ExpertStoreT:
+def expert_store(experts: nn.Module, quant: str, fused: tuple[torch.Tensor, torch.Tensor] | None = None) -> ExpertStoreT:
     """The store for a loaded family experts module: NF4 (quantised expert by expert, kept on the
-    module's device) or its own bf16/fp32 tensors (`quant='bf16'`, no copy)."""
+    module's device) or its own bf16/fp32 tensors (`quant='bf16'`, no copy). `fused`: its experts as canonical
+    gate_up [E, 2I, H] and down [E, H, I] when the module's layout differs (Family.canonical_experts)."""
+    gate_up, down = fused if fused is not None else (experts.gate_up_proj, experts.down_proj)
     if quant == "nf4":
-        return NF4ExpertStore.from_fused(experts.gate_up_proj.detach(), experts.down_proj.detach()).to(
-            experts.gate_up_proj.device)
-    return DenseExpertStore.from_module(experts)
+        return NF4ExpertStore.from_fused(gate_up.detach(), down.detach()).to(gate_up.device)
+    return DenseExpertStore(gate_up, down)
 
 
 def quantized_nbytes(stores: dict[int, ExpertStoreT]) -> int:
