@@ -90,6 +90,8 @@ class Family:
     #: llama.cpp ropes interleaved pairs for this arch (LLAMA_ROPE_TYPE_NORM), HF rotates halves:
     #: q/k rows must be permuted as llama.cpp's converter does
     gguf_permute_qk: bool = False
+    #: whether llama.cpp's graph for this arch applies the config's sliding window (gpt-oss), not full attention
+    gguf_sliding_window: bool = False
     #: whether llama.cpp's graph for this arch renormalises the top-k gates (it is hard-coded there)
     gguf_norm_topk_prob: bool = False
     #: file stem in engine/arch/published/ holding the config.json of the family's flagship release
@@ -192,9 +194,10 @@ class Family:
         per-expert canonical projections under `expert_key_template`; the rest unchanged."""
         return iter(tensors)
 
-    def expert_checkpoint_tensors(self, layer: int, experts: list[dict[str, torch.Tensor]]
+    def expert_checkpoint_tensors(self, layer: int, experts: Iterable[dict[str, torch.Tensor]]
                                   ) -> Iterator[tuple[str, torch.Tensor]]:
-        """(hub name, tensor) of one layer's experts (canonical gate / up / down per expert) in the hub's layout."""
+        """(hub name, tensor) of one layer's experts (canonical gate / up / down, expert by expert) in the hub's
+        layout."""
         for e, w in enumerate(experts):
             for proj in PROJECTIONS:
                 yield self.expert_key_name(ExpertKey(layer, e, proj)), w[proj]

@@ -66,6 +66,7 @@ class GptOssFamily(Family):
     router_attr = "router"
     gguf_arch = "gpt-oss"
     gguf_norm_topk_prob = True  # softmax over the top-k logits: the gates sum to 1
+    gguf_sliding_window = True  # llama.cpp's gpt-oss graph alternates sliding-window and full attention
     gguf_tensors = {**Family.gguf_tensors,
                     "model.layers.{bid}.post_attention_layernorm": GT.ATTN_POST_NORM,
                     "model.layers.{bid}.self_attn.sinks": GT.ATTN_SINKS,
@@ -139,6 +140,7 @@ class GptOssFamily(Family):
 
     def expert_checkpoint_tensors(self, layer, experts):
         prefix = f"model.layers.{layer}.mlp.experts."
+        experts = list(experts)
         gate_up = torch.stack([interleave(w["gate"], w["up"], 0).T for w in experts])  # [E, H, 2I]
         yield prefix + "gate_up_proj", gate_up
         yield prefix + "down_proj", torch.stack([w["down"].T for w in experts])  # [E, I, H]
@@ -197,8 +199,10 @@ class GptOssFamily(Family):
         return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden // 2, num_hidden_layers=layers,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, num_local_experts=experts,
                     num_experts_per_tok=top_k, sliding_window=8, max_position_embeddings=1024,
+                    # YaRN as the release has it, but truncate=true: llama.cpp only has that (the release's
+                    # truncate=false is exported with a warning, tests/test_gpt_oss.py)
                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
-                                     "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 32},
+                                     "beta_slow": 1.0, "truncate": True, "original_max_position_embeddings": 32},
                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
