@@ -64,6 +64,7 @@ class GptOssFamily(Family):
     examples = ("openai/gpt-oss-20b", "openai/gpt-oss-120b")
     published = "gpt-oss-20b"
     router_attr = "router"
+    peft_per_expert = False  # the hub's experts are fused per layer
     gguf_arch = "gpt-oss"
     gguf_norm_topk_prob = True  # softmax over the top-k logits: the gates sum to 1
     gguf_sliding_window = True  # llama.cpp's gpt-oss graph alternates sliding-window and full attention
