@@ -25,7 +25,8 @@ from typing import Any, Iterator
 
 import torch
 
-from .gguf import ExportError, require_finite
+from .errors import ExportError
+from .gguf import require_finite
 from .source import RunSource, expert_stores, expert_weights, non_expert_tensors, nf4_round_trip, quant_note
 
 #: tokenizer and generation files copied from the base checkpoint
