@@ -94,6 +94,8 @@ class Family:
     gguf_sliding_window: bool = False
     #: whether llama.cpp's graph for this arch renormalises the top-k gates (it is hard-coded there)
     gguf_norm_topk_prob: bool = False
+    #: how hub checkpoints name the experts when not by `expert_key_template` (shown by `moetune models`)
+    hub_expert_names: str = ""
     #: whether hub checkpoints name each expert's projections (PEFT converts per-expert LoRA onto them)
     peft_per_expert: bool = True
     #: file stem in engine/arch/published/ holding the config.json of the family's flagship release

@@ -65,6 +65,8 @@ class GptOssFamily(Family):
     published = "gpt-oss-20b"
     router_attr = "router"
     peft_per_expert = False  # the hub's experts are fused per layer
+    hub_expert_names = ("model.layers.{layer}.mlp.experts.gate_up_proj|down_proj (bf16, [E, in, out]) or "
+                        "..._blocks + ..._scales (MXFP4)")
     gguf_arch = "gpt-oss"
     gguf_norm_topk_prob = True  # softmax over the top-k logits: the gates sum to 1
     gguf_sliding_window = True  # llama.cpp's gpt-oss graph alternates sliding-window and full attention
