@@ -95,7 +95,7 @@ class GptOssFamily(Family):
     def canonical_experts(self, block):
         experts = self.experts(block)
         gate_up = experts.gate_up_proj.transpose(1, 2)
-        return torch.cat([gate_up[:, 0::2], gate_up[:, 1::2]], dim=1), experts.down_proj.transpose(1, 2)
+        return torch.cat([gate_up[:, 0::2], gate_up[:, 1::2]], dim=1), experts.down_proj.transpose(1, 2).contiguous()
 
     def expert_biases(self, block):
         experts = self.experts(block)
