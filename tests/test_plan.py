@@ -130,7 +130,7 @@ def test_inventory_counts_every_weight_and_the_shared_expert():
         shape = model_shape(model_config)
         facts = fam.facts(model_config)
         total = sum(shape.params.values()) + facts.expert_params
-        published_b = {"olmoe": 6.92, "mixtral": 46.70, "qwen2_moe": 14.32, "qwen3_moe": 30.53}[name]
+        published_b = {"olmoe": 6.92, "mixtral": 46.70, "qwen2_moe": 14.32, "qwen3_moe": 30.53, "gpt_oss": 20.91}[name]
         assert total / 1e9 == pytest.approx(published_b, abs=0.01)
     qwen = model_shape(FAMILIES["qwen2_moe"].published_config())
     assert qwen.params["shared_expert"] == 24 * 3 * 2048 * 5632  # non-routed: counted with the non-expert weights
