@@ -23,7 +23,8 @@ from .tolerance import assert_logits_close
 
 DTYPES = ["f32", "f16", "bf16", "q8_0"]
 #: llama.cpp's architecture of each family (src/llama-arch.cpp); Mixtral runs as llama with experts
-ARCH = {"olmoe": "olmoe", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss"}
+ARCH = {"olmoe": "olmoe", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss",
+        "ernie4_5_moe": "ernie4_5-moe"}
 #: token-id prompts (no tokenizer in the loop), and how many tokens to continue each
 PROMPTS = [[1, 40, 41, 300, 12, 77], [5, 100, 200, 300, 400], [1, 7]]
 NEW_TOKENS = 8
@@ -46,6 +47,8 @@ def expected_tensors(family: str, cfg) -> dict[str, tuple[int, ...]]:
     n_head, n_kv = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
     hd = int(getattr(cfg, "head_dim", None) or h // n_head)
     out = {"token_embd.weight": (h, v), "output_norm.weight": (h,), "output.weight": (h, v)}
+    if family == "ernie4_5_moe":
+        return out | _ernie_tensors(cfg, facts)
     for layer in range(facts.num_layers):
         b = f"blk.{layer}."
         out.update({b + "attn_norm.weight": (h,), b + "attn_q.weight": (h, n_head * hd),
@@ -69,6 +72,28 @@ def expected_tensors(family: str, cfg) -> dict[str, tuple[int, ...]]:
                         b + "attn_v.bias": (n_kv * hd,), b + "attn_output.bias": (h,), b + "attn_sinks.weight": (n_head,),
                         b + "ffn_gate_inp.bias": (e,), b + "ffn_gate_exps.bias": (i, e), b + "ffn_up_exps.bias": (i, e),
                         b + "ffn_down_exps.bias": (h, e)})
+    return out
+
+
+def _ernie_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
+    """llama.cpp's 'ernie4_5-moe' block tensors (ne order): a dense first layer, routed + shared experts and the
+    correction bias as exp_probs_b (llama_model_ernie4_5::load_arch_tensors)."""
+    h, e, i, s = facts.hidden_size, facts.num_experts, facts.expert_intermediate_size, facts.shared_expert_intermediate_size
+    q = kv = h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * q, cfg.num_key_value_heads * kv
+    out = {}
+    for layer in range(facts.num_layers):
+        b = f"blk.{layer}."
+        out.update({b + "attn_norm.weight": (h,), b + "ffn_norm.weight": (h,), b + "attn_q.weight": (h, q),
+                    b + "attn_k.weight": (h, kv), b + "attn_v.weight": (h, kv), b + "attn_output.weight": (q, h)})
+        if layer not in facts.moe_layers:
+            ff = cfg.intermediate_size
+            out.update({b + "ffn_gate.weight": (h, ff), b + "ffn_up.weight": (h, ff), b + "ffn_down.weight": (ff, h)})
+            continue
+        out.update({b + "ffn_gate_inp.weight": (h, e), b + "ffn_gate_exps.weight": (h, i, e),
+                    b + "ffn_up_exps.weight": (h, i, e), b + "ffn_down_exps.weight": (i, h, e),
+                    b + "ffn_gate_shexp.weight": (h, s), b + "ffn_up_shexp.weight": (h, s),
+                    b + "ffn_down_shexp.weight": (s, h), b + "exp_probs_b.bias": (e,)})
     return out
 
 
@@ -104,6 +129,11 @@ def test_gguf_reads_back(tiny_checkpoint, tmp_path, family, dtype):
         hparams["attention.sliding_window"] = cfg.sliding_window
     if family == "qwen2_moe":
         hparams["expert_shared_feed_forward_length"] = facts.shared_expert_intermediate_size
+    if family == "ernie4_5_moe":  # the dense first layer's width, the experts', the shared experts' (both of them)
+        hparams.update({"feed_forward_length": cfg.intermediate_size, "leading_dense_block_count": 1,
+                        "expert_feed_forward_length": facts.expert_intermediate_size, "expert_shared_count": 2,
+                        "expert_shared_feed_forward_length": 2 * facts.expert_intermediate_size,
+                        "interleave_moe_layer_step": 1})
     for key, want in hparams.items():
         assert _field(reader, f"{arch}.{key}") == want, key
     assert _field(reader, f"{arch}.rope.freq_base") == pytest.approx(cfg.rope_parameters["rope_theta"])
@@ -159,6 +189,8 @@ def _copy(src: Path, dst: Path, edit_config=None) -> Path:
     ("qwen2_moe", {"decoder_sparse_step": 2}, "needs experts in every layer"),
     ("olmoe", {"clip_qkv": 8.0}, "clip_qkv"),
     ("gpt_oss", {"swiglu_limit": 5.0}, "hard-codes alpha 1.702 and limit 7.0"),
+    ("ernie4_5_moe", {"moe_layer_interval": 2}, "loads experts in every layer from moe_layer_start_index on"),
+    ("ernie4_5_moe", {"use_bias": True}, "applies no biases to the MLPs"),
 ])
 def test_config_llama_cpp_cannot_run_is_refused(tiny_checkpoint, tmp_path, family, edit, message):
     ckpt = _copy(tiny_checkpoint(family), tmp_path / "ckpt", edit)
@@ -218,7 +250,8 @@ def _sharpen(ckpt: Path) -> Path:
 
     state = load_file(str(ckpt / "model.safetensors"))
     for name, w in state.items():
-        if w.ndim == 2 and not name.endswith(("embed_tokens.weight", "lm_head.weight", ".gate.weight")):
+        if w.ndim == 2 and not name.endswith(("embed_tokens.weight", "lm_head.weight", ".gate.weight",
+                                              "e_score_correction_bias")):
             state[name] = w * (w.shape[1] ** -0.5 / w.std())
     save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     return ckpt

@@ -260,7 +260,7 @@ def test_trainable_counts_match_closed_form(family, strategy, kind, placement, t
     peft = attach(lm, _cfg(strategy, kind, placement, attention_lora=True, layers="every:2"))
     rep = peft.parameter_report()
     H, I, E, r = f.hidden_size, f.expert_intermediate_size, f.num_experts, 4
-    want = _closed_form(strategy, kind, placement, H, I, E, 3, r, layers=1)  # every:2 of 2 layers -> layer 0
+    want = _closed_form(strategy, kind, placement, H, I, E, 3, r, layers=1)  # every:2 of 2 MoE layers -> the first
     assert rep["by_group"][strategy] == want
     cfg = lm.config
     hd = getattr(cfg, "head_dim", None) or H // cfg.num_attention_heads
@@ -268,7 +268,7 @@ def test_trainable_counts_match_closed_form(family, strategy, kind, placement, t
     attention = r * ((H + q) + 2 * (H + kv) + (q + H))
     assert rep["by_group"]["attention"] == attention
     assert rep["trainable"] == want + attention
-    assert rep["by_layer"] == {0: want + attention}
+    assert rep["by_layer"] == {f.moe_layers[0]: want + attention}
     assert rep["percent"] == pytest.approx(100 * rep["trainable"] / rep["base"])
 
 

@@ -117,6 +117,10 @@ def _moe_gates(lm, block, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     router = lm.family.router(block)
     bias = getattr(router, "bias", None)
     probs = _softmax(x @ router.weight.T + (0 if bias is None else bias))
+    if lm.config.model_type == "ernie4_5_moe":  # the correction bias picks the experts; the gates are the probabilities
+        idx, _ = _top_k(probs + router.moe_statics.e_score_correction_bias[0], k, False)
+        gates = torch.gather(probs, 1, idx)
+        return idx, gates / gates.sum(dim=-1, keepdim=True)
     renorm = True if lm.config.model_type in ("mixtral", "gpt_oss") else bool(getattr(lm.config, "norm_topk_prob", False))
     return _top_k(probs, k, renorm)
 

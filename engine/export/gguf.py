@@ -148,14 +148,7 @@ def _check_supported(cfg, family: Family) -> None:
 def _check_complete(family: Family, cfg, names: list[str]) -> None:
     """Every weight the family maps to llama.cpp is in the plan (a truncated checkpoint fails here)."""
     have = set(names)
-    need = []
-    for tensor in family.gguf_tensors.values():
-        template = gguf.TENSOR_NAMES[tensor] + ".weight"
-        layers = range(int(cfg.num_hidden_layers)) if "{bid}" in template else (None,)
-        need += [template.format(bid=layer) for layer in layers]
-    need += [family.gguf_expert_tensor_name(layer, p)
-             for layer in range(int(cfg.num_hidden_layers)) for p in ("gate", "up", "down")]
-    missing = [n for n in need if n not in have]
+    missing = [n for n in family.gguf_required(cfg) if n not in have]
     if missing:
         shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
         raise ExportError(f"the checkpoint lacks tensors llama.cpp needs ({len(missing)}: {shown}); "

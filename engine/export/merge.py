@@ -176,7 +176,7 @@ def merged_tensors(src: RunSource) -> Iterator[tuple[str, torch.Tensor]]:
                 tensor = nf4_round_trip(tensor)
             if target in deltas:
                 tensor = tensor.float() + _lora_delta(deltas.pop(target).lora, 0)
-        yield name, fam.widen_non_expert(name, tensor, extra)  # expert biases get zeros for the added units
+        yield name, fam.widen_non_expert(name, tensor, extra, src.hf_config)  # zeros for the added units
     left = sorted(trained) + sorted(deltas)
     if left:
         raise ExportError(f"{src.base}: the checkpoint has no tensor for {left[:3]}, which the run trained; "

@@ -51,6 +51,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     filled: set[str] = set()
 
     def place(name: str, tensor: torch.Tensor) -> None:
+        if family.is_mtp_tensor(name, config):
+            return  # a Multi-Token-Prediction layer: not part of the model transformers builds
         target = family.rename(name)
         if target not in params:
             if target.endswith("rotary_emb.inv_freq"):

@@ -206,8 +206,14 @@ class Family:
             for proj in PROJECTIONS:
                 yield self.expert_key_name(ExpertKey(layer, e, proj)), w[proj]
 
-    def widen_non_expert(self, name: str, tensor: torch.Tensor, extra: int) -> torch.Tensor:
-        """A non-expert hub tensor after the experts are widened by `extra` zero units (expert biases)."""
+    def is_mtp_tensor(self, name: str, cfg: Any = None) -> bool:
+        """Whether a checkpoint tensor belongs to a Multi-Token-Prediction layer, which transformers' model does not
+        build: MoETune skips it when loading and exporting."""
+        return False
+
+    def widen_non_expert(self, name: str, tensor: torch.Tensor, extra: int, cfg: Any = None) -> torch.Tensor:
+        """A non-expert hub tensor of a model with config `cfg` after the experts are widened by `extra` units
+        (expert biases, shared experts sized by the experts' width get zeros for them)."""
         return tensor
 
     def gguf_stream(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -255,6 +261,16 @@ class Family:
     def gguf_hparams(self, cfg: Any) -> dict[str, int]:
         """Arch-specific llama.cpp hyperparameters, by gguf key template ('{arch}.expert_feed_forward_length')."""
         return {}
+
+    def gguf_required(self, cfg: Any) -> list[str]:
+        """llama.cpp tensor names a complete GGUF of this config holds."""
+        need = []
+        for tensor in self.gguf_tensors.values():
+            template = GGUF_TENSOR_NAMES[tensor] + ".weight"
+            layers = range(int(cfg.num_hidden_layers)) if "{bid}" in template else (None,)
+            need += [template.format(bid=layer) for layer in layers]
+        return need + [self.gguf_expert_tensor_name(layer, p)
+                       for layer in range(int(cfg.num_hidden_layers)) for p in PROJECTIONS]
 
     def gguf_problems(self, cfg: Any) -> list[str]:
         """What in this config llama.cpp's graph for the arch would compute differently from transformers."""
