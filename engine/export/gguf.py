@@ -133,8 +133,13 @@ def _check_supported(cfg, family: Family) -> None:
         raise ExportError(f"this {family.title} checkpoint cannot run in llama.cpp as it runs in transformers: "
                           + "; ".join(problems) + ". A GGUF of it would compute a different model, so none is "
                           "written; use --format hf to export it for transformers.")
+    rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    if rope.get("rope_type", rope.get("type")) == "yarn" and rope.get("truncate", True) is False:
+        warnings.warn(f"{family.title} config has YaRN RoPE with truncate=false; llama.cpp always rounds YaRN's "
+                      "correction range to whole dimensions (truncate=true), so some rotary frequencies differ "
+                      "from transformers' and the GGUF's outputs drift from the HF model's.", stacklevel=3)
     window = getattr(cfg, "sliding_window", None)
-    if window and getattr(cfg, "use_sliding_window", True):
+    if window and getattr(cfg, "use_sliding_window", True) and not family.gguf_sliding_window:
         warnings.warn(f"{family.title} config has sliding_window={window}; llama.cpp's {family.gguf_arch!r} "
                       f"attends to the full context, so outputs differ on sequences longer than {window} tokens.",
                       stacklevel=3)
@@ -143,14 +148,7 @@ def _check_supported(cfg, family: Family) -> None:
 def _check_complete(family: Family, cfg, names: list[str]) -> None:
     """Every weight the family maps to llama.cpp is in the plan (a truncated checkpoint fails here)."""
     have = set(names)
-    need = []
-    for tensor in family.gguf_tensors.values():
-        template = gguf.TENSOR_NAMES[tensor] + ".weight"
-        layers = range(int(cfg.num_hidden_layers)) if "{bid}" in template else (None,)
-        need += [template.format(bid=layer) for layer in layers]
-    need += [family.gguf_expert_tensor_name(layer, p)
-             for layer in range(int(cfg.num_hidden_layers)) for p in ("gate", "up", "down")]
-    missing = [n for n in need if n not in have]
+    missing = [n for n in family.gguf_required(cfg) if n not in have]
     if missing:
         shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
         raise ExportError(f"the checkpoint lacks tensors llama.cpp needs ({len(missing)}: {shown}); "
@@ -178,7 +176,7 @@ def _gguf_tensors(family: Family, cfg, tensors: Iterable[tuple[str, torch.Tensor
     fused = re.compile(rf"model\.layers\.(\d+)\.{re.escape(family.block_attr)}\.experts\.(gate_up_proj|down_proj)")
     pending: dict[int, dict[tuple[str, int], torch.Tensor]] = {}  # layer -> (proj, expert) -> tensor
     seen: set[str] = set()
-    for name, tensor in tensors:
+    for name, tensor in family.gguf_stream(tensors):  # hub-specific layouts as per-expert / plain tensors
         key = family.parse_expert_key(name)
         if key is not None:
             if not 0 <= key.expert < n_experts:
