@@ -136,6 +136,7 @@ class NF4ExpertStore(_FillTracking):
             self.tensors["nested_quant_map"] = torch.zeros(256, dtype=torch.float32)
         #: which (expert, part) have been quantised in
         self.filled = torch.zeros(num_experts, len(PARTS), dtype=torch.bool)
+        self.arena = None  # the host arena the tensors live in once packed for offloading (pin_memory)
         self._codes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- building ------------------------------------------------------------------------------
@@ -279,13 +280,24 @@ class NF4ExpertStore(_FillTracking):
 
     def to(self, device: torch.device | str) -> "NF4ExpertStore":
         """Move the stored tensors to `device` (in place; e.g. resident NF4 experts on the GPU); returns self."""
-        self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+        moved = {k: v.to(device) for k, v in self.tensors.items()}
+        if any(moved[k] is not v for k, v in self.tensors.items()):
+            self.arena = None  # the tensors left the host arena
+        self.tensors = moved
         return self
 
-    def pin_memory(self) -> "NF4ExpertStore":
-        """Put the stored tensors in pinned host memory (fast, asynchronous copies to a GPU); returns self."""
-        if torch.cuda.is_available():
-            self.tensors = {k: v.pin_memory() for k, v in self.tensors.items()}
+    def pin_memory(self, pin: bool | None = None) -> "NF4ExpertStore":
+        """Put the stored tensors in one host arena, expert after expert (`engine.model.host_arena`: one copy an
+        expert for the offload cache), page-locked when CUDA is there (`pin`: force); returns self."""
+        from .host_arena import HostArena
+
+        pin = torch.cuda.is_available() if pin is None else pin
+        if getattr(self, "arena", None) is None:
+            per = {k: v for k, v in self.tensors.items() if k.startswith(PARTS)}
+            self.arena = HostArena(per, {k: v for k, v in self.tensors.items() if k not in per})
+            self.tensors = self.arena.tensors
+        if pin:
+            self.arena.pin()
         return self
 
     def expected_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
