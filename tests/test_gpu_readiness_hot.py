@@ -180,7 +180,6 @@ def test_a_layers_experts_move_in_a_few_copies_not_eight_per_expert(monkeypatch)
     host = as_host_store(store, pin=False)
     cache = ExpertCache(16, device="cpu", num_layers=2)
     offloaded = OffloadedExpertStore(host, 0, cache)
-    cache.allocate()
     counter = _CopyCounter(monkeypatch)
     cache.enter("forward", 0)
     assert cache.prefetch(0, range(8)) == 8
