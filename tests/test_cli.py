@@ -17,7 +17,8 @@ def test_models_json_lists_every_family(capsys):
     assert main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     by = {r["model_type"]: r for r in rows}
-    assert set(by) == {"olmoe", "mixtral", "qwen2_moe", "qwen3_moe"}
+    assert {"olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"} <= set(by)
+    assert (by["gpt_oss"]["experts"], by["gpt_oss"]["top_k"], by["gpt_oss"]["experts_nf4_gb"]) == (32, 4, 9.87)
     assert (by["mixtral"]["experts"], by["mixtral"]["top_k"], by["mixtral"]["moe_layers"]) == (8, 2, 32)
     assert by["qwen2_moe"]["shared_expert_intermediate_size"] == 5632
     assert by["olmoe"]["experts_nf4_gb"] == 3.33

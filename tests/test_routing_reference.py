@@ -67,10 +67,15 @@ def _attached(checkpoint, routing: dict, seed: int = 0):
 def _adapter_delta(peft, block, h) -> torch.Tensor:
     """What the adapters add to the MoE block's output: block(h) minus the block with adapters off."""
     with torch.no_grad():
-        full = block(h)
+        full = _hidden(block(h))
         with peft.disabled():
-            base = block(h)
+            base = _hidden(block(h))
     return (full - base)[0]
+
+
+def _hidden(output):
+    """A block's hidden states (gpt-oss's block also returns its router scores)."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 # ---- routed: its own router ------------------------------------------------------------------
@@ -106,10 +111,13 @@ def test_routed_weighs_adapters_by_its_own_router(family, renormalize, tiny_chec
 # ---- embedded: the MoE's routing -------------------------------------------------------------
 
 def _moe_gates(lm, block, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The MoE's top-k and gates from its router's weight: softmax, top-k, renormalised where the family
-    does (Mixtral always; the others when config.norm_topk_prob)."""
-    probs = _softmax(x @ lm.family.router(block).weight.T)
-    renorm = True if lm.config.model_type == "mixtral" else bool(getattr(lm.config, "norm_topk_prob", False))
+    """The MoE's top-k and gates from its router's weight (and bias, gpt-oss): softmax, top-k, renormalised where
+    the family does (Mixtral always; gpt-oss, whose softmax over the top-k logits is exactly that; the others when
+    config.norm_topk_prob)."""
+    router = lm.family.router(block)
+    bias = getattr(router, "bias", None)
+    probs = _softmax(x @ router.weight.T + (0 if bias is None else bias))
+    renorm = True if lm.config.model_type in ("mixtral", "gpt_oss") else bool(getattr(lm.config, "norm_topk_prob", False))
     return _top_k(probs, k, renorm)
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from .base import NF4_BITS, PROJECTIONS, ExpertKey, Family, MoEFacts, config_from_file, decoder_layers
+from .gpt_oss import FAMILY as _gpt_oss
 from .mixtral import FAMILY as _mixtral
 from .olmoe import FAMILY as _olmoe
 from .qwen2_moe import FAMILY as _qwen2_moe
 from .qwen3_moe import FAMILY as _qwen3_moe
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (_olmoe, _mixtral, _qwen2_moe, _qwen3_moe)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (_olmoe, _mixtral, _qwen2_moe, _qwen3_moe, _gpt_oss)}
 
 
 class UnsupportedModelError(ValueError):
