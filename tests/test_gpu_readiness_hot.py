@@ -81,7 +81,9 @@ SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
 
 
 class _SyncCounter:
-    """Counts calls of the SYNCING methods (each one a host sync on a GPU), by phase."""
+    """Counts calls of the SYNCING methods (each one a host sync on a GPU), and tensors built from Python data
+    straight onto a device (`torch.tensor(data, device=...)`: a blocking host-to-device copy, which waits for the
+    stream), by phase."""
 
     def __init__(self, monkeypatch):
         self.phase, self.counts = "outside", {}
@@ -89,10 +91,21 @@ class _SyncCounter:
             real = getattr(torch.Tensor, name)
 
             def counted(t, *args, _real=real, **kwargs):
-                self.counts[self.phase] = self.counts.get(self.phase, 0) + 1
+                self._count()
                 return _real(t, *args, **kwargs)
 
             monkeypatch.setattr(torch.Tensor, name, counted)
+        real_tensor = torch.tensor
+
+        def tensor(data, *args, **kwargs):
+            if kwargs.get("device") is not None:
+                self._count()
+            return real_tensor(data, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "tensor", tensor)
+
+    def _count(self) -> None:
+        self.counts[self.phase] = self.counts.get(self.phase, 0) + 1
 
     def begin(self, phase: str, layer: int) -> None:
         self.phase = f"{phase} layer"
@@ -104,8 +117,8 @@ class _SyncCounter:
         return self.counts.get(phase, 0)
 
 
-def _tiny(tiny_checkpoint, **routing):
-    path = tiny_checkpoint("olmoe", layers=3, hidden=64, experts=8)
+def _tiny(tiny_checkpoint, family="olmoe", **routing):
+    path = tiny_checkpoint(family, layers=3, hidden=64, experts=8)
     cfg = from_dict({"model": {"quant": "bf16"}, "adapter": {"kind": "lora", "placement": "parallel", "rank": 4,
                                                              "alpha": 8},
                      "routing": {"strategy": "embedded", "base_balance_loss": 0.01, **routing}})
@@ -113,11 +126,13 @@ def _tiny(tiny_checkpoint, **routing):
     return lm, attach(lm, cfg)
 
 
-def test_moe_block_forward_and_backward_sync_the_host_once(tiny_checkpoint, monkeypatch):
-    """One MoE block (router with its tap and balance loss, the expert bank with embedded adapters), forward and
-    backward: one host sync in all — the bank reading its routing counts once (it needs them to group the rows);
-    the tap keeps its counts on the device, offsets and adapter indices go to the device without waiting."""
-    lm, peft = _tiny(tiny_checkpoint)
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "gpt_oss"])
+def test_moe_block_forward_and_backward_sync_the_host_once(family, tiny_checkpoint, monkeypatch):
+    """One MoE block (router with its tap and balance loss, the expert bank with embedded adapters; Qwen2-MoE's
+    shared expert, gpt-oss's expert biases), forward and backward: one host sync in all — the bank reading its
+    routing counts once (it needs them to group the rows); the tap keeps its counts on the device, offsets, adapter
+    indices and bias rows go to the device without waiting."""
+    lm, peft = _tiny(tiny_checkpoint, family)
     _, block = next(iter(lm.family.moe_blocks(lm.model)))
     h = torch.randn(2, 16, lm.config.hidden_size, requires_grad=True)
     counter = _SyncCounter(monkeypatch)

@@ -161,6 +161,8 @@ def sort_by_group(top_index: torch.Tensor, num_groups: int) -> tuple[list[int], 
 def group_rows(per_group: torch.Tensor, groups: Sequence[int], counts: Sequence[int]) -> torch.Tensor:
     """Each row's entry of `per_group` [G_all, ...] for rows sorted by group (`counts[i]` rows of `groups[i]`),
     e.g. every row's expert bias."""
-    idx = torch.repeat_interleave(torch.tensor(list(groups), device=per_group.device),
-                                  torch.tensor(list(counts), device=per_group.device))
+    # the host's lists copied without waiting, and the output size given: no host sync (repeat_interleave
+    # would otherwise read the repeats back to size its output)
+    idx = torch.repeat_interleave(host_tensor_to(groups, per_group.device), host_tensor_to(counts, per_group.device),
+                                  output_size=sum(counts))
     return per_group.index_select(0, idx)

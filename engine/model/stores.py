@@ -30,6 +30,7 @@ from typing import Iterable, Sequence, Union
 import torch
 from torch import nn
 
+from .grouped import host_tensor_to
 from .store_files import FORMAT_VERSION, QuantCacheError, _check_tensors, _load_store, _save_store
 
 #: bitsandbytes settings of every NF4 tensor MoETune writes
@@ -217,8 +218,8 @@ class NF4ExpertStore(_FillTracking):
         """gate_up [n, 2I, H] and down [n, H, I] of `experts`, dequantised on `device` in one bitsandbytes call
         per matrix kind (the same values as `weights` expert by expert)."""
         idx = list(experts)
-        sel = None if idx == list(range(self.num_experts)) else torch.tensor(idx, dtype=torch.long)
-        return self.weights_from_stacked({name: t if sel is None else t.index_select(0, sel.to(t.device))
+        sel = None if idx == list(range(self.num_experts)) else host_tensor_to(idx, self.tensors["down.offset"].device)
+        return self.weights_from_stacked({name: t if sel is None else t.index_select(0, sel)
                                           for name, t in self.tensors.items() if name.startswith(PARTS)}, device, dtype)
 
     def weights_from_stacked(self, tensors: dict[str, torch.Tensor], device: torch.device | str,
@@ -397,7 +398,7 @@ class DenseExpertStore(_FillTracking):
         if idx == list(range(idx[0], idx[0] + len(idx))):
             gate_up, down = self.gate_up[idx[0]:idx[-1] + 1], self.down[idx[0]:idx[-1] + 1]
         else:
-            sel = torch.tensor(idx, dtype=torch.long, device=self.gate_up.device)
+            sel = host_tensor_to(idx, self.gate_up.device)  # copied without waiting for the stream
             gate_up, down = self.gate_up.index_select(0, sel), self.down.index_select(0, sel)
         return gate_up.to(device=device, dtype=dtype), down.to(device=device, dtype=dtype)
 
