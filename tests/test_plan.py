@@ -68,7 +68,8 @@ def test_mixtral_fits_24gb_only_with_offload(published):
     assert p.cache_slots >= 8 * len(cached)
     assert p.pcie_bytes_per_step == 2 * len(offloaded) * p.expert_layer_bytes  # forward + backward
     assert p.pcie_seconds_per_step == pytest.approx(p.pcie_bytes_per_step / PCIE_BYTES_PER_S)
-    assert p.host_pinned_bytes == p.experts_total_bytes
+    # pinned: one arena a layer (engine.model.host_arena), its fields 16-byte aligned and whole pages: a few KB more
+    assert p.experts_total_bytes <= p.host_pinned_bytes <= p.experts_total_bytes + 32 * (8 * 10 * 16 + 2 * 4096)
     # NF4 attention frees memory for more cached layers
     q = plan(_cfg(published["mixtral"], model={"path": str(published["mixtral"]), "attention_quant": "nf4"}), gpu_gb=24)
     assert len(q.layers("cached")) > len(cached)

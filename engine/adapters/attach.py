@@ -151,11 +151,15 @@ class RoutedPEFT:
 
     def routing_stats(self) -> dict[int, dict[str, list[int]]]:
         """Per MoE layer: tokens each expert (and each routed adapter) received in the last forward."""
+        counted = [layer for layer, tap in self.taps.items() if tap.last_counts is not None]
+        # the taps' counts stay on the device: all layers read back in one copy (one sync, not one per layer)
+        rows = torch.stack([self.taps[l].last_counts for l in counted]).tolist() if counted else []
+        experts = dict(zip(counted, rows))
         stats = {}
-        for layer, tap in self.taps.items():
-            entry = {"experts": tap.last_counts.tolist() if tap.last_counts is not None else []}
+        for layer in self.taps:
+            entry = {"experts": experts.get(layer, [])}
             if layer in self.routed and self.routed[layer].last_counts is not None:
-                entry["adapters"] = self.routed[layer].last_counts.tolist()
+                entry["adapters"] = self.routed[layer].last_counts.tolist()  # host counts (sort_by_group's)
             stats[layer] = entry
         return stats
 

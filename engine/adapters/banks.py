@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.grouped import grouped_mm
+from ..model.grouped import grouped_mm, host_tensor_to
 
 KINDS = ("lora", "bottleneck", "gated")
 
@@ -89,7 +89,7 @@ class AdapterBank(nn.Module):
         as `forward_one` per group, in grouped matmuls (engine.model.grouped)."""
         if torch.is_grad_enabled():
             self.touched.update(idx)
-        sel = None if list(idx) == list(range(self.num)) else torch.tensor(list(idx), device=self.down.device)
+        sel = None if list(idx) == list(range(self.num)) else host_tensor_to(idx, self.down.device)
 
         def take(p: torch.Tensor) -> torch.Tensor:  # [G, out, in] of the groups' adapters, as [G, in, out]
             return (p if sel is None else p.index_select(0, sel)).to(h.dtype).transpose(1, 2)
@@ -126,7 +126,7 @@ class AdapterBank(nn.Module):
         if torch.is_grad_enabled():
             first.touched.update(idx)
             second.touched.update(idx)
-        sel = None if list(idx) == list(range(first.num)) else torch.tensor(list(idx), device=first.down.device)
+        sel = None if list(idx) == list(range(first.num)) else host_tensor_to(idx, first.down.device)
 
         def take(p: torch.Tensor) -> torch.Tensor:
             return p if sel is None else p.index_select(0, sel)

@@ -93,8 +93,8 @@ class RouterTap:
 
     def __call__(self, module: nn.Module, args, output):
         logits, _, idx = output
-        with torch.no_grad():
-            self.last_counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts).cpu()
+        with torch.no_grad():  # kept on the device: read once per step (routing_stats / the step's usage), no sync here
+            self.last_counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
         if self.balance_coef > 0 and torch.is_grad_enabled():
             probs = F.softmax(logits.float(), dim=-1)
             self.aux_losses.append(self.balance_coef * balance_loss(probs, idx, self.num_experts))
