@@ -27,13 +27,13 @@ BASICS: list[str] = ["routing.strategy", "adapter.kind", "adapter.rank", "train.
                      LENGTH_UNIT, LENGTH, "data.template", "data.max_len"]
 #: The folded groups of the other fields, in order. Fields not listed keep the preset's value.
 GROUPS: dict[str, list[str]] = {
-    "Adapter": ["adapter.placement", "adapter.alpha", "adapter.dropout"],
+    "Adapter": ["adapter.placement", "adapter.alpha", "adapter.dropout", "adapter.init"],
     "Routing": ["routing.num_adapters", "routing.top_k", "routing.layers", "routing.balance_loss",
                 "routing.attention_lora", "routing.renormalize", "routing.base_balance_loss", "routing.train_router"],
     "Hyperparameters": ["train.micro_batch", "train.grad_accum", "train.warmup_steps", "train.scheduler",
                         "train.weight_decay", "train.max_grad_norm", "train.seed", "train.save_every",
                         "train.gradient_checkpointing"],
-    "Data": ["data.eval"],
+    "Data": ["data.eval", "data.train_on_prompt"],
     "Model and memory": ["model.quant", "model.attention_quant", "memory.offload", "memory.cache_slots"],
 }
 
@@ -58,6 +58,7 @@ def put_length(data: dict, unit: str, value: Any) -> None:
 
 _LABELS = {"lr": "learning rate", "num_adapters": "number of adapters", "top_k": "top-k",
            "max_len": "cut-off length", "gpu_gb": "GPU budget (GB)", "attention_lora": "attention LoRA",
+           "train_on_prompt": "loss on the prompt too",
            "balance_loss": "balance loss", "base_balance_loss": "base-router balance loss",
            "micro_batch": "micro-batch", "grad_accum": "gradient accumulation", "max_steps": "max steps",
            "warmup_steps": "warm-up steps", "max_grad_norm": "max grad norm", "save_every": "save every (steps)",
