@@ -132,12 +132,19 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     params = dict(model.named_parameters())
+    #: persistent buffers the checkpoint holds (DeepSeek-V3's e_score_correction_bias), filled like weights
+    buffers = {n: b for n, b in model.named_buffers() if n.rpartition(".")[2] not in
+               getattr(model.get_submodule(n.rpartition(".")[0]), "_non_persistent_buffers_set", ())}
     fused: dict[str, torch.Tensor] = {}  # fused expert tensors being assembled, by parameter name
     pieces: dict[str, set] = {}  # which (expert, projection) each fused tensor has received
     filled: set[str] = set()
 
     def place(name: str, tensor: torch.Tensor) -> None:
         target = family.rename(name)
+        if target in buffers:
+            _check_shape(path, name, tensor, buffers[target].shape)
+            set_module_tensor_to_device(model, target, device, value=tensor, dtype=buffers[target].dtype)
+            return
         if target not in params:
             if target.endswith("rotary_emb.inv_freq"):
                 return

@@ -43,7 +43,8 @@ def test_expert_views_equal_checkpoint_and_transformers(family, tiny_checkpoint)
     ref = _hf_model(path)
     stored = dict(iter_tensors(path))
     blocks_ours, blocks_ref = dict(fam.moe_blocks(ours)), dict(fam.moe_blocks(ref))
-    assert sorted(blocks_ours) == list(fam.facts(ours.config).moe_layers) == [0, 1]
+    assert sorted(blocks_ours) == list(fam.facts(ours.config).moe_layers) == sorted(blocks_ref)
+    assert len(blocks_ours) == 2  # DeepSeek's tiny checkpoints have a dense first layer before them
     for layer, block in blocks_ours.items():
         for e in range(fam.num_experts(ours.config)):
             views = fam.expert_views(block, e)
@@ -73,7 +74,7 @@ def test_routing_is_not_degenerate(family, tiny_checkpoint):
     """Tiny routers spread tokens over several experts (tests of routed code need that)."""
     path = tiny_checkpoint(family)
     lm = load_model(path)
-    block = dict(lm.family.moe_blocks(lm.model))[0]
+    block = next(lm.family.moe_blocks(lm.model))[1]
     hidden = torch.randn(64, lm.config.hidden_size, generator=torch.Generator().manual_seed(1))
     _, _, idx = lm.family.router(block)(hidden)
     assert idx.shape == (64, lm.family.facts(lm.config).top_k)

@@ -241,6 +241,22 @@ def _closed_form(strategy, kind, placement, H, I, E, N, r, layers):
     return n * layers
 
 
+def attention_closed_form(cfg, r):
+    """LoRA parameters r·(in + out) of one layer's attention projections, from the config alone: q/k/v/o, or
+    MLA's q_proj (or q_a_proj + q_b_proj), kv_a_proj_with_mqa, kv_b_proj and o_proj."""
+    H, heads = cfg.hidden_size, cfg.num_attention_heads
+    if getattr(cfg, "kv_lora_rank", None):
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        q = [(H, cfg.q_lora_rank), (cfg.q_lora_rank, heads * qk)] if cfg.q_lora_rank else [(H, heads * qk)]
+        shapes = q + [(H, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
+                      (cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)), (heads * cfg.v_head_dim, H)]
+    else:
+        hd = getattr(cfg, "head_dim", None) or H // heads
+        q, kv = heads * hd, cfg.num_key_value_heads * hd
+        shapes = [(H, q), (H, kv), (H, kv), (q, H)]
+    return r * sum(i + o for i, o in shapes)
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 @pytest.mark.parametrize("strategy, kind, placement", COMBOS)
 def test_trainable_counts_match_closed_form(family, strategy, kind, placement, tiny_checkpoint):
@@ -249,15 +265,12 @@ def test_trainable_counts_match_closed_form(family, strategy, kind, placement, t
     peft = attach(lm, _cfg(strategy, kind, placement, attention_lora=True, layers="every:2"))
     rep = peft.parameter_report()
     H, I, E, r = f.hidden_size, f.expert_intermediate_size, f.num_experts, 4
-    want = _closed_form(strategy, kind, placement, H, I, E, 3, r, layers=1)  # every:2 of 2 layers -> layer 0
+    want = _closed_form(strategy, kind, placement, H, I, E, 3, r, layers=1)  # every:2 of 2 MoE layers -> the first
     assert rep["by_group"][strategy] == want
-    cfg = lm.config
-    hd = getattr(cfg, "head_dim", None) or H // cfg.num_attention_heads
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    attention = r * ((H + q) + 2 * (H + kv) + (q + H))
+    attention = attention_closed_form(lm.config, r)
     assert rep["by_group"]["attention"] == attention
     assert rep["trainable"] == want + attention
-    assert rep["by_layer"] == {0: want + attention}
+    assert rep["by_layer"] == {f.moe_layers[0]: want + attention}
     assert rep["percent"] == pytest.approx(100 * rep["trainable"] / rep["base"])
 
 

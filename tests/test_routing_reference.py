@@ -108,10 +108,27 @@ def test_routed_weighs_adapters_by_its_own_router(family, renormalize, tiny_chec
 
 def _moe_gates(lm, block, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoE's top-k and gates from its router's weight: softmax, top-k, renormalised where the family
-    does (Mixtral always; the others when config.norm_topk_prob)."""
-    probs = _softmax(x @ lm.family.router(block).weight.T)
-    renorm = True if lm.config.model_type == "mixtral" else bool(getattr(lm.config, "norm_topk_prob", False))
-    return _top_k(probs, k, renorm)
+    does (Mixtral always; the others when config.norm_topk_prob; DeepSeek-V2 never), times DeepSeek's
+    routed_scaling_factor; DeepSeek-V3: sigmoid scores, chosen with e_score_correction_bias among the best
+    topk_group of n_group groups (ranked by their best two), the unbiased scores renormalised and scaled."""
+    cfg, router = lm.config, lm.family.router(block)
+    logits = x @ router.weight.T
+    if cfg.model_type == "deepseek_v3":
+        scores = torch.sigmoid(logits)
+        choice = scores + router.e_score_correction_bias
+        groups = choice.reshape(choice.shape[0], cfg.n_group, -1)
+        group_score = groups.sort(dim=-1, descending=True).values[..., :2].sum(-1)
+        keep, _ = _top_k(group_score, cfg.topk_group, False)
+        masked = torch.full_like(groups, -float("inf"))
+        for t in range(groups.shape[0]):
+            masked[t, keep[t]] = groups[t, keep[t]]
+        idx, _ = _top_k(masked.reshape(choice.shape), k, False)
+        gates = torch.gather(scores, 1, idx)
+        return idx, gates / gates.sum(dim=-1, keepdim=True) * cfg.routed_scaling_factor
+    renorm = lm.config.model_type == "mixtral" or (bool(getattr(lm.config, "norm_topk_prob", False))
+                                                   and lm.config.model_type != "deepseek_v2")
+    idx, gates = _top_k(_softmax(logits), k, renorm)
+    return idx, gates * getattr(cfg, "routed_scaling_factor", 1.0)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

@@ -92,6 +92,13 @@ class Family:
     gguf_norm_topk_prob: bool = False
     #: file stem in engine/arch/published/ holding the config.json of the family's flagship release
     published: str = ""
+    #: attention linear layers attention LoRA wraps (those a layer has; MLA has its own projections)
+    attention_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    #: how the router scores experts: "softmax" (over all experts) or "sigmoid" (each expert on its own);
+    #: the balance loss reads the scores as the router computes them (`router_probs`)
+    router_scoring: str = "softmax"
+    #: the shared expert is a plain MLP added with weight 1 (no gate): adapters beside the MoE block merge into it
+    shared_expert_ungated: bool = False
 
     # ---- facts -------------------------------------------------------------------------------
     def num_experts(self, cfg: Any) -> int:
@@ -152,6 +159,40 @@ class Family:
         """The always-on shared expert of the block, if the family has one."""
         return None
 
+    def router_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-token expert probabilities [T, E] from the router's logits, for the balance loss and statistics:
+        softmax for a softmax router; a sigmoid router's scores normalised to sum to 1 (DeepSeek-V3's
+        sequence-wise balance loss uses the same normalised affinities)."""
+        if self.router_scoring == "sigmoid":
+            scores = torch.sigmoid(logits.float())
+            return scores / scores.sum(dim=-1, keepdim=True)
+        return torch.softmax(logits.float(), dim=-1)
+
+    def topk_gate_sum(self, cfg: Any) -> float | None:
+        """What every token's top-k gates sum to when that is one constant (1.0 when renormalised), else None."""
+        return 1.0 if self.norm_topk_prob(cfg) else None
+
+    def router_note(self, cfg: Any) -> str:
+        """What the routing statistics and balance losses mean for this family's router (one line)."""
+        return ("softmax router: balance loss = E/k · Σ_e f_e · P_e with P_e the mean softmax probability "
+                "(1.0 when balanced)")
+
+    def attention_modules(self, attn: nn.Module) -> list[str]:
+        """Names of the attention linear layers this decoder layer's attention has (of `attention_projections`)."""
+        return [n for n in self.attention_projections if isinstance(getattr(attn, n, None), nn.Module)]
+
+    def shared_expert_proj(self, name: str) -> tuple[int, str] | None:
+        """(layer, canonical projection) when a checkpoint tensor is a projection of an ungated shared expert."""
+        return None
+
+    def shared_expert_layout(self, cfg: Any, expert_intermediate: int, extra: int) -> tuple[int, dict]:
+        """(width, config.json edits) of the ungated shared expert after a merge that makes the routed experts
+        `expert_intermediate` wide and needs `extra` more shared columns."""
+        raise NotImplementedError(f"{self.title} has no ungated shared expert to merge into")
+
+    def tiny_init(self, model: nn.Module) -> None:
+        """Give a tiny random model's buffers that start constant (e.g. routing biases) random values."""
+
     def expert_views(self, block: nn.Module, expert: int) -> dict[str, torch.Tensor]:
         """Per-expert gate [I, H], up [I, H], down [H, I] as views into the fused tensors."""
         experts = self.experts(block)
@@ -194,9 +235,24 @@ class Family:
         """llama.cpp's name of the stacked experts of one canonical projection ('blk.0.ffn_gate_exps.weight')."""
         return GGUF_TENSOR_NAMES[self.gguf_expert_tensors[proj]].format(bid=layer) + ".weight"
 
-    def gguf_hparams(self, cfg: Any) -> dict[str, int]:
-        """Arch-specific llama.cpp hyperparameters, by gguf key template ('{arch}.expert_feed_forward_length')."""
+    def gguf_hparams(self, cfg: Any) -> dict[str, int | float | bool]:
+        """Arch-specific llama.cpp hyperparameters, by gguf key template ('{arch}.expert_feed_forward_length');
+        they replace the generic value of the same key."""
         return {}
+
+    def gguf_transform(self, cfg: Any, target: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """The llama.cpp tensors one renamed checkpoint tensor becomes (default: itself)."""
+        return [(target, tensor)]
+
+    def gguf_required(self, cfg: Any) -> list[str]:
+        """llama.cpp tensor names a complete GGUF of this config holds."""
+        need = []
+        for tensor in self.gguf_tensors.values():
+            template = GGUF_TENSOR_NAMES[tensor] + ".weight"
+            layers = range(int(cfg.num_hidden_layers)) if "{bid}" in template else (None,)
+            need += [template.format(bid=layer) for layer in layers]
+        return need + [self.gguf_expert_tensor_name(layer, p)
+                       for layer in range(int(cfg.num_hidden_layers)) for p in PROJECTIONS]
 
     def gguf_problems(self, cfg: Any) -> list[str]:
         """What in this config llama.cpp's graph for the arch would compute differently from transformers."""

@@ -17,9 +17,6 @@ from ..loader import LoadedModel
 from ..quant import expert_store
 from .strategies import ParallelAdapters, RoutedAdapters, RouterTap, add_block_output
 
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
 class RoutedPEFT:
     """A model with Routed-PEFT attached: its trainable parameters, losses, statistics and accounting."""
 
@@ -75,7 +72,7 @@ class RoutedPEFT:
                 block.peft = module
                 self._hooks.append(block.register_forward_hook(add_block_output(module)))
             router = self.family.router(block)
-            tap = RouterTap(E, r.base_balance_loss if layer in selected else 0.0)
+            tap = RouterTap(E, r.base_balance_loss if layer in selected else 0.0, self.family.router_probs)
             self.taps[layer] = tap
             self._hooks.append(router.register_forward_hook(tap))
             if r.train_router and layer in selected:
@@ -90,7 +87,7 @@ class RoutedPEFT:
             attn_layers = range(f.num_layers) if r.layers == "all" else self.layers
             for i in attn_layers:
                 attn = decoder_layers(self.model)[i].self_attn
-                for name in ATTENTION_PROJECTIONS:
+                for name in self.family.attention_modules(attn):
                     wrapped = LoraLinear(getattr(attn, name), a.rank, a.alpha, a.dropout)
                     setattr(attn, name, wrapped)
                     self._count("attention", i, wrapped.lora.num_params())

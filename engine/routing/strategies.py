@@ -84,10 +84,13 @@ class RoutedAdapters(nn.Module):
 
 
 class RouterTap:
-    """Forward hook on an MoE router: records expert counts and, when asked, its balance loss."""
+    """Forward hook on an MoE router: records expert counts and, when asked, its balance loss over the router's
+    probabilities as `probs(logits)` computes them (softmax; a sigmoid router's normalised scores)."""
 
-    def __init__(self, num_experts: int, balance_coef: float = 0.0):
+    def __init__(self, num_experts: int, balance_coef: float = 0.0,
+                 probs: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.num_experts, self.balance_coef = num_experts, balance_coef
+        self.probs = probs or (lambda logits: F.softmax(logits.float(), dim=-1))
         self.aux_losses: list[torch.Tensor] = []
         self.last_counts: torch.Tensor | None = None
 
@@ -96,7 +99,7 @@ class RouterTap:
         with torch.no_grad():
             self.last_counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts).cpu()
         if self.balance_coef > 0 and torch.is_grad_enabled():
-            probs = F.softmax(logits.float(), dim=-1)
+            probs = self.probs(logits)
             self.aux_losses.append(self.balance_coef * balance_loss(probs, idx, self.num_experts))
         return None
 
