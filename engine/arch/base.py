@@ -99,6 +99,8 @@ class Family:
     router_scoring: str = "softmax"
     #: the shared expert is a plain MLP added with weight 1 (no gate): adapters beside the MoE block merge into it
     shared_expert_ungated: bool = False
+    #: attention projections whose llama.cpp tensors the arch's graph multiplies without LoRA adapters
+    gguf_lora_unsupported: tuple[str, ...] = ()
 
     # ---- facts -------------------------------------------------------------------------------
     def num_experts(self, cfg: Any) -> int:

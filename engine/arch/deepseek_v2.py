@@ -30,6 +30,8 @@ class DeepseekV2Family(Family):
     attention_projections = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
     shared_expert_ungated = True
     gguf_arch = "deepseek2"
+    # llama.cpp's deepseek2 graph multiplies these with ggml_mul_mat (no LoRA); only attn_output takes one
+    gguf_lora_unsupported = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
     gguf_tensors = {
         "model.embed_tokens": GT.TOKEN_EMBD, "model.norm": GT.OUTPUT_NORM, "lm_head": GT.OUTPUT,
         "model.layers.{bid}.input_layernorm": GT.ATTN_NORM,
@@ -77,6 +79,7 @@ class DeepseekV2Family(Family):
                     num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=hidden // 2, qk_nope_head_dim=hidden // 8,
                     qk_rope_head_dim=hidden // 8, v_head_dim=hidden // 8, n_routed_experts=experts,
                     num_experts_per_tok=top_k, n_shared_experts=1, n_group=1, topk_group=1, topk_method="greedy",
+                    scoring_func="softmax",  # not read by transformers; the hub's configs carry it (llama.cpp reads it)
                     routed_scaling_factor=1.0, max_position_embeddings=1024,
                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
 

@@ -67,8 +67,8 @@ class DeepseekV3Family(DeepseekV2Family):
         kwargs = super().tiny_config_kwargs(layers, hidden, experts, top_k, vocab)
         groups = 2 if experts % 2 == 0 and experts // 2 >= top_k else 1  # group-limited: the best 1 of 2 groups
         kwargs.update(q_lora_rank=hidden // 2, n_group=groups, topk_group=1,
-                      norm_topk_prob=True, routed_scaling_factor=1.5, rope_interleave=True)
-        kwargs.pop("topk_method")
+                      norm_topk_prob=True, routed_scaling_factor=1.5, rope_interleave=True,
+                      scoring_func="sigmoid", topk_method="noaux_tc")  # as the hub's configs say (llama.cpp reads them)
         return kwargs
 
     def tiny_init(self, model):
