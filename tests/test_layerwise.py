@@ -57,6 +57,8 @@ CASES = [
     ("qwen2_moe", "embedded", "inside", {"attention_lora": True}),
     ("qwen2_moe", "routed", "parallel", {}),
     ("mixtral", "routed", "parallel", {"train_router": True}),
+    # a dense first layer, MLA attention, shared experts, the sigmoid router's balance loss
+    ("deepseek_v3", "embedded", "inside", {"attention_lora": True, "train_router": True}),
 ]
 
 
