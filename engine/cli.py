@@ -28,7 +28,7 @@ def cmd_models(args) -> int:
                      "shared_expert_intermediate_size": f.shared_expert_intermediate_size,
                      "experts_nf4_gb": round(f.expert_params * NF4_BITS / 8 / 1e9, 2),
                      "checkpoint_expert_names": fam.expert_key_template.replace("{proj}", "|".join(fam.proj_names)),
-                     "gguf_arch": fam.gguf_arch})
+                     "gguf_arch": fam.gguf_arch, "router": fam.router_note(fam.published_config())})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
