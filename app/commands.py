@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from engine.process import child_env, moetune_command
+from engine.runs import child_env, moetune_command
 
 from .paths import ROOT
 

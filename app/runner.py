@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.events import read_events_counted, skipped_warning
+from engine.runs import read_events_counted, skipped_warning
 from engine.io import atomic_write_json
-from engine.process import child_env, moetune_command, pid_alive
+from engine.runs import child_env, moetune_command, pid_alive
 
 from .paths import ROOT, child_folder, is_folder_name, runs_dir
 

@@ -25,8 +25,9 @@ import yaml
 
 from engine import config as C
 from engine.io import atomic_write_text
-from engine.process import moetune_command
-from engine.sweep import SWEEP_FILE, expand, format_stat, notes_of, winner_overrides
+from engine.runs import moetune_command
+from engine.sweep import SWEEP_FILE, expand
+from engine.sweep_results import format_stat, notes_of, winner_overrides
 
 from . import controls as K, plots
 from .paths import ROOT, child_folder, display_path, is_folder_name, resolve_config_paths, runs_dir

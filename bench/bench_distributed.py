@@ -3,10 +3,10 @@ and 2 ranks, and the bytes each step hands to collectives (all-reduce; all-to-al
 next to the estimate the README gives.
 
 Each configuration is a real job: N processes of this script with torchrun's environment (RANK, WORLD_SIZE,
-MASTER_ADDR, MASTER_PORT), each running `engine.train.train` on the same random-weight model (gloo on the CPU,
+MASTER_ADDR, MASTER_PORT), each running `engine.training.loop.train` on the same random-weight model (gloo on the CPU,
 NCCL on GPUs). Every rank takes `--micro-batch` sequences a step, so N ranks train N times the tokens of one
-(weak scaling: tokens/s is the job's). Bytes are counted where they leave the engine (engine.distributed.TRAFFIC:
-every all-reduce payload of engine.distributed, every all-to-all input of engine.expert_parallel), divided by
+(weak scaling: tokens/s is the job's). Bytes are counted where they leave the engine (engine.training.collectives.TRAFFIC:
+every all-reduce payload of engine.training.distributed, every all-to-all input of engine.training.expert_parallel), divided by
 the steps; the estimate is computed from the model's parameter counts (see `estimate`).
 
   python bench/bench_distributed.py --json              # CPU, gloo: 1 rank, 2 ranks, 2 ranks expert parallel
@@ -52,10 +52,10 @@ def worker(job: Path) -> None:
 
     import torch
 
-    from engine import distributed
+    from engine.training import collectives, distributed
     from engine.config import from_dict
-    from engine.events import read_events
-    from engine.train import train
+    from engine.runs import read_events
+    from engine.training import train
 
     spec = json.loads(job.read_text())
     torch.set_num_threads(spec["threads"])
@@ -66,8 +66,8 @@ def worker(job: Path) -> None:
     cuda = spec["device"] == "cuda"
     peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     result = {"rank": rank, "peak_memory_gb": round(peak, 3), "memory_kind": "cuda allocated" if cuda else "host RSS",
-              "all_reduce_bytes_per_step": distributed.TRAFFIC["all_reduce"] / cfg.train.max_steps,
-              "all_to_all_bytes_per_step": distributed.TRAFFIC.get("all_to_all", 0) / cfg.train.max_steps}
+              "all_reduce_bytes_per_step": collectives.TRAFFIC["all_reduce"] / cfg.train.max_steps,
+              "all_to_all_bytes_per_step": collectives.TRAFFIC.get("all_to_all", 0) / cfg.train.max_steps}
     if rank == 0:
         steps = [e for e in read_events(out / "events.jsonl")[0] if e["type"] == "step"]
         result["tokens_per_s"] = statistics.median(e["tokens_per_s"] for e in steps[1:])
@@ -89,11 +89,11 @@ def estimate(model: Path, cfg: dict, world: int) -> dict:
 
     from engine.config import from_dict
     from engine.data import load_examples
-    from engine.distributed import RankBatches
-    from engine.loader import load_model, load_tokenizer
-    from engine.optim import sparse_params_of
-    from engine.routing import attach
-    from engine.train import Batches
+    from engine.training.distributed import RankBatches
+    from engine.model import load_model, load_tokenizer
+    from engine.training import sparse_params_of
+    from engine.adapters import attach
+    from engine.training import Batches
 
     c = from_dict({**cfg, "train": {**cfg["train"], "expert_parallel": 1}})
     peft = attach(load_model(c.model.path), c)
@@ -157,8 +157,8 @@ def main() -> int:
     if args.worker:
         worker(Path(args.worker))
         return 0
-    from engine.synthetic import last_digit_rows
-    from engine.tiny import make_tiny_model
+    from engine.data.synthetic import last_digit_rows
+    from engine.model import make_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="bench-dist-"))
     model = make_tiny_model("qwen3_moe", root / "model", **SHAPE, seed=0)

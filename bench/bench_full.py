@@ -117,7 +117,7 @@ def _value(text: str):
 
 def bench_config(model: str, layers: int | None, sets: list[str]):
     """The family's published transformers config, with `--layers` and `--set key=value` applied."""
-    from engine.arch import get_family
+    from engine.model.arch import get_family
 
     cfg = get_family(model).published_config()
     for item in sets:
@@ -160,10 +160,10 @@ def write_checkpoint(cfg, out: Path, seed: int = 0) -> dict:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from engine.arch import get_family
-    from engine.arch.base import ExpertKey
+    from engine.model.arch import get_family
+    from engine.model.arch.base import ExpertKey
     from engine.io import atomic_path, atomic_write_json
-    from engine.tiny import build_tokenizer
+    from engine.model import build_tokenizer
 
     family = get_family(cfg.model_type)
     key = {"config": json.loads(cfg.to_json_string()), "seed": seed}
@@ -255,9 +255,9 @@ def peft_child(args) -> int:
 
     from bench.bench_step import peft_lora
 
-    from engine.arch import get_family
-    from engine.loader import read_config
-    from engine.synthetic import random_token_batches
+    from engine.model.arch import get_family
+    from engine.model import read_config
+    from engine.data.synthetic import random_token_batches
 
     torch.set_num_threads(args.threads)
     config, family = read_config(args.ckpt)

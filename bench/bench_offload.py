@@ -6,7 +6,7 @@ a layer, let alone the model) into pinned host memory, served through an ExpertC
 the GPU budget leaves. Then trains a few steps with expert LoRA (`embedded`, `inside`) and prints
 tokens/s, peak GPU memory, PCIe bytes per step and GB/s for each variant, side by side:
 
-  moetune-layer-major   engine.layerwise.layer_major_step + OffloadSchedule prefetch; one dequantisation per
+  moetune-layer-major   engine.training.steps.layer_major_step + OffloadSchedule prefetch; one dequantisation per
                         group of experts (their NF4 cache slots stacked on the device)
   moetune-layer-major-per-expert   the same, dequantising expert by expert (the earlier offloaded path)
   moetune-microbatch    the plain loop ((loss/accum).backward() per micro-batch), same cache
@@ -42,8 +42,8 @@ GB = 1e9
 # ---- model building -----------------------------------------------------------------------------
 def model_config(name: str, small: bool):
     """The published config of a family's flagship (full size), or a tiny one (--small)."""
-    from engine.arch import get_family
-    from engine.tiny import tiny_config
+    from engine.model.arch import get_family
+    from engine.model import tiny_config
 
     if small:
         return tiny_config(name, layers=4, hidden=128, experts=8, top_k=2, vocab_size=512)
@@ -56,7 +56,7 @@ def _random_(p: torch.Tensor, name: str, hidden: int) -> torch.Tensor:
     if "norm" in name:
         return p.fill_(1.0)
     if name.endswith("mlp.gate.weight"):
-        return p.normal_(0.0, hidden ** -0.5)  # decisive routing, as engine.tiny does
+        return p.normal_(0.0, hidden ** -0.5)  # decisive routing, as engine.model.tiny does
     return p.normal_(0.0, 0.02)
 
 
@@ -67,12 +67,12 @@ def build_moetune(cfg, device: torch.device, dtype: torch.dtype, args, log, batc
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoModelForCausalLM
 
-    from engine.arch import get_family
+    from engine.model.arch import get_family
     from engine.config import from_dict
-    from engine.loader import LoadedModel
-    from engine.offload import ExpertCache, OffloadedExpertStore
-    from engine.quant import NF4ExpertStore
-    from engine.routing import attach
+    from engine.model import ExpertCache, LoadedModel
+    from engine.model.offload import OffloadedExpertStore
+    from engine.model import NF4ExpertStore
+    from engine.adapters import attach
 
     family = get_family(cfg.model_type)
     facts = family.facts(cfg)
@@ -139,7 +139,7 @@ def build_peft_baseline(cfg, device: torch.device, dtype: torch.dtype, args, log
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from engine.arch import get_family
+    from engine.model.arch import get_family
 
     family = get_family(cfg.model_type)
     n_params = _param_count(cfg)
@@ -170,7 +170,7 @@ def _param_count(cfg) -> int:
 
 # ---- one variant ----------------------------------------------------------------------------------
 def _batches(cfg, args, device, step):
-    from engine.synthetic import random_token_batches
+    from engine.data.synthetic import random_token_batches
 
     return random_token_batches(cfg.vocab_size, args.micro_batch, args.seq_len, args.grad_accum, 1000 + step, device)
 
@@ -193,9 +193,9 @@ def link_bandwidth(device: torch.device, nbytes: int = 256 * 2 ** 20) -> float |
 
 def run_variant(variant: str, args) -> dict:
     """Build, train `args.steps` steps, measure the steps after the first."""
-    from engine.layerwise import layer_major_step, micro_batch_major_step
-    from engine.offload import OffloadSchedule
-    from engine.optim import SparseAdamW, sparse_params_of
+    from engine.training import layer_major_step, micro_batch_major_step
+    from engine.model import OffloadSchedule
+    from engine.training import SparseAdamW, sparse_params_of
 
     def log(msg):
         print(f"[{variant}] {msg}", file=sys.stderr, flush=True)

@@ -1,7 +1,7 @@
 """One training step, MoETune against transformers 5 + HF PEFT, side by side in one run: same random-weight
 model (built from the same config and seed in both), same tokens, same optimizer-step shape.
 
-  moetune    engine.routing.attach: experts in NF4 (engine.quant), expert LoRA inside each expert
+  moetune    engine.adapters.attach: experts in NF4 (engine.model.stores), expert LoRA inside each expert
              (`embedded` + `inside`, rank r, alpha 2r) + attention LoRA (q/k/v/o), attention in NF4,
              gradient checkpointing, SparseAdamW — the path `moetune train` runs with experts resident.
   baseline   transformers 5 + PEFT LoRA: `target_parameters` on the fused `experts.gate_up_proj` /
@@ -98,8 +98,8 @@ def _peak_bytes(device, floor_kb: int) -> int:
 # ---- the model -----------------------------------------------------------------------------------
 def model_config(name: str, args):
     """The transformers config of one benchmark shape."""
-    from engine.arch import get_family
-    from engine.tiny import tiny_config
+    from engine.model.arch import get_family
+    from engine.model import tiny_config
 
     if args.published:
         cfg = get_family(name).published_config()
@@ -127,13 +127,13 @@ def build_moetune(cfg, device, dtype, args, backend: str):
     """MoETune on the base model; returns (model, step function, info)."""
     import torch
 
-    from engine.arch import get_family
+    from engine.model.arch import get_family
     from engine.config import from_dict
-    from engine.layerwise import micro_batch_major_step
-    from engine.loader import LoadedModel
-    from engine.optim import SparseAdamW, sparse_params_of
-    from engine.quant import quantize_linear_layers
-    from engine.routing import attach
+    from engine.training import micro_batch_major_step
+    from engine.model import LoadedModel
+    from engine.training import SparseAdamW, sparse_params_of
+    from engine.model import quantize_linear_layers
+    from engine.adapters import attach
 
     family = get_family(cfg.model_type)
     model = _base_model(cfg, device, dtype)
@@ -179,8 +179,8 @@ def build_baseline(cfg, device, dtype, args):
     """transformers + PEFT LoRA on the base model; returns (model, step function, info)."""
     import torch
 
-    from engine.arch import get_family
-    from engine.quant import quantize_linear_layers
+    from engine.model.arch import get_family
+    from engine.model import quantize_linear_layers
 
     block = get_family(cfg.model_type).block_attr
     model = _base_model(cfg, device, dtype)
@@ -205,7 +205,7 @@ def build_baseline(cfg, device, dtype, args):
 
 def batches_for(cfg, args, step: int, device):
     """The micro-batches of one step: random token ids from a seed of the step (identical in every variant)."""
-    from engine.synthetic import random_token_batches
+    from engine.data.synthetic import random_token_batches
 
     return random_token_batches(cfg.vocab_size, args.micro_batch, args.seq_len, args.grad_accum, 1000 + step, device)
 
@@ -219,7 +219,7 @@ def child(args) -> None:
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    import engine.routing  # noqa: F401
+    import engine.adapters  # noqa: F401
 
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")

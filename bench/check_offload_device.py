@@ -20,8 +20,8 @@ import torch  # noqa: E402
 
 def _setup(path, device):
     from engine.config import from_dict
-    from engine.loader import load_model
-    from engine.routing import attach
+    from engine.model import load_model
+    from engine.adapters import attach
 
     lm = load_model(path, dtype=torch.float32, device=device)
     cfg = from_dict({"adapter": {"kind": "lora", "placement": "inside", "rank": 8, "alpha": 16},
@@ -49,8 +49,7 @@ def _batches(vocab, device, step, n=3):
 
 
 def _train(lm, peft, device, steps, hooks=None, layer_major=True):
-    from engine.layerwise import layer_major_step, micro_batch_major_step
-    from engine.optim import SparseAdamW, sparse_params_of
+    from engine.training import SparseAdamW, layer_major_step, micro_batch_major_step, sparse_params_of
 
     opt = SparseAdamW([p for _, p in peft.trainable_parameters()], lr=1e-3,
                       sparse_params=sparse_params_of(lm.model))
@@ -68,8 +67,7 @@ def _train(lm, peft, device, steps, hooks=None, layer_major=True):
 
 
 def main() -> int:
-    from engine.offload import OffloadSchedule, offload_banks
-    from engine.tiny import make_tiny_model
+    from engine.model import OffloadSchedule, make_tiny_model, offload_banks
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # "bit-identical" compares two runs: both must add in the same order (one CPU thread; CUDA's deterministic

@@ -16,7 +16,7 @@ from .io import NoSpaceError, is_no_space, no_space
 
 def cmd_models(args) -> int:
     """List the supported model families and their MoE facts (from each flagship's published config)."""
-    from .arch import FAMILIES, NF4_BITS
+    from .model.arch import FAMILIES, NF4_BITS
 
     rows = []
     for fam in FAMILIES.values():
@@ -44,7 +44,7 @@ def cmd_models(args) -> int:
 
 def cmd_tiny_model(args) -> int:
     """Write a random-weight checkpoint of a real architecture, with tokenizer."""
-    from .tiny import make_tiny_model
+    from .model import make_tiny_model
 
     out = make_tiny_model(args.family, args.out, layers=args.layers, hidden=args.hidden, experts=args.experts,
                           top_k=args.top_k, seed=args.seed, tokenizer=args.tokenizer)
@@ -55,8 +55,8 @@ def cmd_tiny_model(args) -> int:
 def cmd_train(args) -> int:
     """Train (or resume) a run from a YAML config."""
     from . import config as C
-    from .distributed import launch_local
-    from .train import train
+    from .training.collectives import launch_local
+    from .training import train
 
     cfg = C.load(args.config, args.set)  # a bad config is one error here, not one per rank
     out = args.out or str(Path("runs") / (Path(args.config).stem))
@@ -81,7 +81,8 @@ def _add_train(sub):
 
 def cmd_sweep(args) -> int:
     """Short trainings of several candidates at matched trainable parameters; print the table (or JSON)."""
-    from .sweep import SWEEP_FILE, run_sweep, table
+    from .sweep import SWEEP_FILE, run_sweep
+    from .sweep_results import table
 
     out = args.out or str(Path("runs") / f"sweep-{Path(args.config).stem}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else None
@@ -142,7 +143,7 @@ def cmd_eval(args) -> int:
     """Score a run's adapter (or its base model, --base; or both from one loaded model, --with-base) on
     benchmarks; write every prediction."""
     from .evaluate import evaluate_many
-    from .runs import load_run
+    from .runs.finished import load_run
 
     if args.base and args.with_base:
         raise ValueError("--base scores the base model alone; --with-base scores the adapter and the base: "
@@ -200,7 +201,7 @@ def cmd_chat(args) -> int:
     lines from stdin, the adapter and the base model from one loaded model."""
     from .data import generation_prompt
     from .evaluate import generate, stop_token_ids
-    from .runs import load_run
+    from .runs.finished import load_run
 
     if args.prompt is None and not args.serve:
         raise ValueError("give --prompt TEXT, or --serve to answer JSON lines from stdin.")
@@ -288,7 +289,7 @@ def _add_models(sub):
 
 
 def _add_tiny_model(sub):
-    from .arch import FAMILIES
+    from .model.arch import FAMILIES
 
     p = sub.add_parser("tiny-model", help="a random-weight checkpoint of a real architecture, with tokenizer")
     p.add_argument("--family", required=True, choices=sorted(FAMILIES))
@@ -349,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         full = e if isinstance(e, NoSpaceError) else no_space(Path(e.filename or ".").parent)
         print(f"moetune {args.command}: error: {full}", file=sys.stderr)
         return 1
-    except RuntimeError as e:  # a job of several ranks that cannot go on (engine.distributed), one line
-        from .distributed import DistributedError
+    except RuntimeError as e:  # a job of several ranks that cannot go on (engine.training.distributed), one line
+        from .training.collectives import DistributedError
 
         if not isinstance(e, DistributedError):
             raise

@@ -324,3 +324,21 @@ def field_help(section: str, name: str) -> dict:
         if f.name == name:
             return dict(f.metadata)
     raise KeyError(f"{section}.{name}")
+
+
+def check_expert_parallel(expert_parallel: int, world_size: int | None = None,
+                          num_experts: int | None = None) -> None:
+    """Raise a ConfigError naming `train.expert_parallel` when it does not divide the world size or the number
+    of experts (either check is skipped when its number is None)."""
+    if expert_parallel < 1:
+        raise ConfigError(f"train.expert_parallel: {expert_parallel} must be at least 1.")
+    if world_size is not None and expert_parallel > 1 and world_size != expert_parallel:
+        # the trainer splits the experts over every rank of the job (engine.training.distributed.shard_experts); a hybrid
+        # (world 4, expert_parallel 2) would need the shards' gradients all-reduced across replicas, not built
+        raise ConfigError(f"train.expert_parallel: {expert_parallel} needs a job of exactly {expert_parallel} ranks "
+                          f"(this one has {world_size}); use --gpus {expert_parallel}, or set "
+                          "train.expert_parallel: 1 (data parallel only).")
+    if num_experts is not None and num_experts % expert_parallel:
+        divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
+        raise ConfigError(f"train.expert_parallel: {expert_parallel} does not divide the model's {num_experts} "
+                          f"experts; choose one of {', '.join(map(str, divisors))}.")

@@ -9,7 +9,7 @@ Units: 1 GB = 10^9 bytes everywhere, `memory.gpu_gb` included (a "24 GB" card ho
 What the GPU holds, placed in this order:
 1. non-expert weights, bf16 (2 bytes): embeddings, lm_head, norms, biases, routers (the MoE's and
    Qwen2-MoE's shared-expert gate); attention q/k/v/o and the other linear layers (Qwen2-MoE's shared
-   expert, dense MLPs) in NF4 when `model.attention_quant: nf4` (what `engine.quant.quantize_linear_layers`
+   expert, dense MLPs) in NF4 when `model.attention_quant: nf4` (what `engine.model.linear4bit.quantize_linear_layers`
    swaps), else bf16.
 2. adapters: trainable parameters from a closed form per strategy (`adapter_params`), 16 bytes each:
    fp32 parameter + fp32 gradient + AdamW's two fp32 moments (`adapters` 4 B, `optimizer` 12 B).
@@ -19,15 +19,15 @@ What the GPU holds, placed in this order:
    gradients); the logits with their fp32 upcast and gradient (10 bytes a logit). Attention is assumed
    to run through SDPA/flash kernels (no T×T score matrix).
 4. dequantised weights in flight: one group of experts in bf16 (the expert bank dequantises a layer's
-   touched experts in groups of `engine.experts.group_size` — a quarter of the layer or 32 MiB, at most
+   touched experts in groups of `engine.model.expert_bank.group_size` — a quarter of the layer or 32 MiB, at most
    256 MiB, at least one expert — and recomputes in backward), plus the largest NF4 linear layer when
    attention is NF4.
 5. a fixed reserve of `CUDA_RESERVE` bytes for the CUDA context, cuBLAS workspaces and allocator slack.
-6. experts (NF4 with double quantisation: `engine.quant.nf4_nbytes`, ≈ 4.13 bits a weight; or bf16):
+6. experts (NF4 with double quantisation: `engine.model.stores.nf4_nbytes`, ≈ 4.13 bits a weight; or bf16):
    all of them *resident* when they fit; otherwise an expert cache of what is left. The schedule runs
    forward over layers 0..L-1 and backward L-1..0, so the cache keeps the last layers at the end of
    the forward (they are labelled *cached*) and the rest are *offloaded*: pinned host memory, copied
-   over PCIe once in the forward and once in the backward of every step (with `engine.layerwise`,
+   over PCIe once in the forward and once in the backward of every step (with `engine.training.steps`,
    once per step whatever `train.grad_accum` is). A cache of S layers moves 2·(L−S) layers a step in
    steady state. Offloading needs a cache of at least `STREAM_LAYERS` layers (the layer computing
    and the next one being prefetched).
@@ -49,219 +49,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .arch import MoEFacts
 from .config import Config, ConfigError
+from .sizes import (
+    BF16, QUANTIZABLE_GROUPS, ModelShape, activation_bytes, adapter_params, adapter_params_per_gpu, all_to_all_bytes,
+    model_shape,
+)
 
 GB = 10**9
-BF16 = 2
 #: CUDA context (~0.5 GB on recent drivers), cuBLAS/cuDNN workspaces and caching-allocator slack
 CUDA_RESERVE = 1 * GB
 #: host -> device bandwidth of PCIe 4.0 x16 from pinned memory
 PCIE_BYTES_PER_S = 25 * GB
 #: fp32 parameter + fp32 gradient + two fp32 AdamW moments
 PARAM_BYTES, OPTIMIZER_BYTES = 4, 12
-#: a logit in the LM head: bf16 value, its fp32 upcast for the loss, and the fp32 gradient
-LOGIT_BYTES = 2 + 4 + 4
 #: layers of experts an offloading cache holds at least: the one computing and the next, prefetched
 STREAM_LAYERS = 2
 #: budget used when memory.gpu_gb is null and no GPU is visible
 DEFAULT_GPU_GB = 24.0
 PLACEMENTS = ("resident", "cached", "offloaded")
-
-
-# ---- the model, from its config -----------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelShape:
-    """What the planner needs of a model config: MoE facts, attention shapes, vocabulary, weight inventory."""
-
-    facts: MoEFacts
-    title: str
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    #: non-expert parameters by group: embeddings, lm_head, router, norms_biases (always bf16) and
-    #: attention, shared_expert, other_linear (NF4 when model.attention_quant is nf4)
-    params: dict[str, int]
-    #: element counts of every linear weight NF4 can hold, by group (for exact NF4 sizes)
-    linear_numels: dict[str, tuple[int, ...]]
-    #: per decoder layer, Σ (in + out) over the attention projections attention LoRA wraps (q/k/v/o, MLA's own)
-    attention_io: tuple[int, ...] = ()
-
-    @property
-    def q_dim(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-
-QUANTIZABLE_GROUPS = ("attention", "shared_expert", "other_linear")
-
-
-def model_shape(model_config: Any) -> ModelShape:
-    """The planner's view of a transformers config; builds the module tree on the meta device (no weights)."""
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    from .arch import get_family
-    from .quant import is_quantizable_linear
-
-    family = get_family(model_config.model_type)
-    facts = family.facts(model_config)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16)
-    experts = {id(p) for _, block in family.moe_blocks(model) for p in family.experts(block).parameters()}
-    routers = {id(family.router(block)) for _, block in family.moe_blocks(model)}
-    out_emb = model.get_output_embeddings()
-    params = dict.fromkeys(("embeddings", "lm_head", "router", "norms_biases", *QUANTIZABLE_GROUPS), 0)
-    numels: dict[str, list[int]] = {g: [] for g in QUANTIZABLE_GROUPS}
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if id(p) in seen or id(p) in experts:
-                continue
-            seen.add(id(p))
-            if isinstance(module, torch.nn.Embedding):
-                group = "embeddings"
-            elif module is out_emb:
-                group = "lm_head"
-            elif id(module) in routers or (isinstance(module, torch.nn.Linear)
-                                           and not is_quantizable_linear(name, module)):
-                group = "router"
-            elif pname == "weight" and is_quantizable_linear(name, module):
-                group = "attention" if ".self_attn." in f".{name}." else \
-                    "shared_expert" if any(f".{s}." in f".{name}." for s in ("shared_expert", "shared_experts")) \
-                    else "other_linear"
-                numels[group].append(p.numel())
-            else:
-                group = "norms_biases"
-            params[group] += p.numel()
-    n_heads = int(model_config.num_attention_heads)
-    # MLA (DeepSeek): q and the expanded k are qk_head_dim (nope + rope) per head
-    head_dim = getattr(model_config, "qk_head_dim", None) or getattr(model_config, "head_dim", None) \
-        or facts.hidden_size // n_heads
-    from .arch import decoder_layers
-
-    attention_io = tuple(sum(getattr(layer.self_attn, n).in_features + getattr(layer.self_attn, n).out_features
-                             for n in family.attention_modules(layer.self_attn)) for layer in decoder_layers(model))
-    return ModelShape(
-        facts=facts, title=family.title,
-        num_heads=n_heads, num_kv_heads=int(getattr(model_config, "num_key_value_heads", None) or n_heads),
-        head_dim=int(head_dim), vocab_size=int(model_config.vocab_size), params=params,
-        linear_numels={g: tuple(v) for g, v in numels.items()}, attention_io=attention_io)
-
-
-# ---- closed forms --------------------------------------------------------------------------------
-def _adapter(kind: str, d_in: int, d_out: int, rank: int) -> int:
-    """Parameters of one PEFT expert: lora / bottleneck r·(in + out), gated r·(2·in + out)."""
-    return rank * (2 * d_in + d_out) if kind == "gated" else rank * (d_in + d_out)
-
-
-def attention_layers(cfg: Config, shape: ModelShape) -> list[int]:
-    """Layers that get attention LoRA: every decoder layer for `routing.layers: all`, else the selected ones."""
-    if not cfg.routing.attention_lora:
-        return []
-    return list(range(shape.facts.num_layers)) if cfg.routing.layers == "all" else cfg.layer_indices(shape.facts.moe_layers)
-
-
-def adapter_params(cfg: Config, shape: ModelShape) -> dict[str, int]:
-    """Trainable parameters by group (the strategy's name, "router", "attention"), in closed form.
-
-    Per selected MoE layer (H hidden, I expert intermediate, E experts, N = routing.num_adapters, r = rank):
-    shared = one H→H adapter; dense = N adapters; routed = N adapters + its router H·N; embedded = E
-    adapters (parallel), or LoRA inside each expert on gate, up (H→I) and down (I→H) = 3·E·r·(H + I).
-    An H→H adapter: lora 2·H·r, bottleneck 2·H·r, gated 3·H·r. `routing.train_router` adds the MoE's
-    router E·H; `attention_lora` adds LoRA on q, k, v, o: r·(H+q) + 2·r·(H+kv) + r·(q+H) per layer.
-    """
-    a, r = cfg.adapter, cfg.routing
-    H, I, E, N = shape.facts.hidden_size, shape.facts.expert_intermediate_size, shape.facts.num_experts, r.num_adapters
-    layers = len(cfg.layer_indices(shape.facts.moe_layers))
-    one = _adapter(a.kind, H, H, a.rank)
-    per_layer = {
-        "none": 0,
-        "shared": one,
-        "dense": N * one,
-        "routed": N * one + H * N,
-        "embedded": (3 * E * a.rank * (H + I)) if a.placement == "inside" else E * one,
-    }[r.strategy]
-    out = {}
-    if per_layer:
-        out[r.strategy] = layers * per_layer
-    if r.train_router:
-        out["router"] = layers * E * H
-    attn = attention_layers(cfg, shape)
-    if attn and shape.attention_io:  # r·(in + out) of each projection attention LoRA wraps (MLA has its own)
-        out["attention"] = a.rank * sum(shape.attention_io[i] for i in attn)
-    elif attn:
-        q, kv = shape.q_dim, shape.kv_dim
-        out["attention"] = len(attn) * a.rank * ((H + q) + 2 * (H + kv) + (q + H))
-    return out
-
-
-def adapter_params_per_gpu(cfg: Config, shape: ModelShape) -> int:
-    """Trainable parameters one GPU holds: all of `adapter_params`, but 1/P of the embedded strategy's per-expert
-    adapters under `train.expert_parallel: P`."""
-    params = adapter_params(cfg, shape)
-    sharded = params.get("embedded", 0)
-    return sum(params.values()) - sharded + sharded // cfg.train.expert_parallel
-
-
-def activation_bytes(cfg: Config, shape: ModelShape) -> dict[str, int]:
-    """Activation memory of one micro-batch (train.micro_batch × data.max_len tokens), by part.
-
-    Per token of one decoder layer (bf16, 2 bytes): attention = norm out, q, k, v, rotated q and k,
-    attention out, o_proj out (+ fp32 log-sum-exp per head); MoE = norm out, router logits and
-    probabilities (fp32, E each), and for each of the top-k routed pairs the gathered input, gate_up
-    out (2I), act(gate) and act·up (I each), the expert output, then the weighted sum; the shared
-    expert's intermediates; the adapters' intermediates; under `train.expert_parallel` > 1 the token
-    exchange's buffers (each routed pair's input sent and received, its output sent back and received: 4·H).
-    With gradient checkpointing: one layer's input kept per layer + one layer's activations ×2 (saved +
-    gradients); without: every layer's. Plus the logits (LOGIT_BYTES each).
-    """
-    a, r = cfg.adapter, cfg.routing
-    tokens = cfg.train.micro_batch * cfg.data.max_len
-    H, I, E, k = shape.facts.hidden_size, shape.facts.expert_intermediate_size, shape.facts.num_experts, shape.facts.top_k
-    q, kv, Is, rank = shape.q_dim, shape.kv_dim, shape.facts.shared_expert_intermediate_size, a.rank
-    attn = BF16 * (H + 2 * q + 3 * kv + q + H) + 4 * shape.num_heads
-    moe = BF16 * H + 2 * 4 * E + k * BF16 * (H + 2 * I + 2 * I + H) + BF16 * H
-    if cfg.train.expert_parallel > 1:
-        moe += k * BF16 * 4 * H
-    shared = BF16 * (4 * Is + H + 1) if Is else 0
-    inner = {"lora": 1, "bottleneck": 2, "gated": 3}[a.kind] * rank  # rank-sized tensors an adapter keeps
-    adapters = {
-        "none": 0,
-        "shared": BF16 * (inner + H),
-        "dense": BF16 * r.num_adapters * (inner + H),
-        "routed": 4 * r.num_adapters + r.top_k * BF16 * (H + inner + H),
-        "embedded": k * BF16 * ((3 * rank + 2 * I + H) if a.placement == "inside" else (inner + H)),
-    }[r.strategy]
-    if r.attention_lora:
-        adapters += BF16 * (4 * rank + q + 2 * kv + H)
-    per_layer_token = attn + moe + shared + adapters
-    if cfg.train.gradient_checkpointing:
-        kept = shape.facts.num_layers * tokens * H * BF16
-        layer = 2 * tokens * per_layer_token
-    else:
-        kept = 0
-        layer = (shape.facts.num_layers + 1) * tokens * per_layer_token
-    return {"layer_inputs": kept, "layer_activations": layer, "logits": tokens * shape.vocab_size * LOGIT_BYTES}
-
-
-def all_to_all_bytes(cfg: Config, shape: ModelShape) -> int:
-    """Bytes one GPU sends to the others a step under `train.expert_parallel: P` (0 when P is 1): each MoE
-    layer's routed pairs (train.micro_batch × data.max_len × train.grad_accum tokens × top-k) go to their
-    experts' GPU (a share (P-1)/P of them leaves this one, balanced routing) in bf16 and their outputs come back;
-    the same again in the backward (gradients) and, with gradient checkpointing, in the recompute."""
-    ep = cfg.train.expert_parallel
-    if ep == 1:
-        return 0
-    pairs = cfg.train.micro_batch * cfg.data.max_len * cfg.train.grad_accum * shape.facts.top_k
-    passes = 3 if cfg.train.gradient_checkpointing else 2
-    per_layer = 2 * pairs * shape.facts.hidden_size * BF16 * passes  # there and back, each pass
-    return len(shape.facts.moe_layers) * per_layer * (ep - 1) // ep
 
 
 # ---- the plan -----------------------------------------------------------------------------------
@@ -411,8 +216,9 @@ def _budget(cfg: Config, gpu_gb: float | None) -> tuple[int, str]:
 
 def _sizes(cfg: Config, shape: ModelShape) -> dict:
     """Everything but the experts' placement."""
-    from .quant import CODE_TABLE_BYTES, nf4_expert_nbytes, nf4_nbytes
-    from .experts import group_size
+    from .model import nf4_expert_nbytes, nf4_nbytes
+    from .model.stores import CODE_TABLE_BYTES
+    from .model.expert_bank import group_size
 
     H, I, E = shape.facts.hidden_size, shape.facts.expert_intermediate_size, shape.facts.num_experts
     nf4_attn = cfg.model.attention_quant == "nf4"
@@ -472,13 +278,13 @@ def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None, gpu
     Reads only `model.path`/config.json (or uses `model_config`); `gpu_gb` overrides `memory.gpu_gb` (one GPU's
     budget); `gpus`: the GPUs of the job (default `train.expert_parallel`), every figure then one GPU's.
     """
-    from .expert_parallel import check_expert_parallel
+    from .config import check_expert_parallel
 
     if gpus is not None and gpus < 1:
         raise ConfigError(f"--gpus: {gpus} must be at least 1.")
     stand_in = None
     if model_config is None:
-        from .loader import read_config
+        from .model import read_config
 
         if not cfg.model.path:
             raise ConfigError("model.path is empty; set it to a local HF checkpoint directory "
@@ -523,7 +329,7 @@ def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None, gpu
 def _published_stand_in(path: str) -> tuple[Any, str] | None:
     """(config, name) of a family flagship when `path` does not exist yet but is named after one
     (e.g. ~/models/Mixtral-8x7B-v0.1), so a preset can be planned before its model is downloaded."""
-    from .arch import FAMILIES
+    from .model.arch import FAMILIES
 
     folder = Path(path).expanduser()
     if (folder / "config.json").exists():

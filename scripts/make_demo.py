@@ -35,9 +35,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from engine.data.templates import alpaca_prompt  # noqa: E402
-from engine.synthetic import addition_rows  # noqa: E402
-from engine.tiny import CORPUS, build_tokenizer, tiny_config  # noqa: E402
+from engine.data import alpaca_prompt  # noqa: E402
+from engine.data.synthetic import addition_rows  # noqa: E402
+from engine.model import build_tokenizer, tiny_config
+from engine.model.tiny import CORPUS  # noqa: E402
 
 FAMILY = "qwen3_moe"
 SIZES = dict(layers=4, hidden=128, experts=8, top_k=2)

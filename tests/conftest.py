@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.arch import FAMILIES
+from engine.model.arch import FAMILIES
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # quantised-expert caches of test runs go to a throw-away folder, not the user's ~/.cache
@@ -34,7 +34,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Factory: tiny_checkpoint(family, **sizes) -> path of a saved random-weight checkpoint (cached)."""
-    from engine.tiny import make_tiny_model
+    from engine.model import make_tiny_model
 
     cache: dict[tuple, Path] = {}
     root = tmp_path_factory.mktemp("tiny")
@@ -53,6 +53,6 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer():
     """The tiny models' byte-level BPE tokenizer (pad 0, bos 1, eos 2, ChatML chat template)."""
-    from engine.tiny import build_tokenizer
+    from engine.model import build_tokenizer
 
     return build_tokenizer()

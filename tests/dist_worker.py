@@ -9,7 +9,7 @@ import sys
 import torch
 
 from engine.config import from_dict
-from engine.train import train
+from engine.training import train
 
 
 def main(job_file: str) -> int:

@@ -111,7 +111,7 @@ def test_a_garbled_events_line_is_skipped_counted_and_shown(tmp_path):
     import gradio as gr
 
     from app.controls import Controls
-    from engine.sweep import run_result
+    from engine.sweep_results import run_result
 
     run = tmp_path / "garbled"
     run.mkdir()

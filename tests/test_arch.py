@@ -9,9 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from engine.arch import FAMILIES, ExpertKey, UnsupportedModelError, get_family
-from engine.loader import CheckpointError, iter_tensors, load_model, read_config
-from engine.tiny import make_tiny_model, tiny_config
+from engine.model.arch import FAMILIES, ExpertKey, UnsupportedModelError, get_family
+from engine.model import CheckpointError, iter_tensors, load_model, make_tiny_model, read_config, tiny_config
 
 from .conftest import FAMILY_NAMES
 
@@ -154,7 +153,7 @@ def test_wrong_shape_is_refused(tiny_checkpoint, tmp_path):
 
 
 def test_tiny_model_sizes_and_tokenizer(tmp_path):
-    from engine.loader import load_tokenizer
+    from engine.model import load_tokenizer
 
     path = make_tiny_model("qwen2_moe", tmp_path, layers=3, hidden=32, experts=6, top_k=3)
     cfg, fam = read_config(path)

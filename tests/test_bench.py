@@ -9,9 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine.arch import get_family
-from engine.quant import nf4_expert_nbytes
-from engine.tiny import tiny_config
+from engine.model.arch import get_family
+from engine.model import nf4_expert_nbytes, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +81,7 @@ def test_bench_full_checkpoint_is_complete_in_the_hub_layout(tmp_path):
 
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_full import bench_config, write_checkpoint
-    from engine.quant import quantize_checkpoint_experts
+    from engine.model import quantize_checkpoint_experts
 
     cfg = bench_config("olmoe", 2, ["num_experts=4", "hidden_size=64", "intermediate_size=32", "vocab_size=512",
                                     "num_attention_heads=4", "num_key_value_heads=4"])

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from engine.cli import main
-from engine.loader import read_config
+from engine.model import read_config
 
 VENV_BIN = Path(sys.executable).parent
 

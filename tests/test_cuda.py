@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from engine.config import from_dict
-from engine.experts import kernels_installed
-from engine.loader import load_model
-from engine.offload import OffloadedExpertStore, offload_banks
-from engine.routing import attach
+from engine.model.expert_bank import kernels_installed
+from engine.model import load_model, offload_banks
+from engine.model.offload import OffloadedExpertStore
+from engine.adapters import attach
 
 from .tolerance import assert_close
 

@@ -20,9 +20,9 @@ import torch
 from engine.cli import main
 from engine.export import ExportError, export_run
 from engine.io import sha256_file
-from engine.loader import load_model
-from engine.routing import load_adapter
-from engine.routing.persist import ADAPTER_FILE, META_FILE
+from engine.model import load_model
+from engine.adapters import load_adapter
+from engine.adapters.files import ADAPTER_FILE, META_FILE
 
 from .tiny_run import bf16_copy, train_tiny_run
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.data import (IGNORE_INDEX, DataError, collate, list_datasets, load_examples, load_registry,
-                         make_batches, pack_examples, read_records)
-from engine.data.encode import Example
-from engine.data.registry import DEFAULT_REGISTRY
-from engine.data.templates import ALPACA_PROMPT, ALPACA_PROMPT_INPUT, TEMPLATES
+from engine.data import (
+    IGNORE_INDEX, DataError, collate, list_datasets, load_examples, load_registry, make_batches, pack_examples,
+    read_records,
+)
+from engine.data import DEFAULT_REGISTRY, TEMPLATES, Example
+from engine.data.templates import ALPACA_PROMPT, ALPACA_PROMPT_INPUT
 
 from .conftest import LLM_ADAPTERS
 
@@ -324,7 +325,7 @@ def test_prompt_longer_than_cutoff_is_a_counted_drop_or_on_request_an_error(tmp_
 
 def test_the_template_alone_is_counted_with_the_tokenizer(tokenizer):
     from engine.data.encode import template_tokens
-    from engine.data.templates import alpaca_prompt
+    from engine.data import alpaca_prompt
 
     n = template_tokens("alpaca", tokenizer)
     assert n == len(tokenizer(alpaca_prompt("", ""))["input_ids"]) and 60 < n < 100
@@ -417,7 +418,7 @@ def test_packing_fits_and_keeps_every_example():
 
 
 def test_packed_sequences_do_not_attend_to_each_other(tiny_checkpoint, tokenizer, tmp_path):
-    from engine.loader import load_model
+    from engine.model import load_model
 
     model = load_model(tiny_checkpoint("olmoe")).model
     examples, _ = load_examples(write_json(tmp_path / "a.json", ROWS), tokenizer, "alpaca", 256)

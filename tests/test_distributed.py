@@ -19,12 +19,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine import checkpoint as ckpt
-from engine import distributed
+from engine.training import checkpoint as ckpt, collectives, distributed
 from engine.config import from_dict
-from engine.events import read_events
-from engine.synthetic import last_digit_rows
-from engine.train import train
+from engine.runs import read_events
+from engine.data.synthetic import last_digit_rows
+from engine.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -61,7 +60,7 @@ def _free_port() -> int:
 def _rank_env(rank: int, port: int, timeout_s: float = 60) -> dict:
     env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT), **{distributed.ENV_TIMEOUT: str(timeout_s)})
+               PYTHONPATH=str(ROOT), **{collectives.ENV_TIMEOUT: str(timeout_s)})
     return env
 
 
@@ -253,8 +252,8 @@ def _first_step_experts(setup, rank: int) -> tuple[set[int], set[int]]:
     from transformers import AutoModelForCausalLM
 
     from engine.data import load_examples
-    from engine.loader import load_tokenizer
-    from engine.train import Batches
+    from engine.model import load_tokenizer
+    from engine.training import Batches
 
     cfg = from_dict(_skew_config(setup, 2))
     tok = load_tokenizer(cfg.model.path)
@@ -285,7 +284,7 @@ def test_rank_slices_are_the_single_process_rows_padded_alike(setup, tokenizer, 
     import random
 
     from engine.data import load_examples
-    from engine.train import Batches
+    from engine.training import Batches
 
     rows, rnd = last_digit_rows(12, seed=1), random.Random(0)
     for r in rows:  # lengths far apart, so a global batch's parts have different longest rows
@@ -308,7 +307,7 @@ def test_rank_slices_are_the_single_process_rows_padded_alike(setup, tokenizer, 
 
 
 def _moetune(args: list[str], **kw) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **{distributed.ENV_TIMEOUT: "60"})
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **{collectives.ENV_TIMEOUT: "60"})
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return subprocess.Popen([PY, "-m", "engine.cli", *args], env=env, cwd=str(ROOT), stdout=subprocess.PIPE,
@@ -337,7 +336,7 @@ def test_sigterm_to_the_launcher_stops_both_ranks_at_one_step_and_resume_is_exac
     assert len(tstate["rng_ranks"]) == 2 and not torch.equal(tstate["rng_ranks"][0]["torch"],
                                                              tstate["rng_ranks"][1]["torch"])
     # a different world size cannot resume it: one clear error naming both
-    with pytest.raises(distributed.DistributedError, match="job of 2 rank.*this job has 1"):
+    with pytest.raises(collectives.DistributedError, match="job of 2 rank.*this job has 1"):
         train(from_dict(_resume_config(setup)), out, resume=True, echo=False, device="cpu")
     results = _wait(_start_job([{"config": _resume_config(setup), "out": str(out), "resume": True}], root))
     assert all(rc == 0 for rc, _ in results), results[0][1][-3000:]
@@ -368,7 +367,7 @@ def test_gpus_flag_starts_torchrun_with_the_same_arguments_and_errors_are_one_li
         started.update(exe=exe, cmd=cmd, env=env)
         raise SystemExit(0)
 
-    monkeypatch.setattr(distributed.os, "execve", execve)
+    monkeypatch.setattr(collectives.os, "execve", execve)
     cfg = setup["root"] / "cli.yaml"
     cfg.write_text(json.dumps(_config(setup["model"], setup["data"], micro_batch=2)))
     out = str(setup["root"] / "cli")
@@ -395,8 +394,7 @@ def test_gpus_flag_starts_torchrun_with_the_same_arguments_and_errors_are_one_li
 def test_app_starts_a_run_on_n_gpus_and_shows_the_world_size(tmp_path, monkeypatch):
     """The Train tab's GPUs field: the run is `moetune train ... --gpus 2`, its resume asks for the same number
     of ranks, and the run line shows the world size from the start event."""
-    from app import runner as R
-    from app import train_tab
+    from app import runner as R, train_tab
 
     spawned = []
     monkeypatch.setattr(R, "spawn_logged", lambda path, cmd, log: spawned.append(cmd) or SimpleNamespace(pid=None, poll=lambda: 0, returncode=0))

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from engine.data import DataError
-from engine.evaluate import (BENCHMARKS, SUITES, compare, evaluate, evaluate_many, expand_benchmarks, extract,
-                             generate, get_benchmark, is_correct, load_benchmark_rows, parse_label, resolve_benchmark)
+from engine.evaluate import (
+    BENCHMARKS, SUITES, compare, evaluate, evaluate_many, expand_benchmarks, extract, generate, get_benchmark,
+    is_correct, load_benchmark_rows, parse_label, resolve_benchmark,
+)
 
 from .conftest import LLM_ADAPTERS
 
@@ -240,7 +242,7 @@ def test_many_benchmarks_average_and_base_comparison(tmp_path, tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_checkpoint):
-    from engine.loader import load_model, load_tokenizer
+    from engine.model import load_model, load_tokenizer
 
     path = tiny_checkpoint("olmoe")
     return load_model(path).model, load_tokenizer(path)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import ConfigError, from_dict
-from engine.loader import load_model
-from engine.routing import attach
+from engine.model import load_model
+from engine.adapters import attach
 
 from .tolerance import assert_close
 
@@ -79,7 +79,7 @@ def run_case(name: str, ckpt: Path, ids: torch.Tensor, rank: int = 0, world: int
     full adapter gradients (gathered / summed over the ranks), values, used rows, clipped gradients and memory."""
     import torch.distributed as dist
 
-    from engine import expert_parallel as ep
+    from engine.training import expert_parallel as ep
 
     case = CASES[name]
     torch.manual_seed(0)
@@ -324,7 +324,7 @@ def test_gathered_state_is_one_process_state_and_scatters_back(name, ranks, refe
 
 
 def test_expert_parallel_must_divide_the_experts_and_equal_the_world():
-    from engine.expert_parallel import check_expert_parallel
+    from engine.config import check_expert_parallel
 
     with pytest.raises(ConfigError, match=r"^train\.expert_parallel: 3 does not divide the model's 8 experts; "
                                           r"choose one of 1, 2, 4, 8\.$"):

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from engine.config import from_dict
-from engine.experts import ExpertBank
-from engine.grouped import group_offsets, grouped_mm
-from engine.loader import load_model
-from engine.quant import NF4ExpertStore
-from engine.routing import attach
+from engine.model import ExpertBank
+from engine.model.grouped import group_offsets, grouped_mm
+from engine.model import NF4ExpertStore, load_model
+from engine.adapters import attach
 
 from .conftest import FAMILY_NAMES
 
@@ -100,9 +99,9 @@ class _Counting:
 
 
 def test_one_batched_dequantisation_per_pass_and_chunks(tiny_checkpoint, monkeypatch):
-    import engine.experts
+    import engine.model.expert_bank
 
-    monkeypatch.setattr(engine.experts, "GROUPS_PER_LAYER", 1)  # the whole layer in one group (bytes permitting)
+    monkeypatch.setattr(engine.model.expert_bank, "GROUPS_PER_LAYER", 1)  # the whole layer in one group (bytes permitting)
     lm, peft = _attached(tiny_checkpoint("olmoe", hidden=128, experts=8), "lora", "inside", "nf4")
     _, block = next(iter(lm.family.moe_blocks(lm.model)))
     bank = block.experts
@@ -126,8 +125,8 @@ def test_one_batched_dequantisation_per_pass_and_chunks(tiny_checkpoint, monkeyp
     for a, b in zip(grads, ref_grads):
         _close(a, b, "chunked gradient")
     # the default share: a quarter of the layer's experts at a time
-    monkeypatch.setattr(engine.experts, "GROUPS_PER_LAYER", 4)
-    monkeypatch.setattr(engine.experts, "MIN_GROUP_BYTES", 0)  # (tiny layers are otherwise one group)
+    monkeypatch.setattr(engine.model.expert_bank, "GROUPS_PER_LAYER", 4)
+    monkeypatch.setattr(engine.model.expert_bank, "MIN_GROUP_BYTES", 0)  # (tiny layers are otherwise one group)
     bank.store = counting = _Counting(store)
     _run(bank, block, lm, h, "torch")
     assert max(len(c) for c in counting.batched_calls) == 2
@@ -189,7 +188,7 @@ def test_backend_choice_on_cpu(tiny_checkpoint):
 
 
 def test_grouped_mm_gradients_match_segment_matmuls():
-    """engine.grouped on float64 (segment matmuls) and float32 (torch._grouped_mm), empty groups included."""
+    """engine.model.grouped on float64 (segment matmuls) and float32 (torch._grouped_mm), empty groups included."""
     g = torch.Generator().manual_seed(0)
     counts = [3, 0, 5, 1, 0, 4]
     for dtype in (torch.float64, torch.float32):

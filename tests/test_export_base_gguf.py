@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def llama():
-    from engine import llama_child
+    from engine.export import llama_child
 
     if not llama_child.llama_cpp_available():
         if os.environ.get("CI"):

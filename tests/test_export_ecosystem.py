@@ -27,8 +27,8 @@ import torch
 from engine.arch import get_family
 from engine.config import from_dict
 from engine.export import ExportError, export_run
-from engine.loader import load_model
-from engine.routing import attach, save_adapter
+from engine.model import load_model
+from engine.adapters import attach, save_adapter
 
 from .conftest import FAMILY_NAMES
 
@@ -69,7 +69,7 @@ def converters() -> Path:
 
 @pytest.fixture(scope="module")
 def llama():
-    from engine.llama_child import llama_cpp_available, run_llama
+    from engine.export.llama_child import llama_cpp_available, run_llama
 
     if not llama_cpp_available():
         _missing("llama-cpp-python", "pip install -e '.[dev]'.")
@@ -225,8 +225,7 @@ def test_peft_loads_a_run_on_some_layers(exported):
 def test_llama_cpp_converters_and_gguf_lora_give_the_merged_logits(exported, converters, llama, family, monkeypatch):
     import gguf
 
-    from engine.export import gguf_lora
-    from engine.export.gguf import write_gguf
+    from engine.export import gguf_lora, write_gguf
     from engine.export.source import open_run
 
     if get_family(family).gguf_lora_unsupported:  # DeepSeek: llama.cpp applies no LoRA to MLA's q / kv tensors
@@ -287,7 +286,7 @@ def _field_missing(path: Path, key: str) -> bool:
 def test_f16_adapter_on_an_f16_base(exported, llama, tmp_path):
     """f16 tensors: llama.cpp with our f16 adapter on an f16 base GGUF is as close to the fp32 merge as the f16
     merged GGUF is (both round the weights to f16's 11 bits), and the report's check reads the file back."""
-    from engine.export.gguf import write_gguf
+    from engine.export import write_gguf
 
     def median_rel(got, want) -> float:
         """Median over positions of the largest logit difference, relative to the logits' scale: f16 rounding

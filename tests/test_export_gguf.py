@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.arch import ExpertKey, get_family
+from engine.model.arch import ExpertKey, get_family
 from engine.export import ExportError, write_gguf
-from engine.loader import iter_tensors, load_model, read_config
+from engine.model import iter_tensors, load_model, read_config
 
 from .conftest import FAMILY_NAMES
 from .tolerance import assert_logits_close
@@ -222,8 +222,8 @@ def test_incomplete_checkpoint_is_refused_and_nothing_written(tiny_checkpoint, t
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    """llama.cpp runs only in a child process (engine.llama_child): a native crash fails one test, not the suite."""
-    from engine import llama_child
+    """llama.cpp runs only in a child process (engine.export.llama_child): a native crash fails one test, not the suite."""
+    from engine.export import llama_child
 
     if not llama_child.llama_cpp_available():
         pytest.skip("llama-cpp-python is not installed (pip install -e '.[dev]')")
@@ -236,7 +236,7 @@ def sharp_checkpoint(tiny_checkpoint, tmp_path_factory):
 
     At a small init scale (transformers' default 0.02) the blocks barely move the residual stream, so a wrong
     export (gate and up swapped, q/k not permuted) can still give the same greedy tokens; at this scale every
-    such error changes the continuations, whatever scale engine.tiny uses
+    such error changes the continuations, whatever scale engine.model.tiny uses
     (test_llama_cpp_check_detects_a_wrong_export keeps that true)."""
     cache: dict[str, Path] = {}
 
@@ -406,8 +406,8 @@ def _trained_tokenizer(style: str):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from engine.export.gguf import _SPLIT_PRE
-    from engine.tiny import CHAT_TEMPLATE, CORPUS, SPECIAL_TOKENS
+    from engine.export.gguf_tokenizer import _SPLIT_PRE
+    from engine.model.tiny import CHAT_TEMPLATE, CORPUS, SPECIAL_TOKENS
 
     tok = Tokenizer(models.BPE())
     lines = CORPUS.read_text().splitlines()

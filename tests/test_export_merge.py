@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.arch import ExpertKey, get_family
+from engine.model.arch import ExpertKey, get_family
 from engine.config import from_dict
 from engine.export import REPORT_FILE, ExportError, export_run
-from engine.loader import iter_tensors, load_model, read_config
-from engine.routing import attach, save_adapter
+from engine.model import iter_tensors, load_model, read_config
+from engine.adapters import attach, save_adapter
 
 from .conftest import FAMILY_NAMES
 from .tolerance import assert_close, assert_logits_close, bound, check_positions
@@ -63,10 +63,10 @@ def make_run(ckpt: Path, run_dir: Path, strategy: str, kind: str, placement: str
     non-zero; returns the unmerged model (base + adapters, held as training holds them) it was saved from."""
     import bitsandbytes.functional as BF
 
-    from engine.quant import quantize_linear_layers
+    from engine.model import quantize_linear_layers
 
     loaded = load_model(ckpt, expert_quant=quant)
-    if attention_quant == "nf4":  # as engine.runs.load_run_model stores them, computing with their fp32
+    if attention_quant == "nf4":  # as engine.runs.finished.load_run_model stores them, computing with their fp32
         for name in quantize_linear_layers(loaded.model, compute_dtype=torch.float32):  # dequantised values
             nf4 = loaded.model.get_submodule(name)
             plain = torch.nn.Linear(nf4.in_features, nf4.out_features, bias=nf4.bias is not None)
@@ -191,7 +191,7 @@ def test_nf4_run_merges_into_dequantised_weights(checkpoint, tmp_path):
     and attention weights the adapters were trained against, not from the checkpoint's own values."""
     import bitsandbytes.functional as BF
 
-    from engine.quant import NF4ExpertStore
+    from engine.model import NF4ExpertStore
 
     ckpt = checkpoint("qwen3_moe")
     fam = get_family("qwen3_moe")
@@ -362,7 +362,7 @@ def test_merged_widened_model_runs_in_llama_cpp(checkpoint, tmp_path, family):
     merged HF checkpoint does in transformers, and differently from the base model."""
     import gguf
 
-    from engine import llama_child
+    from engine.export import llama_child
 
     from .test_export_gguf import PROMPTS, _hf_greedy, cpp_greedy
 
@@ -430,7 +430,7 @@ def test_logit_check_is_skipped_with_its_reason_when_host_memory_is_short(checkp
 
 @pytest.fixture
 def llama_child():
-    from engine import llama_child
+    from engine.export import llama_child
 
     if not llama_child.llama_cpp_available():
         pytest.skip("llama-cpp-python is not installed (pip install -e '.[dev]')")
@@ -475,7 +475,7 @@ def test_a_crash_on_an_amx_cpu_is_reported_with_its_workaround(checkpoint, tmp_p
     names the bug and the way around it, and the run without repacking is compared."""
     import numpy as np
 
-    from engine import llama_child
+    from engine.export import llama_child
 
     calls = []
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from engine.config import from_dict
-from engine.layerwise import layer_major_step, micro_batch_major_step
-from engine.loader import load_model
-from engine.routing import attach
+from engine.training import layer_major_step, micro_batch_major_step
+from engine.model import load_model
+from engine.adapters import attach
 
 from .tolerance import assert_close
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from engine.config import from_dict
-from engine.layerwise import layer_major_step
-from engine.loader import load_model
-from engine.offload import DenseHostStore, ExpertCache, OffloadedExpertStore, OffloadSchedule, offload_banks
-from engine.quant import nf4_expert_nbytes
-from engine.routing import attach
+from engine.training import layer_major_step
+from engine.model import ExpertCache, OffloadSchedule, load_model, offload_banks
+from engine.model.offload import DenseHostStore, OffloadedExpertStore
+from engine.model import nf4_expert_nbytes
+from engine.adapters import attach
 
 from .tolerance import assert_close
 

@@ -8,8 +8,8 @@ import io
 
 import torch
 
-from engine.adapters import AdapterBank
-from engine.optim import SparseAdamW, sparse_params_of
+from engine.adapters.banks import AdapterBank
+from engine.training import SparseAdamW, sparse_params_of
 
 HP = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 

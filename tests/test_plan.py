@@ -11,11 +11,12 @@ import shutil
 import pytest
 import yaml
 
-from engine.arch import FAMILIES
-from engine.arch.base import PUBLISHED_DIR
+from engine.model.arch import FAMILIES
+from engine.model.arch.base import PUBLISHED_DIR
 from engine.cli import main
 from engine.config import from_dict
-from engine.plan import GB, PCIE_BYTES_PER_S, adapter_params, model_shape, plan
+from engine.plan import GB, PCIE_BYTES_PER_S, plan
+from engine.sizes import adapter_params, model_shape
 
 #: DESIGN "Memory": experts in NF4 (GB) and one layer of experts (MB)
 DESIGN_TABLE = {"olmoe": (3.3, 208), "qwen2_moe": (6.4, 268), "qwen3_moe": (15.0, 312), "mixtral": (23.3, 727),
@@ -156,7 +157,7 @@ def test_activations_scale_with_tokens_and_checkpointing(published):
 
 
 def test_plan_nf4_bytes_equal_a_quantised_store(tiny_checkpoint):
-    from engine.quant import quantize_checkpoint_experts
+    from engine.model import quantize_checkpoint_experts
 
     path = tiny_checkpoint("qwen2_moe", layers=2, hidden=64, experts=4)
     p = plan(_cfg(path), gpu_gb=24)

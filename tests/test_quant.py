@@ -13,9 +13,11 @@ import bitsandbytes.functional as BF
 import pytest
 import torch
 
-from engine.loader import CheckpointError, iter_tensors, load_model
-from engine.quant import (CODE_TABLE_BYTES, DenseExpertStore, NF4ExpertStore, QuantCacheError, cache_folder,
-                          nf4_expert_nbytes, quantize_checkpoint_experts, quantize_linear_layers, read_tensors)
+from engine.model import CheckpointError, iter_tensors, load_model
+from engine.model import DenseExpertStore, NF4ExpertStore, nf4_expert_nbytes
+from engine.model.stores import CODE_TABLE_BYTES
+from engine.model import QuantCacheError, cache_folder, quantize_checkpoint_experts, quantize_linear_layers
+from engine.model import read_tensors
 
 from .conftest import FAMILY_NAMES
 from .tolerance import assert_close
@@ -121,7 +123,7 @@ def test_streaming_quantisation_equals_quantising_the_loaded_model(family, tiny_
         assert all(torch.equal(stores[layer].tensors[k], v) for k, v in ref.tensors.items())
     names = [n for n, _ in iter_tensors(path)]
     assert sorted(others) == sorted(n for n in names if loaded.family.parse_expert_key(n) is None)
-    # the memory-mapped reader of engine.loader and the plain reader give the same tensors
+    # the memory-mapped reader of engine.model.loader and the plain reader give the same tensors
     from_mmap = quantize_checkpoint_experts(path, tensors=iter_tensors(path))
     assert all(torch.equal(from_mmap[l].tensors[k], v) for l in stores for k, v in stores[l].tensors.items())
     # a checkpoint saved with transformers' fused names (experts.gate_up_proj [E, 2I, H]) gives the same
@@ -143,7 +145,7 @@ def test_cache_folder_is_reused_and_invalidated(tiny_checkpoint, tmp_path):
     folder = cache_folder(path, tmp_path)
     assert (folder / "manifest.json").is_file() and len(list(folder.glob("layer-*"))) == 2
 
-    import engine.quant as Q
+    import engine.model.streaming as Q
 
     read, plain = [], Q.read_tensors
 
@@ -170,8 +172,9 @@ def test_cache_folder_is_reused_and_invalidated(tiny_checkpoint, tmp_path):
 RSS_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
-    from engine.loader import read_config
-    from engine.quant import NF4ExpertStore, quantize_checkpoint_experts, quantized_nbytes
+    from engine.model.hf_checkpoint import read_config
+    from engine.model.stores import NF4ExpertStore, quantized_nbytes
+    from engine.model.streaming import quantize_checkpoint_experts
 
     def peak_mb():  # VmHWM: the process's peak resident set (anonymous + file-backed pages)
         return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
@@ -185,7 +188,7 @@ RSS_SCRIPT = textwrap.dedent("""
 
 
 def test_streaming_quantisation_peak_memory_stays_near_quantised_size(tmp_path):
-    from engine.tiny import make_tiny_model
+    from engine.model import make_tiny_model
 
     path = make_tiny_model("olmoe", tmp_path / "big", layers=8, hidden=512, experts=16, top_k=2)
     file_mb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20  # fp32 on disk
@@ -226,7 +229,7 @@ def test_nf4_expert_bank_equals_dequantised_reference_and_stays_near_bf16(family
     """model.quant=nf4: the attached expert bank computes with NF4 experts; its logits equal transformers'
     own model holding the dequantised expert weights, and stay within NF4 error of the unquantised model."""
     from engine.config import from_dict
-    from engine.routing import attach
+    from engine.adapters import attach
 
     path = tiny_checkpoint(family)
     ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -262,7 +265,7 @@ def test_streamed_expert_stores_equal_quantising_the_loaded_model(quant, tiny_ch
     """load_model(expert_quant=...) never puts experts in the module tree; attached, it computes exactly
     what quantising the fully loaded model's experts computes, and a second load comes from the cache."""
     from engine.config import from_dict
-    from engine.routing import attach
+    from engine.adapters import attach
 
     path = tiny_checkpoint("qwen2_moe")
     cfg = from_dict({"model": {"quant": quant}, "routing": {"strategy": "embedded"}})
@@ -343,9 +346,9 @@ def test_damaged_cache_layers_are_checked_by_checksum_and_quantised_again(tiny_c
 def test_a_damaged_cache_layer_never_reaches_training(tiny_checkpoint, tmp_path, monkeypatch):
     """The trainer's first loss with a damaged cache layer equals the loss with an intact cache."""
     from engine.config import from_dict
-    from engine.events import read_events
-    from engine.synthetic import last_digit_rows
-    from engine.train import train
+    from engine.runs import read_events
+    from engine.data.synthetic import last_digit_rows
+    from engine.training import train
 
     monkeypatch.setenv("MOETUNE_CACHE", str(tmp_path / "cache"))
     path = tiny_checkpoint("qwen3_moe", layers=2, hidden=64, experts=4)

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import from_dict
-from engine.loader import load_model
-from engine.routing import AdapterMismatchError, attach, balance_loss, load_adapter, save_adapter
+from engine.model import load_model
+from engine.adapters import AdapterMismatchError, attach, balance_loss, load_adapter, save_adapter
 
 from .conftest import FAMILY_NAMES
 from .tolerance import assert_close

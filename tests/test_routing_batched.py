@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from engine.config import from_dict
-from engine.loader import load_model
-from engine.routing import attach
+from engine.model import load_model
+from engine.adapters import attach
 
 from .tolerance import assert_close
 

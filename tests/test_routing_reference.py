@@ -15,10 +15,9 @@ import pytest
 import torch
 
 from engine.config import from_dict
-from engine.experts import ExpertBank
-from engine.loader import load_model
-from engine.routing import attach
-from engine.routing.strategies import RoutedAdapters
+from engine.model import ExpertBank, load_model
+from engine.adapters import attach
+from engine.adapters.strategies import RoutedAdapters
 
 from .conftest import FAMILY_NAMES
 

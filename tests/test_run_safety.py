@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine import checkpoint as ckpt
-from engine import train as train_mod
+from engine.training import checkpoint as ckpt, loop as train_mod
 from engine.cli import main
 from engine.config import from_dict
-from engine.events import read_events
-from engine.synthetic import last_digit_rows
-from engine.train import RunError, train
+from engine.runs import read_events
+from engine.data.synthetic import last_digit_rows
+from engine.runs import RunError
+from engine.training import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def test_a_live_lock_refuses_with_its_pid_and_a_stale_one_is_taken_over(setup, t
 # ---- items 2 and 3: crash points and unfinished checkpoints ----------------------------------------------
 
 def test_a_run_killed_after_its_last_checkpoint_finishes_on_resume(setup, tmp_path, monkeypatch):
-    import engine.routing as routing
+    import engine.adapters as routing
 
     real = routing.save_adapter
 

@@ -17,10 +17,10 @@ import yaml
 
 from engine.cli import main
 from engine.config import ConfigError, from_dict
-from engine.events import read_events
+from engine.runs import read_events
 from engine.sweep import count_trainable, expand, plan_sweep, run_sweep
-from engine.synthetic import last_digit_rows
-from engine.train import train
+from engine.data.synthetic import last_digit_rows
+from engine.training import train
 
 VENV_BIN = Path(sys.executable).parent
 TRIES = ["routing.strategy=shared,embedded"]
@@ -136,7 +136,7 @@ def test_bad_try_names_the_fix():
 
 def _fake_sweep(folder: Path, base_cfg: dict) -> dict:
     """A finished sweep folder as `moetune sweep` leaves it: sweep.yaml and sweep.json (two candidates)."""
-    from engine.sweep import summarize, winner
+    from engine.sweep_results import summarize, winner
 
     def entry(group, overrides, rank, acc, loss):
         return {"name": group, "group": group, "seed": None, "overrides": overrides, "rank": rank, "alpha": 2.0 * rank,
@@ -219,7 +219,7 @@ def test_demo_sweep_over_strategies_adapts_inside_placement(tmp_path, monkeypatc
     """The demo preset's `placement: inside` suits only embedded: the other strategies train parallel, and
     the table and sweep.json say so; the winner's overrides carry the placement it trained with."""
     from engine.config import apply_overrides, load
-    from engine.sweep import run_result, summarize, table, winner_overrides
+    from engine.sweep_results import run_result, summarize, table, winner_overrides
 
     monkeypatch.chdir(ROOT)  # the preset's paths are relative to the project root
     base = load("presets/demo.yaml").to_dict()

@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import checkpoint as ckpt
+from engine.training import checkpoint as ckpt
 from engine.cli import main
 from engine.config import from_dict
-from engine.events import read_events
-from engine.synthetic import last_digit_rows
-from engine.train import RunError, train
+from engine.runs import read_events
+from engine.data.synthetic import last_digit_rows
+from engine.runs import RunError
+from engine.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +73,7 @@ def trained(task):
 
 def test_training_drives_loss_down_and_held_out_accuracy_up(task, trained):
     from engine.evaluate import evaluate
-    from engine.runs import load_run
+    from engine.runs.finished import load_run
 
     out, summary = trained
     assert summary["status"] == "done" and summary["step"] == 300
@@ -341,8 +342,8 @@ def test_offloaded_layer_major_training_equals_resident_training(task, tmp_path)
     wa, wb = load_file(str(resident / "adapter.safetensors")), load_file(str(offloaded / "adapter.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
     # loaded for eval / chat, the offloaded run serves its experts through the cache too, with equal logits
-    from engine.offload import OffloadedExpertStore
-    from engine.runs import load_run
+    from engine.model.offload import OffloadedExpertStore
+    from engine.runs.finished import load_run
 
     ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
     runs = {name: load_run(path, device="cpu") for name, path in (("r", resident), ("o", offloaded))}
@@ -356,7 +357,7 @@ def test_qlora_style_training_with_nf4_attention_learns(task, tmp_path):
     """model.attention_quant=nf4: attention weights in bitsandbytes NF4 under the attention LoRA; the loss falls."""
     import bitsandbytes as bnb
 
-    from engine.runs import load_run
+    from engine.runs.finished import load_run
 
     cfg = _config(task["model"], task["train"], max_steps=40, save_every=40)
     cfg["model"].update(quant="nf4", attention_quant="nf4")
@@ -369,7 +370,7 @@ def test_qlora_style_training_with_nf4_attention_learns(task, tmp_path):
 
 
 def test_a_line_torn_by_a_kill_is_dropped_before_appending(tmp_path):
-    from engine.events import EventLog
+    from engine.runs import EventLog
 
     path = tmp_path / "events.jsonl"
     path.write_text('{"type": "start", "time": 1}\n{"type": "step", "ste')  # killed mid-write
@@ -392,7 +393,7 @@ def test_held_out_scoring_mid_run_leaves_nf4_layers_trainable(task, tiny_checkpo
 
 
 def test_expert_usage_is_summed_between_reports(task, tmp_path, monkeypatch):
-    import engine.train as T
+    import engine.training.loop as T
 
     monkeypatch.setattr(T, "USAGE_REPORTS", 4)  # 12 steps -> a report every 3 steps (and the first, the last)
     train(from_dict(_config(task["model"], task["train"], max_steps=12, save_every=100)), tmp_path / "r", echo=False)

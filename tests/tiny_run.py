@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from engine.config import from_dict
-from engine.synthetic import last_digit_rows
-from engine.train import train
+from engine.data.synthetic import last_digit_rows
+from engine.training import train
 
 STEPS = 4
 

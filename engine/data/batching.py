@@ -97,7 +97,7 @@ def collate(examples: Sequence, pad_id: int, pad_to_multiple_of: int = 1) -> dic
     if not examples:
         raise ValueError("collate needs at least one example.")
     if pad_id is None:
-        raise ValueError("the tokenizer has no pad token; load it with engine.loader.load_tokenizer.")
+        raise ValueError("the tokenizer has no pad token; load it with engine.model.loader.load_tokenizer.")
     longest = max(len(e) for e in examples)
     width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     packed = isinstance(examples[0], Packed)

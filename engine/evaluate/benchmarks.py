@@ -14,8 +14,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..data.errors import DataError
-from ..data.formats import read_rows
+from ..data import DataError, read_rows
 from .extract import infer_rule, parse_label
 
 DATA_ROOT_ENV = "MOETUNE_EVAL_DATA"

@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..data.errors import DataError
-from ..data.templates import check_template, generation_prompt, require_chat_template
+from ..data import DataError, check_template, generation_prompt
+from ..data.templates import require_chat_template
 from ..io import atomic_path, atomic_write_json
 from .benchmarks import Benchmark, EvalRow, expand_benchmarks, load_benchmark_rows, resolve_benchmark
 from .extract import extract, is_correct

@@ -1,5 +1,5 @@
 """The exactness check of an export: the largest absolute logit difference between the exported model
-and the unmerged one (the base with the run's adapters attached by engine.routing.load_adapter, its
+and the unmerged one (the base with the run's adapters attached by engine.adapters.load_adapter, its
 experts as training held them), on a few sample prompts, in fp32 on the CPU."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ SAMPLE_PROMPTS = (
 
 def sample_inputs(base: Path, prompts: tuple[str, ...] = SAMPLE_PROMPTS) -> list[torch.Tensor]:
     """The sample prompts as [1, T] token ids of the base model's tokenizer."""
-    from ..loader import load_tokenizer
+    from ..model import load_tokenizer
 
     tok = load_tokenizer(base)
     return [torch.tensor([tok(p)["input_ids"]]) for p in prompts]
@@ -31,8 +31,8 @@ def sample_inputs(base: Path, prompts: tuple[str, ...] = SAMPLE_PROMPTS) -> list
 def unmerged_model(src: RunSource) -> nn.Module:
     """The base model in fp32 with the run's adapters attached, experts (and, with model.attention_quant nf4,
     the other linear layers) stored as training stored them."""
-    from ..loader import load_model
-    from ..routing import load_adapter
+    from ..model import load_model
+    from ..adapters import load_adapter
 
     loaded = load_model(src.base, torch.float32, "cpu", expert_quant=src.cfg.model.quant)
     with torch.no_grad():  # NF4 linear layers as the dequantised fp32 weights they multiply by (bitsandbytes'

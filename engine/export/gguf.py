@@ -9,8 +9,6 @@ come from each family module (`Family.gguf_*`); the GGUF format from the `gguf` 
 
 from __future__ import annotations
 
-import json
-import logging
 import re
 import warnings
 from pathlib import Path
@@ -20,9 +18,11 @@ import gguf
 import numpy as np
 import torch
 
-from ..arch import Family
+from ..model.arch import Family
 from ..io import atomic_path
-from ..loader import checkpoint_files, iter_tensors, read_config
+from .errors import ExportError
+from .gguf_tokenizer import _add_tokenizer
+from ..model import checkpoint_files, iter_tensors, read_config
 
 Q = gguf.GGMLQuantizationType
 #: dtype name -> (tensor type of the weight matrices, llama.cpp's file type)
@@ -45,16 +45,6 @@ def _names(*tensors: gguf.MODEL_TENSOR, suffix: str = r"\.weight") -> re.Pattern
 _F32_TENSORS = _names(T.FFN_GATE_INP, T.FFN_GATE_INP_SHEXP)
 _ATTN_Q, _ATTN_K = _names(T.ATTN_Q, suffix=r"\.(weight|bias)"), _names(T.ATTN_K, suffix=r"\.(weight|bias)")
 _TOKEN_EMBD, _OUTPUT = gguf.TENSOR_NAMES[T.TOKEN_EMBD] + ".weight", gguf.TENSOR_NAMES[T.OUTPUT] + ".weight"
-#: HF pre-tokenizer regexes (a `Split` before a regex-free ByteLevel) -> llama.cpp's `tokenizer.ggml.pre`
-_SPLIT_PRE = {
-    # Qwen1.5 / Qwen2 / Qwen3
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "qwen2",
-}
-
-
-class ExportError(ValueError):
-    """A checkpoint or option the export cannot turn into a correct file."""
 
 
 def require_finite(name: str, written: torch.Tensor, dtype: str) -> None:
@@ -322,214 +312,6 @@ def _add_rope(writer: gguf.GGUFWriter, cfg) -> None:
         raise ExportError(f"RoPE scaling {kind!r} is not supported by the GGUF export (default, linear and yarn are).")
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int) -> int:
-    """Write the checkpoint's tokenizer as llama.cpp's 'gpt2' (byte-level BPE) or 'llama' (SentencePiece-style
-    BPE with byte fallback) model; returns the number of tokens."""
-    tok_file = hf_dir / "tokenizer.json"
-    if not tok_file.is_file():
-        raise ExportError(f"{tok_file} is missing; the GGUF export needs the checkpoint's fast tokenizer "
-                          "(save it with tokenizer.save_pretrained into the checkpoint directory).")
-    spec = json.loads(tok_file.read_text(encoding="utf-8"))
-    model = spec.get("model") or {}
-    if model.get("type") == "BPE" and model.get("byte_fallback"):
-        return _add_llama_tokenizer(writer, hf_dir, vocab_size)
-    if model.get("type") != "BPE":
-        raise ExportError(f"{tok_file} is a {model.get('type')} tokenizer; the GGUF export writes BPE tokenizers "
-                          "only (byte-level, as GPT-2 and Qwen, or SentencePiece-style with byte fallback, as Llama "
-                          "and Mistral). Export with --format hf and convert with llama.cpp's convert_hf_to_gguf.py.")
-    return _add_gpt2_tokenizer(writer, hf_dir, spec, vocab_size)
-
-
-def _add_gpt2_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, spec: dict, vocab_size: int) -> int:
-    """Write a byte-level BPE tokenizer as llama.cpp's 'gpt2' model; returns the number of tokens."""
-    from transformers import AutoTokenizer
-
-    model = spec.get("model") or {}
-    pre = _pre_tokenizer(spec.get("pre_tokenizer"), hf_dir / "tokenizer.json")
-
-    tok = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
-    vocab = tok.get_vocab()
-    if max(vocab.values()) >= vocab_size:
-        raise ExportError(f"the tokenizer has token id {max(vocab.values())}, beyond the model's vocab_size "
-                          f"{vocab_size}; is this tokenizer the model's?")
-    by_id = {i: t for t, i in vocab.items()}
-    added = tok.added_tokens_decoder  # id -> AddedToken
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(added[i].content)
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for kind, token_id in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("unk", tok.unk_token_id),
-                           ("pad", tok.pad_token_id)):
-        if token_id is not None:
-            getattr(writer, f"add_{kind}_token_id")(int(token_id))
-    probe = tok("a")["input_ids"]
-    writer.add_add_bos_token(tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id])
-    writer.add_add_eos_token(tok.eos_token_id is not None and probe[-1:] == [tok.eos_token_id])
-    template = tok.chat_template
-    if isinstance(template, dict):  # named templates
-        template = [{"name": k, "template": v} for k, v in template.items()]
-    if template:
-        writer.add_chat_template(template)
-    return len(tokens)
-
-
-def _pre_tokenizer(pre: dict | None, where: Path) -> str:
-    """llama.cpp's `tokenizer.ggml.pre` for a tokenizer.json pre-tokenizer, or a clear error."""
-    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
-    kinds = [s.get("type") for s in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
-        return "gpt-2"  # GPT-2's regex, which llama.cpp's 'gpt-2' pre-tokenizer applies
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        pattern = (steps[0].get("pattern") or {}).get("Regex")
-        if pattern in _SPLIT_PRE:
-            return _SPLIT_PRE[pattern]
-    raise ExportError(f"{where}: pre-tokenizer {json.dumps(pre)[:200]} has no known llama.cpp equivalent; the "
-                      "GGUF export knows GPT-2's and Qwen2's byte-level BPE and SentencePiece-style BPE with byte "
-                      "fallback. Export with --format hf and convert with llama.cpp's convert_hf_to_gguf.py.")
-
-
 # ---- SentencePiece-style BPE (Llama, Mistral, Mixtral) --------------------------------------------------------
 
-_SPACE = "\u2581"  # '▁', SentencePiece's space
-_TT = gguf.TokenType
 
-
-def _add_llama_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int) -> int:
-    """Write a SentencePiece-style BPE tokenizer (byte fallback, spaces as '▁') as llama.cpp's 'llama' model,
-    read with the gguf package's LlamaHfVocab and SpecialVocab; returns the number of tokens."""
-    where = hf_dir / "tokenizer.json"
-    try:
-        vocab = gguf.LlamaHfVocab(hf_dir)
-    except (FileNotFoundError, TypeError) as e:
-        raise ExportError(f"{where} is a BPE tokenizer with byte fallback, but not Llama's SentencePiece kind "
-                          f"({e}); export with --format hf and convert with llama.cpp's convert_hf_to_gguf.py.") from e
-    tok = vocab.tokenizer
-    backend = json.loads(tok.backend_tokenizer.to_str())  # the pipeline transformers runs, whatever the file says
-    space_prefix = _spm_space_prefix(backend, where)
-
-    ids = [i for i in range(vocab.vocab_size_base) if i not in vocab.added_tokens_ids]
-    ids += [vocab.added_tokens_dict[t] for t in vocab.added_tokens_list]
-    if max(ids) >= vocab_size:
-        raise ExportError(f"the tokenizer has token id {max(ids)}, beyond the model's vocab_size {vocab_size}; "
-                          "is this tokenizer the model's?")
-    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
-    types = [_TT.UNUSED] * vocab_size
-    for i, (text, _, kind) in zip(ids, vocab.all_tokens()):
-        tokens[i] = text.decode("utf-8")
-        types[i] = _TT.UNKNOWN if i == tok.unk_token_id else kind
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in backend["model"].get("merges", [])]
-    scores = _spm_scores(tokens, types, merges)
-    _warn_missing_merges(tokens, types, merges, where)
-
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_add_space_prefix(space_prefix)
-    _special_vocab(tok, hf_dir, len(tokens)).add_to_gguf(writer, quiet=True)
-    return len(tokens)
-
-
-def _spm_space_prefix(backend: dict, where: Path) -> bool:
-    """Whether the tokenizer puts a '▁' before the text (llama.cpp's add_space_prefix); a clear error where its
-    normalizer or pre-tokenizer does something llama.cpp's SentencePiece tokenizer does not."""
-    norm, pre = backend.get("normalizer"), backend.get("pre_tokenizer")
-    steps = norm.get("normalizers", []) if norm and norm.get("type") == "Sequence" else [norm] if norm else []
-    prepend = replace = False
-    for step in steps:
-        if step.get("type") == "Prepend" and step.get("prepend") == _SPACE:
-            prepend = True
-        elif step.get("type") == "Replace" and step.get("pattern") == {"String": " "} and step.get("content") == _SPACE:
-            replace = True
-        else:
-            raise ExportError(f"{where}: normalizer step {json.dumps(step)[:200]} has no llama.cpp equivalent (its "
-                              "SentencePiece tokenizer only writes spaces as '▁' and prepends one); export with "
-                              "--format hf and convert with llama.cpp's convert_hf_to_gguf.py.")
-    if pre is not None:
-        if pre.get("type") != "Metaspace" or pre.get("replacement") != _SPACE or pre.get("split", True) or steps:
-            raise ExportError(f"{where}: pre-tokenizer {json.dumps(pre)[:200]} has no llama.cpp equivalent (its "
-                              "SentencePiece tokenizer does not split text; it takes Metaspace(split=false) or the "
-                              "Prepend/Replace normalizer); export with --format hf and convert with llama.cpp's "
-                              "convert_hf_to_gguf.py.")
-        replace = True
-        scheme = pre.get("prepend_scheme") or ("always" if pre.get("add_prefix_space", True) else "never")
-        prepend = scheme != "never"
-        if prepend:
-            after_special = ""
-            if scheme == "first":
-                after_special = " or follows a special token (prepend_scheme 'first', legacy=False)"
-            warnings.warn(f"{where}: transformers' Metaspace pre-tokenizer puts no '▁' before text that starts with "
-                          f"a space{after_special}; llama.cpp does, so such prompts tokenise differently in the GGUF.",
-                          stacklevel=5)
-    if not replace:
-        raise ExportError(f"{where}: this byte-fallback BPE does not write spaces as '▁', which llama.cpp's "
-                          "SentencePiece tokenizer always does; export with --format hf and convert with llama.cpp's "
-                          "convert_hf_to_gguf.py.")
-    return prepend
-
-
-def _spm_scores(tokens: list[str], types: list[gguf.TokenType], merges: list[tuple[str, ...]]) -> list[float]:
-    """SentencePiece scores from BPE merge ranks: a piece scores minus the rank of the first merge that makes
-    it (llama.cpp joins the highest-scoring pair first, as BPE joins the lowest rank); a normal piece no merge
-    makes scores below all of them, as SentencePiece ranks single characters; other tokens score 0."""
-    made: dict[str, int] = {}
-    for rank, pair in enumerate(merges):
-        made.setdefault("".join(pair), rank)
-    return [0.0 if kind != _TT.NORMAL else -float(made[t]) if t in made else -float(len(merges) + i)
-            for i, (t, kind) in enumerate(zip(tokens, types))]
-
-
-def _warn_missing_merges(tokens: list[str], types: list[gguf.TokenType], merges: list[tuple[str, ...]],
-                         where: Path) -> None:
-    """Warn where llama.cpp could join two pieces into a third that the tokenizer's merges never join that way
-    (a BPE trained without SentencePiece): it may then tokenise some text differently from transformers."""
-    normal = {t for t, kind in zip(tokens, types) if kind == _TT.NORMAL}
-    pairs = set(merges)
-    missing = [(t[:k], t[k:]) for t in normal for k in range(1, len(t))
-               if t[:k] in normal and t[k:] in normal and (t[:k], t[k:]) not in pairs]
-    if missing:
-        shown = ", ".join(f"{a!r}+{b!r}" for a, b in sorted(missing)[:3])
-        more = " …" if len(missing) > 3 else ""
-        warnings.warn(f"{where}: {len(missing)} pairs of pieces join into a piece with no merge of that pair "
-                      f"({shown}{more}); llama.cpp's SentencePiece tokenizer joins them, so it may tokenise some "
-                      "text differently. Tokenizers converted from SentencePiece have every such merge.",
-                      stacklevel=5)
-
-
-def _special_vocab(tok, hf_dir: Path, n_vocab: int) -> gguf.SpecialVocab:
-    """The gguf package's special tokens and chat template, with the ids and BOS/EOS policy the loaded tokenizer
-    has (which is what transformers runs)."""
-    quiet = logging.getLogger("gguf.vocab")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # it warns about Llama's ordinary `<s> $A <s> $B` pair template
-    try:
-        special = gguf.SpecialVocab(hf_dir, n_vocab=n_vocab)
-    finally:
-        quiet.setLevel(level)
-    for kind in ("bos", "eos", "unk", "pad"):
-        token_id = getattr(tok, f"{kind}_token_id")
-        if token_id is not None:
-            special.special_token_ids[kind] = int(token_id)
-    probe = tok("a")["input_ids"]
-    special.add_special_token["bos"] = tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id]
-    special.add_special_token["eos"] = tok.eos_token_id is not None and probe[-1:] == [tok.eos_token_id]
-    if special.chat_template is None and tok.chat_template:
-        template = tok.chat_template
-        special.chat_template = ([{"name": k, "template": v} for k, v in template.items()]
-                                 if isinstance(template, dict) else template)
-    return special

@@ -17,9 +17,10 @@ import gguf
 import numpy as np
 import torch
 
-from ..arch import ExpertKey
+from ..model.arch import ExpertKey
 from ..io import atomic_path
-from .gguf import GGUF_DTYPES, ExportError, _encode, _permute_rope, llama_cpp_problems, rope_heads
+from .gguf import GGUF_DTYPES, _encode, _permute_rope, llama_cpp_problems, rope_heads
+from .errors import ExportError
 from .peft_lora import PREFIX, peft_problems, peft_tensors
 from .source import RunSource
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .. import llama_child
+from . import llama_child
 from . import check
 
 

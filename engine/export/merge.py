@@ -28,8 +28,9 @@ from typing import Any, Iterator
 
 import torch
 
-from ..arch import ExpertKey
-from .gguf import ExportError, require_finite
+from ..model.arch import ExpertKey
+from .errors import ExportError
+from .gguf import require_finite
 from .source import RunSource, expert_stores, expert_weights, non_expert_tensors, nf4_round_trip, quant_note
 
 #: tokenizer and generation files copied from the base checkpoint

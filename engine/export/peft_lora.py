@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch import ExpertKey, Family
-from ..loader import checkpoint_files
-from .gguf import ExportError, require_finite
+from ..model.arch import ExpertKey, Family
+from ..model import checkpoint_files
+from .errors import ExportError
+from .gguf import require_finite
 from .merge import MergeGroup
 from .source import RunSource
 
@@ -71,7 +72,7 @@ def hub_names(base: Path) -> dict[str, str]:
     """Module-tree name -> checkpoint name of every non-expert weight of a base checkpoint (headers only)."""
     from safetensors import safe_open
 
-    from ..arch import get_family
+    from ..model.arch import get_family
 
     family = get_family(json.loads((base / "config.json").read_text())["model_type"])
     names = {}

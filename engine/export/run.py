@@ -20,7 +20,8 @@ import torch
 
 from ..io import atomic_write_json, is_no_space, no_space
 from . import check
-from .gguf import ExportError, llama_cpp_problems, write_gguf
+from .errors import ExportError
+from .gguf import llama_cpp_problems, write_gguf
 from .gguf_lora import LORA_DTYPES, gguf_lora_problems, read_gguf_lora, write_gguf_lora
 from .llama_check import llama_cpp_check, unchecked
 from .merge import merge_plan, merge_problems, write_merged
@@ -172,7 +173,7 @@ def _export(src: RunSource, fmt: str, dtype: str, staging: Path, check_logits: b
 
 def _check_too_big(base: Path) -> str | None:
     """Why the logit check would not fit in host memory (two fp32 copies of the base), or None."""
-    from ..loader import checkpoint_files, read_config
+    from ..model import checkpoint_files, read_config
 
     config, _ = read_config(base)
     stored = sum(f.stat().st_size for f in checkpoint_files(base))

@@ -11,13 +11,13 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..adapters import LoraLinear
-from ..arch import Family, MoEFacts
+from ..adapters.banks import LoraLinear
+from ..model.arch import Family, MoEFacts
 from ..config import Config, ConfigError, from_dict
-from ..loader import CheckpointError, LoadedModel, base_identity, read_config
-from ..routing import RoutedPEFT, attach, read_adapter_tensors, read_meta
-from ..routing.persist import ADAPTER_FILE
-from .gguf import ExportError
+from ..model import CheckpointError, LoadedModel, base_identity, read_config
+from ..adapters import RoutedPEFT, attach, read_adapter_tensors, read_meta
+from ..adapters.files import ADAPTER_FILE
+from .errors import ExportError
 
 
 @dataclass
@@ -107,8 +107,8 @@ def open_run(run_dir: str | Path) -> RunSource:
 
 
 def _nf4_linear_weights(model: nn.Module) -> list[str]:
-    """Weights engine.quant.quantize_linear_layers stores in NF4 (attention, shared experts, dense MLPs)."""
-    from ..quant import is_quantizable_linear
+    """Weights engine.model.linear4bit.quantize_linear_layers stores in NF4 (attention, shared experts, dense MLPs)."""
+    from ..model import is_quantizable_linear
 
     head = model.get_output_embeddings()
     return [f"{name}.weight" for name, m in model.named_modules() if m is not head and is_quantizable_linear(name, m)]
@@ -119,7 +119,7 @@ def nf4_round_trip(weight: torch.Tensor) -> torch.Tensor:
     double quantisation, as quantize_linear_layers does), dequantised in fp32."""
     import bitsandbytes.functional as BF
 
-    from ..quant import BLOCKSIZE, QUANT_TYPE
+    from ..model.stores import BLOCKSIZE, QUANT_TYPE
 
     packed, state = BF.quantize_4bit(weight.contiguous(), blocksize=BLOCKSIZE, compress_statistics=True,
                                      quant_type=QUANT_TYPE)
@@ -140,7 +140,7 @@ def expert_stores(src: RunSource) -> dict[int, Any]:
     """Per MoE layer, the expert weights the run's adapters were trained against: the base experts as
     `model.quant` stored them (NF4, or bf16), built exactly as training loads them — NF4 from the same
     cache of quantised experts when training left it there (the very bits it trained against, and fast)."""
-    from ..quant import default_cache_dir, quantize_checkpoint_experts
+    from ..model import default_cache_dir, quantize_checkpoint_experts
 
     quant = src.cfg.model.quant
     return quantize_checkpoint_experts(src.base, quant, default_cache_dir() if quant == "nf4" else None)
@@ -163,7 +163,7 @@ def is_expert_tensor(family: Family, name: str) -> bool:
 
 def non_expert_tensors(base: Path, family: Family) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint name, tensor) of every base tensor that is not a routed expert, in file order."""
-    from ..quant import read_tensors
+    from ..model import read_tensors
 
     return read_tensors(base, lambda name: not is_expert_tensor(family, name))
 

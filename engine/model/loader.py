@@ -3,23 +3,17 @@ tensor names (or already-fused ones) shard by shard, tensor by tensor."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from .arch import Family, UnsupportedModelError, get_family
+from .arch import Family
+from .hf_checkpoint import CheckpointError, iter_tensors, read_config
 
 #: Which projection fills which slice of transformers' fused tensors.
 _FUSED = {"gate": ("gate_up_proj", 0), "up": ("gate_up_proj", 1), "down": ("down_proj", None)}
-
-
-class CheckpointError(ValueError):
-    """A model directory that cannot be loaded: missing, malformed, or incomplete."""
 
 
 @dataclass
@@ -35,86 +29,6 @@ class LoadedModel:
     @property
     def config(self):
         return self.model.config
-
-
-def read_config(path: str | Path):
-    """Check a local checkpoint directory and return (transformers config, family)."""
-    from transformers import AutoConfig
-
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"model.path {str(path)!r} does not exist; give a local HF checkpoint directory.")
-    if not path.is_dir():
-        raise CheckpointError(f"model.path {str(path)!r} is not a directory; give the folder that holds config.json.")
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{cfg_file} is missing; model.path must be a HF checkpoint directory with config.json.")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON ({e}).") from None
-    if "model_type" not in raw:
-        raise CheckpointError(f"{cfg_file} has no 'model_type'; it is not a transformers checkpoint config.")
-    try:
-        family = get_family(raw["model_type"])
-    except UnsupportedModelError as e:
-        raise UnsupportedModelError(f"model.path {str(path)!r}: {e}") from None
-    return AutoConfig.from_pretrained(str(path), local_files_only=True), family
-
-
-def checkpoint_files(path: str | Path) -> list[Path]:
-    """The safetensors files of a checkpoint, in shard order."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [path / s for s in shards]
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path} holds no *.safetensors weights; save the model with safetensors.")
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise CheckpointError(f"checkpoint shards listed in the index are missing: {', '.join(missing)}")
-    return files
-
-
-def check_checkpoint(path: str | Path):
-    """Check a model folder before anything loads: it exists, its config.json names a supported family, its
-    weights and a tokenizer are there. Returns (transformers config, family); a CheckpointError names the fix."""
-    path = Path(path).expanduser()
-    config, family = read_config(path)
-    checkpoint_files(path)
-    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
-        raise CheckpointError(f"model.path {str(path)!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
-                              "copy the tokenizer files of the model into the folder.")
-    return config, family
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
-
-
-def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) from every shard, one tensor at a time (memory stays near one tensor)."""
-    from safetensors import safe_open
-
-    for file in checkpoint_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-
-
-#: config.json keys that change with the saving library, not with the model
-_VOLATILE_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures"}
-
-
-def base_identity(path: str | Path) -> dict:
-    """What identifies a base model: its model_type and a hash of its architecture config."""
-    path = Path(path)
-    cfg = json.loads((path / "config.json").read_text())
-    canon = json.dumps({k: v for k, v in cfg.items() if k not in _VOLATILE_KEYS}, sort_keys=True)
-    return {"path": str(path.resolve()), "model_type": cfg.get("model_type"),
-            "config_sha256": hashlib.sha256(canon.encode()).hexdigest()}
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -155,7 +69,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         filled.add(target)
 
     if expert_quant is not None:
-        from .quant import quantize_checkpoint_experts
+        from .streaming import quantize_checkpoint_experts
 
         quantize_on = device if torch.device(device).type == "cuda" else None
         stores = quantize_checkpoint_experts(path, expert_quant, cache_dir, on_other=place, device=quantize_on)

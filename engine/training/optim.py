@@ -22,7 +22,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from .adapters import AdapterBank
+from ..adapters.banks import AdapterBank
 
 
 def sparse_params_of(model: nn.Module) -> dict[nn.Parameter, AdapterBank]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError, from_dict
+from ..config import Config, ConfigError, from_dict
 
 
 @dataclass
@@ -30,7 +30,7 @@ def default_device(device: str | None = None) -> torch.device:
 
 def run_config(run_dir: str | Path) -> Config:
     """The config a finished run was trained with (from its moetune.json)."""
-    from .routing import read_meta
+    from ..adapters import read_meta
 
     return from_dict(read_meta(run_dir)["config"])
 
@@ -43,7 +43,7 @@ def offload_slots(cfg: Config, device: torch.device) -> int | None:
         return None
     slots = cfg.memory.cache_slots
     if slots is None and device.type == "cuda":
-        from .plan import plan
+        from ..plan import plan
 
         p = plan(cfg)
         if not p.fits:
@@ -52,7 +52,7 @@ def offload_slots(cfg: Config, device: torch.device) -> int | None:
             return None  # everything fits resident
         slots = p.cache_slots or None
     if slots is None:  # offload asked for without a size: two layers' experts, the least that overlaps copies
-        from .loader import read_config
+        from ..model import read_config
 
         config, family = read_config(Path(cfg.model.path).expanduser())
         slots = 2 * family.facts(config).num_experts
@@ -64,7 +64,7 @@ def offload_experts(peft, slots: int | None, device: torch.device):
     them resident); returns the cache."""
     if not slots:
         return None
-    from .offload import offload_banks
+    from ..model import offload_banks
 
     return offload_banks(peft.banks, slots, device, num_layers=peft.facts.num_layers)
 
@@ -74,10 +74,9 @@ def load_run_model(cfg: Config, device: torch.device) -> tuple[object, int | Non
     stores as `model.quant` says (NF4 quantised as they load, cached between runs) — kept in host memory
     when they are to be offloaded — its other linear layers in NF4 when `model.attention_quant` says so.
     Under `train.expert_parallel` > 1 the experts stay in host memory too: each rank then keeps its share and
-    moves only that to the GPU (engine.expert_parallel.shard_experts), so all of them never need one GPU.
+    moves only that to the GPU (engine.training.expert_parallel.shard_experts), so all of them never need one GPU.
     Returns the loaded model and the expert-cache size (None: experts resident)."""
-    from .loader import load_model
-    from .quant import default_cache_dir
+    from ..model import default_cache_dir, load_model
 
     slots = offload_slots(cfg, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -85,7 +84,7 @@ def load_run_model(cfg: Config, device: torch.device) -> tuple[object, int | Non
     loaded = load_model(Path(cfg.model.path).expanduser(), dtype=dtype, device=device, expert_quant=cfg.model.quant,
                         cache_dir=cache, expert_device="cpu" if slots or cfg.train.expert_parallel > 1 else device)
     if cfg.model.attention_quant == "nf4":  # QLoRA style: attention and other frozen linears in NF4 too
-        from .quant import quantize_linear_layers
+        from ..model import quantize_linear_layers
 
         quantize_linear_layers(loaded.model, compute_dtype=dtype)
     return loaded, slots
@@ -94,8 +93,8 @@ def load_run_model(cfg: Config, device: torch.device) -> tuple[object, int | Non
 def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     """Load a finished run's base model and tokenizer and attach its adapter; within `run.peft.disabled()`
     the model is the base model (the same quantised experts, the adapters adding exactly zero)."""
-    from .loader import load_tokenizer
-    from .routing import load_adapter
+    from ..model import load_tokenizer
+    from ..adapters import load_adapter
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

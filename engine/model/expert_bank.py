@@ -5,11 +5,11 @@ A layer's routed pairs are sorted by expert once; then the whole layer is a hand
 operations, with no Python loop over experts:
 - the touched experts' weights dequantised in one batched call (`store.weights_batched`, from the
   stacked NF4 tensors; a store without it is read expert by expert into one stacked buffer);
-- one grouped GEMM per projection (`engine.grouped`: `torch._grouped_mm` where the device supports it,
+- one grouped GEMM per projection (`engine.model.grouped`: `torch._grouped_mm` where the device supports it,
   segment matmuls elsewhere);
 - the per-expert adapters (`inside` LoRA, `parallel` LoRA / bottleneck / gated) batched over experts
   in the same grouped form (`AdapterBank.forward_grouped`; `inside` gate and up as one pair,
-  `engine.adapters.lora_pair_grouped`);
+  `AdapterBank.forward_pair_grouped`);
 - one `index_add_` of the gated outputs, in the order transformers' eager loop adds them.
 
 Dequantised weights are never kept for backward: `GroupedFrozenLinear` saves nothing of the weights and
@@ -28,14 +28,16 @@ when they are installed and the layer qualifies, else `torch`. `loop` is the ear
 from __future__ import annotations
 
 import importlib.util
-from typing import Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import AdapterBank, lora_pair_grouped, pairable
 from .grouped import group_offsets, grouped_mm_frozen, sort_by_group
+
+if TYPE_CHECKING:  # the banks are handed in by engine.adapters.attach; the model layer never imports adapters
+    from ..adapters.banks import AdapterBank
 
 #: ExpertBank backends; the config's `model.expert_backend` takes the first three
 BACKENDS = ("auto", "torch", "grouped-nf4-gemm", "loop")
@@ -318,7 +320,7 @@ class ExpertBank(nn.Module):
                                             hand_off=hand_off and len(chunks) == 1)
 
     def _by_expert(self, top_k_index: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-        """(token, slot) pairs grouped by expert (engine.grouped.sort_by_group)."""
+        """(token, slot) pairs grouped by expert (engine.model.grouped.sort_by_group)."""
         return sort_by_group(top_k_index, self.num_experts)
 
     def _chunks(self, experts: list[int], dtype: torch.dtype) -> list[list[int]]:
@@ -379,8 +381,8 @@ class ExpertBank(nn.Module):
                         counts: list[int]) -> torch.Tensor:
         """The `inside` LoRA deltas of gate and up, side by side [N, 2I]: one pair of grouped matmuls for both."""
         g, u = self.inside["gate"], self.inside["up"]
-        if pairable(g, u):
-            return lora_pair_grouped(g, u, x, experts, offs, counts)
+        if g.pairs_with(u):
+            return g.forward_pair_grouped(u, x, experts, offs, counts)
         return torch.cat([g.forward_grouped(x, experts, offs, counts), u.forward_grouped(x, experts, offs, counts)], -1)
 
     # ---- the per-expert reference -----------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The adapters that sit beside an MoE block (shared, dense, routed) and the taps that read the
 MoE's own router (statistics, its balance loss). The embedded strategy lives in the expert bank
-(`engine.experts`), because it follows the MoE's own top-k inside the expert computation."""
+(`engine.model.expert_bank`), because it follows the MoE's own top-k inside the expert computation."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import AdapterBank
-from ..grouped import group_offsets, sort_by_group
+from .banks import AdapterBank
+from ..model.grouped import group_offsets, sort_by_group
 
 
-#: data parallel (engine.distributed.install_balance_stats): (slot counts [num], tokens) -> the same summed over
+#: data parallel (engine.training.distributed.install_balance_stats): (slot counts [num], tokens) -> the same summed over
 #: the ranks; None in a single process
 GLOBAL_COUNTS: Callable[[torch.Tensor, int], tuple[torch.Tensor, float]] | None = None
 

@@ -18,146 +18,14 @@ clear error (DistributedError), never a hang.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
-import os
-import sys
-from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as tdist
 
-#: seconds any collective (and the rendezvous) waits for the other ranks before the job ends with an error
-ENV_TIMEOUT = "MOETUNE_DIST_TIMEOUT"
-DEFAULT_TIMEOUT_S = 600.0
-#: bytes each rank handed to collectives, by kind (the benchmark reads and resets it)
-TRAFFIC: dict[str, int] = {"all_reduce": 0, "all_to_all": 0, "broadcast": 0}
-
-
-class DistributedError(RuntimeError):
-    """A job of several ranks that cannot go on: a rank died or stopped answering, or the ranks disagree."""
-
-
-@dataclass
-class Dist:
-    """This process's place in a job of several ranks."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    group: Any
-    device: torch.device
-    timeout_s: float
-    expert_parallel: int = 1
-    #: set once a collective failed: the group is then left alone at exit (destroying it could wait on a dead peer)
-    failed: bool = field(default=False, repr=False)
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the one that writes events, checkpoints and the adapter."""
-        return self.rank == 0
-
-    @property
-    def backend(self) -> str:
-        """nccl or gloo."""
-        return tdist.get_backend(self.group)
-
-
-def timeout_s() -> float:
-    """MOETUNE_DIST_TIMEOUT (seconds), or the default of 600."""
-    raw = os.environ.get(ENV_TIMEOUT, "").strip()
-    try:
-        value = float(raw) if raw else DEFAULT_TIMEOUT_S
-    except ValueError:
-        raise DistributedError(f"{ENV_TIMEOUT}={raw!r} is not a number of seconds; set it to e.g. 600.") from None
-    if value <= 0:
-        raise DistributedError(f"{ENV_TIMEOUT}={raw!r} must be more than 0 seconds.")
-    return value
-
-
-def world_size_from_env() -> int:
-    """WORLD_SIZE as torchrun / accelerate launch set it (1 when unset)."""
-    raw = os.environ.get("WORLD_SIZE", "").strip() or "1"
-    try:
-        return int(raw)
-    except ValueError:
-        raise DistributedError(f"WORLD_SIZE={raw!r} is not an integer; start the job with torchrun.") from None
-
-
-def init_from_env(device: str | None = None, timeout: float | None = None) -> Dist | None:
-    """Join the job torchrun / accelerate launch described in the environment; None for a single process.
-    `device` "cpu" forces gloo on the CPU; otherwise CUDA (NCCL, GPU LOCAL_RANK) when present."""
-    world = world_size_from_env()
-    if world <= 1:
-        return None
-    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
-    if missing:
-        raise DistributedError(f"WORLD_SIZE={world} but {', '.join(missing)} not set; start the job with "
-                               "`torchrun --nproc-per-node N` or `moetune train CONFIG --gpus N`.")
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    wait = timeout if timeout is not None else timeout_s()
-    use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
-    if use_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise DistributedError(f"rank {rank}: LOCAL_RANK {local_rank} but this machine shows "
-                                   f"{torch.cuda.device_count()} GPU(s); start at most that many ranks per machine.")
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
-    if not tdist.is_initialized():
-        try:
-            tdist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
-                                     timeout=timedelta(seconds=wait),
-                                     **({"device_id": dev} if use_cuda else {}))
-        except Exception as e:  # rendezvous timed out, address unreachable ...
-            raise DistributedError(f"rank {rank} of {world}: could not join the job at "
-                                   f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {wait:g} s "
-                                   f"({_first_line(e)}).") from None
-        atexit.register(_close_at_exit)
-    d = Dist(rank, world, local_rank, tdist.group.WORLD, dev, wait)
-    _JOB.append(d)
-    return d
-
-
-_JOB: list[Dist] = []
-
-
-def _close_at_exit() -> None:
-    if tdist.is_initialized() and not any(d.failed for d in _JOB):
-        tdist.destroy_process_group()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
-
-
-def _collective(dist: Dist, what: str, fn: Callable[[], Any]) -> Any:
-    """Run one collective; a failure (a peer died, the timeout passed) becomes one DistributedError."""
-    try:
-        return fn()
-    except Exception as e:
-        dist.failed = True
-        raise DistributedError(f"rank {dist.rank} of {dist.world_size}: {what} failed, another rank died or stopped "
-                               f"answering within {ENV_TIMEOUT}={dist.timeout_s:g} s ({_first_line(e)}); the job "
-                               "ends. Resume it with --resume once every rank can run.") from None
-
-
-def all_reduce(dist: Dist, tensor: torch.Tensor, what: str, op=None) -> torch.Tensor:
-    """In-place all-reduce (SUM unless `op`) of `tensor` over the job, counted in TRAFFIC."""
-    TRAFFIC["all_reduce"] += tensor.numel() * tensor.element_size()
-    _collective(dist, what, lambda: tdist.all_reduce(tensor, op=op or tdist.ReduceOp.SUM, group=dist.group))
-    return tensor
-
-
-def is_main(dist: Dist | None) -> bool:
-    """Whether this process writes the run's files (a single process, or rank 0)."""
-    return dist is None or dist.is_main
+from .collectives import TRAFFIC, Dist, DistributedError, all_reduce, broadcast_object, collective, gather_object
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -180,14 +48,14 @@ class RankBatches:
 
     def epoch(self, e: int) -> list[list[int]]:
         """Global micro-batches of epoch e (example indices), the same on every rank."""
-        from .data import make_batches
+        from ..data import make_batches
 
         order = make_batches(self.examples, self.micro_batch * self.world, seed=self.seed + e)
         return [b for b in order if len(b) >= self.world]
 
     def tensors(self, idx: list[int], device) -> dict[str, torch.Tensor]:
         """This rank's rows of the global micro-batch `idx`, padded as the whole global batch is."""
-        from .data import collate
+        from ..data import collate
 
         lo, hi = shard_bounds(len(idx), self.rank, self.world)
         full = collate([self.examples[i] for i in idx], self.pad_id)
@@ -203,7 +71,7 @@ def global_token_counts(dist: Dist | None, micro: Sequence[dict[str, torch.Tenso
     """Per micro-batch, the response tokens (labels after the shift) of all ranks together; None alone."""
     if dist is None:
         return None
-    from .data import IGNORE_INDEX
+    from ..data import IGNORE_INDEX
 
     counts = torch.tensor([int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro], dtype=torch.float64,
                           device=dist.device)
@@ -213,8 +81,8 @@ def global_token_counts(dist: Dist | None, micro: Sequence[dict[str, torch.Tenso
 
 # ---- balance losses ----------------------------------------------------------------------------
 def install_balance_stats(dist: Dist | None) -> None:
-    """Make the routers' Switch balance loss use the job's routing counts (engine.routing.strategies)."""
-    from .routing import strategies
+    """Make the routers' Switch balance loss use the job's routing counts (engine.adapters.strategies)."""
+    from ..adapters import strategies
 
     if dist is None:
         strategies.GLOBAL_COUNTS = None
@@ -296,7 +164,7 @@ def broadcast_parameters(dist: Dist | None, params: Sequence[torch.nn.Parameter]
         if not _sharded(p):
             TRAFFIC["broadcast"] += p.numel() * p.element_size()
             buf = p.data.to(dist.device)
-            _collective(dist, "sharing the initial adapters", lambda: tdist.broadcast(buf, 0, group=dist.group))
+            collective(dist, "sharing the initial adapters", lambda: tdist.broadcast(buf, 0, group=dist.group))
             p.data.copy_(buf.to(p.device))
 
 
@@ -306,25 +174,12 @@ def seed_rank(dist: Dist | None, seed: int) -> None:
         torch.manual_seed(seed * 1_000_003 + dist.rank)
 
 
-def _broadcast_object(dist: Dist, obj: Any, what: str) -> Any:
-    box = [obj if dist.is_main else None]
-    _collective(dist, what, lambda: tdist.broadcast_object_list(box, src=0, group=dist.group,
-                                                                device=dist.device if dist.backend == "nccl" else None))
-    return box[0]
-
-
-def _gather_object(dist: Dist, obj: Any, what: str) -> list | None:
-    out = [None] * dist.world_size if dist.is_main else None
-    _collective(dist, what, lambda: tdist.gather_object(obj, out, dst=0, group=dist.group))
-    return out
-
-
 def load_checkpoint(dist: Dist | None, run_dir: Path | None, warn: Callable[[str], None]):
     """(path, adapter tensors, torch state, trainer state) of the run's newest good checkpoint on every rank
     (rank 0 reads and verifies it, so the other machines need no copy; `ckpt.load_latest`), or None when there
     is none to resume. An error on rank 0 (every checkpoint damaged) is raised on every rank, not left to hang."""
     from . import checkpoint as ckpt
-    from .io import DamagedFileError
+    from ..io import DamagedFileError
 
     if dist is None:
         return ckpt.load_latest(run_dir, warn) if run_dir is not None else None
@@ -334,7 +189,7 @@ def load_checkpoint(dist: Dist | None, run_dir: Path | None, warn: Callable[[str
             result = ("ok", ckpt.load_latest(run_dir, notes.append))
         except DamagedFileError as e:
             result = ("damaged", str(e))
-    kind, value = _broadcast_object(dist, result or ("ok", None), "sharing the checkpoint to resume")
+    kind, value = broadcast_object(dist, result or ("ok", None), "sharing the checkpoint to resume")
     for note in notes:
         warn(note)
     if kind == "damaged":
@@ -383,7 +238,7 @@ def adapter_state(dist: Dist | None, peft) -> dict[str, torch.Tensor]:
     if dist is not None and dist.expert_parallel > 1:
         from .expert_parallel import gather_expert_state
 
-        return _collective(dist, "gathering the experts' adapters", lambda: gather_expert_state(peft, dist.group))
+        return collective(dist, "gathering the experts' adapters", lambda: gather_expert_state(peft, dist.group))
     return peft.adapter_state_dict()
 
 
@@ -393,7 +248,7 @@ def restore_adapter(dist: Dist | None, peft, tensors: dict[str, torch.Tensor]) -
     if dist is not None and dist.expert_parallel > 1:
         from .expert_parallel import scatter_expert_state
 
-        _collective(dist, "sharing the experts' adapters", lambda: scatter_expert_state(peft, tensors, dist.group))
+        collective(dist, "sharing the experts' adapters", lambda: scatter_expert_state(peft, tensors, dist.group))
         return
     for n, p in peft.trainable_parameters():
         p.data.copy_(tensors[n])
@@ -412,7 +267,7 @@ def checkpoint_parts(dist: Dist | None, peft, optimizer) -> tuple[dict[str, torc
     replicated = {n: p for n, p in peft.trainable_parameters() if not _sharded(p)}
     mine = {"rng": ckpt.rng_state(), "digest": adapter_digest(replicated),
             **({"optimizer": optimizer.state_dict()} if dist.expert_parallel > 1 else {})}
-    ranks = _gather_object(dist, mine, "gathering every rank's RNG state")
+    ranks = gather_object(dist, mine, "gathering every rank's RNG state")
     if not dist.is_main:
         return {}, {}, {}
     digests = [r["digest"] for r in ranks]
@@ -427,14 +282,15 @@ def checkpoint_parts(dist: Dist | None, peft, optimizer) -> tuple[dict[str, torc
 
 
 def shard_experts(dist: Dist | None, peft, cfg) -> None:
-    """`train.expert_parallel: N`: split every MoE layer's experts across the job's ranks (engine.expert_parallel),
+    """`train.expert_parallel: N`: split every MoE layer's experts across the job's ranks (engine.training.expert_parallel),
     after attach and before the optimizer and any offload; a clear error where it cannot run."""
-    from .config import ConfigError
+    from ..config import ConfigError
 
     n = cfg.train.expert_parallel
     if n == 1:
         return
-    from .expert_parallel import check_expert_parallel, shard_experts as split
+    from ..config import check_expert_parallel
+    from .expert_parallel import shard_experts as split
 
     check_expert_parallel(n, dist.world_size if dist is not None else 1)  # the planner's rule, the same words
     if cfg.eval.benchmarks:
@@ -442,7 +298,7 @@ def shard_experts(dist: Dist | None, peft, cfg) -> None:
                           "(one process holds part of the experts); leave eval.benchmarks empty and run "
                           "`moetune eval --run DIR` on the saved adapter.")
 
-    _collective(dist, "splitting the experts", lambda: split(peft, dist.group, device=dist.device))
+    collective(dist, "splitting the experts", lambda: split(peft, dist.group, device=dist.device))
     dist.expert_parallel = n
 
 
@@ -452,7 +308,7 @@ def clip_grad_norm(dist: Dist | None, params: Sequence[torch.nn.Parameter], max_
     if dist is not None and dist.expert_parallel > 1:
         from .expert_parallel import clip_grad_norm as clip
 
-        return float(_collective(dist, "clipping the gradients", lambda: clip(params, max_norm, dist.group)))
+        return float(collective(dist, "clipping the gradients", lambda: clip(params, max_norm, dist.group)))
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 
@@ -478,35 +334,3 @@ class NullLog:
         """Nothing to close."""
 
 
-# ---- launching -----------------------------------------------------------------------------------
-def torchrun_command(nproc: int, cli_args: Sequence[str]) -> list[str]:
-    """The torchrun command (this Python's torch.distributed.run) that starts `moetune CLI_ARGS` as `nproc`
-    ranks on this machine, with a local rendezvous on a free port."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "engine.cli", *cli_args]
-
-
-def launch_local(gpus: int | None, cli_args: Sequence[str]) -> None:
-    """`moetune train --gpus N`: become torchrun with N ranks (this call then never returns). Returns when this
-    process trains itself: no --gpus, --gpus 1, or already a rank of a launcher's job of that many ranks."""
-    if gpus is None:
-        return
-    if gpus < 1:
-        raise ValueError(f"--gpus {gpus}: give the number of GPUs (ranks) on this machine, 1 or more.")
-    if world_size_from_env() > 1:  # torchrun / accelerate launch started us: join their job
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
-        if local and local != gpus:
-            raise ValueError(f"--gpus {gpus}, but the launcher started {local} ranks on this machine; leave "
-                             "--gpus out under torchrun / accelerate launch.")
-        return
-    if gpus == 1:
-        return
-    if torch.cuda.is_available() and torch.cuda.device_count() < gpus:
-        raise ValueError(f"--gpus {gpus}, but this machine shows {torch.cuda.device_count()} GPU(s); "
-                         "give at most that many.")
-    from .process import child_env
-
-    cmd = torchrun_command(gpus, cli_args)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, cmd, child_env())  # the launcher takes this process's place (and its signals)

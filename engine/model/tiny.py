@@ -10,7 +10,7 @@ import torch
 
 from .arch import FAMILIES, get_family
 
-CORPUS = Path(__file__).resolve().parent.parent / "assets" / "tokenizer_corpus.txt"
+CORPUS = Path(__file__).resolve().parents[2] / "assets" / "tokenizer_corpus.txt"
 #: Qwen2's pre-tokenization pattern (llama.cpp: tokenizer.ggml.pre = "qwen2")
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .grouped import grouped_mm
+from ..model.grouped import grouped_mm
 
 KINDS = ("lora", "bottleneck", "gated")
 
@@ -49,7 +49,7 @@ class AdapterBank(nn.Module):
                 nn.init.kaiming_uniform_(up_in[i], a=math.sqrt(5))
             self.gate_up = nn.Parameter(up_in)  # gated W_u
         self.up = nn.Parameter(torch.zeros(num, d_out, rank))  # lora B / W_up / W_d: zero init
-        #: adapters used by a grad-enabled forward since the optimizer's last step (engine.optim.SparseAdamW)
+        #: adapters used by a grad-enabled forward since the optimizer's last step (engine.training.optim.SparseAdamW)
         self.touched: set[int] = set()
 
     def extra_repr(self) -> str:
@@ -81,7 +81,7 @@ class AdapterBank(nn.Module):
     def forward_grouped(self, h: torch.Tensor, idx: Sequence[int], offs: torch.Tensor,
                         counts: Sequence[int]) -> torch.Tensor:
         """Adapter `idx[g]` on the g-th group of rows of h [N, d_in] (`counts` rows each, ends `offs`) -> [N, d_out],
-        as `forward_one` per group, in grouped matmuls (engine.grouped)."""
+        as `forward_one` per group, in grouped matmuls (engine.model.grouped)."""
         if torch.is_grad_enabled():
             self.touched.update(idx)
         sel = None if list(idx) == list(range(self.num)) else torch.tensor(list(idx), device=self.down.device)
@@ -107,34 +107,33 @@ class AdapterBank(nn.Module):
         """Trainable parameters of the bank."""
         return sum(p.numel() for p in self.parameters())
 
+    def pairs_with(self, second: "AdapterBank") -> bool:
+        """Whether `forward_pair_grouped` applies: two LoRA banks with the same input size and no dropout."""
+        return self.kind == second.kind == "lora" and self.d_in == second.d_in \
+            and isinstance(self.dropout, nn.Identity) and isinstance(second.dropout, nn.Identity)
 
-def lora_pair_grouped(first: AdapterBank, second: AdapterBank, h: torch.Tensor, idx: Sequence[int],
-                      offs: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-    """`[first(h) | second(h)]` per group for two LoRA banks on the same input (an expert's gate and up LoRA):
-    their A stacked and their B block-diagonal, so two grouped matmuls instead of four (the same math as two
-    `forward_grouped` calls). Both banks must be `lora` without dropout."""
-    if torch.is_grad_enabled():
-        first.touched.update(idx)
-        second.touched.update(idx)
-    sel = None if list(idx) == list(range(first.num)) else torch.tensor(list(idx), device=first.down.device)
+    def forward_pair_grouped(self, second: "AdapterBank", h: torch.Tensor, idx: Sequence[int],
+                             offs: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """`[self(h) | second(h)]` per group for two LoRA banks on the same input (an expert's gate and up LoRA):
+        their A stacked and their B block-diagonal, so two grouped matmuls instead of four (the same math as two
+        `forward_grouped` calls). Both banks must be `lora` without dropout (`pairs_with`)."""
+        first = self
+        if torch.is_grad_enabled():
+            first.touched.update(idx)
+            second.touched.update(idx)
+        sel = None if list(idx) == list(range(first.num)) else torch.tensor(list(idx), device=first.down.device)
 
-    def take(p: torch.Tensor) -> torch.Tensor:
-        return p if sel is None else p.index_select(0, sel)
+        def take(p: torch.Tensor) -> torch.Tensor:
+            return p if sel is None else p.index_select(0, sel)
 
-    a = torch.cat([take(first.down), take(second.down)], dim=1).to(h.dtype)  # [G, 2r, H]
-    z = grouped_mm(h, a.transpose(1, 2), offs, counts)  # [N, 2r]
-    b1, b2 = take(first.up) * first.scale, take(second.up) * second.scale  # [G, out, r] each
-    (g, o1, r1), (o2, r2) = b1.shape, b2.shape[1:]
-    b = b1.new_zeros(g, o1 + o2, r1 + r2)
-    b[:, :o1, :r1] = b1
-    b[:, o1:, r1:] = b2
-    return grouped_mm(z, b.to(h.dtype).transpose(1, 2), offs, counts)
-
-
-def pairable(first: AdapterBank, second: AdapterBank) -> bool:
-    """Whether `lora_pair_grouped` applies: two LoRA banks with the same input size and no dropout."""
-    return first.kind == second.kind == "lora" and first.d_in == second.d_in \
-        and isinstance(first.dropout, nn.Identity) and isinstance(second.dropout, nn.Identity)
+        a = torch.cat([take(first.down), take(second.down)], dim=1).to(h.dtype)  # [G, 2r, H]
+        z = grouped_mm(h, a.transpose(1, 2), offs, counts)  # [N, 2r]
+        b1, b2 = take(first.up) * first.scale, take(second.up) * second.scale  # [G, out, r] each
+        (g, o1, r1), (o2, r2) = b1.shape, b2.shape[1:]
+        b = b1.new_zeros(g, o1 + o2, r1 + r2)
+        b[:, :o1, :r1] = b1
+        b[:, o1:, r1:] = b2
+        return grouped_mm(z, b.to(h.dtype).transpose(1, 2), offs, counts)
 
 
 class LoraLinear(nn.Module):

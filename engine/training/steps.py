@@ -27,7 +27,7 @@ from torch import nn
 
 
 class LayerHooks(Protocol):
-    """Told where the step is, e.g. to prefetch offloaded experts (`engine.offload.OffloadSchedule`)."""
+    """Told where the step is, e.g. to prefetch offloaded experts (`engine.model.offload.OffloadSchedule`)."""
 
     def begin(self, phase: str, layer: int) -> None:
         """Before `layer` runs for every micro-batch; phase is "forward" or "backward"."""

@@ -10,7 +10,7 @@ import torch
 
 from ..config import from_dict
 from ..io import DamagedFileError, atomic_path, atomic_write_json, load_safetensors_checked, sha256_file
-from ..loader import LoadedModel, base_identity
+from ..model import LoadedModel, base_identity
 from .attach import RoutedPEFT, attach
 
 ADAPTER_FILE = "adapter.safetensors"

@@ -27,35 +27,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .adapters import AdapterBank
-from .config import ConfigError
-from .experts import ExpertBank, _compute_dtype
-from .grouped import sort_by_group
-from .quant import DenseExpertStore, NF4ExpertStore, PARTS
+from ..adapters.banks import AdapterBank
+from ..config import check_expert_parallel
+from ..model import ExpertBank
+from ..model.expert_bank import _compute_dtype
+from ..model.grouped import sort_by_group
+from .collectives import TRAFFIC
+from ..model import DenseExpertStore, NF4ExpertStore
+from ..model.stores import PARTS
 
 #: the attribute that marks a sharded (not replicated) parameter or adapter bank
 SHARD_ATTR = "moetune_expert_shard"
 #: token exchanges this process took part in (forward: dispatch and return; backward: their reverses), and the
 #: bytes it sent in them; the same numbers on every rank of a step, whatever the routing
 EXCHANGES = {"forward": 0, "backward": 0, "bytes": 0}
-
-
-def check_expert_parallel(expert_parallel: int, world_size: int | None = None,
-                          num_experts: int | None = None) -> None:
-    """Raise a ConfigError naming `train.expert_parallel` when it does not divide the world size or the number
-    of experts (either check is skipped when its number is None)."""
-    if expert_parallel < 1:
-        raise ConfigError(f"train.expert_parallel: {expert_parallel} must be at least 1.")
-    if world_size is not None and expert_parallel > 1 and world_size != expert_parallel:
-        # the trainer splits the experts over every rank of the job (engine.distributed.shard_experts); a hybrid
-        # (world 4, expert_parallel 2) would need the shards' gradients all-reduced across replicas, not built
-        raise ConfigError(f"train.expert_parallel: {expert_parallel} needs a job of exactly {expert_parallel} ranks "
-                          f"(this one has {world_size}); use --gpus {expert_parallel}, or set "
-                          "train.expert_parallel: 1 (data parallel only).")
-    if num_experts is not None and num_experts % expert_parallel:
-        divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
-        raise ConfigError(f"train.expert_parallel: {expert_parallel} does not divide the model's {num_experts} "
-                          f"experts; choose one of {', '.join(map(str, divisors))}.")
 
 
 @dataclass(frozen=True)
@@ -116,9 +101,7 @@ class AllToAll(torch.autograd.Function):
 
 
 def _count(direction: str, sent: torch.Tensor) -> None:
-    """Count one exchange here and in the job's traffic figures (engine.distributed.TRAFFIC)."""
-    from .distributed import TRAFFIC
-
+    """Count one exchange here and in the job's traffic figures (engine.training.collectives.TRAFFIC)."""
     nbytes = sent.numel() * sent.element_size()
     EXCHANGES[direction] += 1
     EXCHANGES["bytes"] += nbytes

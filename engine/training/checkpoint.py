@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .io import DamagedFileError, load_safetensors_checked, sha256_file, verify_sha256
+from ..io import DamagedFileError, load_safetensors_checked, sha256_file, verify_sha256
 
 STATE_FILE = "trainer_state.json"
 CHECKSUM_FILE = "checksums.json"
@@ -72,7 +72,7 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(run_dir: str | Path, step: int, adapter: dict[str, torch.Tensor], optimizer, scheduler,
                     state: dict, keep: int = 2, extra: dict | None = None) -> Path:
     """Write a complete checkpoint atomically (temp folder, then rename), with the SHA-256 of each file;
-    keep the newest `keep`. `extra` joins the torch state (e.g. every rank's RNG, engine.distributed).
+    keep the newest `keep`. `extra` joins the torch state (e.g. every rank's RNG, engine.training.distributed).
     On any error (a full disk) the temp folder is removed and the error raised."""
     from safetensors.torch import save_file
 

@@ -4,7 +4,7 @@ prefetches along the step's sweep (DESIGN "Memory").
 
 - `HostExpertStore`: where an expert's raw (stored: NF4 or dense) tensors live on the host, and how
   to turn those tensors, once on the device, into dequantised weights. `DenseHostStore` holds plain
-  tensors; a quantised store (engine.quant) provides the same two methods.
+  tensors; a quantised store (engine.model.stores) provides the same two methods.
 - `ExpertCache`: `num_slots` slots, each holding one expert's raw tensors, keyed (layer, expert).
   Eviction knows the sweep: the forward visits layers 0..L-1, the backward L-1..0, then the next
   step's forward, so the entry whose next use is furthest along that cycle goes first (the earliest
@@ -16,7 +16,7 @@ prefetches along the step's sweep (DESIGN "Memory").
 - `OffloadedExpertStore`: the `ExpertStore` interface (`num_experts`, `weights(e, device, dtype)`,
   `weights_batched`) of one layer, served from the cache; an ExpertBank uses it unchanged, one
   dequantisation per group of experts (their NF4 slots stacked on the device).
-- `OffloadSchedule`: `LayerHooks` for `engine.layerwise.layer_major_step`: at each layer it tells the
+- `OffloadSchedule`: `LayerHooks` for `engine.training.steps.layer_major_step`: at each layer it tells the
   cache where the sweep is and prefetches the next layer (forward: the experts that layer used last
   step; backward: exactly the experts it used in this step's forward).
 """
@@ -345,7 +345,7 @@ class ExpertCache:
 
 
 class OffloadedExpertStore:
-    """One layer's experts served through an ExpertCache: the `ExpertStore` interface of engine.experts.
+    """One layer's experts served through an ExpertCache: the `ExpertStore` interface of engine.model.expert_bank.
 
     `weights_batched` (what the expert bank's grouped path asks for) gathers a group's raw (NF4) tensors from
     their cache slots into one stacked buffer on the device, each slot read once, and dequantises the group in
@@ -365,7 +365,7 @@ class OffloadedExpertStore:
         """gate_up [n, 2I, H] and down [n, H, I] of `experts`, dequantised on `device`: one dequantisation of the
         group from its stacked cache slots (or expert by expert, see the class)."""
         if not self.batched:
-            from .experts import stack_weights
+            from .expert_bank import stack_weights
 
             return stack_weights(self, experts, device, dtype)
         stacked: dict[str, torch.Tensor] = {}

@@ -9,12 +9,10 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from ..adapters import AdapterBank, LoraLinear
-from ..arch import decoder_layers
+from .banks import AdapterBank, LoraLinear
+from ..model.arch import decoder_layers
 from ..config import Config
-from ..experts import ExpertBank
-from ..loader import LoadedModel
-from ..quant import expert_store
+from ..model import ExpertBank, LoadedModel, expert_store
 from .strategies import ParallelAdapters, RoutedAdapters, RouterTap, add_block_output
 
 class RoutedPEFT:
