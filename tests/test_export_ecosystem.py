@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.arch import get_family
+from engine.model.arch import get_family
 from engine.config import from_dict
 from engine.export import ExportError, export_run
 from engine.model import load_model
