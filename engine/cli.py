@@ -121,7 +121,7 @@ def cmd_plan(args) -> int:
     from .plan import plan
 
     cfg = C.load(args.config, args.set)
-    result = plan(cfg, gpu_gb=args.gpu_gb, gpus=args.gpus)
+    result = plan(cfg, gpu_gb=args.gpu_gb, gpus=args.gpus, host_gb=args.host_gb)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0 if result.fits else PLAN_DOES_NOT_FIT
 
@@ -131,6 +131,8 @@ def _add_plan(sub):
                        description="Exit status 0 when the plan fits the budget, 3 when it cannot work.")
     p.add_argument("config", help="YAML config file")
     p.add_argument("--gpu-gb", type=float, default=None, help="GPU budget in GB (10^9 bytes); overrides memory.gpu_gb")
+    p.add_argument("--host-gb", type=float, default=None,
+                   help="host RAM in GB that offloaded experts may use (default: this machine's)")
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="plan one GPU of a job of N (default train.expert_parallel); with train.expert_parallel "
                         "each GPU holds its share of the experts")

@@ -5,6 +5,7 @@ adapter parameters, and `moetune plan --json` agreeing with plan()."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 
@@ -20,7 +21,7 @@ from engine.sizes import adapter_params, model_shape
 
 #: DESIGN "Memory": experts in NF4 (GB) and one layer of experts (MB)
 DESIGN_TABLE = {"olmoe": (3.3, 208), "qwen2_moe": (6.4, 268), "qwen3_moe": (15.0, 312), "mixtral": (23.3, 727),
-                "deepseek_v2": (7.4, 286), "deepseek_v3": (7.4, 286)}
+                "deepseek_v2": (7.4, 286), "deepseek_v3": (7.4, 286), "glm4_moe": (51.4, 1140)}
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def test_inventory_counts_every_weight_and_the_shared_expert():
         facts = fam.facts(model_config)
         total = sum(shape.params.values()) + facts.expert_params
         published_b = {"olmoe": 6.92, "mixtral": 46.70, "qwen2_moe": 14.32, "qwen3_moe": 30.53,
-                       "deepseek_v2": 15.71, "deepseek_v3": 15.96}.get(name)
+                       "deepseek_v2": 15.71, "deepseek_v3": 15.96, "glm4_moe": 106.85}.get(name)
         if published_b is None:  # a family another change added; its own test checks its inventory
             continue
         assert total / 1e9 == pytest.approx(published_b, abs=0.01)
@@ -255,3 +256,29 @@ def test_cli_plan_gpus(published, tmp_path, capsys):
     assert "train.expert_parallel: 3 does not divide the model's 8 experts" in capsys.readouterr().err
     assert main(["plan", str(cfg_file), "--gpus", "0"]) == 2
     assert "--gpus: 0 must be at least 1" in capsys.readouterr().err
+
+
+def test_glm_4_5_air_trains_offloaded_only_where_host_ram_holds_its_experts(published, capsys):
+    """GLM-4.5-Air's 51.4 GB of NF4 experts stream from pinned host memory on a 24 GB card: the plan names the host
+    RAM that needs (pinned experts + the layer being pinned + a reserve, ≈ 59 GB) and refuses, naming both figures
+    and the fix, on a machine with less. Attention and the other linear layers in NF4 (14 GB in bf16)."""
+    glm = {"path": str(published["glm4_moe"]), "attention_quant": "nf4"}
+    p = plan(_cfg(glm["path"], model=glm), gpu_gb=24, host_gb=128)
+    assert p.fits and p.layers("offloaded") and not p.layers("resident")
+    assert p.host_pinned_bytes == p.experts_total_bytes
+    assert 55 * GB < p.host_ram_needed_bytes < 66 * GB and p.host_ram_bytes == 128 * GB
+    assert "host RAM: needs" in p.summary()
+    short = plan(_cfg(glm["path"], model=glm), gpu_gb=24, host_gb=32)
+    assert not short.fits and "DOES NOT FIT" in short.summary() and "NOT ENOUGH" in short.summary()
+    need = short.host_ram_needed_bytes / GB
+    assert short.advice[0].startswith("host RAM:") and f"{need:.2f} GB" in short.advice[0]
+    assert "32.00 GB (--host-gb)" in short.advice[0] and f"at least {math.ceil(need)} GB of RAM" in short.advice[0]
+    assert plan(_cfg(glm["path"], model=glm), gpu_gb=24, host_gb=need + 0.01).fits  # the figure it names is enough
+    resident = plan(_cfg(published["olmoe"]), gpu_gb=24, host_gb=1)  # nothing offloaded: host RAM is not asked
+    assert resident.fits and resident.host_ram_needed_bytes == 0
+    cfg_file = published["glm4_moe"].parent / "glm.yaml"
+    cfg_file.write_text(yaml.safe_dump({"model": glm}))
+    capsys.readouterr()
+    assert main(["plan", str(cfg_file), "--gpu-gb", "24", "--host-gb", "32"]) == 3  # does not fit: host RAM
+    assert "host RAM: the offloaded experts need" in capsys.readouterr().out
+    assert main(["plan", str(cfg_file), "--gpu-gb", "24", "--host-gb", "128"]) == 0

@@ -283,6 +283,8 @@ def write_merged(src: RunSource, out_dir: str | Path, dtype: torch.dtype = torch
     inter = merged_intermediate_size(src)
     config[src.family.expert_intermediate_key] = inter
     config.update(merged_shared_layout(src)[1])
+    if config.get("num_nextn_predict_layers"):  # the base's Multi-Token-Prediction layers are not merged or written
+        config["num_nextn_predict_layers"] = 0
     config["dtype"] = dtype_name
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype_name

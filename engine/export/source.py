@@ -165,7 +165,8 @@ def non_expert_tensors(base: Path, family: Family) -> Iterator[tuple[str, torch.
     """(checkpoint name, tensor) of every base tensor that is not a routed expert, in file order."""
     from ..model import read_tensors
 
-    return read_tensors(base, lambda name: not is_expert_tensor(family, name))
+    cfg = read_config(base)[0]
+    return read_tensors(base, lambda name: not is_expert_tensor(family, name) and not family.is_mtp_tensor(name, cfg))
 
 
 def quant_note(cfg: Config) -> str:

@@ -192,6 +192,14 @@ class Family:
         `expert_intermediate` wide and needs `extra` more shared columns."""
         raise NotImplementedError(f"{self.title} has no ungated shared expert to merge into")
 
+    def is_mtp_tensor(self, name: str, cfg: Any) -> bool:
+        """Whether a checkpoint tensor belongs to a Multi-Token-Prediction layer past `num_hidden_layers`
+        (`num_nextn_predict_layers` of them: DeepSeek-V3, GLM-4.5), which transformers' model does not build and
+        MoETune skips when loading and exporting."""
+        extra = int(getattr(cfg, "num_nextn_predict_layers", 0) or 0)
+        m = re.match(r"model\.layers\.(\d+)\.", name) if extra else None
+        return m is not None and int(cfg.num_hidden_layers) <= int(m[1]) < int(cfg.num_hidden_layers) + extra
+
     def tiny_init(self, model: nn.Module) -> None:
         """Give a tiny random model's buffers that start constant (e.g. routing biases) random values."""
 
