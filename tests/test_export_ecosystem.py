@@ -234,8 +234,12 @@ def test_llama_cpp_converters_and_gguf_lora_give_the_merged_logits(exported, con
         root = exported(family, attention=False)  # expert LoRA: llama.cpp's graph applies it
     else:
         root = exported(family)
-    convert(converters, ("convert_hf_to_gguf.py", root / "hf", "--outfile", root / "merged-conv.gguf", "--outtype", "f32"),
-            ("convert_hf_to_gguf.py", root / "base", "--outfile", root / "base-conv.gguf", "--outtype", "f32"),
+    # llama.cpp's GLM converter writes GLM's own tokenizer (it looks up [gMASK], <sop>, …), which the tiny model's
+    # is not: for glm4_moe only its LoRA converter runs (our GGUF's logits: test_export_gguf.py)
+    models = family != "glm4_moe"
+    convert(converters, *([("convert_hf_to_gguf.py", root / "hf", "--outfile", root / "merged-conv.gguf", "--outtype",
+                            "f32"), ("convert_hf_to_gguf.py", root / "base", "--outfile", root / "base-conv.gguf",
+                                     "--outtype", "f32")] if models else []),
             ("convert_lora_to_gguf.py", root / "peft", "--base", root / "base", "--outfile", root / "lora-conv.gguf",
              "--outtype", "f32"))
     write_gguf(root / "base", root / "base.gguf", "f32")  # our GGUF of the base model
@@ -263,6 +267,8 @@ def test_llama_cpp_converters_and_gguf_lora_give_the_merged_logits(exported, con
         # and its converter writes none when q_lora_rank is null (V2-Lite's): its GGUFs of this 3-layer model do
         # not load. Ours write 0 (the q_proj path) and run; the converter's LoRA is compared tensor by tensor above.
         assert _field_missing(root / "merged-conv.gguf", "deepseek2.attention.q_lora_rank")
+        runs = {what: got for what, got in runs.items() if what.startswith("our")}
+    if not models:
         runs = {what: got for what, got in runs.items() if what.startswith("our")}
     for what, got in runs.items():
         assert_logits_equal(np.stack(got()), want, f"{family}: llama.cpp, {what}, vs the merged hf export")

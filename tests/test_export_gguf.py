@@ -24,7 +24,7 @@ from .tolerance import assert_logits_close
 DTYPES = ["f32", "f16", "bf16", "q8_0"]
 #: llama.cpp's architecture of each family (src/llama-arch.cpp); Mixtral runs as llama with experts
 ARCH = {"olmoe": "olmoe", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
-        "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2"}
+        "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe": "glm4moe"}
 #: token-id prompts (no tokenizer in the loop), and how many tokens to continue each
 PROMPTS = [[1, 40, 41, 300, 12, 77], [5, 100, 200, 300, 400], [1, 7]]
 NEW_TOKENS = 8
@@ -49,6 +49,8 @@ def expected_tensors(family: str, cfg) -> dict[str, tuple[int, ...]]:
     out = {"token_embd.weight": (h, v), "output_norm.weight": (h,), "output.weight": (h, v)}
     if family.startswith("deepseek"):
         return out | _deepseek_tensors(family, cfg, facts)
+    if family == "glm4_moe":
+        return out | _glm_tensors(cfg, facts)
     for layer in range(facts.num_layers):
         b = f"blk.{layer}."
         out.update({b + "attn_norm.weight": (h,), b + "attn_q.weight": (h, n_head * hd),
@@ -100,6 +102,29 @@ def _deepseek_tensors(family: str, cfg, facts) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _glm_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
+    """llama.cpp's 'glm4moe' block tensors (ne order): q/k/v with biases, per-head q/k norms, post_attention_norm,
+    a dense first layer, routed + shared experts and exp_probs_b (llama_model_glm4_moe::load_arch_tensors)."""
+    h, e, i, s = facts.hidden_size, facts.num_experts, facts.expert_intermediate_size, facts.shared_expert_intermediate_size
+    hd, q, kv = cfg.head_dim, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    out = {}
+    for layer in range(facts.num_layers):
+        b = f"blk.{layer}."
+        out.update({b + "attn_norm.weight": (h,), b + "post_attention_norm.weight": (h,), b + "attn_q.weight": (h, q),
+                    b + "attn_k.weight": (h, kv), b + "attn_v.weight": (h, kv), b + "attn_q.bias": (q,),
+                    b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,), b + "attn_output.weight": (q, h),
+                    b + "attn_q_norm.weight": (hd,), b + "attn_k_norm.weight": (hd,)})
+        if layer not in facts.moe_layers:
+            ff = cfg.intermediate_size
+            out.update({b + "ffn_gate.weight": (h, ff), b + "ffn_up.weight": (h, ff), b + "ffn_down.weight": (ff, h)})
+            continue
+        out.update({b + "ffn_gate_inp.weight": (h, e), b + "ffn_gate_exps.weight": (h, i, e),
+                    b + "ffn_up_exps.weight": (h, i, e), b + "ffn_down_exps.weight": (i, h, e),
+                    b + "ffn_gate_shexp.weight": (h, s), b + "ffn_up_shexp.weight": (h, s),
+                    b + "ffn_down_shexp.weight": (s, h), b + "exp_probs_b.bias": (e,)})
+    return out
+
+
 def _stays_f32(name: str, shape) -> bool:
     return len(shape) == 1 or name.endswith(("_norm.weight", ".bias", "ffn_gate_inp.weight",
                                               "ffn_gate_inp_shexp.weight"))
@@ -139,6 +164,11 @@ def test_gguf_reads_back(tiny_checkpoint, tmp_path, family, dtype):
                         "attention.value_length_mla": cfg.v_head_dim, "rope.dimension_count": cfg.qk_rope_head_dim,
                         "expert_gating_func": 2 if family == "deepseek_v3" else 1,
                         "attention.q_lora_rank": cfg.q_lora_rank or 0})
+        assert _field(reader, f"{arch}.expert_weights_scale") == pytest.approx(cfg.routed_scaling_factor)
+    if family == "glm4_moe":  # partial rotary: RoPE on the first half of each head
+        hparams.update({"expert_feed_forward_length": facts.expert_intermediate_size, "leading_dense_block_count": 1,
+                        "expert_shared_count": cfg.n_shared_experts, "expert_gating_func": 2,
+                        "rope.dimension_count": cfg.head_dim // 2})
         assert _field(reader, f"{arch}.expert_weights_scale") == pytest.approx(cfg.routed_scaling_factor)
     for key, want in hparams.items():
         assert _field(reader, f"{arch}.{key}") == want, key

@@ -112,7 +112,7 @@ def _moe_gates(lm, block, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     topk_group of n_group groups (ranked by their best two), the unbiased scores renormalised and scaled."""
     cfg, router = lm.config, lm.family.router(block)
     logits = x @ router.weight.T
-    if cfg.model_type == "deepseek_v3":
+    if cfg.model_type in ("deepseek_v3", "glm4_moe"):  # sigmoid routers with the correction bias
         scores = torch.sigmoid(logits)
         choice = scores + router.e_score_correction_bias
         groups = choice.reshape(choice.shape[0], cfg.n_group, -1)
