@@ -92,8 +92,9 @@ def model_shape(model_config: Any) -> ModelShape:
         or facts.hidden_size // n_heads
     from .model.arch import decoder_layers
 
-    attention_io = tuple(sum(getattr(layer.self_attn, n).in_features + getattr(layer.self_attn, n).out_features
-                             for n in family.attention_modules(layer.self_attn)) for layer in decoder_layers(model))
+    attns = [getattr(layer, "self_attn", None) for layer in decoder_layers(model)]  # None: a linear-attention layer
+    attention_io = tuple(sum(getattr(a, n).in_features + getattr(a, n).out_features for n in family.attention_modules(a))
+                         for a in attns)
     return ModelShape(
         facts=facts, title=family.title,
         num_heads=n_heads, num_kv_heads=int(getattr(model_config, "num_key_value_heads", None) or n_heads),

@@ -84,7 +84,8 @@ class RoutedPEFT:
         if r.attention_lora:
             attn_layers = range(f.num_layers) if r.layers == "all" else self.layers
             for i in attn_layers:
-                attn = decoder_layers(self.model)[i].self_attn
+                # hybrid models (Qwen3.5): linear-attention layers have no self_attn, so no attention LoRA
+                attn = getattr(decoder_layers(self.model)[i], "self_attn", None)
                 for name in self.family.attention_modules(attn):
                     wrapped = LoraLinear(getattr(attn, name), a.rank, a.alpha, a.dropout)
                     setattr(attn, name, wrapped)

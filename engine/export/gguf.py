@@ -172,7 +172,7 @@ def _gguf_tensors(family: Family, cfg, tensors: Iterable[tuple[str, torch.Tensor
     pending: dict[int, dict[tuple[str, int], torch.Tensor]] = {}  # layer -> (proj, expert) -> tensor
     seen: set[str] = set()
     for name, tensor in tensors:
-        if family.is_mtp_tensor(name, cfg):
+        if family.skip_tensor(name, cfg):
             continue  # a Multi-Token-Prediction layer: not part of the model (nor of this GGUF)
         key = family.parse_expert_key(name)
         if key is not None:

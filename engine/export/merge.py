@@ -281,10 +281,11 @@ def write_merged(src: RunSource, out_dir: str | Path, dtype: torch.dtype = torch
 
     config = json.loads((src.base / "config.json").read_text())
     inter = merged_intermediate_size(src)
-    config[src.family.expert_intermediate_key] = inter
-    config.update(merged_shared_layout(src)[1])
-    if config.get("num_nextn_predict_layers"):  # the base's Multi-Token-Prediction layers are not merged or written
-        config["num_nextn_predict_layers"] = 0
+    section = src.family.config_json_section(config)  # a multimodal config's text_config
+    section[src.family.expert_intermediate_key] = inter
+    section.update(merged_shared_layout(src)[1])
+    if section.get("num_nextn_predict_layers"):  # the base's Multi-Token-Prediction layers are not merged or written
+        section["num_nextn_predict_layers"] = 0
     config["dtype"] = dtype_name
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype_name

@@ -54,7 +54,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     filled: set[str] = set()
 
     def place(name: str, tensor: torch.Tensor) -> None:
-        if family.is_mtp_tensor(name, config):
+        if family.skip_tensor(name, config):
             return  # a Multi-Token-Prediction layer: not part of the model transformers builds
         target = family.rename(name)
         if target in buffers:
@@ -79,7 +79,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         experts = {n for n in params if ".experts." in n and n.endswith(("gate_up_proj", "down_proj"))}
         return _finish(path, config, model, family, filled, device, skip=experts, stores=stores)
     for name, tensor in iter_tensors(path):
-        if family.is_mtp_tensor(name, config):
+        if family.skip_tensor(name, config):
             continue  # a Multi-Token-Prediction layer: not part of the model transformers builds
         key = family.parse_expert_key(name)
         if key is None:

@@ -99,6 +99,8 @@ class Family:
     router_scoring: str = "softmax"
     #: the shared expert is a plain MLP added with weight 1 (no gate): adapters beside the MoE block merge into it
     shared_expert_ungated: bool = False
+    #: model_type of the language model's own config inside a multimodal checkpoint's (Qwen3.5: qwen3_5_moe_text)
+    text_model_type: str = ""
     #: attention projections whose llama.cpp tensors the arch's graph multiplies without LoRA adapters
     gguf_lora_unsupported: tuple[str, ...] = ()
 
@@ -135,7 +137,20 @@ class Family:
 
     def published_config(self):
         """The transformers config of the family's flagship release, from the published values."""
-        return config_from_file(PUBLISHED_DIR / f"{self.published}.json")
+        return self.model_config(config_from_file(PUBLISHED_DIR / f"{self.published}.json"))
+
+    def model_config(self, cfg: Any) -> Any:
+        """The config MoETune builds the language model from (a multimodal checkpoint's text config)."""
+        return cfg
+
+    def config_json_section(self, raw: dict) -> dict:
+        """The part of a checkpoint's config.json that holds the language model's keys (edited by merges)."""
+        return raw
+
+    def skip_tensor(self, name: str, cfg: Any) -> bool:
+        """Whether a checkpoint tensor is outside the language model MoETune trains (MTP layers, a vision tower):
+        loading and GGUF skip it; the hf export copies a vision tower's unchanged and drops MTP layers."""
+        return self.is_mtp_tensor(name, cfg)
 
     def tiny_config_kwargs(self, layers: int, hidden: int, experts: int, top_k: int, vocab: int) -> dict:
         """Keyword arguments for this family's transformers config class at a tiny size."""
@@ -199,6 +214,13 @@ class Family:
         extra = int(getattr(cfg, "num_nextn_predict_layers", 0) or 0)
         m = re.match(r"model\.layers\.(\d+)\.", name) if extra else None
         return m is not None and int(cfg.num_hidden_layers) <= int(m[1]) < int(cfg.num_hidden_layers) + extra
+
+    def tiny_model(self, config: Any) -> nn.Module:
+        """The randomly initialised model a tiny checkpoint is saved from (the hub's class: a multimodal one for a
+        multimodal family)."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
     def tiny_init(self, model: nn.Module) -> None:
         """Give a tiny random model's buffers that start constant (e.g. routing biases) random values."""
