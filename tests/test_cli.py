@@ -22,6 +22,8 @@ def test_models_json_lists_every_family(capsys):
     assert by["deepseek_v3"]["shared_expert_intermediate_size"] == 2 * 1408 and by["deepseek_v3"]["experts_nf4_gb"] == 7.43
     assert "sigmoid" in by["deepseek_v3"]["router"] and "softmax" in by["deepseek_v2"]["router"]
     assert (by["glm4_moe"]["moe_layers"], by["glm4_moe"]["experts"], by["glm4_moe"]["experts_nf4_gb"]) == (45, 128, 51.45)
+    assert (by["qwen3_5_moe"]["moe_layers"], by["qwen3_5_moe"]["experts"], by["qwen3_5_moe"]["experts_nf4_gb"]) == \
+        (40, 256, 16.63)
     assert (by["mixtral"]["experts"], by["mixtral"]["top_k"], by["mixtral"]["moe_layers"]) == (8, 2, 32)
     assert by["qwen2_moe"]["shared_expert_intermediate_size"] == 5632
     assert by["olmoe"]["experts_nf4_gb"] == 3.33

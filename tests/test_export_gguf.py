@@ -22,6 +22,8 @@ from .conftest import FAMILY_NAMES
 from .tolerance import assert_logits_close
 
 DTYPES = ["f32", "f16", "bf16", "q8_0"]
+#: the families MoETune writes GGUF for (Qwen3.5's refusal: test_gguf_refusal_names_what_is_missing)
+GGUF_FAMILIES = [f for f in FAMILY_NAMES if not get_family(f).gguf_missing]
 #: llama.cpp's architecture of each family (src/llama-arch.cpp); Mixtral runs as llama with experts
 ARCH = {"olmoe": "olmoe", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
         "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe": "glm4moe"}
@@ -131,7 +133,7 @@ def _stays_f32(name: str, shape) -> bool:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
 def test_gguf_reads_back(tiny_checkpoint, tmp_path, family, dtype):
     from transformers import AutoTokenizer
 
@@ -203,6 +205,13 @@ def test_gguf_reads_back(tiny_checkpoint, tmp_path, family, dtype):
         down = np.asarray(got[f"blk.{last}.ffn_down_exps.weight"].data, dtype=np.float32)
         ref = torch.stack([hf[fam.expert_key_name(ExpertKey(last, ex, "down"))] for ex in range(facts.num_experts)])
         np.testing.assert_allclose(down, ref.numpy(), atol=0 if dtype == "f32" else 1e-3)
+
+
+def test_gguf_refusal_names_what_is_missing(tiny_checkpoint, tmp_path):
+    """Qwen3.5: llama.cpp has the arch, MoETune's writer lacks its linear-attention tensors: one line says so."""
+    with pytest.raises(ExportError, match=r"Qwen3.5-MoE: MoETune's GGUF writer does not map Qwen3.5's Gated DeltaNet"):
+        write_gguf(tiny_checkpoint("qwen3_5_moe"), tmp_path / "model.gguf")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_dtype_is_a_clear_error(tiny_checkpoint, tmp_path):
@@ -307,7 +316,7 @@ def cpp_greedy(llama_cpp, path: Path, prompts: list[list[int]], **options) -> li
     return llama_cpp.run_llama(path, [("greedy", p, NEW_TOKENS) for p in prompts], **options)
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
 def test_llama_cpp_greedy_matches_transformers(llama_cpp, sharp_checkpoint, tmp_path, family):
     ckpt = sharp_checkpoint(family)
     model = load_model(ckpt).model
@@ -343,7 +352,7 @@ def _teacher_forced_errors(llama_cpp, model, path: Path, **options) -> np.ndarra
 
 
 @pytest.mark.parametrize("dtype", list(_UNIT))
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
 def test_llama_cpp_runs_reduced_precision_close_to_transformers(llama_cpp, sharp_checkpoint, tmp_path, family,
                                                                 dtype):
     ckpt = sharp_checkpoint(family)

@@ -21,7 +21,8 @@ from engine.sizes import adapter_params, model_shape
 
 #: DESIGN "Memory": experts in NF4 (GB) and one layer of experts (MB)
 DESIGN_TABLE = {"olmoe": (3.3, 208), "qwen2_moe": (6.4, 268), "qwen3_moe": (15.0, 312), "mixtral": (23.3, 727),
-                "deepseek_v2": (7.4, 286), "deepseek_v3": (7.4, 286), "glm4_moe": (51.4, 1140)}
+                "deepseek_v2": (7.4, 286), "deepseek_v3": (7.4, 286), "glm4_moe": (51.4, 1140),
+                "qwen3_5_moe": (16.6, 415)}
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,8 @@ def test_inventory_counts_every_weight_and_the_shared_expert():
         facts = fam.facts(model_config)
         total = sum(shape.params.values()) + facts.expert_params
         published_b = {"olmoe": 6.92, "mixtral": 46.70, "qwen2_moe": 14.32, "qwen3_moe": 30.53,
-                       "deepseek_v2": 15.71, "deepseek_v3": 15.96, "glm4_moe": 106.85}.get(name)
+                       "deepseek_v2": 15.71, "deepseek_v3": 15.96, "glm4_moe": 106.85,
+                       "qwen3_5_moe": 34.66}.get(name)  # Qwen3.5: its language model (no vision tower)
         if published_b is None:  # a family another change added; its own test checks its inventory
             continue
         assert total / 1e9 == pytest.approx(published_b, abs=0.01)

@@ -253,7 +253,8 @@ def attention_closed_form(cfg, r):
     else:
         hd = getattr(cfg, "head_dim", None) or H // heads
         q, kv = heads * hd, cfg.num_key_value_heads * hd
-        shapes = [(H, q), (H, kv), (H, kv), (q, H)]
+        gate = 2 if cfg.model_type == "qwen3_5_moe_text" else 1  # Qwen3.5's q_proj also gives the output gate
+        shapes = [(H, gate * q), (H, kv), (H, kv), (q, H)]
     return r * sum(i + o for i, o in shapes)
 
 
@@ -267,10 +268,12 @@ def test_trainable_counts_match_closed_form(family, strategy, kind, placement, t
     H, I, E, r = f.hidden_size, f.expert_intermediate_size, f.num_experts, 4
     want = _closed_form(strategy, kind, placement, H, I, E, 3, r, layers=1)  # every:2 of 2 MoE layers -> the first
     assert rep["by_group"][strategy] == want
-    attention = attention_closed_form(lm.config, r)
-    assert rep["by_group"]["attention"] == attention
+    first = f.moe_layers[0]
+    types = getattr(lm.config, "layer_types", None)  # Qwen3.5: linear-attention layers take no attention LoRA
+    attention = 0 if types and types[first] == "linear_attention" else attention_closed_form(lm.config, r)
+    assert rep["by_group"].get("attention", 0) == attention
     assert rep["trainable"] == want + attention
-    assert rep["by_layer"] == {f.moe_layers[0]: want + attention}
+    assert rep["by_layer"] == {first: want + attention}
     assert rep["percent"] == pytest.approx(100 * rep["trainable"] / rep["base"])
 
 

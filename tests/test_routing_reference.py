@@ -107,7 +107,7 @@ def test_routed_weighs_adapters_by_its_own_router(family, renormalize, tiny_chec
 
 def _moe_gates(lm, block, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoE's top-k and gates from its router's weight: softmax, top-k, renormalised where the family
-    does (Mixtral always; the others when config.norm_topk_prob; DeepSeek-V2 never), times DeepSeek's
+    does (Mixtral and Qwen3.5 always; the others when config.norm_topk_prob; DeepSeek-V2 never), times DeepSeek's
     routed_scaling_factor; DeepSeek-V3: sigmoid scores, chosen with e_score_correction_bias among the best
     topk_group of n_group groups (ranked by their best two), the unbiased scores renormalised and scaled."""
     cfg, router = lm.config, lm.family.router(block)
@@ -124,8 +124,8 @@ def _moe_gates(lm, block, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
         idx, _ = _top_k(masked.reshape(choice.shape), k, False)
         gates = torch.gather(scores, 1, idx)
         return idx, gates / gates.sum(dim=-1, keepdim=True) * cfg.routed_scaling_factor
-    renorm = lm.config.model_type == "mixtral" or (bool(getattr(lm.config, "norm_topk_prob", False))
-                                                   and lm.config.model_type != "deepseek_v2")
+    renorm = lm.config.model_type in ("mixtral", "qwen3_5_moe_text") or (
+        bool(getattr(lm.config, "norm_topk_prob", False)) and lm.config.model_type != "deepseek_v2")
     idx, gates = _top_k(_softmax(logits), k, renorm)
     return idx, gates * getattr(cfg, "routed_scaling_factor", 1.0)
 

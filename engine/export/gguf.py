@@ -119,6 +119,8 @@ def llama_cpp_problems(cfg, family: Family) -> list[str]:
     """What in a config llama.cpp would compute differently from transformers (empty: a GGUF of it is faithful)."""
     if not family.gguf_arch:
         return [f"{family.title} has no llama.cpp architecture"]
+    if family.gguf_missing:
+        return [family.gguf_missing]
     problems = family.gguf_problems(cfg)
     if str(cfg.hidden_act) != "silu":
         problems.append(f"hidden_act={cfg.hidden_act!r}, but llama.cpp's {family.gguf_arch!r} experts use SiLU")
@@ -128,6 +130,8 @@ def llama_cpp_problems(cfg, family: Family) -> list[str]:
 def _check_supported(cfg, family: Family) -> None:
     if not family.gguf_arch:
         raise ExportError(f"{family.title} has no llama.cpp architecture; GGUF export is not available for it.")
+    if family.gguf_missing:
+        raise ExportError(f"{family.title}: {family.gguf_missing}.")
     problems = llama_cpp_problems(cfg, family)
     if problems:
         raise ExportError(f"this {family.title} checkpoint cannot run in llama.cpp as it runs in transformers: "

@@ -99,6 +99,8 @@ class Family:
     router_scoring: str = "softmax"
     #: the shared expert is a plain MLP added with weight 1 (no gate): adapters beside the MoE block merge into it
     shared_expert_ungated: bool = False
+    #: why MoETune's GGUF writer cannot write this family although llama.cpp has its arch ("": it can)
+    gguf_missing: str = ""
     #: model_type of the language model's own config inside a multimodal checkpoint's (Qwen3.5: qwen3_5_moe_text)
     text_model_type: str = ""
     #: attention projections whose llama.cpp tensors the arch's graph multiplies without LoRA adapters
@@ -239,6 +241,11 @@ class Family:
         if m is None:
             return None
         return ExpertKey(int(m["layer"]), int(m["expert"]), self.proj_names[m["proj"]])
+
+    def peft_name(self, name: str) -> str:
+        """The weight name a PEFT-layout LoRA calls a checkpoint tensor by (the hub's, unless the model users load
+        it onto names it otherwise)."""
+        return name
 
     def expert_key_name(self, key: ExpertKey) -> str:
         """The hub checkpoint name of one expert projection (inverse of parse_expert_key)."""

@@ -26,6 +26,20 @@ class Qwen35MoeFamily(Qwen2MoeFamily):
     expert_key_template = "model.language_model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
     renames = {"model.language_model.": "model."}
     gguf_arch = "qwen35moe"
+    gguf_missing = ("MoETune's GGUF writer does not map Qwen3.5's Gated DeltaNet (linear-attention) tensors to "
+                    "llama.cpp's 'qwen35moe' ones yet (llama.cpp runs the arch: convert the --format hf export with "
+                    "its convert_hf_to_gguf.py)")
+
+    def peft_name(self, name):
+        # transformers loads this checkpoint's language model as Qwen3_5MoeForCausalLM (model.layers.…), the model
+        # a PEFT adapter of it is applied to
+        return self.rename(name)
+
+    def parse_expert_key(self, name):
+        key = super().parse_expert_key(name)
+        if key is None and name.startswith("model.layers."):  # the language model's own (PEFT) name
+            key = super().parse_expert_key(name.replace("model.", "model.language_model.", 1))
+        return key
 
     def model_config(self, cfg):
         return cfg.text_config if getattr(cfg, "model_type", "") == self.model_type else cfg
@@ -47,11 +61,6 @@ class Qwen35MoeFamily(Qwen2MoeFamily):
 
     def router_note(self, cfg):
         return Family.router_note(self, cfg) + "; the shared expert is scaled by its own sigmoid gate"
-
-    def gguf_problems(self, cfg):
-        return ["MoETune's GGUF writer does not yet map Qwen3.5's Gated DeltaNet (linear-attention) tensors to "
-                "llama.cpp's 'qwen35moe' ones (llama.cpp runs the arch: convert the --format hf export with its "
-                "convert_hf_to_gguf.py)"]
 
     def tiny_config_kwargs(self, layers, hidden, experts, top_k, vocab):
         text = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
