@@ -20,14 +20,16 @@ def cmd_models(args) -> int:
 
     rows = []
     for fam in FAMILIES.values():
-        f = fam.facts(fam.published_config())
+        cfg = fam.published_config()
+        f, glu = fam.facts(cfg), fam.expert_glu(cfg)
         rows.append({"model_type": fam.model_type, "title": fam.title, "examples": list(fam.examples),
                      "flagship": fam.published, "moe_layers": len(f.moe_layers), "experts": f.num_experts,
                      "top_k": f.top_k, "expert_intermediate_size": f.expert_intermediate_size,
-                     "gates_renormalised": f.norm_topk_prob, "activation": f.activation,
+                     "gates_renormalised": f.norm_topk_prob, "activation": f.activation if glu is None else repr(glu),
                      "shared_expert_intermediate_size": f.shared_expert_intermediate_size,
                      "experts_nf4_gb": round(f.expert_params * NF4_BITS / 8 / 1e9, 2),
-                     "checkpoint_expert_names": fam.expert_key_template.replace("{proj}", "|".join(fam.proj_names)),
+                     "checkpoint_expert_names": fam.hub_expert_names or
+                     fam.expert_key_template.replace("{proj}", "|".join(fam.proj_names)),
                      "gguf_arch": fam.gguf_arch, "router": fam.router_note(fam.published_config())})
     if args.json:
         print(json.dumps(rows, indent=2))

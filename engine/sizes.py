@@ -60,7 +60,9 @@ def model_shape(model_config: Any) -> ModelShape:
     facts = family.facts(model_config)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16)
-    experts = {id(p) for _, block in family.moe_blocks(model) for p in family.experts(block).parameters()}
+    # the routed experts' weights (counted by facts.expert_params); their biases (gpt-oss) stay resident, as norms
+    experts = {id(getattr(family.experts(block), n)) for _, block in family.moe_blocks(model)
+               for n in ("gate_up_proj", "down_proj")}
     routers = {id(family.router(block)) for _, block in family.moe_blocks(model)}
     out_emb = model.get_output_embeddings()
     params = dict.fromkeys(("embeddings", "lm_head", "router", "norms_biases", *QUANTIZABLE_GROUPS), 0)

@@ -32,6 +32,9 @@ from engine.adapters import attach, save_adapter
 
 from .conftest import FAMILY_NAMES
 
+#: families whose hub checkpoints name each expert, so HF PEFT converts our per-expert LoRA onto them
+PEFT_FAMILIES = [f for f in FAMILY_NAMES if get_family(f).peft_per_expert]
+
 ROOT = Path(__file__).resolve().parents[1]
 RANK, ALPHA = 4, 8.0
 
@@ -117,8 +120,12 @@ def exported(tiny_checkpoint, tmp_path_factory):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         save_adapter(peft, root / "run")
         fam = get_family(family)
-        lora_gguf = not layers and not fam.gguf_missing and not (attention and fam.gguf_lora_unsupported)
-        for fmt in ("peft", "hf", "gguf-lora") if lora_gguf else ("peft", "hf"):
+        formats = ("peft", "hf") if layers else ("peft", "hf", "gguf-lora")
+        if not fam.peft_per_expert:  # gpt-oss: no HF PEFT layout
+            formats = formats[1:]
+        if fam.gguf_missing or (attention and fam.gguf_lora_unsupported):  # Qwen3.5; DeepSeek's MLA attention
+            formats = tuple(f for f in formats if f != "gguf-lora")
+        for fmt in formats:
             export_run(root / "run", fmt, "f32", root / fmt, check_logits=False)
         cache[key] = root
         return root
@@ -163,7 +170,7 @@ def _need_peft():
         _missing("peft", "pip install -e '.[dev]'.")
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", PEFT_FAMILIES)
 def test_peft_loads_our_lora_and_equals_the_merged_export(exported, family):
     _need_peft()
     root = exported(family)
@@ -237,41 +244,46 @@ def test_llama_cpp_converters_and_gguf_lora_give_the_merged_logits(exported, con
         root = exported(family, attention=False)  # expert LoRA: llama.cpp's graph applies it
     else:
         root = exported(family)
+    with_peft = family in PEFT_FAMILIES  # gpt-oss: no PEFT folder for convert_lora_to_gguf.py to read
     # llama.cpp's GLM converter writes GLM's own tokenizer (it looks up [gMASK], <sop>, …), which the tiny model's
     # is not: for glm4_moe only its LoRA converter runs (our GGUF's logits: test_export_gguf.py)
     models = family != "glm4_moe"
     convert(converters, *([("convert_hf_to_gguf.py", root / "hf", "--outfile", root / "merged-conv.gguf", "--outtype",
                             "f32"), ("convert_hf_to_gguf.py", root / "base", "--outfile", root / "base-conv.gguf",
                                      "--outtype", "f32")] if models else []),
-            ("convert_lora_to_gguf.py", root / "peft", "--base", root / "base", "--outfile", root / "lora-conv.gguf",
-             "--outtype", "f32"))
+            *[("convert_lora_to_gguf.py", root / "peft", "--base", root / "base", "--outfile",
+               root / "lora-conv.gguf", "--outtype", "f32")] * with_peft)
     write_gguf(root / "base", root / "base.gguf", "f32")  # our GGUF of the base model
 
     # our adapter GGUF is the converter's, tensor for tensor, with the same adapter metadata
-    ours, theirs = gguf.GGUFReader(root / "gguf-lora" / "adapter-f32.gguf"), gguf.GGUFReader(root / "lora-conv.gguf")
-    assert sorted(t.name for t in ours.tensors) == sorted(t.name for t in theirs.tensors)
-    mine = {t.name: np.array(t.data) for t in ours.tensors}
-    for t in theirs.tensors:
-        np.testing.assert_array_equal(mine[t.name], np.array(t.data), err_msg=t.name)
-    for key in ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha"):
-        assert ours.fields[key].contents() == theirs.fields[key].contents(), key
+    ours = gguf.GGUFReader(root / "gguf-lora" / "adapter-f32.gguf")
     assert ours.fields["adapter.lora.alpha"].contents() == ALPHA
+    if with_peft:
+        theirs = gguf.GGUFReader(root / "lora-conv.gguf")
+        assert sorted(t.name for t in ours.tensors) == sorted(t.name for t in theirs.tensors)
+        mine = {t.name: np.array(t.data) for t in ours.tensors}
+        for t in theirs.tensors:
+            np.testing.assert_array_equal(mine[t.name], np.array(t.data), err_msg=t.name)
+        for key in ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha"):
+            assert ours.fields[key].contents() == theirs.fields[key].contents(), key
 
     ids = ids_for(root)
     want = hf_logits(root / "hf", ids)
     ops = [("logits", row.tolist()) for row in ids]
     runs = {"convert_hf_to_gguf.py's merged GGUF": lambda: llama(root / "merged-conv.gguf", ops),
-            "convert_hf_to_gguf.py's base GGUF + convert_lora_to_gguf.py's LoRA":
-                lambda: llama(root / "base-conv.gguf", ops, lora_path=root / "lora-conv.gguf"),
+            "convert_hf_to_gguf.py's base GGUF + our gguf-lora":
+                lambda: llama(root / "base-conv.gguf", ops, lora_path=root / "gguf-lora" / "adapter-f32.gguf"),
             "our base GGUF + our gguf-lora": lambda: llama(root / "base.gguf", ops,
                                                            lora_path=root / "gguf-lora" / "adapter-f32.gguf")}
+    if with_peft:
+        runs["convert_hf_to_gguf.py's base GGUF + convert_lora_to_gguf.py's LoRA"] = \
+            lambda: llama(root / "base-conv.gguf", ops, lora_path=root / "lora-conv.gguf")
     if family == "deepseek_v2":
         # llama.cpp reads attention.q_lora_rank as required unless a deepseek2 model has V2-Lite's 26 or 27 layers,
         # and its converter writes none when q_lora_rank is null (V2-Lite's): its GGUFs of this 3-layer model do
         # not load. Ours write 0 (the q_proj path) and run; the converter's LoRA is compared tensor by tensor above.
         assert _field_missing(root / "merged-conv.gguf", "deepseek2.attention.q_lora_rank")
-        runs = {what: got for what, got in runs.items() if what.startswith("our")}
-    if not models:
+    if family == "deepseek_v2" or not models:
         runs = {what: got for what, got in runs.items() if what.startswith("our")}
     for what, got in runs.items():
         assert_logits_equal(np.stack(got()), want, f"{family}: llama.cpp, {what}, vs the merged hf export")

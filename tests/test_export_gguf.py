@@ -25,7 +25,7 @@ DTYPES = ["f32", "f16", "bf16", "q8_0"]
 #: the families MoETune writes GGUF for (Qwen3.5's refusal: test_gguf_refusal_names_what_is_missing)
 GGUF_FAMILIES = [f for f in FAMILY_NAMES if not get_family(f).gguf_missing]
 #: llama.cpp's architecture of each family (src/llama-arch.cpp); Mixtral runs as llama with experts
-ARCH = {"olmoe": "olmoe", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
+ARCH = {"olmoe": "olmoe", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss",
         "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe": "glm4moe"}
 #: token-id prompts (no tokenizer in the loop), and how many tokens to continue each
 PROMPTS = [[1, 40, 41, 300, 12, 77], [5, 100, 200, 300, 400], [1, 7]]
@@ -70,6 +70,12 @@ def expected_tensors(family: str, cfg) -> dict[str, tuple[int, ...]]:
                         b + "attn_v.bias": (n_kv * hd,), b + "ffn_gate_inp_shexp.weight": (h, 1),
                         b + "ffn_gate_shexp.weight": (h, s), b + "ffn_up_shexp.weight": (h, s),
                         b + "ffn_down_shexp.weight": (s, h)})
+        if family == "gpt_oss":  # biases everywhere, attention sinks, the post-attention norm under its own name
+            out[b + "post_attention_norm.weight"] = out.pop(b + "ffn_norm.weight")
+            out.update({b + "attn_q.bias": (n_head * hd,), b + "attn_k.bias": (n_kv * hd,),
+                        b + "attn_v.bias": (n_kv * hd,), b + "attn_output.bias": (h,), b + "attn_sinks.weight": (n_head,),
+                        b + "ffn_gate_inp.bias": (e,), b + "ffn_gate_exps.bias": (i, e), b + "ffn_up_exps.bias": (i, e),
+                        b + "ffn_down_exps.bias": (h, e)})
     return out
 
 
@@ -153,8 +159,10 @@ def test_gguf_reads_back(tiny_checkpoint, tmp_path, family, dtype):
                "expert_used_count": facts.top_k}
     if family in ("olmoe", "mixtral"):  # these archs size their experts by feed_forward_length
         hparams["feed_forward_length"] = facts.expert_intermediate_size
-    if family in ("qwen2_moe", "qwen3_moe"):
+    if family in ("qwen2_moe", "qwen3_moe", "gpt_oss"):
         hparams["expert_feed_forward_length"] = facts.expert_intermediate_size
+    if family == "gpt_oss":
+        hparams["attention.sliding_window"] = cfg.sliding_window
     if family == "qwen2_moe":
         hparams["expert_shared_feed_forward_length"] = facts.shared_expert_intermediate_size
     if family.startswith("deepseek"):  # MLA as llama.cpp's converter writes it: MQA over the latent
@@ -200,7 +208,7 @@ def test_gguf_reads_back(tiny_checkpoint, tmp_path, family, dtype):
         assert got[name].tensor_type.name == ("F32" if _stays_f32(name, shape) else "F16" if short else qtype), name
 
     if dtype in ("f32", "f16"):  # experts are stacked in expert order, values intact
-        hf = dict(iter_tensors(ckpt))
+        hf = dict(fam.convert_stream(iter_tensors(ckpt)))  # per-expert projections (gpt-oss's hub layout is fused)
         last = facts.num_layers - 1
         down = np.asarray(got[f"blk.{last}.ffn_down_exps.weight"].data, dtype=np.float32)
         ref = torch.stack([hf[fam.expert_key_name(ExpertKey(last, ex, "down"))] for ex in range(facts.num_experts)])
@@ -234,6 +242,7 @@ def _copy(src: Path, dst: Path, edit_config=None) -> Path:
     ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob=False"),
     ("qwen2_moe", {"decoder_sparse_step": 2}, "needs experts in every layer"),
     ("olmoe", {"clip_qkv": 8.0}, "clip_qkv"),
+    ("gpt_oss", {"swiglu_limit": 5.0}, "hard-codes alpha 1.702 and limit 7.0"),
 ])
 def test_config_llama_cpp_cannot_run_is_refused(tiny_checkpoint, tmp_path, family, edit, message):
     ckpt = _copy(tiny_checkpoint(family), tmp_path / "ckpt", edit)

@@ -124,6 +124,8 @@ EXACT = [
     # Qwen2-MoE with renormalised gates: shared adapters merge into the routed experts, not the shared one
     ("qwen2_moe", "shared", "gated", "parallel", {}, {"norm_topk_prob": True}, RANK),
     ("olmoe", "embedded", "gated", "parallel", {"train_router": True}, {}, RANK),
+    # gpt-oss: gates from a softmax over the top-k logits sum to 1; the adapter widens the biased clamped-SwiGLU experts
+    ("gpt_oss", "shared", "gated", "parallel", {"attention_lora": True}, {}, RANK),
     # DeepSeek: shared / dense adapters merge into the ungated shared experts (n_shared_experts grows); V3's
     # gates sum to routed_scaling_factor, so the routed experts could not take them
     ("deepseek_v3", "shared", "gated", "parallel", {"attention_lora": True, "train_router": True}, {}, 0),
@@ -154,6 +156,7 @@ def test_hf_merge_equals_unmerged_model(checkpoint, tmp_path, family, strategy, 
     assert sorted(merged) == sorted(orig)
     assert fam.expert_intermediate_size(read_config(tmp_path / "out")[0]) == inter + widen
     assert report["expert_intermediate_size"] == {"base": inter, "merged": inter + widen}
+    merged = dict(fam.convert_stream(merged.items()))  # per-expert projections (gpt-oss's hub layout is fused)
     assert merged[fam.expert_key_name(ExpertKey(1, 0, "down"))].shape == (cfg.hidden_size, inter + widen)
     assert merged[fam.expert_key_name(ExpertKey(1, 0, "gate"))].shape == (inter + widen, cfg.hidden_size)
     if routing.get("layers") == [1]:  # layer 0 had no adapter: zero padding
@@ -268,6 +271,8 @@ REFUSED = [
      ["routing.train_router", "Formats that work for this run: hf, gguf."]),
     ("qwen3_moe", {"norm_topk_prob": False}, "embedded", "gated", "parallel", {}, "gguf",
      ["llama.cpp", "norm_topk_prob=False", "Formats that work for this run: hf."]),
+    ("gpt_oss", {}, "embedded", "lora", "inside", {}, "peft",
+     ["no per-expert weight names", "Formats that work for this run: hf, gguf, gguf-lora."]),
 ]
 
 

@@ -57,6 +57,7 @@ CASES = [
     ("qwen2_moe", "embedded", "inside", {"attention_lora": True}),
     ("qwen2_moe", "routed", "parallel", {}),
     ("mixtral", "routed", "parallel", {"train_router": True}),
+    ("gpt_oss", "embedded", "inside", {"attention_lora": True}),  # expert biases, clamped SwiGLU, block tuple output
     # a dense first layer, MLA attention, shared experts, the sigmoid router's balance loss
     ("deepseek_v3", "embedded", "inside", {"attention_lora": True, "train_router": True}),
 ]

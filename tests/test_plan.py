@@ -21,7 +21,7 @@ from engine.sizes import adapter_params, model_shape
 
 #: DESIGN "Memory": experts in NF4 (GB) and one layer of experts (MB)
 DESIGN_TABLE = {"olmoe": (3.3, 208), "qwen2_moe": (6.4, 268), "qwen3_moe": (15.0, 312), "mixtral": (23.3, 727),
-                "deepseek_v2": (7.4, 286), "deepseek_v3": (7.4, 286), "glm4_moe": (51.4, 1140),
+                "gpt_oss": (9.9, 411), "deepseek_v2": (7.4, 286), "deepseek_v3": (7.4, 286), "glm4_moe": (51.4, 1140),
                 "qwen3_5_moe": (16.6, 415)}
 
 
@@ -143,11 +143,9 @@ def test_inventory_counts_every_weight_and_the_shared_expert():
         shape = model_shape(model_config)
         facts = fam.facts(model_config)
         total = sum(shape.params.values()) + facts.expert_params
-        published_b = {"olmoe": 6.92, "mixtral": 46.70, "qwen2_moe": 14.32, "qwen3_moe": 30.53,
+        published_b = {"olmoe": 6.92, "mixtral": 46.70, "qwen2_moe": 14.32, "qwen3_moe": 30.53, "gpt_oss": 20.91,
                        "deepseek_v2": 15.71, "deepseek_v3": 15.96, "glm4_moe": 106.85,
-                       "qwen3_5_moe": 34.66}.get(name)  # Qwen3.5: its language model (no vision tower)
-        if published_b is None:  # a family another change added; its own test checks its inventory
-            continue
+                       "qwen3_5_moe": 34.66}[name]  # Qwen3.5: its language model (no vision tower)
         assert total / 1e9 == pytest.approx(published_b, abs=0.01)
     qwen = model_shape(FAMILIES["qwen2_moe"].published_config())
     assert qwen.params["shared_expert"] == 24 * 3 * 2048 * 5632  # non-routed: counted with the non-expert weights
@@ -291,3 +289,16 @@ def test_glm_4_5_air_trains_offloaded_only_where_host_ram_holds_its_experts(publ
     assert main(["plan", str(cfg_file), "--gpu-gb", "24", "--host-gb", "32"]) == 3  # does not fit: host RAM
     assert "host RAM: the offloaded experts need" in capsys.readouterr().out
     assert main(["plan", str(cfg_file), "--gpu-gb", "24", "--host-gb", "128"]) == 0
+
+
+def test_gpt_oss_20b_fits_resident_and_120b_only_offloaded(published, tmp_path):
+    """gpt-oss-20b (9.9 GB of NF4 experts) trains resident on 24 GB; gpt-oss-120b (59.2 GB) only with its experts
+    in host memory, which the plan names."""
+    p = plan(_cfg(published["gpt_oss"]), gpu_gb=24)
+    assert p.fits and set(p.placement.values()) == {"resident"} and len(p.placement) == 24
+    big = tmp_path / "gpt-oss-120b"
+    big.mkdir()
+    shutil.copy(PUBLISHED_DIR / "gpt-oss-120b.json", big / "config.json")
+    p = plan(_cfg(big), gpu_gb=24)
+    assert abs(p.experts_total_bytes / (59.2 * GB) - 1) < 0.05 and abs(p.expert_layer_bytes / 1.65e9 - 1) < 0.05
+    assert "offloaded" in set(p.placement.values()) and p.host_pinned_bytes > 50 * GB

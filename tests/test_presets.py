@@ -15,7 +15,7 @@ from app.presets import DEMO, list_presets, load_preset
 from engine import config as C
 
 PRESET_FILES = sorted((ROOT / "presets").glob("*.yaml"))
-REAL_MODELS = ("olmoe", "mixtral", "qwen1.5-moe", "qwen3-30b-a3b")
+REAL_MODELS = ("olmoe", "mixtral", "qwen1.5-moe", "qwen3-30b-a3b", "gpt-oss-20b")
 
 
 @pytest.mark.parametrize("path", PRESET_FILES, ids=lambda p: p.stem)

@@ -22,6 +22,8 @@ class RoutedPEFT:
         self.loaded, self.cfg = loaded, cfg
         self.model, self.family = loaded.model, loaded.family
         self.facts = self.family.facts(self.model.config)
+        #: the experts' gated activation when it is not act(gate)·up (gated adapters take the same form)
+        self.glu = self.family.expert_glu(self.model.config)
         self.base_params = sum(p.numel() for p in self.model.parameters())
         self.layers = cfg.layer_indices(self.facts.moe_layers)
         self.taps: dict[int, RouterTap] = {}
@@ -38,7 +40,8 @@ class RoutedPEFT:
     # ---- building -------------------------------------------------------------------------------
     def _bank(self, num: int, d_in: int, d_out: int, kind: str | None = None) -> AdapterBank:
         a = self.cfg.adapter
-        return AdapterBank(kind or a.kind, num, d_in, d_out, a.rank, a.alpha, a.dropout, self.facts.activation)
+        return AdapterBank(kind or a.kind, num, d_in, d_out, a.rank, a.alpha, a.dropout, self.facts.activation,
+                           glu=self.glu)
 
     def _attach(self) -> None:
         r, a, f = self.cfg.routing, self.cfg.adapter, self.facts
@@ -48,7 +51,9 @@ class RoutedPEFT:
         selected = set(self.layers)
         for layer, block in self.family.moe_blocks(self.model):
             streamed = self.loaded.expert_stores
-            store = streamed[layer] if streamed else expert_store(self.family.experts(block), self.cfg.model.quant)
+            store = streamed[layer] if streamed else expert_store(self.family.experts(block), self.cfg.model.quant,
+                                                                 self.family.canonical_experts(block))
+            bias = self.family.expert_biases(block)
             parallel = inside = None
             if layer in selected and r.strategy == "embedded":
                 if a.placement == "inside":
@@ -57,7 +62,7 @@ class RoutedPEFT:
                 else:
                     parallel = self._bank(E, H, H)
             bank = ExpertBank(store, f.activation, H, I, parallel=parallel, inside=inside,
-                              backend=self.cfg.model.expert_backend)
+                              backend=self.cfg.model.expert_backend, glu=self.glu, bias=bias)
             block.experts = bank
             self.banks[layer] = bank
             if layer in selected and r.strategy in ("shared", "dense", "routed"):

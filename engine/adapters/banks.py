@@ -31,7 +31,7 @@ class AdapterBank(nn.Module):
     """N adapters of one kind mapping `d_in` to `d_out`, stored batched over the adapter axis."""
 
     def __init__(self, kind: str, num: int, d_in: int, d_out: int, rank: int, alpha: float = 16.0,
-                 dropout: float = 0.0, activation: str = "silu"):
+                 dropout: float = 0.0, activation: str = "silu", glu=None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"adapter.kind: {kind!r} is not one of {', '.join(KINDS)}.")
@@ -39,6 +39,8 @@ class AdapterBank(nn.Module):
         self.scale = alpha / rank if kind == "lora" else 1.0
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.act = _activation(activation if kind == "gated" else "silu")
+        #: gated: the expert's own gated activation (gate, up) -> hidden when it is not act(gate)·up (gpt-oss)
+        self.glu = glu if kind == "gated" else None
         down = torch.empty(num, rank, d_in)
         for i in range(num):  # kaiming-uniform per adapter, as nn.Linear (and peft's LoRA A) do
             nn.init.kaiming_uniform_(down[i], a=math.sqrt(5))
@@ -70,7 +72,10 @@ class AdapterBank(nn.Module):
             u = torch.einsum("th,nrh->tnr", h, self.gate_up.to(h.dtype))
         else:
             u = h @ self.gate_up[idx].to(h.dtype).T
-        return self.act(z) * u
+        return self._gated(z, u)
+
+    def _gated(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.act(z) * u if self.glu is None else self.glu(z, u)
 
     def forward_one(self, h: torch.Tensor, idx: int) -> torch.Tensor:
         """Adapter `idx` on tokens h [T, d_in] -> [T, d_out]."""
@@ -94,7 +99,7 @@ class AdapterBank(nn.Module):
         if self.kind == "bottleneck":
             z = self.act(z)
         elif self.kind == "gated":
-            z = self.act(z) * grouped_mm(h, take(self.gate_up), offs, counts)
+            z = self._gated(z, grouped_mm(h, take(self.gate_up), offs, counts))
         return grouped_mm(z, take(self.up), offs, counts) * self.scale
 
     def forward_all(self, h: torch.Tensor) -> torch.Tensor:

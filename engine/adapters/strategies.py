@@ -110,6 +110,8 @@ def add_block_output(adapters: nn.Module):
     def hook(module: nn.Module, args, output):
         h = args[0]
         delta = adapters(h.reshape(-1, h.shape[-1]))
+        if isinstance(output, tuple):  # blocks that also return their router scores (gpt-oss)
+            return (output[0] + delta.reshape(output[0].shape).to(output[0].dtype), *output[1:])
         return output + delta.reshape(output.shape).to(output.dtype)
 
     return hook

@@ -137,8 +137,13 @@ def _check_supported(cfg, family: Family) -> None:
         raise ExportError(f"this {family.title} checkpoint cannot run in llama.cpp as it runs in transformers: "
                           + "; ".join(problems) + ". A GGUF of it would compute a different model, so none is "
                           "written; use --format hf to export it for transformers.")
+    rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    if rope.get("rope_type", rope.get("type")) == "yarn" and rope.get("truncate", True) is False:
+        warnings.warn(f"{family.title} config has YaRN RoPE with truncate=false; llama.cpp always rounds YaRN's "
+                      "correction range to whole dimensions (truncate=true), so some rotary frequencies differ "
+                      "from transformers' and the GGUF's outputs drift from the HF model's.", stacklevel=3)
     window = getattr(cfg, "sliding_window", None)
-    if window and getattr(cfg, "use_sliding_window", True):
+    if window and getattr(cfg, "use_sliding_window", True) and not family.gguf_sliding_window:
         warnings.warn(f"{family.title} config has sliding_window={window}; llama.cpp's {family.gguf_arch!r} "
                       f"attends to the full context, so outputs differ on sequences longer than {window} tokens.",
                       stacklevel=3)
@@ -175,9 +180,9 @@ def _gguf_tensors(family: Family, cfg, tensors: Iterable[tuple[str, torch.Tensor
     fused = re.compile(rf"model\.layers\.(\d+)\.{re.escape(family.block_attr)}\.experts\.(gate_up_proj|down_proj)")
     pending: dict[int, dict[tuple[str, int], torch.Tensor]] = {}  # layer -> (proj, expert) -> tensor
     seen: set[str] = set()
-    for name, tensor in tensors:
+    for name, tensor in family.gguf_stream(tensors):  # hub-specific layouts as per-expert / plain tensors
         if family.skip_tensor(name, cfg):
-            continue  # a Multi-Token-Prediction layer: not part of the model (nor of this GGUF)
+            continue  # a Multi-Token-Prediction layer or a vision tower: not part of the model (nor of this GGUF)
         key = family.parse_expert_key(name)
         if key is not None:
             if not 0 <= key.expert < n_experts:

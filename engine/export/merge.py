@@ -28,7 +28,6 @@ from typing import Any, Iterator
 
 import torch
 
-from ..model.arch import ExpertKey
 from .errors import ExportError
 from .gguf import require_finite
 from .source import RunSource, expert_stores, expert_weights, non_expert_tensors, nf4_round_trip, quant_note
@@ -204,6 +203,8 @@ def merged_tensors(src: RunSource) -> Iterator[tuple[str, torch.Tensor]]:
     fam, facts = src.family, src.facts
     deltas = {name: lora for name, lora in src.attention_loras().items()}
     trained = dict(src.trained)
+    wide = widening(src)
+    extra = merged_intermediate_size(src) - facts.expert_intermediate_size
     shared_width, shared_wide = merged_shared_layout(src)[0], shared_widening(src)
     for name, tensor in non_expert_tensors(src.base, fam):
         target = fam.rename(name)
@@ -218,21 +219,21 @@ def merged_tensors(src: RunSource) -> Iterator[tuple[str, torch.Tensor]]:
         if shared is not None:  # the ungated shared expert, widened by the adapter and / or padded with zeros
             layer, proj = shared
             rows_g, rows_u, cols_d = shared_wide.get(layer, (None, None, None))
-            extra = shared_width - tensor.shape[0 if proj != "down" else 1]
+            pad = shared_width - tensor.shape[0 if proj != "down" else 1]
             if proj == "down":
-                tensor = _widen_rows(tensor.float().T, None if cols_d is None else cols_d.T, extra).T.contiguous()
+                tensor = _widen_rows(tensor.float().T, None if cols_d is None else cols_d.T, pad).T.contiguous()
             else:
-                tensor = _widen_rows(tensor.float(), rows_g if proj == "gate" else rows_u, extra)
-        yield name, tensor
+                tensor = _widen_rows(tensor.float(), rows_g if proj == "gate" else rows_u, pad)
+        yield name, fam.widen_non_expert(name, tensor, extra)  # expert biases get zeros for the added units
     left = sorted(trained) + sorted(deltas)
     if left:
         raise ExportError(f"{src.base}: the checkpoint has no tensor for {left[:3]}, which the run trained; "
                           "is it the checkpoint the run was trained on?")
 
-    wide = widening(src)
-    extra = merged_intermediate_size(src) - facts.expert_intermediate_size
     stores = expert_stores(src)
-    for layer in facts.moe_layers:
+
+    def layer_experts(layer: int) -> Iterator[dict[str, torch.Tensor]]:
+        """One layer's merged experts, one at a time (canonical gate / up / down)."""
         bank = src.peft.banks.get(layer)
         inside = bank.inside if bank is not None and bank.inside is not None else None
         for e in range(facts.num_experts):
@@ -242,8 +243,10 @@ def merged_tensors(src: RunSource) -> Iterator[tuple[str, torch.Tensor]]:
             rows_g, rows_u, cols_d = wide[layer][e] if layer in wide else (None, None, None)
             w["gate"], w["up"] = _widen_rows(w["gate"], rows_g, extra), _widen_rows(w["up"], rows_u, extra)
             w["down"] = _widen_rows(w["down"].T, None if cols_d is None else cols_d.T, extra).T.contiguous()
-            for proj in ("gate", "up", "down"):
-                yield fam.expert_key_name(ExpertKey(layer, e, proj)), w[proj]
+            yield w
+
+    for layer in facts.moe_layers:  # in the hub's layout: per-expert tensors, or fused ones (gpt-oss)
+        yield from fam.expert_checkpoint_tensors(layer, layer_experts(layer))
 
 
 def _lora_delta(bank, idx: int) -> torch.Tensor:
@@ -287,6 +290,7 @@ def write_merged(src: RunSource, out_dir: str | Path, dtype: torch.dtype = torch
     if section.get("num_nextn_predict_layers"):  # the base's Multi-Token-Prediction layers are not merged or written
         section["num_nextn_predict_layers"] = 0
     config["dtype"] = dtype_name
+    config.pop("quantization_config", None)  # e.g. gpt-oss's MXFP4 release: the merge is written in plain floats
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype_name
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")

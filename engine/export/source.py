@@ -155,7 +155,7 @@ def expert_weights(src: RunSource, stores: dict[int, Any], layer: int, expert: i
 
 def is_expert_tensor(family: Family, name: str) -> bool:
     """Whether a checkpoint tensor holds routed-expert weights (per-expert hub names or fused ones)."""
-    if family.parse_expert_key(name) is not None:
+    if family.parse_expert_key(name) is not None or family.raw_expert_layer(name) is not None:
         return True
     stem = family.rename(name)
     return f".{family.block_attr}.experts." in stem and stem.endswith(("gate_up_proj", "down_proj"))

@@ -124,3 +124,11 @@ def sort_by_group(top_index: torch.Tensor, num_groups: int) -> tuple[list[int], 
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=num_groups).tolist()
     return counts, order % num_tokens, order // num_tokens
+
+
+def group_rows(per_group: torch.Tensor, groups: Sequence[int], counts: Sequence[int]) -> torch.Tensor:
+    """Each row's entry of `per_group` [G_all, ...] for rows sorted by group (`counts[i]` rows of `groups[i]`),
+    e.g. every row's expert bias."""
+    idx = torch.repeat_interleave(torch.tensor(list(groups), device=per_group.device),
+                                  torch.tensor(list(counts), device=per_group.device))
+    return per_group.index_select(0, idx)

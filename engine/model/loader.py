@@ -78,14 +78,14 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         stores = {layer: store.to(expert_device or device) for layer, store in stores.items()}
         experts = {n for n in params if ".experts." in n and n.endswith(("gate_up_proj", "down_proj"))}
         return _finish(path, config, model, family, filled, device, skip=experts, stores=stores)
-    for name, tensor in iter_tensors(path):
+    for name, tensor in family.convert_stream(iter_tensors(path)):
         if family.skip_tensor(name, config):
-            continue  # a Multi-Token-Prediction layer: not part of the model transformers builds
+            continue  # a Multi-Token-Prediction layer or a vision tower: not part of the model MoETune builds
         key = family.parse_expert_key(name)
         if key is None:
             place(name, tensor)
             continue
-        attr, half = _FUSED[key.proj]
+        attr, _ = _FUSED[key.proj]
         target = f"model.layers.{key.layer}.{family.block_attr}.experts.{attr}"
         if target not in params:
             raise CheckpointError(f"{path}: expert tensor {name!r} is for layer {key.layer}, which has no experts.")
@@ -94,10 +94,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
             full = fused[target] = torch.empty(params[target].shape, dtype=dtype)
             pieces[target] = set()
         pieces[target].add((key.expert, key.proj))
-        rows = full[key.expert]
-        if half is not None:
-            size = rows.shape[0] // 2
-            rows = rows[half * size:(half + 1) * size]
+        rows = family.fused_view(full, attr, key.expert, key.proj)
         _check_shape(path, name, tensor, rows.shape)
         rows.copy_(tensor)
     for target, full in fused.items():

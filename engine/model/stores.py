@@ -417,13 +417,14 @@ class DenseExpertStore(_FillTracking):
 ExpertStoreT = Union[NF4ExpertStore, DenseExpertStore]
 
 
-def expert_store(experts: nn.Module, quant: str) -> ExpertStoreT:
+def expert_store(experts: nn.Module, quant: str, fused: tuple[torch.Tensor, torch.Tensor] | None = None) -> ExpertStoreT:
     """The store for a loaded family experts module: NF4 (quantised expert by expert, kept on the
-    module's device) or its own bf16/fp32 tensors (`quant='bf16'`, no copy)."""
+    module's device) or its own bf16/fp32 tensors (`quant='bf16'`, no copy). `fused`: its experts as canonical
+    gate_up [E, 2I, H] and down [E, H, I] when the module's layout differs (Family.canonical_experts)."""
+    gate_up, down = fused if fused is not None else (experts.gate_up_proj, experts.down_proj)
     if quant == "nf4":
-        return NF4ExpertStore.from_fused(experts.gate_up_proj.detach(), experts.down_proj.detach()).to(
-            experts.gate_up_proj.device)
-    return DenseExpertStore.from_module(experts)
+        return NF4ExpertStore.from_fused(gate_up.detach(), down.detach()).to(gate_up.device)
+    return DenseExpertStore(gate_up, down)
 
 
 def quantized_nbytes(stores: dict[int, ExpertStoreT]) -> int:

@@ -141,7 +141,7 @@ def make_tiny_model(family: str, out: str | Path, layers: int = 2, hidden: int =
     config.pad_token_id = tok.pad_token_id  # None for the SentencePiece style, which has no pad token (as Llama)
     torch.manual_seed(seed)
     model = get_family(family).tiny_model(config)
-    get_family(family).tiny_init(model)
+    get_family(family).tiny_init(model, torch.Generator().manual_seed(seed))
     # transformers 5 writes experts back under the hub's per-expert names (gate_proj/up_proj/down_proj,
     # Mixtral's block_sparse_moe.experts.N.w1/w2/w3), which is the layout MoETune's loader reads.
     model.save_pretrained(out)

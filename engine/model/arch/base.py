@@ -7,7 +7,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from gguf.constants import MODEL_TENSOR as GT
@@ -64,6 +64,8 @@ class Family:
     examples: tuple[str, ...] = ()
     #: attribute of a decoder layer that holds the MoE block (transformers 5.x names)
     block_attr: str = "mlp"
+    #: attribute of the MoE block that holds its router
+    router_attr: str = "gate"
     #: hub checkpoint name of one expert projection
     expert_key_template: str = "model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
     #: checkpoint projection name -> canonical projection
@@ -88,8 +90,14 @@ class Family:
     #: llama.cpp ropes interleaved pairs for this arch (LLAMA_ROPE_TYPE_NORM), HF rotates halves:
     #: q/k rows must be permuted as llama.cpp's converter does
     gguf_permute_qk: bool = False
+    #: whether llama.cpp's graph for this arch applies the config's sliding window (gpt-oss), not full attention
+    gguf_sliding_window: bool = False
     #: whether llama.cpp's graph for this arch renormalises the top-k gates (it is hard-coded there)
     gguf_norm_topk_prob: bool = False
+    #: how hub checkpoints name the experts when not by `expert_key_template` (shown by `moetune models`)
+    hub_expert_names: str = ""
+    #: whether hub checkpoints name each expert's projections (PEFT converts per-expert LoRA onto them)
+    peft_per_expert: bool = True
     #: file stem in engine/arch/published/ holding the config.json of the family's flagship release
     published: str = ""
     #: attention linear layers attention LoRA wraps (those a layer has; MLA has its own projections)
@@ -163,12 +171,12 @@ class Family:
         """Yield (layer index, MoE block) for every decoder layer that has routed experts."""
         for i, layer in enumerate(decoder_layers(model)):
             block = getattr(layer, self.block_attr)
-            if hasattr(block, "experts") and hasattr(block, "gate"):
+            if hasattr(block, "experts") and hasattr(block, self.router_attr):
                 yield i, block
 
     def router(self, block: nn.Module) -> nn.Module:
         """The block's router: a module with a `weight` [E, H] that returns (logits, gates, indices)."""
-        return block.gate
+        return getattr(block, self.router_attr)
 
     def experts(self, block: nn.Module) -> nn.Module:
         """The block's experts module (fused `gate_up_proj` [E, 2I, H], `down_proj` [E, H, I])."""
@@ -224,15 +232,62 @@ class Family:
 
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
-    def tiny_init(self, model: nn.Module) -> None:
-        """Give a tiny random model's buffers that start constant (e.g. routing biases) random values."""
-
     def expert_views(self, block: nn.Module, expert: int) -> dict[str, torch.Tensor]:
         """Per-expert gate [I, H], up [I, H], down [H, I] as views into the fused tensors."""
         experts = self.experts(block)
-        inter = experts.gate_up_proj.shape[1] // 2
-        gate_up = experts.gate_up_proj[expert]
-        return {"gate": gate_up[:inter], "up": gate_up[inter:], "down": experts.down_proj[expert]}
+        return {proj: self.fused_view(getattr(experts, attr), attr, expert, proj)
+                for proj, attr in (("gate", "gate_up_proj"), ("up", "gate_up_proj"), ("down", "down_proj"))}
+
+    def fused_view(self, fused: torch.Tensor, attr: str, expert: int, proj: str) -> torch.Tensor:
+        """The canonical [out, in] view of one expert's projection inside the module's fused tensor `attr`
+        (`gate_up_proj` [E, 2I, H]: gate rows then up rows; `down_proj` [E, H, I])."""
+        rows = fused[expert]
+        if attr == "gate_up_proj":
+            inter = rows.shape[0] // 2
+            return rows[:inter] if proj == "gate" else rows[inter:]
+        return rows
+
+    # ---- the experts' own form (defaults: act(gate)·up with hidden_act, no biases, fused [E, 2I, H]) -----
+    def expert_glu(self, cfg: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """The experts' gated activation (gate, up) -> hidden when it is not `act(gate) · up` (None: it is)."""
+        return None
+
+    def canonical_experts(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """All experts of a loaded block as gate_up [E, 2I, H] (gate rows, then up rows) and down [E, H, I]."""
+        experts = self.experts(block)
+        return experts.gate_up_proj, experts.down_proj
+
+    def expert_biases(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The experts' biases in the canonical order, gate_up [E, 2I] and down [E, H]; None: they have none."""
+        return None
+
+    def raw_expert_layer(self, name: str) -> int | None:
+        """The layer of a hub tensor holding experts in a form `convert_stream` rewrites (None: not one)."""
+        return None
+
+    def convert_stream(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Hub checkpoint tensors with experts in a family-specific form (e.g. MXFP4 blocks) rewritten as
+        per-expert canonical projections under `expert_key_template`; the rest unchanged."""
+        return iter(tensors)
+
+    def expert_checkpoint_tensors(self, layer: int, experts: Iterable[dict[str, torch.Tensor]]
+                                  ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(hub name, tensor) of one layer's experts (canonical gate / up / down, expert by expert) in the hub's
+        layout."""
+        for e, w in enumerate(experts):
+            for proj in PROJECTIONS:
+                yield self.expert_key_name(ExpertKey(layer, e, proj)), w[proj]
+
+    def widen_non_expert(self, name: str, tensor: torch.Tensor, extra: int) -> torch.Tensor:
+        """A non-expert hub tensor after the experts are widened by `extra` zero units (expert biases)."""
+        return tensor
+
+    def gguf_stream(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Checkpoint tensors as the GGUF export maps them (default: as they are)."""
+        return iter(tensors)
+
+    def tiny_init(self, model: nn.Module, generator: torch.Generator) -> None:
+        """Give a tiny random model's zero-initialised tensors that matter (expert biases...) random values."""
 
     # ---- checkpoint names ---------------------------------------------------------------------
     def parse_expert_key(self, name: str) -> ExpertKey | None:

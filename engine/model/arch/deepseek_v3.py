@@ -71,12 +71,11 @@ class DeepseekV3Family(DeepseekV2Family):
                       scoring_func="sigmoid", topk_method="noaux_tc")  # as the hub's configs say (llama.cpp reads them)
         return kwargs
 
-    def tiny_init(self, model):
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
+    def tiny_init(self, model, generator):
+        with torch.no_grad():  # the correction bias starts at zero: random values prove it is loaded and exported
             for _, block in self.moe_blocks(model):
                 bias = block.gate.e_score_correction_bias
-                bias.copy_(torch.randn(bias.shape, generator=g) * 0.05)
+                bias.copy_(torch.randn(bias.shape, generator=generator) * 0.05)
 
 
 FAMILY = DeepseekV3Family()
