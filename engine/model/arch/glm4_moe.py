@@ -78,13 +78,12 @@ class Glm4MoeFamily(DeepseekV3Family):
         return problems
 
     def tiny_config_kwargs(self, layers, hidden, experts, top_k, vocab):
-        groups = 2 if experts % 2 == 0 and experts // 2 >= top_k else 1
         return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden, moe_intermediate_size=hidden // 2,
                     num_hidden_layers=layers + 1, first_k_dense_replace=1, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=hidden // 4, attention_bias=True, use_qk_norm=True,
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
-                    n_routed_experts=experts, num_experts_per_tok=top_k, n_shared_experts=1, n_group=groups,
-                    topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5, max_position_embeddings=1024,
+                    n_routed_experts=experts, num_experts_per_tok=top_k, n_shared_experts=1, n_group=1,
+                    topk_group=1,  # as GLM-4.5-Air (DeepSeek-V3's tiny model covers group-limited routing) norm_topk_prob=True, routed_scaling_factor=1.5, max_position_embeddings=1024,
                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
