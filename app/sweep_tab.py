@@ -26,13 +26,14 @@ import yaml
 from engine import config as C
 from engine.io import atomic_write_text
 from engine.runs import moetune_command
-from engine.sweep import SWEEP_FILE, expand
-from engine.sweep_results import format_stat, notes_of, winner_overrides
+from engine.sweep import MEASURES, SWEEP_FILE, check_measure, expand, lr_grid as engine_lr_grid
+from engine.sweep_results import format_count, format_lr, format_stat, grid_line, notes_of, winner_overrides
 
 from . import controls as K, plots
 from .paths import ROOT, child_folder, display_path, is_folder_name, resolve_config_paths, runs_dir
 from .runner import _log_tail, pid_alive, read_app_meta, spawn_logged
-from .train_tab import _message, form_updates
+from .run_list import label
+from .train_form import form_updates, message as _message
 
 BASE_FILE, LOG_FILE = "sweep.yaml", "sweep.log"
 #: the paper's comparison: attention LoRA (standard PEFT) against the four routings, LoRA experts throughout
@@ -48,9 +49,12 @@ def _lines(text: str) -> list[str]:
     return [ln.strip() for ln in (text or "").splitlines() if ln.strip() and not ln.strip().startswith("#")]
 
 
-def sweep_args(candidates: str, tries: str, seeds: str, params, max_steps) -> list[str]:
+def sweep_args(candidates: str, tries: str, seeds: str, params, max_steps, lr_grid: str = "",
+               match: str = "trainable") -> list[str]:
     """The `moetune sweep` options of the tab's fields; raises ConfigError naming the field and the fix."""
     listed, tried = _lines(candidates), _lines(tries)
+    grid = engine_lr_grid(tried, (lr_grid or "").strip() or None)
+    check_measure(match)
     seed_list = [s.strip() for s in (seeds or "").split(",") if s.strip()]
     if not all(s.isdigit() for s in seed_list):
         raise C.ConfigError(f"seeds: {seeds!r} must be numbers separated by commas, e.g. 0,1,2.")
@@ -67,6 +71,10 @@ def sweep_args(candidates: str, tries: str, seeds: str, params, max_steps) -> li
             if float(value) < 1 or not float(value).is_integer():
                 raise C.ConfigError(f"{name}: {value!r} must be a whole number of at least 1 (or empty).")
             args += [f"--{name}", str(int(float(value)))]
+    if grid and (lr_grid or "").strip():
+        args += ["--lr-grid", ",".join(grid)]
+    if match != "trainable":
+        args += ["--match", match]
     return args
 
 
@@ -169,10 +177,12 @@ def winner_config(sweeps: Sweeps, name: str) -> dict:
 # ---- the view --------------------------------------------------------------------------------
 
 def table_html(result: dict | None) -> str:
-    """The sweep's table: candidate, rank, trainable params and %, held-out loss, accuracy, tokens/s, memory."""
+    """The sweep's table: candidate, rank, trainable params and %, activated params per token, lr (with the lr grid's
+    held-out losses under the candidate), held-out loss, accuracy, tokens/s, memory."""
     if not result or not result.get("table"):
         return ""
-    heads = ("candidate", "rank", "trainable", "%", "held-out loss", "accuracy", "tokens/s", "peak GB", "runs")
+    heads = ("candidate", "rank", "trainable", "%", "activated / token", "lr", "held-out loss", "accuracy", "tokens/s",
+             "peak GB", "runs")
     best = (result.get("winner") or {}).get("candidate")
     body = []
 
@@ -181,11 +191,15 @@ def table_html(result: dict | None) -> str:
 
     for r in result["table"]:
         cells = [html.escape(r["candidate"]) + (" 🏆" if r["candidate"] == best else ""), str(r["rank"]),
-                 f"{r['trainable']:,}", f"{r['percent']:.2f}%", _pm(r["eval_loss"]), _pm(r["accuracy"], 100, 1),
+                 f"{r['trainable']:,}", f"{r['percent']:.2f}%", format_count(r.get("activated")), format_lr(r),
+                 _pm(r["eval_loss"]), _pct(_pm(r["accuracy"], 100, 1)),
                  _pm(r["tokens_per_s"], 1, 0), _pm(r["memory_gb"], 1, 2), f"{r['done']}/{r['runs']}"]
         notes = notes_of(r)
         note = "".join(f"<div class='sweep-note' style='font-size:11px;color:"
                        f"{'#ef4444' if n.startswith('not matched') else '#b45309'}'>{html.escape(n)}</div>" for n in notes)
+        if r.get("grid"):
+            note += (f"<div class='sweep-grid' style='font-size:11px;opacity:.75'>lr grid, held-out loss: "
+                     f"{html.escape(grid_line(r))}</div>")
         acc = r["accuracy"]["mean"] if r["accuracy"] else ""
         body.append(f"<tr class='sweep-row' data-candidate='{html.escape(r['candidate'])}' data-accuracy='{acc}'>" +
                     "".join(f"<td style='padding:3px 8px;text-align:{'left' if i == 0 else 'right'}'>{c}"
@@ -194,8 +208,14 @@ def table_html(result: dict | None) -> str:
                    for i, h in enumerate(heads))
     return (f"<table id='sweep-table' style='border-collapse:collapse'><thead><tr>{head}</tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table>"
-            f"<div style='font-size:12px;opacity:.7'>target {result['target_params']:,} trainable parameters "
-            f"(± {100 * result['tolerance']:.0f} %); mean ± std over seeds</div>")
+            f"<div style='font-size:12px;opacity:.7'>target {result['target_params']:,} "
+            f"{result.get('match', 'trainable')} parameters (± {100 * result['tolerance']:.0f} %); mean ± std over "
+            "seeds; activated = the adapter parameters one token's forward uses</div>")
+
+
+def _pct(text: str) -> str:
+    """An accuracy cell with its unit: `90.7 ± 2.1 %` (– stays –)."""
+    return text if text.strip() in ("–", "") else f"{text} %"
 
 
 def chart_html(result: dict | None, width: int = 640) -> str:
@@ -243,12 +263,14 @@ def progress_html(result: dict | None, status: str) -> str:
             f'<div style="margin-top:4px;font-size:13px">{html.escape(text)}</div></div>')
 
 
-def build(ctl: K.Controls, base_state, tabs=None, sweeps: Sweeps | None = None) -> dict:
-    """Lay out the Sweep tab; `base_state` is the Train tab's preset config (the State its form builds on)."""
+def build(ctl: K.Controls, base_state, tabs=None, sweeps: Sweeps | None = None, train: dict | None = None) -> dict:
+    """Lay out the Sweep tab; `base_state` is the Train tab's preset config (the State its form builds on); `train`
+    the Train tab's parts (its message and preset description), where *Use the winner* says what it changed."""
     sweeps = sweeps or Sweeps()
     gr.Markdown("Short trainings of each candidate on the **Train tab's current settings**, each at matched "
-                "trainable parameters (its rank is chosen within 10 % of the target), scored on the held-out data "
-                "(`data.eval`) and the benchmarks (`eval.benchmarks`). Every candidate is an ordinary run folder.")
+                "trainable (or activated) parameters (its rank is chosen within 10 % of the target) and, with a "
+                "learning-rate grid, at its own best lr, scored on the held-out data (`data.eval`) and the benchmarks "
+                "(`eval.benchmarks`). Every run is an ordinary run folder.")
     with gr.Row():
         candidates = gr.Textbox(DEFAULT_CANDIDATES, lines=6, label="Candidates", scale=3, elem_id="sweep-candidates",
                                 info="one a line: [NAME:] section.key=value section.key=value")
@@ -261,6 +283,13 @@ def build(ctl: K.Controls, base_state, tabs=None, sweeps: Sweeps | None = None) 
         max_steps = gr.Number(50, precision=0, label="Steps per candidate", elem_id="sweep-max-steps")
         name = gr.Textbox(label="Sweep name", info=f"a folder under {runs_dir()}", elem_id="sweep-name")
     with gr.Row():
+        lr_grid = gr.Textbox("", label="Learning-rate grid", elem_id="sweep-lr-grid",
+                             info="e.g. 1e-4,3e-4,1e-3: each candidate trains once per lr, its seeds at the lr with "
+                                  "the lowest held-out loss (needs held-out data); empty: the Train lr for all")
+        match = gr.Dropdown(list(MEASURES), value="trainable", label="Match ranks by", elem_id="sweep-match",
+                            info="trainable parameters, or activated adapter parameters per token (those one "
+                                 "token's forward uses)")
+    with gr.Row():
         start = gr.Button("Start sweep", variant="primary", elem_id="sweep-start")
         stop = gr.Button("Stop", variant="stop", elem_id="sweep-stop")
         rerun = gr.Button("Continue", elem_id="sweep-rerun")
@@ -272,17 +301,19 @@ def build(ctl: K.Controls, base_state, tabs=None, sweeps: Sweeps | None = None) 
     chart = gr.HTML(elem_id="sweep-chart-box")
     timer = gr.Timer(2.0)
 
-    def on_start(base, sweep_name, cand, tri, seed, target, steps, *values):
+    def on_start(base, sweep_name, cand, tri, seed, target, steps, grid, measure, *values):
         try:
             data = resolve_config_paths(K.config_dict(ctl.to_dict(base, list(values))))
-            args = sweep_args(cand, tri, seed, target.strip() if isinstance(target, str) else target, steps)
+            args = sweep_args(cand, tri, seed, target.strip() if isinstance(target, str) else target, steps, grid,
+                              measure or "trainable")
             sweep_name = (sweep_name or "").strip() or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
             sweeps.start(data, sweep_name, args)  # refuses a name that is not one folder name
         except (C.ConfigError, RuntimeError, OSError, ValueError) as e:
             return gr.update(), _message(str(e))
         return gr.update(choices=sweeps.list(), value=sweep_name), _message(f"started {sweep_name}", "ok")
 
-    start.click(on_start, [base_state, name, candidates, tries, seeds, params, max_steps] + ctl.components,
+    start.click(on_start, [base_state, name, candidates, tries, seeds, params, max_steps, lr_grid, match]
+                + ctl.components,
                 [pick, message])
 
     def on_stop(sweep_name):
@@ -302,19 +333,33 @@ def build(ctl: K.Controls, base_state, tabs=None, sweeps: Sweeps | None = None) 
 
     rerun.click(on_rerun, [pick], [message])
 
-    def on_use(sweep_name):
+    extra = [train["message"], train["preset_desc"]] if train else []
+
+    def on_use(sweep_name, base, *values):
         try:
             cfg = winner_config(sweeps, sweep_name) if sweep_name else None
             if cfg is None:
                 raise RuntimeError("no sweep is shown")
         except (RuntimeError, OSError, C.ConfigError) as e:
-            return [_message(str(e))] + [gr.update() for _ in ctl.ids] + ([gr.update()] if tabs is not None else [])
+            return [_message(str(e))] + [gr.update() for _ in extra + ctl.ids] + \
+                ([gr.update()] if tabs is not None else [])
         best = sweeps.result(sweep_name)["winner"]
-        note = _message(f"the Train form now holds {best['candidate']} (rank {best['rank']}, alpha {best['alpha']:g}); "
-                        "set its steps or epochs for the full training", "ok")
-        return [note] + form_updates(ctl, cfg) + ([gr.Tabs(selected="train")] if tabs is not None else [])
+        try:  # what the winner changes in the form as it is now
+            now = K.config_dict(ctl.to_dict(base, list(values)))
+            changed = [c for c in K.overrides(now, K.config_dict(ctl.to_dict(cfg, ctl.values_of(cfg))))
+                       if not c.startswith(("title=", "description="))]
+        except ValueError:
+            changed = []
+        what = ", ".join(changed) if changed else "nothing (the form held it already)"
+        text = (f"the Train form now holds sweep {sweep_name}'s winner {best['candidate']} (rank {best['rank']}, alpha "
+                f"{best['alpha']:g}); changed: {what}. Set its steps or epochs for the full training.")
+        desc = (f"Filled from sweep **{label(sweep_name)}**'s winner **{best['candidate']}**; the preset's description "
+                "no longer applies.")
+        return [_message(text, "ok")] + ([_message(text, "ok"), desc] if train else []) + form_updates(ctl, cfg) + \
+            ([gr.Tabs(selected="train")] if tabs is not None else [])
 
-    use.click(on_use, [pick], [message] + ctl.components + ([tabs] if tabs is not None else []))
+    use.click(on_use, [pick, base_state] + ctl.components,
+              [message] + extra + ctl.components + ([tabs] if tabs is not None else []))
 
     def refresh(sweep_name):
         if not sweep_name:

@@ -57,10 +57,12 @@ def cmd_tiny_model(args) -> int:
 def cmd_train(args) -> int:
     """Train (or resume) a run from a YAML config."""
     from . import config as C
-    from .training.collectives import launch_local
+    from .preflight import preflight
     from .training import train
+    from .training.collectives import launch_local
 
-    cfg = C.load(args.config, args.set)  # a bad config is one error here, not one per rank
+    # everything checked before anything loads or the run folder exists: one error here, not one per rank
+    cfg = preflight(C.load(args.config, args.set), gpus=args.gpus)
     out = args.out or str(Path("runs") / (Path(args.config).stem))
     launch_local(args.gpus, ["train", args.config, *[a for s in args.set for a in ("--set", s)], "--out", out,
                              *(["--resume"] if args.resume else [])])  # --gpus N: torchrun takes over
@@ -89,15 +91,21 @@ def cmd_sweep(args) -> int:
     out = args.out or str(Path("runs") / f"sweep-{Path(args.config).stem}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else None
     result = run_sweep(args.config, args.try_, out, listed=args.candidate, seeds=seeds, params=args.params,
-                       max_steps=args.max_steps, sets=args.set, echo=not args.json)
+                       max_steps=args.max_steps, sets=args.set, echo=not args.json, grid=args.lr_grid,
+                       match=args.match)
     print(json.dumps(result, indent=2) if args.json else f"{table(result)}\n({Path(out) / SWEEP_FILE})")
     return 0 if result["status"] == "done" else 130 if result["status"] == "stopped" else 1
 
 
 def _add_sweep(sub):
-    p = sub.add_parser("sweep", help="compare routing configurations at matched trainable parameters",
+    p = sub.add_parser("sweep", help="compare routing configurations at matched parameters, each at its best lr",
                        description="Candidates: every --candidate (or the base config) x the cross product of "
-                                   "--try x --seeds. Each is a run folder OUT/NAME; a rerun skips finished ones.")
+                                   "--try x --seeds. Each is a run folder OUT/NAME; a rerun skips finished ones. "
+                                   "The table shows each candidate's trainable parameters and its activated adapter "
+                                   "parameters per token: the adapter parameters one token's forward uses (shared: "
+                                   "all of its adapter; dense: all N; routed, top-k of N: k adapters + its router; "
+                                   "embedded: the adapters of the MoE's top-k experts, inside: their gate/up/down "
+                                   "LoRA; attention LoRA: all of it).")
     p.add_argument("config", help="base YAML config")
     p.add_argument("--try", dest="try_", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
                    help="values to try for one field (the candidates are the cross product)")
@@ -105,7 +113,14 @@ def _add_sweep(sub):
                    help="one listed candidate: overrides separated by spaces, optionally named")
     p.add_argument("--seeds", default=None, metavar="0,1,2", help="train every candidate with each seed")
     p.add_argument("--params", type=int, default=None,
-                   help="trainable parameters to match within 10%% (default: the base config's count)")
+                   help="parameters to match within 10%% (trainable, or activated per token with --match activated; "
+                        "default: the base config's count)")
+    p.add_argument("--match", choices=("trainable", "activated"), default="trainable",
+                   help="match each candidate's rank by its trainable parameters (default) or by its activated "
+                        "adapter parameters per token")
+    p.add_argument("--lr-grid", default=None, metavar="1e-4,3e-4,1e-3",
+                   help="train each candidate once per lr (its first seed) and run its seeds at the lr with the lowest "
+                        "held-out loss (data.eval); the same as --try train.lr=...")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps of each training (sets epochs to null)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a base field")
     p.add_argument("--out", help="sweep folder (default: runs/sweep-<config name>)")

@@ -53,6 +53,12 @@ class AdapterConfig:
     rank: int = _f(8, "adapter rank r (LoRA rank, bottleneck width, gated intermediate size)", min=1, max=4096)
     alpha: float = _f(16.0, "LoRA scaling numerator: the update is scaled by alpha / rank", min=0.0)
     dropout: float = _f(0.0, "dropout on the adapter input", min=0.0, max=0.99)
+    init: str = _f("kaiming", "how adapters start. kaiming: PEFT's default (LoRA A / W_down / W_g, W_u kaiming-"
+                   "uniform, std 1/sqrt(3·d_in); B / W_up / W_d zero), suits lr around 1e-4 to 1e-3 on real models. "
+                   "perft: the PERFT paper's code (A / W_down / W_g, W_u ~ N(0, 2/r), B / W_up / W_d ~ 1e-6·N(0, 1), "
+                   "routed router ~ N(0, 0.02)), an A far larger than kaiming's, so it trains at the paper's lr "
+                   "1e-5 (OLMoE) / 2e-5 (Mixtral). Attention LoRA keeps kaiming either way, as the paper's q/v LoRA "
+                   "baseline did", choices=("kaiming", "perft"))
 
 
 @dataclass
@@ -78,6 +84,9 @@ class DataConfig:
     eval: str = _f("", "held-out data scored during training (optional)")
     template: str = _f("alpaca", "prompt template", choices=("alpaca", "llm-adapters", "chat"))
     max_len: int = _f(512, "cut-off length in tokens", min=8, max=131072)
+    train_on_prompt: bool = _f(False, "take the training loss on every token, prompt and template included (the "
+                               "PERFT paper's code: train_on_inputs=True), not on the response only; the held-out "
+                               "loss of data.eval stays on the response, so runs compare either way")
 
 
 @dataclass

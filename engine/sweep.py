@@ -1,28 +1,29 @@
-"""`moetune sweep`: short trainings of several routing configurations at matched trainable parameters,
-scored on held-out loss (`data.eval`) and on `eval.benchmarks`, side by side.
+"""`moetune sweep`: short trainings of several routing configurations at matched parameters, each at its own best
+learning rate, scored on held-out loss (`data.eval`) and on `eval.benchmarks`, side by side.
 
-Candidates are the cross product of `--try KEY=V1,V2,...` (times each listed `--candidate`, times
-`--seeds`). Each candidate's `adapter.rank` is chosen so that its trainable count is within 10 % of the
-target (`--params N`, default the base config's count); `adapter.alpha` keeps the base config's
-alpha / rank. Counting attaches the strategy to the model built on the meta device (exact, no weights).
+Candidates are the cross product of `--try KEY=V1,V2,...` (times each listed `--candidate`, times `--seeds`:
+`engine.sweep_candidates`). Each candidate's `adapter.rank` is chosen so that its trainable count — or, with
+`--match activated`, its activated adapter parameters per token — is within 10 % of the target (`--params N`,
+default the base config's count; `engine.sweep_match`); `adapter.alpha` keeps the base config's alpha / rank.
 
-Every candidate is an ordinary run folder `OUT/<candidate>/` trained by a `moetune train` subprocess
-(resumable, exportable, its own peak memory). `OUT/sweep.json` is rewritten after every candidate; a
-rerun skips finished candidates and resumes a stopped one. SIGINT/SIGTERM are passed on to the running
-training (it saves a checkpoint) and the sweep stops after it.
+With an lr grid (`--lr-grid 1e-4,3e-4,1e-3`, or `--try train.lr=...`) each candidate first trains once per lr (at
+its first seed), the lr with the lowest held-out loss is chosen, and only then are its seeds trained at that lr: one
+lr for all would measure the lr, not the strategy. The grid's runs are ordinary run folders (`NAME_lr-X[_seed-S]`);
+the chosen lr's grid run is also that seed's run.
+
+Every run is an ordinary run folder `OUT/<name>/` trained by a `moetune train` subprocess (resumable, exportable,
+its own peak memory). `OUT/sweep.json` is rewritten after every run; a rerun skips finished runs and resumes a
+stopped one. SIGINT/SIGTERM are passed on to the running training (it saves a checkpoint) and the sweep stops
+after it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import math
 import os
-import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -31,210 +32,16 @@ from . import config as C
 from .config import ConfigError
 from .io import atomic_write_json, atomic_write_text
 from .runs import StopFlag, child_env, moetune_command
-from .sweep_results import SEED_KEY, run_result, summarize, winner
+from .sweep_candidates import (  # noqa: F401  (the sweep's public names, as before the split)
+    LR_KEY, Candidate, adapt_placement, expand, folder_name, lr_grid, parse_candidate, parse_try, split_values,
+    _placement_error,
+)
+from .sweep_match import (  # noqa: F401
+    MEASURES, TOLERANCE, Match, check_measure, count_trainable, match_rank, sets as _sets, with_overrides as _with,
+)
+from .sweep_results import run_result, summarize, winner
 
 SWEEP_FILE = "sweep.json"
-#: a candidate is matched when its trainable count is within this fraction of the target
-TOLERANCE = 0.10
-
-
-@dataclass
-class Candidate:
-    """One configuration to train: its overrides of the base config, and a seed when seeds are swept."""
-
-    group: str  # the name shared by a candidate's seeds
-    overrides: list[str]
-    seed: int | None = None
-
-    @property
-    def name(self) -> str:
-        """The run-folder name (the group, plus the seed when seeds are swept)."""
-        base = re.sub(r"[^A-Za-z0-9_.=+-]+", "-", self.group).replace("=", "-").strip("-") or "base"
-        return base if self.seed is None else f"{base}_seed-{self.seed}"
-
-    def all_overrides(self) -> list[str]:
-        """The overrides including the seed."""
-        return self.overrides + ([f"{SEED_KEY}={self.seed}"] if self.seed is not None else [])
-
-
-# ---- candidates ------------------------------------------------------------------------------
-
-def split_values(text: str) -> list[str]:
-    """Split `a,b,[0, 2]` at the commas outside brackets."""
-    out, depth, cur = [], 0, ""
-    for ch in text:
-        depth += ch in "[{"
-        depth -= ch in "]}"
-        if ch == "," and depth == 0:
-            out.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    out.append(cur)
-    return [v.strip() for v in out if v.strip()]
-
-
-def _check_key(key: str, where: str) -> None:
-    parts = key.split(".")
-    if len(parts) != 2 or parts[0] not in C.SECTIONS:
-        raise ConfigError(f"{where}: {key!r} is not section.key (e.g. routing.strategy); sections: "
-                          f"{', '.join(C.SECTIONS)}.")
-
-
-def parse_try(spec: str) -> tuple[str, list[str]]:
-    """`routing.strategy=shared,routed` -> ("routing.strategy", ["shared", "routed"])."""
-    key, sep, raw = spec.partition("=")
-    key = key.strip()
-    if not sep or not raw.strip():
-        raise ConfigError(f"--try {spec!r}: write it as section.key=V1,V2,..., e.g. routing.strategy=shared,routed.")
-    _check_key(key, f"--try {spec!r}")
-    return key, split_values(raw)
-
-
-def parse_candidate(spec: str) -> tuple[str | None, list[str]]:
-    """`[NAME:] k=v k2=v2` (space- or semicolon-separated overrides) -> (NAME or None, ["k=v", "k2=v2"])."""
-    name, items = None, spec
-    head, sep, rest = spec.partition(":")
-    if sep and "=" not in head:
-        name, items = head.strip() or None, rest
-    overrides = [s for s in re.split(r"[;\s]+", items.strip()) if s]
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--candidate {spec!r}: {item!r} is not section.key=value.")
-        _check_key(item.split("=", 1)[0], f"--candidate {spec!r}")
-    return name, overrides
-
-
-def _short(overrides: list[str]) -> str:
-    return ",".join(f"{o.split('=', 1)[0].split('.')[-1]}={o.split('=', 1)[1]}" for o in overrides)
-
-
-def expand(tries: list[str], listed: list[str] | None = None, seeds: list[int] | None = None) -> list[Candidate]:
-    """The candidates: each listed candidate (or the base config) x the cross product of `tries` x `seeds`."""
-    parsed = [parse_try(t) for t in tries]
-    if any(k == SEED_KEY for k, _ in parsed) and seeds:
-        raise ConfigError("give the seeds once: with --seeds or with --try train.seed=..., not both.")
-    if any(k == SEED_KEY for k, _ in parsed):  # seeds are grouped, whichever way they were given
-        seeds = [int(v) for k, vs in parsed if k == SEED_KEY for v in vs]
-        parsed = [(k, vs) for k, vs in parsed if k != SEED_KEY]
-    bases = [parse_candidate(c) for c in (listed or [])] or [(None, [])]
-    out: list[Candidate] = []
-    for name, base in bases:
-        for combo in itertools.product(*[[f"{k}={v}" for v in vs] for k, vs in parsed]):
-            overrides = base + list(combo)
-            group = "+".join(x for x in (name, _short(list(combo)) if name else _short(overrides)) if x) or "base"
-            for seed in (seeds or [None]):
-                out.append(Candidate(group, overrides, seed))
-    names = [c.name for c in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ConfigError(f"candidates {dup} are listed twice; give each --candidate a different NAME: prefix.")
-    return out
-
-
-# ---- matched trainable parameters ------------------------------------------------------------
-
-def count_trainable(cfg: C.Config) -> dict:
-    """The parameter report (trainable count, % of the base) of a config, from the model built on the
-    meta device with the strategy attached: exact, and no weight is read."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    from .model import LoadedModel, read_config
-    from .adapters import attach
-
-    path = Path(cfg.model.path).expanduser()
-    config, family = read_config(path)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
-    counting = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quant="bf16", attention_quant="none"))
-    return attach(LoadedModel(model, family, path), counting).parameter_report()
-
-
-def _with(data: dict, overrides: list[str]) -> C.Config:
-    return C.from_dict(C.apply_overrides(data, overrides))
-
-
-def _sets(overrides: list[str], key: str) -> bool:
-    return any(o.split("=", 1)[0].strip() == key for o in overrides)
-
-
-def adapt_placement(data: dict, overrides: list[str]) -> tuple[list[str], str]:
-    """A candidate's overrides with `adapter.placement=parallel` added when the base config's `inside` cannot
-    apply to it (inside needs lora + embedded), and the note saying so ('' when nothing was changed). A
-    placement the candidate sets itself is kept (and checked as given)."""
-    if _sets(overrides, "adapter.placement"):
-        return overrides, ""
-    merged = C.apply_overrides(data, overrides)
-    adapter, routing = merged.get("adapter") or {}, merged.get("routing") or {}
-    if adapter.get("placement") != "inside":
-        return overrides, ""
-    needs = [w for w, ok in (("lora", adapter.get("kind", "lora") == "lora"),
-                             ("embedded", routing.get("strategy") == "embedded")) if not ok]
-    if not needs:
-        return overrides, ""
-    return overrides + ["adapter.placement=parallel"], f"placement parallel (inside needs {' + '.join(needs)})"
-
-
-def _placement_error(c: "Candidate", e: ConfigError) -> ConfigError:
-    """The error of a candidate that sets adapter.placement=inside where it cannot apply, with the flag to use."""
-    fixed = [o if o.split("=", 1)[0].strip() != "adapter.placement" else "adapter.placement=parallel"
-             for o in c.overrides]
-    name = c.group if not set("=:") & set(c.group) else Candidate(_short(fixed), []).name
-    return ConfigError(f"candidate {c.group}: {e} Within a sweep: list it as --candidate '{name}: {' '.join(fixed)}' "
-                       "instead of the --try/--candidate that gives it adapter.placement=inside, or give no "
-                       "adapter.placement and the sweep uses parallel wherever inside cannot apply.")
-
-
-@dataclass
-class Match:
-    """The rank a candidate trains at and its trainable count against the target."""
-
-    rank: int
-    alpha: float
-    trainable: int
-    percent: float
-    matched: bool
-    note: str = ""
-
-
-def match_rank(data: dict, overrides: list[str], target: int, tolerance: float = TOLERANCE) -> Match:
-    """Pick `adapter.rank` so the candidate's trainable count is nearest `target`; `matched` says whether it
-    is within `tolerance`, `note` why not. A candidate that sets adapter.rank itself keeps it."""
-    fixed = any(o.split("=", 1)[0].strip() == "adapter.rank" for o in overrides)
-    sets_alpha = any(o.split("=", 1)[0].strip() == "adapter.alpha" for o in overrides)
-    base = _with(data, overrides)
-    ratio = base.adapter.alpha / base.adapter.rank  # kept: alpha = ratio * rank (the paper's alpha = 2r)
-
-    def cfg_at(r: int) -> C.Config:
-        extra = [f"adapter.rank={r}"] + ([] if sets_alpha else [f"adapter.alpha={ratio * r}"])
-        return _with(data, overrides + extra)
-
-    if fixed:
-        rank = base.adapter.rank
-    else:  # the count is a·rank + b (adapters scale with r; routers do not): two counts find a and b
-        c1, c2 = count_trainable(cfg_at(1))["trainable"], count_trainable(cfg_at(2))["trainable"]
-        a, b = c2 - c1, 2 * c1 - c2
-        rank = max(1, round((target - b) / a)) if a > 0 else 1
-        rank = min(rank, int(next(f for f in dataclasses.fields(C.AdapterConfig) if f.name == "rank").metadata["max"]))
-    cfg = cfg_at(rank) if not fixed else base
-    report = count_trainable(cfg)
-    n = report["trainable"]
-    off = (n - target) / target
-    ok = abs(off) <= tolerance
-    note = ""
-    if not ok:
-        if fixed:
-            note = f"adapter.rank={rank} is set by the candidate; {n:,} trainable is {off:+.0%} from {target:,}"
-        elif rank == 1 and n > target:
-            note = f"even at rank 1 it has {n:,} trainable ({off:+.0%} from {target:,}); raise --params to at least " \
-                   f"{math.ceil(n / (1 + tolerance)):,}"
-        else:
-            note = f"rank {rank} gives {n:,} trainable ({off:+.0%} from {target:,}): one rank step is too coarse here"
-    return Match(rank, cfg.adapter.alpha, n, round(report["percent"], 4), ok, note)
-
-
-# ---- reading a finished candidate ------------------------------------------------------------
 
 
 # ---- running ---------------------------------------------------------------------------------
@@ -255,21 +62,28 @@ class _Signals(StopFlag):
                 pass
 
 
-def plan_sweep(base: dict, candidates: list[Candidate], params: int | None = None) -> tuple[int, list[dict]]:
-    """The target count and, for each candidate, its config dict and matched rank (nothing is trained)."""
+def plan_sweep(base: dict, candidates: list[Candidate], params: int | None = None, match: str = "trainable",
+               grid: list[str] | None = None) -> tuple[int, list[dict]]:
+    """The target count (of `match`: trainable, or activated per token) and the runs: for each candidate its
+    config dict and matched rank; with an lr `grid`, one `role: grid` run per lr before each group's seed runs
+    (whose lr, and so name, is chosen once the grid has run: `name` None until then). Nothing is trained."""
+    check_measure(match)
     base_cfg = C.from_dict(base)
-    target = params if params is not None else count_trainable(base_cfg)["trainable"]
+    if grid and not base_cfg.data.eval:
+        raise ConfigError("--lr-grid: each candidate's lr is chosen on the held-out loss, and the config has no "
+                          "data.eval; set data.eval to a held-out file (or --set data.eval=FILE).")
+    target = params if params is not None else count_trainable(base_cfg)[match]
     if target < 1:
-        raise ConfigError(f"--params {target}: give a positive number of trainable parameters.")
+        raise ConfigError(f"--params {target}: give a positive number of {match} parameters.")
     matches: dict[tuple, Match] = {}
-    entries = []
+    entries, grid_done = [], set()
     for c in candidates:
         overrides, adapted = adapt_placement(base, c.overrides)
         c = dataclasses.replace(c, overrides=overrides)
         key = tuple(c.overrides)
         if key not in matches:
             try:
-                matches[key] = match_rank(base, c.overrides, target)
+                matches[key] = match_rank(base, c.overrides, target, measure=match)
             except ConfigError as e:
                 if str(e).startswith("adapter.placement:") and _sets(c.overrides, "adapter.placement"):
                     raise _placement_error(c, e) from None
@@ -277,10 +91,21 @@ def plan_sweep(base: dict, candidates: list[Candidate], params: int | None = Non
         m = matches[key]
         extra = [] if _sets(c.overrides, "adapter.rank") else [f"adapter.rank={m.rank}"]
         extra += [] if _sets(c.overrides, "adapter.alpha") else [f"adapter.alpha={m.alpha}"]
-        cfg = _with(base, c.all_overrides() + extra)
-        entries.append({"name": c.name, "group": c.group, "seed": c.seed, "overrides": c.overrides,
-                        "rank": m.rank, "alpha": m.alpha, "trainable": m.trainable, "percent": m.percent,
-                        "matched": m.matched, "note": m.note, "adapted": adapted, "config": cfg.to_dict()})
+
+        def entry(cand: Candidate, role: str) -> dict:
+            return {"name": cand.name, "group": cand.group, "seed": cand.seed, "role": role, "lr": cand.lr,
+                    "overrides": cand.overrides + ([f"{LR_KEY}={cand.lr}"] if cand.lr is not None else []),
+                    "rank": m.rank, "alpha": m.alpha, "trainable": m.trainable, "activated": m.activated,
+                    "percent": m.percent, "matched": m.matched, "note": m.note, "adapted": adapted,
+                    "extra": extra, "config": _with(base, cand.all_overrides() + extra).to_dict()}
+
+        if grid and c.group not in grid_done:  # the group's grid, at its first seed
+            grid_done.add(c.group)
+            entries += [entry(dataclasses.replace(c, lr=lr), "grid") for lr in grid]
+        e = entry(c, "seed")
+        if grid:
+            e["name"] = None  # its lr is the grid's choice
+        entries.append(e)
     if not any(e["matched"] for e in entries):
         notes = "; ".join(sorted({f"{e['group']}: {e['note']}" for e in entries}))
         raise ConfigError(f"--params {target:,}: no candidate can be matched within {TOLERANCE:.0%} ({notes}); "
@@ -288,28 +113,46 @@ def plan_sweep(base: dict, candidates: list[Candidate], params: int | None = Non
     return target, entries
 
 
+def choose_lr(entries: list[dict], group: str) -> str | None:
+    """The grid's lr of a group with the lowest held-out loss among its finished grid runs (None: none finished)."""
+    done = [e for e in entries if e["group"] == group and e["role"] == "grid" and e.get("result")
+            and e["result"]["status"] == "done" and e["result"]["eval_loss"] is not None]
+    return min(done, key=lambda e: e["result"]["eval_loss"])["lr"] if done else None
+
+
+def set_lr(e: dict, base: dict, lr: str) -> None:
+    """A seed run's lr, chosen by its group's grid: its overrides, config and run-folder name."""
+    e["lr"], e["name"] = lr, folder_name(e["group"], lr, e["seed"])
+    e["overrides"] = [o for o in e["overrides"] if not o.startswith(LR_KEY + "=")] + [f"{LR_KEY}={lr}"]
+    seed = [f"train.seed={e['seed']}"] if e["seed"] is not None else []
+    e["config"] = _with(base, e["overrides"] + seed + e["extra"]).to_dict()
+
+
 def run_sweep(config: str | Path, tries: list[str], out: str | Path, *, listed: list[str] | None = None,
               seeds: list[int] | None = None, params: int | None = None, max_steps: int | None = None,
-              sets: list[str] | None = None, echo: bool = True) -> dict:
-    """Plan and train every candidate (skipping finished ones), write OUT/sweep.json; returns it."""
+              sets: list[str] | None = None, echo: bool = True, grid: list[str] | str | None = None,
+              match: str = "trainable") -> dict:
+    """Plan and train every candidate (each group's lr grid first, when one is given; finished runs skipped),
+    write OUT/sweep.json; returns it."""
     sets = list(sets or [])
     if max_steps is not None:
         sets += [f"train.max_steps={max_steps}", "train.epochs=null"]
     base = C.load(config, sets).to_dict()
     candidates = expand(tries, listed, seeds)
+    grid = lr_grid(tries, grid)
     if not candidates:
         raise ConfigError("no candidates: give --try KEY=V1,V2 or --candidate.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    target, entries = plan_sweep(base, candidates, params)
-    result = {"config": str(config), "base": base, "target_params": target, "tolerance": TOLERANCE,
-              "status": "running", "started": time.time(), "entries": entries}
+    target, entries = plan_sweep(base, candidates, params, match, grid)
+    result = {"config": str(config), "base": base, "target_params": target, "match": match, "lr_grid": grid,
+              "tolerance": TOLERANCE, "status": "running", "started": time.time(), "entries": entries}
 
-    live: list[str] = []  # the candidate whose training runs now
+    live: list[str] = []  # the run whose training runs now
 
     def write(status: str | None = None) -> None:
         for e in entries:
-            e["result"] = run_result(out / e["name"])
+            e["result"] = run_result(out / e["name"]) if e["name"] else run_result(None)
             if e["result"]["status"] == "running" and e["name"] not in live:  # its process ended unfinished
                 e["result"]["status"] = "stopped" if sig.stop else "interrupted"
         if status:
@@ -323,9 +166,9 @@ def run_sweep(config: str | Path, tries: list[str], out: str | Path, *, listed: 
             print(text, file=sys.stderr, flush=True)
 
     for e in entries:
-        if e["adapted"]:
-            say(f"sweep: {e['name']}: {e['adapted']}")
-        if not e["matched"]:
+        if e["adapted"] and e["role"] == "seed":
+            say(f"sweep: {e['group']}: {e['adapted']}")
+        if not e["matched"] and e["role"] == "seed":
             say(f"sweep: {e['group']}: not matched: {e['note']}")
     sig = _Signals()
     write()
@@ -333,10 +176,22 @@ def run_sweep(config: str | Path, tries: list[str], out: str | Path, *, listed: 
         for i, e in enumerate(entries):
             if sig.stop:
                 break
+            if e["name"] is None:  # a seed run after its group's grid
+                lr = choose_lr(entries, e["group"])
+                if lr is None:
+                    say(f"sweep: {e['group']}: no run of the lr grid finished; its seed runs are left out")
+                    continue
+                set_lr(e, base, lr)
+                losses = ", ".join(f"{g['lr']}: {g['result']['eval_loss']:.4f}" for g in entries
+                                   if g["group"] == e["group"] and g["role"] == "grid" and g["result"]["eval_loss"]
+                                   is not None)
+                say(f"sweep: {e['group']}: lr {lr} chosen (held-out loss {losses})")
+                write()
             run_dir = out / e["name"]
             state = run_result(run_dir)
+            what = f"[{i + 1}/{len(entries)}] {e['name']}" + (" (lr grid)" if e["role"] == "grid" else "")
             if state["status"] == "done":
-                say(f"sweep: [{i + 1}/{len(entries)}] {e['name']}: finished before, skipped")
+                say(f"sweep: {what}: finished before, skipped")
                 continue
             run_dir.mkdir(parents=True, exist_ok=True)
             launch = run_dir / "launch.yaml"
@@ -344,8 +199,8 @@ def run_sweep(config: str | Path, tries: list[str], out: str | Path, *, listed: 
             from .training import latest_checkpoint
 
             resume = ["--resume"] if latest_checkpoint(run_dir) is not None else []
-            say(f"sweep: [{i + 1}/{len(entries)}] {e['name']}: rank {e['rank']}, {e['trainable']:,} trainable "
-                f"({e['percent']:.2f} %){' (resuming)' if resume else ''}")
+            say(f"sweep: {what}: rank {e['rank']}, {e['trainable']:,} trainable ({e['percent']:.2f} %), "
+                f"{e['activated']:,} activated per token{' (resuming)' if resume else ''}")
             live.append(e["name"])
             with open(run_dir / "train.log", "ab") as log:
                 sig.child = subprocess.Popen(moetune_command() + ["train", str(launch), "--out", str(run_dir), *resume],

@@ -11,12 +11,15 @@ from pathlib import Path
 SEED_KEY = "train.seed"
 
 
-def run_result(run_dir: Path) -> dict:
-    """What a candidate's run folder says: status, held-out loss, accuracy, tokens/s, peak memory."""
+def run_result(run_dir: Path | None) -> dict:
+    """What a candidate's run folder says: status, held-out loss, accuracy, tokens/s, peak memory (None: a run whose
+    folder is not known yet, pending)."""
     from .runs import read_events_counted, skipped_warning
 
     out: dict = {"status": "pending", "step": 0, "total_steps": 0, "eval_loss": None, "accuracy": {}, "tokens_per_s": None,
                  "memory_gb": None, "final_loss": None, "error": "", "bad_lines": 0, "warning": ""}
+    if run_dir is None:
+        return out
     got = read_events_counted(run_dir / "events.jsonl")
     bad = got.bad_lines
     speeds, memory = [], []
@@ -65,17 +68,24 @@ def _stats(values: list[float]) -> dict | None:
 
 
 def summarize(entries: list[dict]) -> list[dict]:
-    """One row per candidate group (its seeds together): mean, std, min and max of each score."""
+    """One row per candidate group (its seeds together): mean, std, min and max of each score; its lr (the grid's
+    choice, or the config's) and the grid's held-out losses."""
     groups: dict[str, list[dict]] = {}
+    grids: dict[str, list[dict]] = {}
     for e in entries:
-        groups.setdefault(e["group"], []).append(e)
+        (grids if e.get("role") == "grid" else groups).setdefault(e["group"], []).append(e)
     rows = []
     for group, runs in groups.items():
         done = [r for r in runs if r["result"]["status"] == "done"]
         first = runs[0]
+        lr = first.get("lr") or (first.get("config") or {}).get("train", {}).get("lr")
+        grid = [{"lr": g["lr"], "eval_loss": g["result"]["eval_loss"], "status": g["result"]["status"]}
+                for g in grids.get(group, [])]
         rows.append({"candidate": group, "overrides": first["overrides"], "rank": first["rank"],
-                     "alpha": first["alpha"], "trainable": first["trainable"], "percent": first["percent"],
-                     "matched": first["matched"], "note": first["note"], "runs": len(runs), "done": len(done),
+                     "alpha": first["alpha"], "trainable": first["trainable"], "activated": first.get("activated"),
+                     "percent": first["percent"], "lr": lr, "lr_chosen": bool(grid) and first.get("lr") is not None,
+                     "grid": grid, "matched": first["matched"], "note": first["note"], "runs": len(runs),
+                     "done": len(done),
                      "eval_loss": _stats([r["result"]["eval_loss"] for r in done]),
                      "accuracy": _stats([mean_accuracy(r["result"]["accuracy"]) for r in done]),
                      "tokens_per_s": _stats([r["result"]["tokens_per_s"] for r in done]),
@@ -125,17 +135,43 @@ def format_stat(s: dict | None, scale: float = 1.0, digits: int = 4, missing: st
     return text + (f" ± {s['std'] * scale:.{digits}f}" if s["n"] > 1 else "")
 
 
+def format_count(n) -> str:
+    """A parameter count with thousands separators ('-' when a sweep.json from before it was counted lacks it)."""
+    return "-" if n is None else f"{n:,}"
+
+
+def format_lr(r: dict) -> str:
+    """A row's lr: the grid's choice, or the config's; '?' while its grid runs."""
+    if r.get("grid") and not r.get("lr_chosen"):
+        return "?"
+    return "-" if r.get("lr") is None else f"{float(r['lr']):g}"
+
+
+def grid_line(r: dict) -> str:
+    """The lr grid's held-out losses of a row, the chosen one marked: `1e-04: 1.2345 · 3e-04: 1.1111 (chosen)`."""
+    chosen = r.get("lr") if r.get("lr_chosen") else None
+    return " · ".join(f"{g['lr']}: {'-' if g['eval_loss'] is None else format(g['eval_loss'], '.4f')}"
+                      + (" (chosen)" if g["lr"] == chosen else "") for g in r.get("grid") or [])
+
+
 def table(result: dict) -> str:
-    """The sweep as a plain-text table, one line per candidate (mean ± std over its seeds)."""
-    head = (f"{'candidate':<34} {'rank':>4} {'trainable':>10} {'%':>7} {'held-out loss':>17} {'accuracy %':>13} "
-            f"{'tokens/s':>9} {'peak GB':>8}  runs  notes")
+    """The sweep as a plain-text table, one line per candidate (mean ± std over its seeds), with its lr grid's
+    held-out losses under it."""
+    head = (f"{'candidate':<34} {'rank':>4} {'trainable':>10} {'%':>7} {'activated':>10} {'lr':>7} "
+            f"{'held-out loss':>17} {'accuracy %':>13} {'tokens/s':>9} {'peak GB':>8}  runs  notes")
     lines = [head, "-" * len(head)]
     for r in result["table"]:
         notes = notes_of(r)
         flag = f"  {'; '.join(notes)}" if notes else ""
         lines.append(f"{r['candidate'][:34]:<34} {r['rank']:>4} {r['trainable']:>10,} {r['percent']:>6.2f}% "
+                     f"{format_count(r.get('activated')):>10} {format_lr(r):>7} "
                      f"{format_stat(r['eval_loss']):>17} {format_stat(r['accuracy'], 100, 1):>13} "
                      f"{format_stat(r['tokens_per_s'], 1, 0):>9} {format_stat(r['memory_gb'], 1, 2):>8}  {r['done']}/{r['runs']}{flag}")
+        if r.get("grid"):
+            lines.append(f"    lr grid, held-out loss: {grid_line(r)}")
+    if result.get("target_params"):
+        lines.append(f"matched by {result.get('match', 'trainable')} parameters (target {result['target_params']:,}); "
+                     "activated = adapter parameters one token's forward uses")
     best = result.get("winner")
     if best:
         lines.append(f"winner: {best['candidate']} (rank {best['rank']}; "

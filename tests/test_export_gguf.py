@@ -26,6 +26,7 @@ DTYPES = ["f32", "f16", "bf16", "q8_0"]
 GGUF_FAMILIES = [f for f in FAMILY_NAMES if not get_family(f).gguf_missing]
 #: llama.cpp's architecture of each family (src/llama-arch.cpp); Mixtral runs as llama with experts
 ARCH = {"olmoe": "olmoe", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss",
+        "ernie4_5_moe": "ernie4_5-moe",
         "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe": "glm4moe"}
 #: token-id prompts (no tokenizer in the loop), and how many tokens to continue each
 PROMPTS = [[1, 40, 41, 300, 12, 77], [5, 100, 200, 300, 400], [1, 7]]
@@ -49,6 +50,8 @@ def expected_tensors(family: str, cfg) -> dict[str, tuple[int, ...]]:
     n_head, n_kv = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
     hd = int(getattr(cfg, "head_dim", None) or h // n_head)
     out = {"token_embd.weight": (h, v), "output_norm.weight": (h,), "output.weight": (h, v)}
+    if family == "ernie4_5_moe":
+        return out | _ernie_tensors(cfg, facts)
     if family.startswith("deepseek"):
         return out | _deepseek_tensors(family, cfg, facts)
     if family == "glm4_moe":
@@ -76,6 +79,28 @@ def expected_tensors(family: str, cfg) -> dict[str, tuple[int, ...]]:
                         b + "attn_v.bias": (n_kv * hd,), b + "attn_output.bias": (h,), b + "attn_sinks.weight": (n_head,),
                         b + "ffn_gate_inp.bias": (e,), b + "ffn_gate_exps.bias": (i, e), b + "ffn_up_exps.bias": (i, e),
                         b + "ffn_down_exps.bias": (h, e)})
+    return out
+
+
+def _ernie_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
+    """llama.cpp's 'ernie4_5-moe' block tensors (ne order): a dense first layer, routed + shared experts and the
+    correction bias as exp_probs_b (llama_model_ernie4_5::load_arch_tensors)."""
+    h, e, i, s = facts.hidden_size, facts.num_experts, facts.expert_intermediate_size, facts.shared_expert_intermediate_size
+    q = kv = h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * q, cfg.num_key_value_heads * kv
+    out = {}
+    for layer in range(facts.num_layers):
+        b = f"blk.{layer}."
+        out.update({b + "attn_norm.weight": (h,), b + "ffn_norm.weight": (h,), b + "attn_q.weight": (h, q),
+                    b + "attn_k.weight": (h, kv), b + "attn_v.weight": (h, kv), b + "attn_output.weight": (q, h)})
+        if layer not in facts.moe_layers:
+            ff = cfg.intermediate_size
+            out.update({b + "ffn_gate.weight": (h, ff), b + "ffn_up.weight": (h, ff), b + "ffn_down.weight": (ff, h)})
+            continue
+        out.update({b + "ffn_gate_inp.weight": (h, e), b + "ffn_gate_exps.weight": (h, i, e),
+                    b + "ffn_up_exps.weight": (h, i, e), b + "ffn_down_exps.weight": (i, h, e),
+                    b + "ffn_gate_shexp.weight": (h, s), b + "ffn_up_shexp.weight": (h, s),
+                    b + "ffn_down_shexp.weight": (s, h), b + "exp_probs_b.bias": (e,)})
     return out
 
 
@@ -165,6 +190,11 @@ def test_gguf_reads_back(tiny_checkpoint, tmp_path, family, dtype):
         hparams["attention.sliding_window"] = cfg.sliding_window
     if family == "qwen2_moe":
         hparams["expert_shared_feed_forward_length"] = facts.shared_expert_intermediate_size
+    if family == "ernie4_5_moe":  # the dense first layer's width, the experts', the shared experts' (both of them)
+        hparams.update({"feed_forward_length": cfg.intermediate_size, "leading_dense_block_count": 1,
+                        "expert_feed_forward_length": facts.expert_intermediate_size, "expert_shared_count": 2,
+                        "expert_shared_feed_forward_length": 2 * facts.expert_intermediate_size,
+                        "interleave_moe_layer_step": 1})
     if family.startswith("deepseek"):  # MLA as llama.cpp's converter writes it: MQA over the latent
         hparams.update({"attention.head_count_kv": 1, "expert_feed_forward_length": facts.expert_intermediate_size,
                         "feed_forward_length": cfg.intermediate_size, "leading_dense_block_count": 1,
@@ -243,6 +273,8 @@ def _copy(src: Path, dst: Path, edit_config=None) -> Path:
     ("qwen2_moe", {"decoder_sparse_step": 2}, "needs experts in every layer"),
     ("olmoe", {"clip_qkv": 8.0}, "clip_qkv"),
     ("gpt_oss", {"swiglu_limit": 5.0}, "hard-codes alpha 1.702 and limit 7.0"),
+    ("ernie4_5_moe", {"moe_layer_interval": 2}, "loads experts in every layer from moe_layer_start_index on"),
+    ("ernie4_5_moe", {"use_bias": True}, "applies no biases to the MLPs"),
 ])
 def test_config_llama_cpp_cannot_run_is_refused(tiny_checkpoint, tmp_path, family, edit, message):
     ckpt = _copy(tiny_checkpoint(family), tmp_path / "ckpt", edit)
@@ -302,7 +334,8 @@ def _sharpen(ckpt: Path) -> Path:
 
     state = load_file(str(ckpt / "model.safetensors"))
     for name, w in state.items():
-        if w.ndim == 2 and not name.endswith(("embed_tokens.weight", "lm_head.weight", ".gate.weight")):
+        if w.ndim == 2 and not name.endswith(("embed_tokens.weight", "lm_head.weight", ".gate.weight",
+                                              "e_score_correction_bias")):
             state[name] = w * (w.shape[1] ** -0.5 / w.std())
     save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     return ckpt
@@ -553,7 +586,8 @@ def test_spm_gguf_reads_back(spm_checkpoint, tmp_path):
     T = gguf.TokenType
     types = [T(t) for t in _field(reader, "tokenizer.ggml.token_type")]
     chat = hf.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
-    want = {0: T.UNKNOWN, 1: T.CONTROL, 2: T.CONTROL, chat[0]: T.CONTROL, chat[1]: T.CONTROL}
+    # <unk> a CONTROL token, as llama.cpp's converter types it from tokenizer.json (tests/test_gguf_tokenizer.py)
+    want = {0: T.CONTROL, 1: T.CONTROL, 2: T.CONTROL, chat[0]: T.CONTROL, chat[1]: T.CONTROL}
     want |= {i: T.BYTE for i in range(3, 259)}
     assert types == [want.get(i, T.NORMAL) for i in range(n)]
     assert all(tokens[i] == f"<0x{i - 3:02X}>" for i in range(3, 259))
@@ -574,8 +608,9 @@ def test_spm_gguf_reads_back(spm_checkpoint, tmp_path):
             _field(reader, "tokenizer.ggml.eos_token_id")) == (0, 1, 2)
     assert reader.get_field("tokenizer.ggml.padding_token_id") is None
     assert _field(reader, "tokenizer.ggml.add_bos_token") is True
-    assert _field(reader, "tokenizer.ggml.add_eos_token") is False
-    assert _field(reader, "tokenizer.ggml.add_space_prefix") is True
+    # as the converter: no key where llama.cpp's SentencePiece defaults (no EOS added, a '▁' prepended) hold
+    assert reader.get_field("tokenizer.ggml.add_eos_token") is None
+    assert reader.get_field("tokenizer.ggml.add_space_prefix") is None
     assert _field(reader, "tokenizer.chat_template") == hf.chat_template
 
 
@@ -612,7 +647,7 @@ def test_metaspace_tokenizer_exports_with_its_caveat(llama_cpp, spm_checkpoint, 
     hf = AutoTokenizer.from_pretrained(str(ckpt))
     with pytest.warns(UserWarning, match="starts with a space or follows a special token"):
         write_gguf(ckpt, tmp_path / "model.gguf")
-    assert _field(gguf.GGUFReader(tmp_path / "model.gguf"), "tokenizer.ggml.add_space_prefix") is True
+    assert gguf.GGUFReader(tmp_path / "model.gguf").get_field("tokenizer.ggml.add_space_prefix") is None  # default on
     got = llama_cpp.run_llama(tmp_path / "model.gguf", [("tokenize", text, True) for text in TEXTS], vocab_only=True)
     for text, tokens in zip(TEXTS, got):
         caveat = text.startswith(" ") or text.startswith("<|im_start|>")

@@ -21,8 +21,8 @@ from engine.sizes import adapter_params, model_shape
 
 #: DESIGN "Memory": experts in NF4 (GB) and one layer of experts (MB)
 DESIGN_TABLE = {"olmoe": (3.3, 208), "qwen2_moe": (6.4, 268), "qwen3_moe": (15.0, 312), "mixtral": (23.3, 727),
-                "gpt_oss": (9.9, 411), "deepseek_v2": (7.4, 286), "deepseek_v3": (7.4, 286), "glm4_moe": (51.4, 1140),
-                "qwen3_5_moe": (16.6, 415)}
+                "gpt_oss": (9.9, 411), "ernie4_5_moe": (10.5, 389), "deepseek_v2": (7.4, 286),
+                "deepseek_v3": (7.4, 286), "glm4_moe": (51.4, 1140), "qwen3_5_moe": (16.6, 415)}
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,8 @@ def test_mixtral_fits_24gb_only_with_offload(published):
     assert p.cache_slots >= 8 * len(cached)
     assert p.pcie_bytes_per_step == 2 * len(offloaded) * p.expert_layer_bytes  # forward + backward
     assert p.pcie_seconds_per_step == pytest.approx(p.pcie_bytes_per_step / PCIE_BYTES_PER_S)
-    assert p.host_pinned_bytes == p.experts_total_bytes
+    # pinned: one arena a layer (engine.model.host_arena), its fields 16-byte aligned and whole pages: a few KB more
+    assert p.experts_total_bytes <= p.host_pinned_bytes <= p.experts_total_bytes + 32 * (8 * 10 * 16 + 2 * 4096)
     # NF4 attention frees memory for more cached layers
     q = plan(_cfg(published["mixtral"], model={"path": str(published["mixtral"]), "attention_quant": "nf4"}),
              gpu_gb=24, host_gb=HOST_GB)
@@ -144,6 +145,7 @@ def test_inventory_counts_every_weight_and_the_shared_expert():
         facts = fam.facts(model_config)
         total = sum(shape.params.values()) + facts.expert_params
         published_b = {"olmoe": 6.92, "mixtral": 46.70, "qwen2_moe": 14.32, "qwen3_moe": 30.53, "gpt_oss": 20.91,
+                       "ernie4_5_moe": 21.83,  # ERNIE ties its head to the embeddings: counted once
                        "deepseek_v2": 15.71, "deepseek_v3": 15.96, "glm4_moe": 106.85,
                        "qwen3_5_moe": 34.66}[name]  # Qwen3.5: its language model (no vision tower)
         assert total / 1e9 == pytest.approx(published_b, abs=0.01)

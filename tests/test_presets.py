@@ -15,7 +15,7 @@ from app.presets import DEMO, list_presets, load_preset
 from engine import config as C
 
 PRESET_FILES = sorted((ROOT / "presets").glob("*.yaml"))
-REAL_MODELS = ("olmoe", "mixtral", "qwen1.5-moe", "qwen3-30b-a3b", "gpt-oss-20b")
+REAL_MODELS = ("olmoe", "mixtral", "qwen1.5-moe", "qwen3-30b-a3b", "gpt-oss-20b", "ernie-4.5-21b-a3b")
 
 
 @pytest.mark.parametrize("path", PRESET_FILES, ids=lambda p: p.stem)
@@ -48,6 +48,10 @@ def test_real_model_presets_follow_the_paper_recipe(path):
     assert a.alpha == 2 * a.rank and a.dropout == 0.05
     assert cfg.model.path.startswith("~/models/")
     assert cfg.memory.gpu_gb == 24
+    # the paper's code: its initialisation (which its small lr needs), the balance loss on both routers
+    assert a.init == "perft" and cfg.routing.base_balance_loss == cfg.routing.balance_loss > 0
+    assert cfg.data.train_on_prompt  # its train_on_inputs=True
+    assert "perft init" in cfg.description and "both routers" in cfg.description and "prompt" in cfg.description
     if path.stem.startswith("olmoe"):
         assert (t.lr, cfg.routing.balance_loss) == (1e-5, 0.01)
     if path.stem.startswith("mixtral"):

@@ -1,6 +1,6 @@
 """PEFT experts, batched: N adapters of one kind whose parameters are stacked over a leading
-adapter axis (`[N, r, H]` …), not N separate modules. Up-projections start at zero, so a fresh
-adapter adds exactly nothing.
+adapter axis (`[N, r, H]` …), not N separate modules. Up-projections start at zero (`kaiming`) or at
+1e-6·N(0, 1) (`perft`), so a fresh adapter adds nothing, or next to nothing.
 
 Kinds (DESIGN "The method"):
 - lora:       P(h) = (alpha / r) · B A h
@@ -22,16 +22,49 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.grouped import grouped_mm
+from ..model.grouped import grouped_mm, host_tensor_to
 
 KINDS = ("lora", "bottleneck", "gated")
+INITS = ("kaiming", "perft")
+#: `perft`: the up-projections' scale (the paper's code: `torch.randn(size) * 1e-6`)
+PERFT_UP_STD = 1e-6
+
+
+def init_bank_(down: torch.Tensor, gate_up: torch.Tensor | None, up: torch.Tensor, init: str) -> None:
+    """Initialise one bank's stacked tensors in place (`adapter.init`).
+
+    kaiming: every down-projection (LoRA A, bottleneck W_down, gated W_g and W_u) kaiming-uniform per adapter as
+        nn.Linear and PEFT's LoRA A (std 1/sqrt(3·d_in)); the up-projection (B, W_up, W_d) zero.
+    perft: the official PERFT code (github liuyilun2000/PERFT, utils.py `init_trainable_parameters`), which re-draws
+        every PERFT module: `lora_A` / `adapter_w1` ~ randn · sqrt(2 / size[0]) where size[0] is the Linear's out
+        features = r, i.e. N(0, 2/r); `lora_B` / `adapter_w2` ~ randn · 1e-6. Where we differ: the paper has no gated
+        adapter, so both of its down-projections (W_g, W_u) take the A rule and W_d the B rule; and no LoRA inside
+        the experts in its PERFT code (its expert-LoRA baseline kept PEFT's default), so `inside` LoRA takes the
+        same A / B rules as a parallel LoRA (the rank, not d_in, sets A's scale in both).
+    """
+    if init not in INITS:
+        raise ValueError(f"adapter.init: {init!r} is not one of {', '.join(INITS)}.")
+    rank = down.shape[1]
+    with torch.no_grad():
+        for t in (down, gate_up):
+            if t is None:
+                continue
+            if init == "perft":
+                t.normal_(0.0, math.sqrt(2.0 / rank))
+            else:
+                for i in range(t.shape[0]):  # kaiming-uniform per adapter, as nn.Linear (and peft's LoRA A) do
+                    nn.init.kaiming_uniform_(t[i], a=math.sqrt(5))
+        if init == "perft":
+            up.normal_(0.0, PERFT_UP_STD)
+        else:
+            up.zero_()
 
 
 class AdapterBank(nn.Module):
     """N adapters of one kind mapping `d_in` to `d_out`, stored batched over the adapter axis."""
 
     def __init__(self, kind: str, num: int, d_in: int, d_out: int, rank: int, alpha: float = 16.0,
-                 dropout: float = 0.0, activation: str = "silu", glu=None):
+                 dropout: float = 0.0, activation: str = "silu", glu=None, init: str = "kaiming"):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"adapter.kind: {kind!r} is not one of {', '.join(KINDS)}.")
@@ -41,16 +74,14 @@ class AdapterBank(nn.Module):
         self.act = _activation(activation if kind == "gated" else "silu")
         #: gated: the expert's own gated activation (gate, up) -> hidden when it is not act(gate)·up (gpt-oss)
         self.glu = glu if kind == "gated" else None
-        down = torch.empty(num, rank, d_in)
-        for i in range(num):  # kaiming-uniform per adapter, as nn.Linear (and peft's LoRA A) do
-            nn.init.kaiming_uniform_(down[i], a=math.sqrt(5))
+        down, up = torch.empty(num, rank, d_in), torch.empty(num, d_out, rank)
+        gate_up = torch.empty(num, rank, d_in) if kind == "gated" else None
+        init_bank_(down, gate_up, up, init)
+        self.init = init
         self.down = nn.Parameter(down)  # lora A / bottleneck W_down / gated W_g
-        if kind == "gated":
-            up_in = torch.empty(num, rank, d_in)
-            for i in range(num):
-                nn.init.kaiming_uniform_(up_in[i], a=math.sqrt(5))
-            self.gate_up = nn.Parameter(up_in)  # gated W_u
-        self.up = nn.Parameter(torch.zeros(num, d_out, rank))  # lora B / W_up / W_d: zero init
+        if gate_up is not None:
+            self.gate_up = nn.Parameter(gate_up)  # gated W_u
+        self.up = nn.Parameter(up)  # lora B / W_up / W_d: zero (kaiming) or 1e-6·N(0, 1) (perft)
         #: adapters used by a grad-enabled forward since the optimizer's last step (engine.training.optim.SparseAdamW)
         self.touched: set[int] = set()
 
@@ -89,7 +120,7 @@ class AdapterBank(nn.Module):
         as `forward_one` per group, in grouped matmuls (engine.model.grouped)."""
         if torch.is_grad_enabled():
             self.touched.update(idx)
-        sel = None if list(idx) == list(range(self.num)) else torch.tensor(list(idx), device=self.down.device)
+        sel = None if list(idx) == list(range(self.num)) else host_tensor_to(idx, self.down.device)
 
         def take(p: torch.Tensor) -> torch.Tensor:  # [G, out, in] of the groups' adapters, as [G, in, out]
             return (p if sel is None else p.index_select(0, sel)).to(h.dtype).transpose(1, 2)
@@ -126,7 +157,7 @@ class AdapterBank(nn.Module):
         if torch.is_grad_enabled():
             first.touched.update(idx)
             second.touched.update(idx)
-        sel = None if list(idx) == list(range(first.num)) else torch.tensor(list(idx), device=first.down.device)
+        sel = None if list(idx) == list(range(first.num)) else host_tensor_to(idx, first.down.device)
 
         def take(p: torch.Tensor) -> torch.Tensor:
             return p if sel is None else p.index_select(0, sel)
@@ -142,7 +173,11 @@ class AdapterBank(nn.Module):
 
 
 class LoraLinear(nn.Module):
-    """A frozen nn.Linear plus a LoRA update (alpha / r) · B A x, B zero at init."""
+    """A frozen nn.Linear plus a LoRA update (alpha / r) · B A x, B zero at init.
+
+    Always PEFT's default initialisation (kaiming-uniform A, zero B), whatever `adapter.init` says: the paper's code
+    never puts PERFT modules on attention, and its q/v LoRA baseline (`finetune_qvlora.py`, whose call to
+    `init_trainable_parameters` is commented out) trained PEFT's default init."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()

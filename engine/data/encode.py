@@ -1,5 +1,5 @@
-"""Records -> token ids and labels: loss only on the response (labels are -100 on the prompt), the
-cut-off applied with a count of what was cut, and `load_examples`, the data layer's entry point."""
+"""Records -> token ids and labels: loss on the response only (labels are -100 on the prompt), or on every
+token with `train_on_prompt` (the PERFT paper's `train_on_inputs=True`); the cut-off applied with a count of what was cut, and `load_examples`, the data layer's entry point."""
 
 from __future__ import annotations
 
@@ -55,13 +55,15 @@ def template_tokens(template: str, tokenizer) -> int:
 
 def encode_records(records: list[Record], tokenizer, template: str, max_len: int, *,
                    too_long: str = "truncate", long_prompt: str = "drop", min_examples: int = 1,
-                   source: str = "") -> tuple[list[Example], dict]:
+                   source: str = "", train_on_prompt: bool = False) -> tuple[list[Example], dict]:
     """Tokenize records under a template and apply the cut-off `max_len`.
 
     A row longer than `max_len` is truncated (`too_long='truncate'`, the response end is cut) or
     dropped (`'drop'`); a row whose prompt alone fills `max_len` leaves nothing to learn and is dropped
     and counted (`long_prompt='drop'`, the default, as LLaMA-Factory's cut-off does) or an error
-    (`'error'`). Fewer than `min_examples` rows left is an error with the counts and the fix. Returns the
+    (`'error'`) — also with `train_on_prompt`, which labels every token (prompt, template and response) as the
+    PERFT paper's code does. Fewer than `min_examples` rows left (0: no floor) is an error with the counts and the
+    fix. Returns the
     examples and stats: rows, examples, truncated, truncated_tokens, dropped_too_long, dropped_long_prompt, …
     """
     check_template(template)
@@ -86,7 +88,8 @@ def encode_records(records: list[Record], tokenizer, template: str, max_len: int
     for first, i, j in where:
         seg_ids[i][j] = next(ids_special) if first else next(ids_plain)
 
-    stats = {"source": source, "template": template, "max_len": max_len, "rows": len(records), "examples": 0,
+    stats = {"source": source, "template": template, "max_len": max_len, "train_on_prompt": train_on_prompt,
+             "rows": len(records), "examples": 0,
              "truncated": 0, "truncated_tokens": 0, "dropped_too_long": 0, "dropped_long_prompt": 0,
              "tokens": 0, "trained_tokens": 0, "longest": 0}
     if template == "chat":
@@ -101,7 +104,7 @@ def encode_records(records: list[Record], tokenizer, template: str, max_len: int
             if seg.train and prompt_len is None:
                 prompt_len = len(input_ids)
             input_ids += ids
-            labels += ids if seg.train else [IGNORE_INDEX] * len(ids)
+            labels += ids if seg.train or train_on_prompt else [IGNORE_INDEX] * len(ids)
         if rd.append_eos and eos is not None:
             input_ids.append(eos)
             labels.append(eos)
@@ -136,8 +139,8 @@ def encode_records(records: list[Record], tokenizer, template: str, max_len: int
                         "(\"long_prompt\": \"drop\" in the dataset registry entry).")
     stats["dropped_long_prompt"] = len(long_prompts)
     stats["examples"] = len(examples)
-    if len(examples) < max(1, min_examples):
-        raise DataError(_too_few(stats, template, tokenizer, max(1, min_examples), source))
+    if min_examples > 0 and len(examples) < min_examples:  # 0: no floor (the dataset preview counts only)
+        raise DataError(_too_few(stats, template, tokenizer, min_examples, source))
     return examples, stats
 
 
@@ -163,18 +166,19 @@ def _too_few(stats: dict, template: str, tokenizer, needed: int, source: str) ->
 def load_examples(spec: str | Path | DatasetSpec, tokenizer, template: str = "alpaca", max_len: int = 512, *,
                   too_long: str | None = None, long_prompt: str | None = None, format: str | None = None,
                   registry: str | Path | None = None, limit: int | None = None,
-                  min_examples: int = 1) -> tuple[list[Example], dict]:
+                  min_examples: int = 1, train_on_prompt: bool = False) -> tuple[list[Example], dict]:
     """Read a dataset (file, folder, or registry name), check every row, and tokenize it for training.
 
     Rows longer than `max_len` are truncated (default) or dropped; a row whose prompt fills `max_len` is
     dropped and counted (default) or, with `long_prompt='error'`, a DataError. Options left None come from
-    the registry entry. Returns (examples, stats); stats counts what was truncated and dropped.
+    the registry entry. `train_on_prompt` labels the prompt too. Returns (examples, stats); stats counts what was
+    truncated and dropped.
     """
     ds = resolve_dataset(spec, registry)
     records, fmt = read_records(ds.file, format or ds.format, split=ds.split, columns=ds.columns,
                                 ignore_columns=ds.ignore_columns, limit=limit)
     examples, stats = encode_records(records, tokenizer, template, max_len,
                                      too_long=too_long or ds.too_long, long_prompt=long_prompt or ds.long_prompt,
-                                     min_examples=min_examples, source=str(ds.file))
+                                     min_examples=min_examples, source=str(ds.file), train_on_prompt=train_on_prompt)
     stats = {"dataset": ds.name, "format": fmt, **stats}
     return examples, stats

@@ -224,7 +224,7 @@ def merged_tensors(src: RunSource) -> Iterator[tuple[str, torch.Tensor]]:
                 tensor = _widen_rows(tensor.float().T, None if cols_d is None else cols_d.T, pad).T.contiguous()
             else:
                 tensor = _widen_rows(tensor.float(), rows_g if proj == "gate" else rows_u, pad)
-        yield name, fam.widen_non_expert(name, tensor, extra)  # expert biases get zeros for the added units
+        yield name, fam.widen_non_expert(name, tensor, extra, src.hf_config)  # zeros for the added units
     left = sorted(trained) + sorted(deltas)
     if left:
         raise ExportError(f"{src.base}: the checkpoint has no tensor for {left[:3]}, which the run trained; "

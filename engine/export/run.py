@@ -201,6 +201,13 @@ def _check_lora(src: RunSource, tensors: dict[str, torch.Tensor], what: str) -> 
     return check.compare(reference, check.logits(model, inputs), what)
 
 
+def format_problems(run_dir: str | Path) -> dict[str, list[str]]:
+    """Why each export format cannot hold a finished run exactly ([] where it can): the reasons `export_run`
+    refuses a format with, so a picker can offer only the formats that work."""
+    src = open_run(Path(run_dir))
+    return {f: _problems(src, f) for f in FORMATS}
+
+
 def _problems(src: RunSource, fmt: str) -> list[str]:
     if fmt == "peft":
         return peft_problems(src) + hf_peft_problems(src)

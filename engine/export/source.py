@@ -162,8 +162,9 @@ def is_expert_tensor(family: Family, name: str) -> bool:
 
 
 def non_expert_tensors(base: Path, family: Family) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, tensor) of every base tensor that is not a routed expert, in file order."""
-    from ..model import read_tensors
+    """(checkpoint name, tensor) of every base tensor that is not a routed expert (nor of a Multi-Token-Prediction
+    layer, which the fine-tuned model no longer matches), in file order."""
+    from ..model import read_config, read_tensors
 
     cfg = read_config(base)[0]
     return read_tensors(base, lambda name: not is_expert_tensor(family, name) and not family.is_mtp_tensor(name, cfg))

@@ -81,20 +81,19 @@ def global_token_counts(dist: Dist | None, micro: Sequence[dict[str, torch.Tenso
 
 # ---- balance losses ----------------------------------------------------------------------------
 def install_balance_stats(dist: Dist | None) -> None:
-    """Make the routers' Switch balance loss use the job's routing counts (engine.adapters.strategies)."""
-    from ..adapters import strategies
+    """Make the routers' balance losses use the job's routing counts (engine.adapters.balance.GLOBAL_SUM)."""
+    from ..adapters import balance
 
     if dist is None:
-        strategies.GLOBAL_COUNTS = None
+        balance.GLOBAL_SUM = None
         return
 
-    def reduce(counts: torch.Tensor, tokens: int) -> tuple[torch.Tensor, float]:
-        buf = torch.cat([counts.detach().to(torch.float64).flatten(),
-                         torch.tensor([float(tokens)], dtype=torch.float64, device=counts.device)]).to(dist.device)
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        buf = t.detach().to(device=dist.device, dtype=torch.float64).clone()
         all_reduce(dist, buf, "summing the routers' balance statistics")
-        return buf[:-1].to(counts.device), float(buf[-1])
+        return buf.to(t.device)
 
-    strategies.GLOBAL_COUNTS = reduce
+    balance.GLOBAL_SUM = reduce
 
 
 # ---- gradients and used rows -------------------------------------------------------------------
@@ -210,7 +209,9 @@ def check_world_size(dist: Dist | None, state: dict, path: Path | str = "the che
 
 
 def rank_state(dist: Dist | None, tstate: dict, key: str) -> Any:
-    """This rank's entry of a per-rank list in a checkpoint's torch state (`rng` for a single process)."""
+    """This rank's entry of a per-rank list in a checkpoint's torch state (`rng` for a single process). The state
+    is on the CPU (loaded with map_location="cpu", sent through the object collectives as CPU tensors); the
+    optimizer's `load_state_dict` moves this rank's share to its parameters' device."""
     if dist is None:
         return tstate[key]
     ranks = tstate.get(f"{key}_ranks")

@@ -213,7 +213,8 @@ def setup(cfg: Config, out: Path, dist, echo: bool, device: str | None) -> Job:
     seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.path)
     examples, data_stats = load_examples(cfg.data.train, tokenizer, cfg.data.template, cfg.data.max_len,
-                                         min_examples=cfg.train.micro_batch * cfg.train.grad_accum)
+                                         min_examples=cfg.train.micro_batch * cfg.train.grad_accum,
+                                         train_on_prompt=cfg.data.train_on_prompt)
     _report_dropped(data_stats, echo)
     held_out = Batches(load_examples(cfg.data.eval, tokenizer, cfg.data.template, cfg.data.max_len)[0],
                        cfg.train.micro_batch, cfg.train.seed, tokenizer.pad_token_id) if cfg.data.eval else None
@@ -256,7 +257,26 @@ def restore(job: Job, resume: bool, warn: Callable[[str], None]) -> Position:
     job.opt.load_state_dict(distributed.rank_state(dist, tstate, "optimizer"))
     job.sched.load_state_dict(tstate["scheduler"])
     ckpt.set_rng_state(distributed.rank_state(dist, tstate, "rng"))
+    _resume_balance_scale(peft, state, resumed_from, warn)
     return Position(state["step"], state["epoch"], state["position"], state.get("loss"), resumed_from)
+
+
+def _resume_balance_scale(peft, state: dict, resumed_from: Path, warn: Callable[[str], None]) -> None:
+    """A run resumes on the balance-loss scale it started with: checkpoints before issue 22 carry none (scale 1,
+    per layer); a scale this version does not know is refused."""
+    from ..adapters.balance import CURRENT_SCALE, SCALES
+
+    scale = state.get("balance_scale", 1)
+    if scale not in SCALES:
+        raise RunError(f"{resumed_from} was written with balance-loss scale {scale!r}, which this version of MoETune "
+                       f"does not know ({', '.join(f'{k}: {v}' for k, v in SCALES.items())}); resume it with the "
+                       "version that started it.")
+    if scale != CURRENT_SCALE and peft.balance_terms:
+        peft.set_balance_scale(scale)
+        warn(f"this run started before issue 22 with the balance losses on the {SCALES[scale]!r} scale (each MoE "
+             "layer's loss normalised to 1 and summed over layers); it resumes on that scale so its steps stay "
+             f"comparable. New runs use the {SCALES[CURRENT_SCALE]!r} scale (one loss over all layers, k when "
+             "balanced, as transformers' router_aux_loss_coef).")
 
 
 def start_log(job: Job, at: Position, warnings: list[str], log):
@@ -273,7 +293,7 @@ def start_log(job: Job, at: Position, warnings: list[str], log):
              **({"resumed_from": str(at.resumed_from)} if at.resumed_from is not None else {}),
              world_size=job.dist.world_size if job.dist is not None else 1,
              examples=len(job.examples), dropped=dropped_rows(job.data_stats), data=job.data_stats,
-             parameters=job.peft.parameter_report(), device=str(job.dev))
+             parameters=job.peft.parameter_report(), device=str(job.dev), balance_scale=job.peft.balance_scale)
     return log
 
 
@@ -358,7 +378,8 @@ def save(job: Job, at: Position, log) -> None:
     if job.main:
         path = ckpt.save_checkpoint(job.out, at.step, adapter, job.opt, job.sched,
                                     {"epoch": at.epoch, "position": at.pos, "total_steps": job.total,
-                                     "loss": at.loss, **shared}, extra=extra)
+                                     "loss": at.loss, "balance_scale": job.peft.balance_scale, **shared},
+                                    extra=extra)
         log.emit("checkpoint", step=at.step, path=str(path))
     if job.held_out:
         log.emit("eval", step=at.step, **held_out_loss(job.model, job.peft, job.held_out, job.dev, job.autocast))
@@ -373,7 +394,8 @@ def finish(job: Job, at: Position, log) -> dict:
                "final_loss": None if at.loss is None else round(at.loss, 6)}
     final = distributed.adapter_state(job.dist, job.peft)  # gathered from every rank under expert parallelism
     if job.main:
-        save_adapter(job.peft, job.out, extra={"train": {"steps": at.step, "data": job.data_stats}}, tensors=final)
+        save_adapter(job.peft, job.out, extra={"train": {"steps": at.step, "data": job.data_stats,
+                                                       "balance_scale": job.peft.balance_scale}}, tensors=final)
         if job.cfg.eval.benchmarks:  # on rank 0 alone: the adapter is the same on every rank
             summary["accuracy"] = run_benchmarks(job.cfg, job.model, job.tokenizer, job.out, log, at.step)
         atomic_write_json(job.out / "summary.json", summary)

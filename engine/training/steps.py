@@ -19,6 +19,7 @@ model's inner forward once with stand-in layers, so every transformers family is
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, Sequence
 
@@ -147,7 +148,9 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
             layer.gradient_checkpointing = False
     if peft is not None:
         peft.clear_losses()
-    loss_sum, aux_sum = 0.0, 0.0
+    # losses summed on the device and read once at the end: an .item() per micro-batch and layer would stop the
+    # host until the GPU caught up, every time (the planner's host-sync budget, tests/test_gpu_readiness_hot.py)
+    loss_sum = aux_sum = torch.zeros((), dtype=torch.float64, device=device)
     try:
         # ---- forward sweep: embed, then layer by layer over all micro-batches, no graph ----------
         mbs: list[_MicroBatch] = []
@@ -160,21 +163,28 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
                 mbs.append(_MicroBatch(inputs, batch["labels"], args, kwargs, hidden=embeds))
         saved: list[list[torch.Tensor]] = []  # saved[l][m]: input of layer l for micro-batch m
         rng: list[list[tuple]] = []
+        counted: list[list] = [[] for _ in mbs]  # per micro-batch, per balance term: counts of every layer
         for i, layer in enumerate(layers):
             if hooks is not None:
                 hooks.begin("forward", i)
             saved.append([])
             rng.append([])
-            for mb in mbs:
+            for m, mb in enumerate(mbs):
                 saved[i].append(mb.hidden)
                 rng[i].append(_rng_state(device))
+                if peft is not None:
+                    peft.balance_begin(mb.inputs.get("attention_mask"))
                 with torch.no_grad(), autocast():
                     mb.hidden = _output(layer(mb.hidden, *mb.args[i], **mb.kwargs[i]))
+                if peft is not None:
+                    counted[m] = [c if a is None else a if c is None else a + c
+                                  for a, c in itertools.zip_longest(counted[m], peft.balance_counted())]
                 tap = taps.get(i)
                 if tap is not None and tap.last_counts is not None:
                     usage[i] = usage[i] + tap.last_counts if i in usage else tap.last_counts.clone()
             if hooks is not None:
                 hooks.end("forward", i)
+        totals = _global_balance_totals(counted)  # the loss of layer l needs the counts of all layers (and ranks)
         if peft is not None:
             peft.clear_losses()
         # ---- head and loss per micro-batch: gradient at the last hidden state --------------------
@@ -185,9 +195,9 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
                 loss = model.loss_function(logits, mb.labels, vocab_size=model.config.vocab_size,
                                            **({"num_items_in_batch": num_items[m]} if num_items else {}))
             (loss / accum).backward()
-            loss_sum += loss.item() / accum
+            loss_sum = loss_sum + loss.detach().double() / accum
             mb.grad, mb.hidden = h.grad, None
-            del logits, loss
+            del logits, loss, h  # h: the last micro-batch's hidden state, no longer needed
         # ---- backward sweep: recompute each layer under autograd, push the gradient through -------
         for i in reversed(range(len(layers))):
             layer = layers[i]
@@ -196,6 +206,8 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
             needs_input_grad = i > 0 or embed_trainable
             for m, mb in enumerate(mbs):
                 x = saved[i][m].detach().requires_grad_(needs_input_grad)
+                if peft is not None:
+                    peft.balance_begin(mb.inputs.get("attention_mask"), totals[m])
                 with _restored_rng(rng[i][m], device), torch.enable_grad(), autocast():
                     out = _output(layer(x, *mb.args[i], **mb.kwargs[i]))
                 aux = peft.aux_loss() if peft is not None else None
@@ -204,7 +216,7 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
                     outputs.append(out)
                     grads.append(mb.grad.to(out.dtype))
                 if aux is not None:
-                    aux_sum += aux.item() / accum
+                    aux_sum = aux_sum + aux.detach().double() / accum
                     if aux.requires_grad:
                         outputs.append(aux / accum)
                         grads.append(torch.ones_like(aux))
@@ -229,8 +241,10 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
                 layer.gradient_checkpointing = flag
         if peft is not None:
             peft.clear_losses()
-    rows = [usage[i].tolist() for i in sorted(taps) if i in usage] if taps else None
-    return StepResult(loss=loss_sum, aux=aux_sum, usage=rows)
+    counted = [i for i in sorted(taps) if i in usage]
+    rows = (torch.stack([usage[i] for i in counted]).tolist() if counted else []) if taps else None
+    loss_value, aux_value = torch.stack([loss_sum, aux_sum]).tolist()  # the step's one read-back of its losses
+    return StepResult(loss=loss_value, aux=aux_value, usage=rows)
 
 
 def micro_batch_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, torch.Tensor]],
@@ -241,10 +255,12 @@ def micro_batch_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[
     layer_major_step's)."""
     accum = accum or len(micro_batches)
     device = next(model.parameters()).device
-    loss_sum, aux_sum, usage = 0.0, 0.0, None
+    loss_sum = aux_sum = torch.zeros((), dtype=torch.float64, device=device)
+    usage = None
     for m, batch in enumerate(micro_batches):
         if peft is not None:
             peft.clear_losses()
+            peft.balance_begin(batch.get("attention_mask"))
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             if num_items is None:
                 loss = model(**batch).loss
@@ -255,13 +271,26 @@ def micro_batch_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[
         aux = peft.aux_loss() if peft is not None else None
         total = loss + aux if aux is not None else loss
         (total / accum).backward()
-        loss_sum += loss.item() / accum
-        aux_sum += (aux.item() if aux is not None else 0.0) / accum
+        loss_sum = loss_sum + loss.detach().double() / accum
+        if aux is not None:
+            aux_sum = aux_sum + aux.detach().double() / accum
         if peft is not None:
             stats = peft.routing_stats()
             rows = [stats[layer]["experts"] for layer in sorted(stats)]
             usage = add_usage(usage, rows)
-    return StepResult(loss=loss_sum, aux=aux_sum, usage=usage)
+    if peft is not None:
+        peft.clear_losses()  # the routers stop recording (a held-out loss or generation may follow)
+    loss_value, aux_value = torch.stack([loss_sum, aux_sum]).tolist()
+    return StepResult(loss=loss_value, aux=aux_value, usage=usage)
+
+
+def _global_balance_totals(counted: list[list]) -> list[list]:
+    """Per micro-batch and balance term, the counts of all layers summed over the ranks (one all-reduce per term)."""
+    from ..adapters.balance import global_totals
+
+    terms = max((len(c) for c in counted), default=0)
+    by_term = [global_totals([c[j] if j < len(c) else None for c in counted]) for j in range(terms)]
+    return [[by_term[j][m] for j in range(terms)] for m in range(len(counted))]
 
 
 def add_usage(acc: list[list[int]] | None, rows: list[list[int]] | None) -> list[list[int]] | None:

@@ -6,6 +6,7 @@ from .base import NF4_BITS, PROJECTIONS, ExpertKey, Family, MoEFacts, config_fro
 from .deepseek_v2 import FAMILY as _deepseek_v2
 from .deepseek_v3 import FAMILY as _deepseek_v3
 from .glm4_moe import FAMILY as _glm4_moe
+from .ernie4_5_moe import FAMILY as _ernie4_5_moe
 from .gpt_oss import FAMILY as _gpt_oss
 from .qwen3_5_moe import FAMILY as _qwen3_5_moe
 from .mixtral import FAMILY as _mixtral
@@ -14,7 +15,8 @@ from .qwen2_moe import FAMILY as _qwen2_moe
 from .qwen3_moe import FAMILY as _qwen3_moe
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (_olmoe, _mixtral, _qwen2_moe, _qwen3_moe, _gpt_oss,
-                                                         _deepseek_v2, _deepseek_v3, _glm4_moe, _qwen3_5_moe)}
+                                                         _ernie4_5_moe, _deepseek_v2, _deepseek_v3, _glm4_moe,
+                                                         _qwen3_5_moe)}
 
 
 class UnsupportedModelError(ValueError):

@@ -201,8 +201,8 @@ class Family:
 
     def router_note(self, cfg: Any) -> str:
         """What the routing statistics and balance losses mean for this family's router (one line)."""
-        return ("softmax router: balance loss = E/k · Σ_e f_e · P_e with P_e the mean softmax probability "
-                "(1.0 when balanced)")
+        return ("softmax router: balance loss = E · Σ_e f_e · P_e over all MoE layers (transformers' "
+                "load_balancing_loss_func; P_e the mean softmax probability; k when balanced)")
 
     def attention_modules(self, attn: nn.Module) -> list[str]:
         """Names of the attention linear layers this decoder layer's attention has (of `attention_projections`)."""
@@ -217,11 +217,11 @@ class Family:
         `expert_intermediate` wide and needs `extra` more shared columns."""
         raise NotImplementedError(f"{self.title} has no ungated shared expert to merge into")
 
-    def is_mtp_tensor(self, name: str, cfg: Any) -> bool:
-        """Whether a checkpoint tensor belongs to a Multi-Token-Prediction layer past `num_hidden_layers`
-        (`num_nextn_predict_layers` of them: DeepSeek-V3, GLM-4.5), which transformers' model does not build and
-        MoETune skips when loading and exporting."""
-        extra = int(getattr(cfg, "num_nextn_predict_layers", 0) or 0)
+    def is_mtp_tensor(self, name: str, cfg: Any = None) -> bool:
+        """Whether a checkpoint tensor belongs to a Multi-Token-Prediction layer, which transformers' model does not
+        build: MoETune skips it when loading and exporting. Default: the `num_nextn_predict_layers` layers past
+        `num_hidden_layers` (DeepSeek-V3, GLM-4.5)."""
+        extra = int(getattr(cfg, "num_nextn_predict_layers", 0) or 0) if cfg is not None else 0
         m = re.match(r"model\.layers\.(\d+)\.", name) if extra else None
         return m is not None and int(cfg.num_hidden_layers) <= int(m[1]) < int(cfg.num_hidden_layers) + extra
 
@@ -278,8 +278,9 @@ class Family:
             for proj in PROJECTIONS:
                 yield self.expert_key_name(ExpertKey(layer, e, proj)), w[proj]
 
-    def widen_non_expert(self, name: str, tensor: torch.Tensor, extra: int) -> torch.Tensor:
-        """A non-expert hub tensor after the experts are widened by `extra` zero units (expert biases)."""
+    def widen_non_expert(self, name: str, tensor: torch.Tensor, extra: int, cfg: Any = None) -> torch.Tensor:
+        """A non-expert hub tensor of a model with config `cfg` after the experts are widened by `extra` units
+        (expert biases, shared experts sized by the experts' width get zeros for them)."""
         return tensor
 
     def gguf_stream(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:

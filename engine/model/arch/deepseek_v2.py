@@ -70,8 +70,8 @@ class DeepseekV2Family(Family):
     def router_note(self, cfg):
         scale = float(cfg.routed_scaling_factor)
         return (f"softmax router (top-{cfg.num_experts_per_tok} of {self.num_experts(cfg)}, gates × {scale:g}, "
-                "not renormalised): balance loss = E/k · Σ_e f_e · P_e over the softmax probabilities "
-                "(1.0 when balanced; DeepSeek-V2's expert-level balance loss)")
+                "not renormalised): balance loss = E · Σ_e f_e · P_e over the softmax probabilities "
+                "(transformers' load_balancing_loss_func, DeepSeek-V2's expert-level loss; k when balanced)")
 
     def tiny_config_kwargs(self, layers, hidden, experts, top_k, vocab):
         return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden, moe_intermediate_size=hidden // 2,

@@ -43,8 +43,8 @@ class DeepseekV3Family(DeepseekV2Family):
         norm = "renormalised" if self.norm_topk_prob(cfg) else "not renormalised"
         return (f"sigmoid router (top-{cfg.num_experts_per_tok} of {self.num_experts(cfg)} by score + "
                 f"e_score_correction_bias{group}; gates {norm}, × {float(cfg.routed_scaling_factor):g}): balance "
-                "loss = E/k · Σ_e f_e · P_e with P_e the mean sigmoid score normalised over the experts "
-                "(DeepSeek-V3's sequence-wise balance loss over the batch; 1.0 when balanced); the bias is frozen")
+                "loss = E · Σ_e f_e · P_e with P_e the mean sigmoid score normalised over the experts "
+                "(DeepSeek-V3's sequence-wise balance loss over the batch; k when balanced); the bias is frozen")
 
     def gguf_tensor_name(self, name):
         m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias", self.rename(name))

@@ -148,7 +148,7 @@ class GptOssFamily(Family):
         yield prefix + "gate_up_proj", gate_up
         yield prefix + "down_proj", torch.stack([w["down"].T for w in experts])  # [E, I, H]
 
-    def widen_non_expert(self, name, tensor, extra):
+    def widen_non_expert(self, name, tensor, extra, cfg=None):
         if extra and _BIAS.fullmatch(name) and name.endswith("gate_up_proj_bias"):
             zeros = tensor.new_zeros(tensor.shape[0], extra)
             return interleave(torch.cat([tensor[:, 0::2], zeros], 1), torch.cat([tensor[:, 1::2], zeros], 1), 1)

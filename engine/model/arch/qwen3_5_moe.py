@@ -53,7 +53,7 @@ class Qwen35MoeFamily(Qwen2MoeFamily):
     def moe_layers(self, cfg):
         return tuple(range(int(cfg.num_hidden_layers)))  # every decoder layer has the sparse MoE block
 
-    def is_mtp_tensor(self, name, cfg):
+    def is_mtp_tensor(self, name, cfg=None):
         return name.startswith("mtp.")
 
     def skip_tensor(self, name, cfg):
