@@ -30,7 +30,7 @@ def cmd_models(args) -> int:
                      "experts_nf4_gb": round(f.expert_params * NF4_BITS / 8 / 1e9, 2),
                      "checkpoint_expert_names": fam.hub_expert_names or
                      fam.expert_key_template.replace("{proj}", "|".join(fam.proj_names)),
-                     "gguf_arch": fam.gguf_arch})
+                     "gguf_arch": fam.gguf_arch, "router": fam.router_note(fam.published_config())})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -138,7 +138,7 @@ def cmd_plan(args) -> int:
     from .plan import plan
 
     cfg = C.load(args.config, args.set)
-    result = plan(cfg, gpu_gb=args.gpu_gb, gpus=args.gpus)
+    result = plan(cfg, gpu_gb=args.gpu_gb, gpus=args.gpus, host_gb=args.host_gb)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0 if result.fits else PLAN_DOES_NOT_FIT
 
@@ -148,6 +148,8 @@ def _add_plan(sub):
                        description="Exit status 0 when the plan fits the budget, 3 when it cannot work.")
     p.add_argument("config", help="YAML config file")
     p.add_argument("--gpu-gb", type=float, default=None, help="GPU budget in GB (10^9 bytes); overrides memory.gpu_gb")
+    p.add_argument("--host-gb", type=float, default=None,
+                   help="host RAM in GB that offloaded experts may use (default: this machine's)")
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="plan one GPU of a job of N (default train.expert_parallel); with train.expert_parallel "
                         "each GPU holds its share of the experts")

@@ -62,6 +62,9 @@ from .sizes import (
 GB = 10**9
 #: CUDA context (~0.5 GB on recent drivers), cuBLAS/cuDNN workspaces and caching-allocator slack
 CUDA_RESERVE = 1 * GB
+#: host memory an offloading run needs beyond its pinned experts (and the layer being pinned): the OS, Python,
+#: torch and CUDA's host allocations, the checkpoint tensors in flight while streaming (an estimate, not measured)
+HOST_RESERVE = 6 * GB
 #: host -> device bandwidth of PCIe 4.0 x16 from pinned memory
 PCIE_BYTES_PER_S = 25 * GB
 #: fp32 parameter + fp32 gradient + two fp32 AdamW moments
@@ -102,6 +105,10 @@ class Plan:
     expert_parallel: int = 1  # train.expert_parallel: each GPU holds 1/expert_parallel of every layer's experts
     experts_per_gpu_bytes: int = 0  # what one GPU holds of the experts (resident, cached or in its host memory)
     all_to_all_bytes_per_step: int = 0  # what one GPU sends to the others a step in the token exchange
+    #: offloading: host RAM the run needs (pinned experts + one layer being pinned + HOST_RESERVE), and the
+    #: machine's (or --host-gb); a plan whose host RAM is short does not fit
+    host_ram_needed_bytes: int = 0
+    host_ram_bytes: int = 0
     advice: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -171,6 +178,8 @@ class Plan:
                          f"layers × {_mb(self.expert_layer_bytes)}, forward + backward) "
                          f"≈ {self.pcie_seconds_per_step:.2f} s at {PCIE_BYTES_PER_S / GB:.0f} GB/s; "
                          f"pinned host memory {_gb(self.host_pinned_bytes)}")
+            lines.append(f"host RAM: needs ≈ {_gb(self.host_ram_needed_bytes)} of {_gb(self.host_ram_bytes)}"
+                         + ("" if self.host_ram_needed_bytes <= self.host_ram_bytes else ": NOT ENOUGH"))
         else:
             lines.append("PCIe per step: none (no expert is offloaded)")
         if self.expert_parallel > 1:
@@ -291,11 +300,13 @@ def _place(cfg: Config, shape: ModelShape, budget: int) -> dict:
             "need_all": sum(resident["fixed"].values()) + total}
 
 
-def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None, gpus: int | None = None) -> Plan:
+def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None, gpus: int | None = None,
+         host_gb: float | None = None) -> Plan:
     """Plan GPU memory for a config: bytes per item, each MoE layer's expert placement, fits or not, advice.
 
     Reads only `model.path`/config.json (or uses `model_config`); `gpu_gb` overrides `memory.gpu_gb` (one GPU's
-    budget); `gpus`: the GPUs of the job (default `train.expert_parallel`), every figure then one GPU's.
+    budget); `gpus`: the GPUs of the job (default `train.expert_parallel`), every figure then one GPU's; `host_gb`:
+    the host RAM offloaded experts may use (default: this machine's).
     """
     from .config import check_expert_parallel
 
@@ -342,11 +353,32 @@ def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None, gpu
                   "num_experts": shape.facts.num_experts, "top_k": shape.facts.top_k, "strategy": cfg.routing.strategy,
                   "adapter_kind": cfg.adapter.kind, "rank": cfg.adapter.rank})
     result.advice = _advice(cfg, shape, budget, p, world)
+    if p["host"]:
+        _check_host_ram(result, shape, host_gb)
     if stand_in:
         result.model = f"{stand_in[1]} (published config; {cfg.model.path} is not there yet)"
         result.notes.insert(0, f"planned from the published config of {stand_in[1]}: the folder {cfg.model.path} "
                                "does not exist yet; put the checkpoint there to train")
     return result
+
+
+def _check_host_ram(result: Plan, shape: ModelShape, host_gb: float | None) -> None:
+    """Offloaded experts live in pinned host memory: count what the run needs there and refuse (fits False, the
+    first advice naming both figures) where the machine has less."""
+    import os
+
+    if host_gb is not None and host_gb <= 0:
+        raise ConfigError(f"--host-gb: {host_gb} must be a positive number of GB.")
+    have = int(host_gb * GB) if host_gb is not None else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    layer = result.expert_layer_bytes  # a layer's store is copied into pinned memory one layer at a time
+    result.host_ram_needed_bytes, result.host_ram_bytes = result.host_pinned_bytes + layer + HOST_RESERVE, have
+    if result.host_ram_needed_bytes > have:
+        result.fits = False
+        result.advice.insert(0, f"host RAM: the offloaded experts need ≈ {_gb(result.host_ram_needed_bytes)} of host "
+                                f"memory ({_gb(result.host_pinned_bytes)} pinned experts, {_gb(layer)} for the layer "
+                                f"being pinned, {_gb(HOST_RESERVE)} reserve) and this machine has {_gb(have)}"
+                                f"{' (--host-gb)' if host_gb is not None else ''}; train {shape.title} on a machine "
+                                f"with at least {math.ceil(result.host_ram_needed_bytes / GB)} GB of RAM.")
 
 
 def _published_stand_in(path: str) -> tuple[Any, str] | None:

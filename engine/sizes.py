@@ -35,6 +35,8 @@ class ModelShape:
     params: dict[str, int]
     #: element counts of every linear weight NF4 can hold, by group (for exact NF4 sizes)
     linear_numels: dict[str, tuple[int, ...]]
+    #: per decoder layer, Σ (in + out) over the attention projections attention LoRA wraps (q/k/v/o, MLA's own)
+    attention_io: tuple[int, ...] = ()
 
     @property
     def q_dim(self) -> int:
@@ -82,18 +84,26 @@ def model_shape(model_config: Any) -> ModelShape:
                 group = "router"
             elif pname == "weight" and is_quantizable_linear(name, module):
                 group = "attention" if ".self_attn." in f".{name}." else \
-                    "shared_expert" if ".shared_expert." in f".{name}." else "other_linear"
+                    "shared_expert" if any(f".{s}." in f".{name}." for s in ("shared_expert", "shared_experts")) \
+                    else "other_linear"
                 numels[group].append(p.numel())
             else:
                 group = "norms_biases"
             params[group] += p.numel()
     n_heads = int(model_config.num_attention_heads)
-    head_dim = getattr(model_config, "head_dim", None) or facts.hidden_size // n_heads
+    # MLA (DeepSeek): q and the expanded k are qk_head_dim (nope + rope) per head
+    head_dim = getattr(model_config, "qk_head_dim", None) or getattr(model_config, "head_dim", None) \
+        or facts.hidden_size // n_heads
+    from .model.arch import decoder_layers
+
+    attns = [getattr(layer, "self_attn", None) for layer in decoder_layers(model)]  # None: a linear-attention layer
+    attention_io = tuple(sum(getattr(a, n).in_features + getattr(a, n).out_features for n in family.attention_modules(a))
+                         for a in attns)
     return ModelShape(
         facts=facts, title=family.title,
         num_heads=n_heads, num_kv_heads=int(getattr(model_config, "num_key_value_heads", None) or n_heads),
         head_dim=int(head_dim), vocab_size=int(model_config.vocab_size), params=params,
-        linear_numels={g: tuple(v) for g, v in numels.items()})
+        linear_numels={g: tuple(v) for g, v in numels.items()}, attention_io=attention_io)
 
 
 # ---- closed forms --------------------------------------------------------------------------------
@@ -135,7 +145,9 @@ def adapter_params(cfg: Config, shape: ModelShape) -> dict[str, int]:
     if r.train_router:
         out["router"] = layers * E * H
     attn = attention_layers(cfg, shape)
-    if attn:
+    if attn and shape.attention_io:  # r·(in + out) of each projection attention LoRA wraps (MLA has its own)
+        out["attention"] = a.rank * sum(shape.attention_io[i] for i in attn)
+    elif attn:
         q, kv = shape.q_dim, shape.kv_dim
         out["attention"] = len(attn) * a.rank * ((H + q) + 2 * (H + kv) + (q + H))
     return out

@@ -129,6 +129,10 @@ EXACT = [
     # ERNIE: renormalised gates, so dense adapters widen the routed experts; its two ungated shared experts (sized
     # 2 × the experts' width) are padded with zero units to the new width; layer 2 only, after a dense layer 0
     ("ernie4_5_moe", "dense", "gated", "parallel", {"layers": [2], "attention_lora": True}, {}, N_ADAPTERS * RANK),
+    # DeepSeek: shared / dense adapters merge into the ungated shared experts (n_shared_experts grows); V3's
+    # gates sum to routed_scaling_factor, so the routed experts could not take them
+    ("deepseek_v3", "shared", "gated", "parallel", {"attention_lora": True, "train_router": True}, {}, 0),
+    ("deepseek_v2", "dense", "gated", "parallel", {"layers": [2]}, {}, 0),
 ]
 
 
@@ -169,9 +173,20 @@ def test_hf_merge_equals_unmerged_model(checkpoint, tmp_path, family, strategy, 
         assert merged[fam.expert_key_name(ExpertKey(1, 2, "up"))][inter:].abs().max() == 0
         assert merged[fam.expert_key_name(ExpertKey(2, 2, "up"))][inter:].abs().min() > 0
     if routing.get("train_router"):
-        trained = unmerged.model.layers[0].mlp.gate.weight
-        assert torch.equal(merged["model.layers.0.mlp.gate.weight"], trained)
-        assert not torch.equal(trained, orig["model.layers.0.mlp.gate.weight"].float())
+        first = fam.facts(cfg).moe_layers[0]
+        trained = unmerged.model.layers[first].mlp.gate.weight
+        assert torch.equal(merged[f"model.layers.{first}.mlp.gate.weight"], trained)
+        assert not torch.equal(trained, orig[f"model.layers.{first}.mlp.gate.weight"].float())
+    if fam.shared_expert_ungated:  # the shared experts: n_shared_experts × the merged expert size wide
+        width = fam.shared_expert_intermediate_size(read_config(tmp_path / "out")[0])
+        added = 0 if strategy == "embedded" else (N_ADAPTERS if strategy == "dense" else 1) * RANK
+        base_width = fam.shared_expert_intermediate_size(cfg)
+        assert width == (inter + widen) * -(-(base_width + added) // (inter + widen))
+        assert merged["model.layers.1.mlp.shared_experts.up_proj.weight"].shape == (width, cfg.hidden_size)
+        assert merged["model.layers.1.mlp.shared_experts.down_proj.weight"].shape == (cfg.hidden_size, width)
+        if added and routing.get("layers") == [2]:  # layer 1 had no adapter: its shared expert is only padded
+            assert merged["model.layers.1.mlp.shared_experts.up_proj.weight"][base_width:].abs().max() == 0
+            assert merged["model.layers.2.mlp.shared_experts.up_proj.weight"][base_width:][:added].abs().min() > 0
 
     groups = {g["group"]: g for g in report["merged"]}
     assert report["exact"] and all(g["exact"] for g in groups.values())

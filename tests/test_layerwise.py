@@ -60,6 +60,8 @@ CASES = [
     ("gpt_oss", "embedded", "inside", {"attention_lora": True}),  # expert biases, clamped SwiGLU, block tuple output
     # a dense first layer, ungated shared experts, the router's correction bias; the trained router is fp32
     ("ernie4_5_moe", "shared", "parallel", {"attention_lora": True, "train_router": True}),
+    # a dense first layer, MLA attention, shared experts, the sigmoid router's balance loss
+    ("deepseek_v3", "embedded", "inside", {"attention_lora": True, "train_router": True}),
 ]
 
 

@@ -16,9 +16,6 @@ from ..model import ExpertBank, LoadedModel, expert_store
 from .balance import CURRENT_SCALE, BalanceTerm
 from .strategies import ParallelAdapters, RoutedAdapters, RouterTap, add_block_output
 
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
 class RoutedPEFT:
     """A model with Routed-PEFT attached: its trainable parameters, losses, statistics and accounting."""
 
@@ -95,7 +92,7 @@ class RoutedPEFT:
                 block.peft = module
                 self._hooks.append(block.register_forward_hook(add_block_output(module)))
             router = self.family.router(block)
-            tap = RouterTap(E, self.balance["base"] if layer in selected else None)
+            tap = RouterTap(E, self.balance["base"] if layer in selected else None, self.family.router_probs)
             self.taps[layer] = tap
             self._hooks.append(router.register_forward_hook(tap))
             if r.train_router and layer in selected:
@@ -109,8 +106,9 @@ class RoutedPEFT:
         if r.attention_lora:
             attn_layers = range(f.num_layers) if r.layers == "all" else self.layers
             for i in attn_layers:
-                attn = decoder_layers(self.model)[i].self_attn
-                for name in ATTENTION_PROJECTIONS:
+                # hybrid models (Qwen3.5): linear-attention layers have no self_attn, so no attention LoRA
+                attn = getattr(decoder_layers(self.model)[i], "self_attn", None)
+                for name in self.family.attention_modules(attn):
                     wrapped = LoraLinear(getattr(attn, name), a.rank, a.alpha, a.dropout)
                     setattr(attn, name, wrapped)
                     self._count("attention", i, wrapped.lora.num_params())

@@ -4,6 +4,8 @@ MoE's own router (statistics, its balance loss: engine.adapters.balance). The em
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,10 +66,14 @@ class RoutedAdapters(nn.Module):
 
 
 class RouterTap:
-    """Forward hook on an MoE router: records expert counts and, when asked, its balance loss."""
+    """Forward hook on an MoE router: records expert counts and, when asked, its balance loss over the router's
+    probabilities as `probs(logits)` computes them (softmax; a sigmoid router's normalised scores)."""
 
-    def __init__(self, num_experts: int, balance: BalanceTerm | None = None):
+    def __init__(self, num_experts: int, balance: BalanceTerm | None = None,
+                 probs: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.num_experts, self.balance = num_experts, balance
+        #: the router's probabilities as the balance loss reads them (softmax; a sigmoid router's normalised scores)
+        self.probs = probs or (lambda logits: F.softmax(logits.float(), dim=-1))
         self.last_counts: torch.Tensor | None = None
 
     def __call__(self, module: nn.Module, args, output):
@@ -75,7 +81,7 @@ class RouterTap:
         with torch.no_grad():  # kept on the device: read once per step (routing_stats / the step's usage), no sync here
             self.last_counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
         if self.balance is not None:
-            self.balance.record(F.softmax(logits.float(), dim=-1), idx)
+            self.balance.record(self.probs(logits), idx)
         return None
 
 

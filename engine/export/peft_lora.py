@@ -101,7 +101,7 @@ def peft_tensors(src: RunSource) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
 
     def put(weight_name: str, bank, idx: int) -> None:
-        stem = PREFIX + weight_name.removesuffix(".weight")
+        stem = PREFIX + src.family.peft_name(weight_name).removesuffix(".weight")
         out[f"{stem}.lora_A.weight"] = bank.down[idx].float().contiguous()
         out[f"{stem}.lora_B.weight"] = bank.up[idx].float().contiguous()
 

@@ -46,14 +46,21 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     params = dict(model.named_parameters())
+    #: persistent buffers the checkpoint holds (DeepSeek-V3's e_score_correction_bias), filled like weights
+    buffers = {n: b for n, b in model.named_buffers() if n.rpartition(".")[2] not in
+               getattr(model.get_submodule(n.rpartition(".")[0]), "_non_persistent_buffers_set", ())}
     fused: dict[str, torch.Tensor] = {}  # fused expert tensors being assembled, by parameter name
     pieces: dict[str, set] = {}  # which (expert, projection) each fused tensor has received
     filled: set[str] = set()
 
     def place(name: str, tensor: torch.Tensor) -> None:
-        if family.is_mtp_tensor(name, config):
+        if family.skip_tensor(name, config):
             return  # a Multi-Token-Prediction layer: not part of the model transformers builds
         target = family.rename(name)
+        if target in buffers:
+            _check_shape(path, name, tensor, buffers[target].shape)
+            set_module_tensor_to_device(model, target, device, value=tensor, dtype=buffers[target].dtype)
+            return
         if target not in params:
             if target.endswith("rotary_emb.inv_freq"):
                 return
@@ -72,6 +79,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         experts = {n for n in params if ".experts." in n and n.endswith(("gate_up_proj", "down_proj"))}
         return _finish(path, config, model, family, filled, device, skip=experts, stores=stores)
     for name, tensor in family.convert_stream(iter_tensors(path)):
+        if family.skip_tensor(name, config):
+            continue  # a Multi-Token-Prediction layer or a vision tower: not part of the model MoETune builds
         key = family.parse_expert_key(name)
         if key is None:
             place(name, tensor)

@@ -46,8 +46,9 @@ def quantize_checkpoint_experts(path: str | Path, quant: str = "nf4", cache_dir:
     fused_re = _fused_expert_regex(family)
 
     def is_expert(name: str) -> bool:
-        return family.parse_expert_key(name) is not None or fused_re.fullmatch(family.rename(name)) is not None \
-            or family.raw_expert_layer(name) is not None
+        return not family.skip_tensor(name, config) and (
+            family.parse_expert_key(name) is not None or fused_re.fullmatch(family.rename(name)) is not None
+            or family.raw_expert_layer(name) is not None)
 
     folder = cache_folder(path, cache_dir, quant, blocksize) if cache_dir is not None and quant == "nf4" else None
     cached = load_cached_experts(path, cache_dir, quant, blocksize) if folder is not None else None
@@ -107,6 +108,10 @@ def quantize_checkpoint_experts(path: str | Path, quant: str = "nf4", cache_dir:
     for name, t in source:
         if cached is not None and not wanted(name):
             continue  # an expert of a layer the cache holds intact
+        if family.skip_tensor(name, config):
+            if on_other is not None:
+                on_other(name, t)  # a Multi-Token-Prediction layer's: the loader skips it, like its other tensors
+            continue
         key = family.parse_expert_key(name)
         if key is not None:
             if key.proj == "down":
