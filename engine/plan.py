@@ -17,7 +17,10 @@ What the GPU holds, placed in this order:
    checkpointing, each decoder layer's input hidden state is kept; one layer's full activations are
    alive at a time while it is recomputed and back-propagated (×2: the saved tensors and their
    gradients); the logits with their fp32 upcast and gradient (10 bytes a logit). Attention is assumed
-   to run through SDPA/flash kernels (no T×T score matrix).
+   to run through SDPA/flash kernels (no T×T score matrix). When the experts are offloaded the trainer
+   runs the layer-major step, which keeps every layer's input for all `train.grad_accum` micro-batches
+   until its backward sweep: counted as such (`layer_inputs` × grad_accum, plus what each micro-batch
+   carries), so lowering micro_batch while raising grad_accum frees nothing of it.
 4. dequantised weights in flight: one group of experts in bf16 (the expert bank dequantises a layer's
    touched experts in groups of `engine.model.expert_bank.group_size` — a quarter of the layer or 32 MiB, at most
    256 MiB, at least one expert — and recomputes in backward), plus the largest NF4 linear layer when
@@ -52,12 +55,16 @@ from typing import Any
 from .config import Config, ConfigError
 from .sizes import (
     BF16, QUANTIZABLE_GROUPS, ModelShape, activation_bytes, adapter_params, adapter_params_per_gpu, all_to_all_bytes,
+    host_layer_bytes,
     model_shape,
 )
 
 GB = 10**9
 #: CUDA context (~0.5 GB on recent drivers), cuBLAS/cuDNN workspaces and caching-allocator slack
 CUDA_RESERVE = 1 * GB
+#: host memory an offloading run needs beyond its pinned experts (and the layer being pinned): the OS, Python,
+#: torch and CUDA's host allocations, the checkpoint tensors in flight while streaming (an estimate, not measured)
+HOST_RESERVE = 6 * GB
 #: host -> device bandwidth of PCIe 4.0 x16 from pinned memory
 PCIE_BYTES_PER_S = 25 * GB
 #: fp32 parameter + fp32 gradient + two fp32 AdamW moments
@@ -98,6 +105,10 @@ class Plan:
     expert_parallel: int = 1  # train.expert_parallel: each GPU holds 1/expert_parallel of every layer's experts
     experts_per_gpu_bytes: int = 0  # what one GPU holds of the experts (resident, cached or in its host memory)
     all_to_all_bytes_per_step: int = 0  # what one GPU sends to the others a step in the token exchange
+    #: offloading: host RAM the run needs (pinned experts + one layer being pinned + HOST_RESERVE), and the
+    #: machine's (or --host-gb); a plan whose host RAM is short does not fit
+    host_ram_needed_bytes: int = 0
+    host_ram_bytes: int = 0
     advice: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -136,8 +147,10 @@ class Plan:
             "non_expert_weights": f"non-expert weights (attention {attn})",
             "adapters": f"adapters ({trainable / 1e6:.2f} M params, fp32)",
             "optimizer": "gradients + AdamW moments (fp32)",
-            "activations": f"activations ({s['micro_batch']} × {s['max_len']} tokens"
-                           f"{', checkpointed' if s['gradient_checkpointing'] else ''})",
+            "activations": (f"activations ({s['grad_accum']} × {s['micro_batch']} × {s['max_len']} tokens, "
+                            "layer-major)" if s.get("layer_major") else
+                            f"activations ({s['micro_batch']} × {s['max_len']} tokens"
+                            f"{', checkpointed' if s['gradient_checkpointing'] else ''})"),
             "dequant_workspace": "dequantised weights in flight",
             "cuda_reserve": "CUDA context / workspace reserve",
             "experts": (f"experts {s['quant'].upper()}, all resident"
@@ -165,6 +178,8 @@ class Plan:
                          f"layers × {_mb(self.expert_layer_bytes)}, forward + backward) "
                          f"≈ {self.pcie_seconds_per_step:.2f} s at {PCIE_BYTES_PER_S / GB:.0f} GB/s; "
                          f"pinned host memory {_gb(self.host_pinned_bytes)}")
+            lines.append(f"host RAM: needs ≈ {_gb(self.host_ram_needed_bytes)} of {_gb(self.host_ram_bytes)}"
+                         + ("" if self.host_ram_needed_bytes <= self.host_ram_bytes else ": NOT ENOUGH"))
         else:
             lines.append("PCIe per step: none (no expert is offloaded)")
         if self.expert_parallel > 1:
@@ -214,8 +229,8 @@ def _budget(cfg: Config, gpu_gb: float | None) -> tuple[int, str]:
     return int(DEFAULT_GPU_GB * GB), f"no GPU visible and memory.gpu_gb is null: a {DEFAULT_GPU_GB:.0f} GB card"
 
 
-def _sizes(cfg: Config, shape: ModelShape) -> dict:
-    """Everything but the experts' placement."""
+def _sizes(cfg: Config, shape: ModelShape, layer_major: bool = False) -> dict:
+    """Everything but the experts' placement; `layer_major`: the activations of the offloaded (layer-major) step."""
     from .model import nf4_expert_nbytes, nf4_nbytes
     from .model.stores import CODE_TABLE_BYTES
     from .model.expert_bank import group_size
@@ -230,7 +245,7 @@ def _sizes(cfg: Config, shape: ModelShape) -> dict:
             non_expert[group] = n * BF16
     trainable = adapter_params(cfg, shape)
     params = adapter_params_per_gpu(cfg, shape)
-    acts = activation_bytes(cfg, shape)
+    acts = activation_bytes(cfg, shape, layer_major)
     local = E // cfg.train.expert_parallel  # experts of a layer on one GPU
     if cfg.model.quant == "nf4":
         expert = nf4_expert_nbytes(H, I)
@@ -246,19 +261,31 @@ def _sizes(cfg: Config, shape: ModelShape) -> dict:
              "optimizer": params * OPTIMIZER_BYTES, "activations": sum(acts.values()),
              "dequant_workspace": workspace, "cuda_reserve": CUDA_RESERVE}
     return {"non_expert": non_expert, "trainable": trainable, "acts": acts, "expert": expert, "layer": layer,
-            "layer_full": layer_full, "local": local, "fixed": fixed}
+            "layer_full": layer_full, "local": local, "fixed": fixed, "layer_major": layer_major,
+            "host_layer": host_layer_bytes(cfg, shape, local)}
 
 
 def _place(cfg: Config, shape: ModelShape, budget: int) -> dict:
-    s = _sizes(cfg, shape)
+    # Offloaded experts train layer-major (engine.training.steps), which keeps every layer's input for all
+    # grad_accum micro-batches until the backward sweep. We count that (activation_bytes(layer_major=True))
+    # rather than keep less by parking the saved inputs in pinned host memory: that would send
+    # 2 · L · grad_accum · tokens · H · 2 bytes a step over the PCIe link the experts stream on (Mixtral's 24 GB
+    # preset: 2.1 GB), about what the honest count costs in expert traffic (its 1.1 GB leave ≈ 1.5 layers fewer
+    # cached: +2.2 GB a step), and it would add a copy and a wait per layer and micro-batch to the hot loop.
+    # So the plan counts what the step keeps, and the expert cache gives way.
+    resident = _sizes(cfg, shape, layer_major=cfg.memory.offload == "on")
+    s = resident
     moe, E = list(shape.facts.moe_layers), s["local"]  # E: the experts of a layer this GPU holds
     layer, expert = s["layer"], s["expert"]
     total = len(moe) * layer
     left = budget - sum(s["fixed"].values())
+    streamed = s if s["layer_major"] else _sizes(cfg, shape, layer_major=True)
     if left >= total:
         placement = dict.fromkeys(moe, "resident")
         slots, cached, fits, gpu_experts = 0, len(moe), True, total
     else:
+        s = streamed  # the experts stream: the layer-major step's activations
+        left = budget - sum(s["fixed"].values())
         slots = max(0, min(len(moe) * E - 1, left // expert))
         cached = min(len(moe), slots // E)
         fits = cached >= STREAM_LAYERS
@@ -266,17 +293,20 @@ def _place(cfg: Config, shape: ModelShape, budget: int) -> dict:
         gpu_experts = slots * expert
     offloaded = sum(p == "offloaded" for p in placement.values())
     pcie = 2 * offloaded * layer
+    host = 0 if all(v == "resident" for v in placement.values()) else len(moe) * s["host_layer"]
     return {**s, "placement": placement, "slots": slots, "fits": fits, "gpu_experts": gpu_experts,
-            "total": total, "pcie": pcie, "host": 0 if all(v == "resident" for v in placement.values()) else total,
-            "need_min": sum(s["fixed"].values()) + min(STREAM_LAYERS, len(moe)) * layer,
-            "need_all": sum(s["fixed"].values()) + total}
+            "total": total, "pcie": pcie, "host": host,
+            "need_min": sum(streamed["fixed"].values()) + min(STREAM_LAYERS, len(moe)) * layer,
+            "need_all": sum(resident["fixed"].values()) + total}
 
 
-def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None, gpus: int | None = None) -> Plan:
+def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None, gpus: int | None = None,
+         host_gb: float | None = None) -> Plan:
     """Plan GPU memory for a config: bytes per item, each MoE layer's expert placement, fits or not, advice.
 
     Reads only `model.path`/config.json (or uses `model_config`); `gpu_gb` overrides `memory.gpu_gb` (one GPU's
-    budget); `gpus`: the GPUs of the job (default `train.expert_parallel`), every figure then one GPU's.
+    budget); `gpus`: the GPUs of the job (default `train.expert_parallel`), every figure then one GPU's; `host_gb`:
+    the host RAM offloaded experts may use (default: this machine's).
     """
     from .config import check_expert_parallel
 
@@ -310,20 +340,45 @@ def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None, gpu
         notes=[f"1 GB = 10^9 bytes; a 24 GiB card is {24 * 2**30 / GB:.1f} GB",
                f"reserve {_gb(CUDA_RESERVE)} for the CUDA context, workspaces and allocator slack",
                "adapters: fp32 parameter, gradient and two AdamW moments (16 bytes a parameter)",
-               "activations: SDPA/flash attention (no T×T scores); gradient checkpointing keeps one input per layer",
+               "activations: SDPA/flash attention (no T×T scores); gradient checkpointing keeps one input per layer"
+               + ("; the layer-major step (offloaded experts) keeps every layer's input for all "
+                  f"{cfg.train.grad_accum} micro-batches until its backward sweep" if p["layer_major"] else ""),
                "offloaded layers cross PCIe in the forward and in the backward of each step, "
-               f"at {PCIE_BYTES_PER_S / GB:.0f} GB/s"],
+               f"at {PCIE_BYTES_PER_S / GB:.0f} GB/s; pinned host memory is one exact arena a layer "
+               "(engine.model.host_arena), not torch's power-of-two pinned blocks"],
         settings={"quant": cfg.model.quant, "attention_quant": cfg.model.attention_quant,
                   "micro_batch": cfg.train.micro_batch, "max_len": cfg.data.max_len,
                   "gradient_checkpointing": cfg.train.gradient_checkpointing, "moe_layers": len(shape.facts.moe_layers),
+                  "grad_accum": cfg.train.grad_accum, "layer_major": p["layer_major"],
                   "num_experts": shape.facts.num_experts, "top_k": shape.facts.top_k, "strategy": cfg.routing.strategy,
                   "adapter_kind": cfg.adapter.kind, "rank": cfg.adapter.rank})
     result.advice = _advice(cfg, shape, budget, p, world)
+    if p["host"]:
+        _check_host_ram(result, shape, host_gb)
     if stand_in:
         result.model = f"{stand_in[1]} (published config; {cfg.model.path} is not there yet)"
         result.notes.insert(0, f"planned from the published config of {stand_in[1]}: the folder {cfg.model.path} "
                                "does not exist yet; put the checkpoint there to train")
     return result
+
+
+def _check_host_ram(result: Plan, shape: ModelShape, host_gb: float | None) -> None:
+    """Offloaded experts live in pinned host memory: count what the run needs there and refuse (fits False, the
+    first advice naming both figures) where the machine has less."""
+    import os
+
+    if host_gb is not None and host_gb <= 0:
+        raise ConfigError(f"--host-gb: {host_gb} must be a positive number of GB.")
+    have = int(host_gb * GB) if host_gb is not None else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    layer = result.expert_layer_bytes  # a layer's store is copied into pinned memory one layer at a time
+    result.host_ram_needed_bytes, result.host_ram_bytes = result.host_pinned_bytes + layer + HOST_RESERVE, have
+    if result.host_ram_needed_bytes > have:
+        result.fits = False
+        result.advice.insert(0, f"host RAM: the offloaded experts need ≈ {_gb(result.host_ram_needed_bytes)} of host "
+                                f"memory ({_gb(result.host_pinned_bytes)} pinned experts, {_gb(layer)} for the layer "
+                                f"being pinned, {_gb(HOST_RESERVE)} reserve) and this machine has {_gb(have)}"
+                                f"{' (--host-gb)' if host_gb is not None else ''}; train {shape.title} on a machine "
+                                f"with at least {math.ceil(result.host_ram_needed_bytes / GB)} GB of RAM.")
 
 
 def _published_stand_in(path: str) -> tuple[Any, str] | None:
