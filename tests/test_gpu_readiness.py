@@ -100,7 +100,7 @@ def test_mixtral_24gb_preset_plan_is_honest_and_fits():
     """The Mixtral 24 GB preset (16 micro-batches of 1 × 256 tokens, offloaded): the plan counts 16 micro-batches'
     layer inputs (1.07 GB, not one micro-batch's 0.067) and still fits the 24 GB budget."""
     cfg = load("presets/mixtral-commonsense-24gb.yaml")
-    p = plan(cfg)
+    p = plan(cfg, host_gb=64)  # a machine with the host RAM the offloaded experts need (this one may have less)
     assert p.fits and p.layers("offloaded") and p.gpu_total <= 24e9
     assert p.activations["layer_inputs"] == 32 * 16 * 256 * 4096 * 2
     assert p.activations["micro_batches"] >= 16 * 256 * 4096 * 2
