@@ -46,27 +46,23 @@ others a step (inputs there, outputs back, in the forward, the backward and the 
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError
+from .plan_advice import advice
 from .sizes import (
-    BF16, QUANTIZABLE_GROUPS, ModelShape, activation_bytes, adapter_params, adapter_params_per_gpu, all_to_all_bytes,
-    host_layer_bytes,
-    model_shape,
+    BF16, GB, PCIE_BYTES_PER_S, QUANTIZABLE_GROUPS, ModelShape, activation_bytes, adapter_params,
+    adapter_params_per_gpu, all_to_all_bytes, fmt_gb, host_layer_bytes, model_shape,
 )
 
-GB = 10**9
 #: CUDA context (~0.5 GB on recent drivers), cuBLAS/cuDNN workspaces and caching-allocator slack
 CUDA_RESERVE = 1 * GB
 #: host memory an offloading run needs beyond its pinned experts (and the layer being pinned): the OS, Python,
 #: torch and CUDA's host allocations, the checkpoint tensors in flight while streaming (an estimate, not measured)
 HOST_RESERVE = 6 * GB
-#: host -> device bandwidth of PCIe 4.0 x16 from pinned memory
-PCIE_BYTES_PER_S = 25 * GB
 #: fp32 parameter + fp32 gradient + two fp32 AdamW moments
 PARAM_BYTES, OPTIMIZER_BYTES = 4, 12
 #: layers of experts an offloading cache holds at least: the one computing and the next, prefetched
@@ -134,7 +130,7 @@ class Plan:
         s = self.settings
         lines = [f"MoETune plan: {self.model} ({self.family}), {s['moe_layers']} MoE layers × {s['num_experts']} "
                  f"experts, top-{s['top_k']}",
-                 f"GPU budget {_gb(self.budget_bytes)} ({self.budget_source}); 1 GB = 10^9 bytes"]
+                 f"GPU budget {fmt_gb(self.budget_bytes)} ({self.budget_source}); 1 GB = 10^9 bytes"]
         if self.gpus > 1 or self.expert_parallel > 1:
             share = (f"expert parallel {self.expert_parallel}: each GPU holds {s['num_experts'] // self.expert_parallel}"
                      f" of every layer's {s['num_experts']} experts" if self.expert_parallel > 1
@@ -159,41 +155,37 @@ class Plan:
                         else f"expert cache ({self.cache_slots} experts)"),
         }
         for key, value in self.gpu.items():
-            lines.append(f"  {labels.get(key, key):<48} {_gb(value):>9}")
+            lines.append(f"  {labels.get(key, key):<48} {fmt_gb(value):>9}")
         verdict = "fits" if self.fits else "DOES NOT FIT"
-        lines.append(f"  {'total':<48} {_gb(self.gpu_total):>9}  of {_gb(self.budget_bytes)}: {verdict}")
+        lines.append(f"  {'total':<48} {fmt_gb(self.gpu_total):>9}  of {fmt_gb(self.budget_bytes)}: {verdict}")
         lines.append("")
         if self.expert_parallel > 1:
-            lines.append(f"experts: {_gb(self.experts_total_bytes)} in all, {_gb(self.experts_per_gpu_bytes)} on each "
+            lines.append(f"experts: {fmt_gb(self.experts_total_bytes)} in all, {fmt_gb(self.experts_per_gpu_bytes)} on each "
                          f"GPU ({_mb(self.expert_layer_bytes)} a layer), {_mb(self.expert_bytes)} an expert "
                          f"({s['quant']})")
         else:
-            lines.append(f"experts: {_gb(self.experts_total_bytes)} in all, {_mb(self.expert_layer_bytes)} a layer, "
+            lines.append(f"experts: {fmt_gb(self.experts_total_bytes)} in all, {_mb(self.expert_layer_bytes)} a layer, "
                          f"{_mb(self.expert_bytes)} an expert ({s['quant']})")
         for p in PLACEMENTS:
             if self.layers(p):
                 lines.append(f"  {p:<10} layers {_ranges(self.layers(p))}")
         if self.pcie_bytes_per_step:
-            lines.append(f"PCIe per step: {_gb(self.pcie_bytes_per_step)} ({len(self.layers('offloaded'))} "
+            lines.append(f"PCIe per step: {fmt_gb(self.pcie_bytes_per_step)} ({len(self.layers('offloaded'))} "
                          f"layers × {_mb(self.expert_layer_bytes)}, forward + backward) "
                          f"≈ {self.pcie_seconds_per_step:.2f} s at {PCIE_BYTES_PER_S / GB:.0f} GB/s; "
-                         f"pinned host memory {_gb(self.host_pinned_bytes)}")
-            lines.append(f"host RAM: needs ≈ {_gb(self.host_ram_needed_bytes)} of {_gb(self.host_ram_bytes)}"
+                         f"pinned host memory {fmt_gb(self.host_pinned_bytes)}")
+            lines.append(f"host RAM: needs ≈ {fmt_gb(self.host_ram_needed_bytes)} of {fmt_gb(self.host_ram_bytes)}"
                          + ("" if self.host_ram_needed_bytes <= self.host_ram_bytes else ": NOT ENOUGH"))
         else:
             lines.append("PCIe per step: none (no expert is offloaded)")
         if self.expert_parallel > 1:
-            lines.append(f"all-to-all per step: ≈ {_gb(self.all_to_all_bytes_per_step)} sent by each GPU (routed "
+            lines.append(f"all-to-all per step: ≈ {fmt_gb(self.all_to_all_bytes_per_step)} sent by each GPU (routed "
                          "tokens to their experts' GPU and back, forward, backward and recompute)")
         if self.advice:
             lines.append("")
             lines.append("advice:" if self.fits else "to make it fit:")
             lines.extend(f"  - {a}" for a in self.advice)
         return "\n".join(lines)
-
-
-def _gb(n: float) -> str:
-    return f"{n / GB:.2f} GB"
 
 
 def _mb(n: float) -> str:
@@ -338,7 +330,7 @@ def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None, gpu
         experts_per_gpu_bytes=len(shape.facts.moe_layers) * p["layer"],
         all_to_all_bytes_per_step=all_to_all_bytes(cfg, shape),
         notes=[f"1 GB = 10^9 bytes; a 24 GiB card is {24 * 2**30 / GB:.1f} GB",
-               f"reserve {_gb(CUDA_RESERVE)} for the CUDA context, workspaces and allocator slack",
+               f"reserve {fmt_gb(CUDA_RESERVE)} for the CUDA context, workspaces and allocator slack",
                "adapters: fp32 parameter, gradient and two AdamW moments (16 bytes a parameter)",
                "activations: SDPA/flash attention (no T×T scores); gradient checkpointing keeps one input per layer"
                + ("; the layer-major step (offloaded experts) keeps every layer's input for all "
@@ -352,7 +344,7 @@ def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None, gpu
                   "grad_accum": cfg.train.grad_accum, "layer_major": p["layer_major"],
                   "num_experts": shape.facts.num_experts, "top_k": shape.facts.top_k, "strategy": cfg.routing.strategy,
                   "adapter_kind": cfg.adapter.kind, "rank": cfg.adapter.rank})
-    result.advice = _advice(cfg, shape, budget, p, world)
+    result.advice = advice(cfg, shape, budget, p, _place, world)
     if p["host"]:
         _check_host_ram(result, shape, host_gb)
     if stand_in:
@@ -374,9 +366,9 @@ def _check_host_ram(result: Plan, shape: ModelShape, host_gb: float | None) -> N
     result.host_ram_needed_bytes, result.host_ram_bytes = result.host_pinned_bytes + layer + HOST_RESERVE, have
     if result.host_ram_needed_bytes > have:
         result.fits = False
-        result.advice.insert(0, f"host RAM: the offloaded experts need ≈ {_gb(result.host_ram_needed_bytes)} of host "
-                                f"memory ({_gb(result.host_pinned_bytes)} pinned experts, {_gb(layer)} for the layer "
-                                f"being pinned, {_gb(HOST_RESERVE)} reserve) and this machine has {_gb(have)}"
+        result.advice.insert(0, f"host RAM: the offloaded experts need ≈ {fmt_gb(result.host_ram_needed_bytes)} of host "
+                                f"memory ({fmt_gb(result.host_pinned_bytes)} pinned experts, {fmt_gb(layer)} for the layer "
+                                f"being pinned, {fmt_gb(HOST_RESERVE)} reserve) and this machine has {fmt_gb(have)}"
                                 f"{' (--host-gb)' if host_gb is not None else ''}; train {shape.title} on a machine "
                                 f"with at least {math.ceil(result.host_ram_needed_bytes / GB)} GB of RAM.")
 
@@ -395,72 +387,3 @@ def _published_stand_in(path: str) -> tuple[Any, str] | None:
     return None
 
 
-def _advice(cfg: Config, shape: ModelShape, budget: int, p: dict, gpus: int = 1) -> list[str]:
-    """What to change: each lever with the memory it frees and whether it is enough on its own."""
-    fits, offloaded = p["fits"], sum(v == "offloaded" for v in p["placement"].values())
-    if fits and not offloaded:
-        return []
-    out = []
-    if not fits:
-        out.append(f"memory.gpu_gb: this config needs at least {_gb(p['need_min'])} (streaming experts) and "
-                   f"{_gb(p['need_all'])} to keep every expert on the GPU; the budget is {_gb(budget)}.")
-    else:
-        out.append(f"{offloaded} of {len(p['placement'])} MoE layers stream over PCIe each step "
-                   f"({_gb(p['pcie'])}, ≈ {p['pcie'] / PCIE_BYTES_PER_S:.2f} s at 25 GB/s); keeping every expert "
-                   f"on the GPU needs memory.gpu_gb ≥ {math.ceil(p['need_all'] / GB * 10) / 10}. Levers:")
-    base_fixed = sum(p["fixed"].values())
-    levers: list[dict] = []
-
-    def lever(field: str, value: Any, why: str, extra: dict | None = None) -> None:
-        trial = copy.deepcopy(cfg)
-        section, name = field.split(".")
-        setattr(getattr(trial, section), name, value)
-        for f, v in (extra or {}).items():
-            sec, nm = f.split(".")
-            setattr(getattr(trial, sec), nm, v)
-        q = _place(trial, shape, budget)
-        saved = base_fixed - sum(q["fixed"].values()) + (p["total"] - q["total"])
-        if saved <= 0:
-            return
-        levers.append({field: value, **(extra or {})})
-        sets = ", ".join(f"{f}: {v}" for f, v in levers[-1].items())
-        if not fits:
-            verdict = "enough on its own" if q["fits"] else "not enough alone"
-        else:
-            gained = sum(v != "offloaded" for v in q["placement"].values()) - sum(
-                v != "offloaded" for v in p["placement"].values())
-            verdict = f"{gained} more layers on the GPU" if gained > 0 else "no whole layer more"
-        out.append(f"{sets}: {why} (frees {_gb(saved)}; {verdict}).")
-
-    E = shape.facts.num_experts
-    if gpus > 1 and cfg.train.expert_parallel == 1 and E % gpus == 0:
-        lever("train.expert_parallel", gpus, f"split every layer's experts across the {gpus} GPUs")
-    if cfg.model.quant == "bf16":
-        lever("model.quant", "nf4", "store the experts in NF4")
-    if cfg.model.attention_quant == "none":
-        lever("model.attention_quant", "nf4", "store attention and the other linear layers in NF4 (QLoRA style)")
-    if not cfg.train.gradient_checkpointing:
-        lever("train.gradient_checkpointing", True, "recompute activations in the backward")
-    mb = cfg.train.micro_batch
-    for smaller in sorted({max(1, mb // 2), 1}, reverse=True):
-        if smaller < mb:
-            accum = cfg.train.grad_accum * math.ceil(mb / smaller)
-            lever("train.micro_batch", smaller, "fewer sequences per forward; the larger grad_accum keeps the batch",
-                  {"train.grad_accum": accum})
-            break
-    if cfg.data.max_len > 128:
-        lever("data.max_len", max(128, cfg.data.max_len // 2), "shorter sequences (longer rows are cut)")
-    if cfg.adapter.rank > 4 and cfg.routing.strategy != "none":
-        lever("adapter.rank", max(4, cfg.adapter.rank // 2), "a smaller adapter rank")
-    if cfg.routing.layers == "all" and cfg.routing.strategy != "none" and len(shape.facts.moe_layers) > 1:
-        lever("routing.layers", "every:2", "adapters in every second MoE layer only")
-    if not fits and len(levers) > 1:
-        trial = copy.deepcopy(cfg)
-        for changes in levers:
-            for f, v in changes.items():
-                sec, nm = f.split(".")
-                setattr(getattr(trial, sec), nm, v)
-        q = _place(trial, shape, budget)
-        out.append(f"all of these together: needs {_gb(q['need_min'])} "
-                   f"({'fits' if q['fits'] else 'still too much'} in {_gb(budget)}).")
-    return out

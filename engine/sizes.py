@@ -11,6 +11,9 @@ from typing import Any
 from .model.arch import MoEFacts
 from .config import Config
 
+GB = 10**9
+#: host -> device bandwidth of PCIe 4.0 x16 from pinned memory
+PCIE_BYTES_PER_S = 25 * GB
 BF16 = 2
 #: a logit in the LM head: bf16 value, its fp32 upcast for the loss, and the fp32 gradient
 LOGIT_BYTES = 2 + 4 + 4
@@ -249,3 +252,8 @@ def host_layer_bytes(cfg: Config, shape: ModelShape, experts: int) -> int:
         per = {k: (s[1:], d) for k, (s, d) in shapes.items() if k.startswith(PARTS)}
         return arena_nbytes(per, experts, {k: v for k, v in shapes.items() if not k.startswith(PARTS)})
     return arena_nbytes({"gate_up": ((2 * I, H), torch.bfloat16), "down": ((H, I), torch.bfloat16)}, experts)
+
+
+def fmt_gb(n: float) -> str:
+    """Bytes as GB (10^9) with two decimals, as every plan figure is shown."""
+    return f"{n / GB:.2f} GB"

@@ -274,7 +274,9 @@ def test_glm_4_5_air_trains_offloaded_only_where_host_ram_holds_its_experts(publ
     glm = {"path": str(published["glm4_moe"]), "attention_quant": "nf4"}
     p = plan(_cfg(glm["path"], model=glm), gpu_gb=24, host_gb=128)
     assert p.fits and p.layers("offloaded") and not p.layers("resident")
-    assert p.host_pinned_bytes == p.experts_total_bytes
+    # every layer is offloaded: what is pinned is the experts in their exact host arenas (records padded to 16 bytes,
+    # each arena to whole pages; engine.sizes.host_layer_bytes), a hair over the experts themselves
+    assert p.experts_total_bytes <= p.host_pinned_bytes <= p.experts_total_bytes * 1.0001
     assert 55 * GB < p.host_ram_needed_bytes < 66 * GB and p.host_ram_bytes == 128 * GB
     assert "host RAM: needs" in p.summary()
     short = plan(_cfg(glm["path"], model=glm), gpu_gb=24, host_gb=32)
