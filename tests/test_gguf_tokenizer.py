@@ -22,7 +22,7 @@ from pathlib import Path
 import gguf
 import pytest
 
-from engine.export import write_gguf
+from engine.export import ExportError, write_gguf
 from engine.model import make_tiny_model
 from engine.model.tiny import TOKENIZERS
 
@@ -54,7 +54,11 @@ def compared(converters, tmp_path_factory):  # noqa: F811
         for kind in TOKENIZERS:
             folder = make_tiny_model(family, root / f"{family}-{kind}", layers=1, hidden=32, tokenizer=kind)
             ours = root / f"{family}-{kind}.gguf"
-            write_gguf(folder, ours, "f32")
+            try:
+                write_gguf(folder, ours, "f32")
+            except ExportError as e:  # a family our GGUF writer refuses (Qwen3.5's linear attention): nothing to compare
+                cases[(family, kind)] = {"refused": str(e)}
+                continue
             pre = _tokenizer_fields(ours)["tokenizer.ggml.pre"] if kind == "bpe" else None
             cases[(family, kind)] = {"folder": folder, "ours": ours, "theirs": root / f"{family}-{kind}.conv.gguf"}
             jobs.append({"model": str(folder), "out": str(cases[(family, kind)]["theirs"]), "pre": pre})
@@ -63,7 +67,8 @@ def compared(converters, tmp_path_factory):  # noqa: F811
                            str(converters / "convert_hf_to_gguf.py"), str(root / "jobs.json")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for case, result in zip(cases.values(), json.loads(proc.stdout.strip().splitlines()[-1])):
+    for case, result in zip([c for c in cases.values() if "refused" not in c],
+                            json.loads(proc.stdout.strip().splitlines()[-1])):
         case["result"] = result
     return cases
 
@@ -72,6 +77,9 @@ def compared(converters, tmp_path_factory):  # noqa: F811
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_tokenizer_metadata_equals_llama_cpp_converter(compared, family, kind):
     case = compared[(family, kind)]
+    if "refused" in case:  # the export names what it lacks; there is no file of ours to compare
+        assert "GGUF" in case["refused"] and "llama.cpp" in case["refused"], case["refused"]
+        return
     result = case["result"]
     if (family, kind) in UNRECOGNISED:
         assert not result["ok"] and result["error"].startswith(UNRECOGNISED[(family, kind)]), result
