@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import json
 import queue
+import re
 import subprocess
 import tempfile
 import threading
@@ -34,7 +35,8 @@ class CliResult:
             return ""
         lines = [ln for ln in self.stderr.strip().splitlines() if ln.strip()]
         errs = [ln for ln in lines if "error" in ln.lower()]
-        return (errs[-1] if errs else "\n".join(lines[-5:])) or f"exit status {self.returncode}"
+        text = (errs[-1] if errs else "\n".join(lines[-5:])) or f"the command ended with exit status {self.returncode}"
+        return re.sub(r"^moetune [a-z-]+: error: ", "", text.strip())  # the caller names the command once
 
 
 def run_cli(args: list[str], timeout: float | None = 3600) -> CliResult:

@@ -18,19 +18,43 @@ import yaml
 
 from engine import config as C
 
-#: The Train tab's groups of fields, in order. Fields not listed keep the preset's value.
+#: How long to train: one choice, `epochs` (train.epochs) or `steps` (train.max_steps, epochs null), and its number
+#: (pseudo fields: the form never shows a number that is not used).
+LENGTH_UNIT, LENGTH = "train.length_unit", "train.length"
+PSEUDO = (LENGTH_UNIT, LENGTH)
+#: The Train tab's fields shown at once (the length pair among them), in order.
+BASICS: list[str] = ["routing.strategy", "adapter.kind", "adapter.rank", "train.lr",
+                     LENGTH_UNIT, LENGTH, "data.template", "data.max_len"]
+#: The folded groups of the other fields, in order. Fields not listed keep the preset's value.
 GROUPS: dict[str, list[str]] = {
-    "Adapter": ["adapter.kind", "adapter.placement", "adapter.rank", "adapter.alpha", "adapter.dropout",
-                "adapter.init"],
-    "Routing": ["routing.strategy", "routing.num_adapters", "routing.top_k", "routing.layers",
-                "routing.balance_loss", "routing.attention_lora", "routing.renormalize",
-                "routing.base_balance_loss", "routing.train_router"],
-    "Hyperparameters": ["train.lr", "train.epochs", "train.max_steps", "train.micro_batch", "train.grad_accum",
-                        "train.warmup_steps", "train.scheduler", "train.weight_decay", "train.max_grad_norm",
-                        "train.seed", "train.save_every", "train.gradient_checkpointing"],
-    "Data": ["data.template", "data.max_len", "data.train_on_prompt", "data.eval"],
+    "Adapter": ["adapter.placement", "adapter.alpha", "adapter.dropout", "adapter.init"],
+    "Routing": ["routing.num_adapters", "routing.top_k", "routing.layers", "routing.balance_loss",
+                "routing.attention_lora", "routing.renormalize", "routing.base_balance_loss", "routing.train_router"],
+    "Hyperparameters": ["train.micro_batch", "train.grad_accum", "train.warmup_steps", "train.scheduler",
+                        "train.weight_decay", "train.max_grad_norm", "train.seed", "train.save_every",
+                        "train.gradient_checkpointing"],
+    "Data": ["data.eval", "data.train_on_prompt"],
     "Model and memory": ["model.quant", "model.attention_quant", "memory.offload", "memory.cache_slots"],
 }
+
+
+def length_of(data: dict) -> tuple[str, Any]:
+    """(unit, number) of a config dict: its epochs when set, else its max steps."""
+    epochs = get(data, "train.epochs")
+    if epochs not in (None, ""):
+        return "epochs", int(epochs) if float(epochs).is_integer() else epochs
+    return "steps", get(data, "train.max_steps")
+
+
+def put_length(data: dict, unit: str, value: Any) -> None:
+    """Set train.epochs / train.max_steps of a config dict from the one choice (in place)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if unit == "steps":
+        put(data, "train.epochs", None)
+        put(data, "train.max_steps", "" if value is None else value)
+    else:
+        put(data, "train.epochs", "" if value is None else value)
 
 _LABELS = {"lr": "learning rate", "num_adapters": "number of adapters", "top_k": "top-k",
            "max_len": "cut-off length", "gpu_gb": "GPU budget (GB)", "attention_lora": "attention LoRA",
@@ -94,7 +118,7 @@ def make_widget(fid: str, **overrides):
         is_int = numeric == [int]
         return gr.Number(value=default, precision=0 if is_int else None, step=1 if is_int else None, **kw)
     if numeric and str not in opts:  # optional number: empty text is null
-        kw.setdefault("placeholder", "empty: null")
+        kw.setdefault("placeholder", "empty: the default (see the help)")
     return gr.Textbox(value=to_widget(fid, default), **kw)
 
 
@@ -170,13 +194,19 @@ class Controls:
 
     def values_of(self, data: dict) -> list:
         """Widget values of a config dict, in the order of `ids`."""
-        return [to_widget(fid, get(data, fid)) for fid in self.ids]
+        unit, length = length_of(data)
+        pseudo = {LENGTH_UNIT: unit, LENGTH: length}
+        return [pseudo[fid] if fid in pseudo else to_widget(fid, get(data, fid)) for fid in self.ids]
 
     def to_dict(self, base: dict, values: list) -> dict:
         """A config dict: `base` (the preset) with every widget's value put in."""
         data = {k: dict(v) if isinstance(v, dict) else v for k, v in (base or {}).items()}
-        for fid, value in zip(self.ids, values):
-            put(data, fid, from_widget(fid, value))
+        given = dict(zip(self.ids, values))
+        for fid, value in given.items():
+            if fid not in PSEUDO:
+                put(data, fid, from_widget(fid, value))
+        if LENGTH in given:
+            put_length(data, given.get(LENGTH_UNIT) or "epochs", given[LENGTH])
         return data
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from engine.io import atomic_write_json
 
-from . import commands, plots
+from . import commands, plots, run_list
 from .controls import make_widget
 from .paths import DATA_ROOT_ENV, DEMO_EVAL, ROOT, display_path, resolve_data, resolve_path
 from .runner import Runner
@@ -35,8 +35,8 @@ def run_benchmarks(run_dir: Path) -> list[str]:
     return []
 
 
-def results_html(rows: list[dict], note: str = "") -> str:
-    """The results table (benchmark, rows, base, fine-tuned, change) and the bar chart."""
+def results_html(rows: list[dict], note: str = "", run: str = "") -> str:
+    """The results table (benchmark, rows, base, fine-tuned, change) and the bar chart, headed by the run's name."""
     if not rows:
         return ""
     head = "".join(f"<th style='text-align:{a};padding:4px 10px'>{h}</th>" for h, a in
@@ -56,7 +56,9 @@ def results_html(rows: list[dict], note: str = "") -> str:
     table = (f"<table id='eval-table' style='border-collapse:collapse;margin-bottom:10px'><thead><tr>{head}</tr>"
              f"</thead><tbody>{''.join(body)}</tbody></table>")
     foot = f"<div style='font-size:12px;opacity:.7'>{html.escape(note)}</div>" if note else ""
-    return f"<div id='eval-results'>{table}{plots.eval_chart(rows)}{foot}</div>"
+    title = (f"<div id='eval-results-run' style='font-weight:600;margin-bottom:4px'>Results of "
+             f"{html.escape(run_list.label(run))}</div>") if run else ""
+    return f"<div id='eval-results' data-run='{html.escape(run)}'>{title}{table}{plots.eval_chart(rows)}{foot}</div>"
 
 
 def saved_results(run_dir: Path) -> tuple[list[dict], str]:
@@ -70,11 +72,22 @@ def saved_results(run_dir: Path) -> tuple[list[dict], str]:
     return saved.get("rows", []), f"evaluated {when}" + (f", first {limit} rows of each" if limit else "")
 
 
-def build(runner: Runner) -> dict:
-    """Lay out the Evaluate tab; returns its on-load hook."""
+def data_root_info(root: Path) -> str:
+    """What the benchmark folder field says: where benchmark names are looked up, and whether that folder exists."""
+    where = ("LLM-Adapters' dataset/ folder (boolq/test.json, gsm8k/test.json, …): where benchmark names are looked "
+             "up; files are read from their own path")
+    if root.is_dir():
+        return where
+    return (f"{where}. {display_path(str(root))} does not exist yet: put LLM-Adapters' dataset/ folder there (or give "
+            f"another folder) to score benchmarks by name; test files such as {DEMO_EVAL} work without it")
+
+
+def build(runner: Runner, focus: gr.State | None = None) -> dict:
+    """Lay out the Evaluate tab; returns its on-load and on-select hooks (which offer the focus run first)."""
+    focus = focus if focus is not None else gr.State()
     with gr.Row(equal_height=True):
-        run = gr.Dropdown(choices=runner.finished_runs(), label="Run", elem_id="eval-run", scale=2,
-                          info="finished runs (with an adapter)")
+        run = gr.Dropdown(choices=run_list.choices(run_list.finished(runner)), label="Run", elem_id="eval-run",
+                          scale=2, info="finished runs (with an adapter); sweep candidates are listed after their sweep")
         refresh = gr.Button("↻", elem_id="eval-refresh", scale=0, min_width=40)
     with gr.Row(equal_height=True):
         benches = gr.Dropdown(choices=[DEMO_EVAL] + SUITES, value=[], multiselect=True, allow_custom_value=True,
@@ -83,10 +96,9 @@ def build(runner: Runner) -> dict:
         limit = make_widget("eval.limit", label="Rows per benchmark", info="empty: every row", elem_id="eval-limit",
                             scale=1)
         with_base = gr.Checkbox(value=True, label="compare with the base model", elem_id="eval-with-base", scale=1)
-    data_root = gr.Textbox(value=os.environ.get(DATA_ROOT_ENV, str(ROOT / "dataset")), label="Benchmark data folder",
-                           elem_id="eval-data-root",
-                           info="LLM-Adapters' dataset/ folder (boolq/test.json, gsm8k/test.json, …): where benchmark "
-                                "names are looked up; files are read from their own path")
+    root0 = os.environ.get(DATA_ROOT_ENV, str(ROOT / "dataset"))
+    data_root = gr.Textbox(value=root0, label="Benchmark data folder", elem_id="eval-data-root",
+                           info=data_root_info(Path(resolve_path(root0))))
     go = gr.Button("Evaluate", variant="primary", elem_id="eval-start")
     status = gr.HTML(elem_id="eval-status")
     results = gr.HTML(elem_id="eval-results-box")
@@ -98,17 +110,17 @@ def build(runner: Runner) -> dict:
         named = run_benchmarks(run_dir)
         rows, note = saved_results(run_dir)
         return gr.update(value=named, choices=list(dict.fromkeys(named + [DEMO_EVAL] + SUITES))), \
-            results_html(rows, note)
+            results_html(rows, note, name)
 
-    run.input(choose, [run], [benches, results])
+    run.input(lambda name: (*choose(name), name), [run], [benches, results, focus])
 
-    def reload_runs(current=None):
-        """The finished runs (keeping the chosen one, else the newest), its benchmarks and saved results."""
-        runs = runner.finished_runs()
-        name = current if current in runs else (runs[0] if runs else None)
-        return (gr.update(choices=runs, value=name), *choose(name))
+    def reload_runs(current=None, wanted=None):
+        """The finished runs; the focus run first, else the chosen one, else the newest; its benchmarks and results."""
+        runs = run_list.finished(runner)
+        name = run_list.pick(runs, wanted, current)
+        return (gr.update(choices=run_list.choices(runs), value=name), *choose(name))
 
-    refresh.click(reload_runs, [run], [run, benches, results])
+    refresh.click(reload_runs, [run, focus], [run, benches, results])
 
     def evaluate(name, specs, lim, base, root):
         if not name:
@@ -124,7 +136,7 @@ def build(runner: Runner) -> dict:
             yield "<div class='mt-msg mt-error'>Rows per benchmark must be a whole number (or empty).</div>", \
                 gr.update()
             return
-        yield (f"<div class='mt-msg mt-info'>Evaluating {html.escape(name)} on {len(specs)} benchmark(s)"
+        yield (f"<div class='mt-msg mt-info'>Evaluating {html.escape(run_list.label(name))} on {len(specs)} benchmark(s)"
                f"{' with the base model beside it' if base else ''}…</div>"), gr.update()
         t0 = time.time()
         try:
@@ -137,9 +149,10 @@ def build(runner: Runner) -> dict:
         atomic_write_json(run_dir / RESULTS_FILE, {"time": time.time(), "limit": lim, "rows": rows,
                                                    "benchmarks": specs})
         rows_, note = saved_results(run_dir)
-        yield (f"<div class='mt-msg mt-ok' id='eval-done'>Done in {time.time() - t0:.0f}s.</div>",
-               results_html(rows_, note))
+        yield (f"<div class='mt-msg mt-ok' id='eval-done'>Evaluated {html.escape(run_list.label(name))} in "
+               f"{time.time() - t0:.0f}s.</div>", results_html(rows_, note, name))
 
     go.click(evaluate, [run, benches, limit, with_base, data_root], [status, results])
 
-    return {"load": (reload_runs, [], [run, benches, results]), "select": (reload_runs, [run], [run, benches, results])}
+    hook = (reload_runs, [run, focus], [run, benches, results])
+    return {"load": hook, "select": hook, "run": run}

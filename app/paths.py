@@ -100,6 +100,16 @@ def registry_datasets() -> dict[str, dict]:
     return {k: v for k, v in raw.items() if isinstance(v, dict)} if isinstance(raw, dict) else {}
 
 
+def registry_file(entry: dict) -> Path | None:
+    """The file a registry entry points at (relative to the registry file, as engine/data/registry.py reads it)."""
+    file = entry.get("file")
+    if not isinstance(file, str) or not file:
+        return None
+    path = Path(file).expanduser()
+    reg = Path(os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY).expanduser()
+    return path if path.is_absolute() else reg.parent / path
+
+
 def recent_models() -> list[str]:
     """Model folders used by recent runs, newest first (kept in the runs folder)."""
     try:

@@ -107,6 +107,13 @@ def line_chart(points: list[tuple[float, float]], title: str, color: str, *, cha
     for x, y in dots:
         parts.append(f'<circle class="mt-marker" cx="{sx(x):.1f}" cy="{sy(tf(y)):.1f}" r="4" fill="{marker_color}">'
                      f'<title>{html.escape(marker_label)} {_num(y)} at step {int(x)}</title></circle>')
+    if dots:  # a legend: which mark is which
+        lx = width - right - 190
+        parts.append(f'<g class="mt-legend" font-size="11" fill="currentColor"><line x1="{lx}" x2="{lx + 18}" '
+                     f'y1="{top + 6}" y2="{top + 6}" stroke="{color}" stroke-width="2"/>'
+                     f'<text x="{lx + 22}" y="{top + 10}">{html.escape(title)}</text>'
+                     f'<circle cx="{lx + 104}" cy="{top + 6}" r="4" fill="{marker_color}"/>'
+                     f'<text x="{lx + 112}" y="{top + 10}">{html.escape(marker_label)}</text></g>')
     parts.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{height - bottom}" stroke="currentColor" opacity=".35"/>'
                  f'<text x="{left - 6}" y="{height - 8}" font-size="11" fill="currentColor" opacity=".7" '
                  'text-anchor="end">step</text></svg>')
@@ -134,7 +141,7 @@ def expert_heatmap(usage: list[list[int]] | None, width: int = 940) -> str:
     left, top = 64, 24
     cell_w = max(3.0, min(56.0, (width - left - 10) / experts))
     cell_h = max(6.0, min(26.0, 360 / layers))
-    w, h = max(560.0, left + cell_w * experts + 10), top + cell_h * layers + 22
+    w, h = max(560.0, left + cell_w * experts + 10), top + cell_h * layers + 22 + 34
     parts = [f'<svg id="expert-heatmap" data-layers="{layers}" data-experts="{experts}" viewBox="0 0 {w:.0f} {h:.0f}" '
              f'width="100%" style="max-width:{w:.0f}px;font-family:sans-serif" xmlns="http://www.w3.org/2000/svg">'
              f'<text x="4" y="14" font-size="13" font-weight="600" fill="currentColor">expert usage per MoE layer '
@@ -154,10 +161,27 @@ def expert_heatmap(usage: list[list[int]] | None, width: int = 940) -> str:
                          f'({100 * share:.1f}%)</title></rect>')
     step = max(1, experts // 16)
     for j in range(0, experts, step):
-        parts.append(f'<text x="{left + (j + 0.5) * cell_w:.1f}" y="{h - 8:.1f}" font-size="10" fill="currentColor" '
+        parts.append(f'<text x="{left + (j + 0.5) * cell_w:.1f}" y="{h - 42:.1f}" font-size="10" fill="currentColor" '
                      f'text-anchor="middle" opacity=".75">{j}</text>')
+    parts.append(_colour_scale(left, h - 26, experts))
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _colour_scale(x: float, y: float, experts: int, width: float = 220) -> str:
+    """The heatmap's colour scale: share of a layer's routed tokens, 0 to the share drawn fully opaque, with the
+    uniform share (1 / experts) marked."""
+    full = 0.94 / (0.45 * experts)  # the share whose opacity reaches 1 (expert_heatmap's scale)
+    stops = "".join(f'<stop offset="{o:.2f}" stop-color="{LOSS_COLOR}" stop-opacity="{min(1.0, 0.06 + o * 0.94):.2f}"/>'
+                    for o in (0.0, 0.5, 1.0))
+    ux = x + width * min(1.0, (1 / experts) / full)
+    return (f'<g class="mt-colour-scale" font-size="10" fill="currentColor"><defs><linearGradient id="usage-scale">'
+            f'{stops}</linearGradient></defs><text x="{x - 6}" y="{y + 9}" text-anchor="end" opacity=".75">share</text>'
+            f'<rect x="{x}" y="{y}" width="{width}" height="10" fill="url(#usage-scale)" stroke="currentColor" '
+            f'stroke-opacity=".25"/><text x="{x}" y="{y + 22}" opacity=".75">0%</text>'
+            f'<line x1="{ux:.1f}" x2="{ux:.1f}" y1="{y - 2}" y2="{y + 12}" stroke="currentColor"/>'
+            f'<text x="{ux:.1f}" y="{y + 22}" text-anchor="middle" opacity=".75">uniform {100 / experts:.1f}%</text>'
+            f'<text x="{x + width}" y="{y + 22}" text-anchor="end" opacity=".75">≥ {100 * full:.0f}%</text></g>')
 
 
 def eval_chart(rows: list[dict], width: int = 640) -> str:

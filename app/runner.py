@@ -74,6 +74,9 @@ class RunState:
     accuracy: dict[str, float | str] = field(default_factory=dict)  # benchmark -> accuracy (or why it failed)
     offload: dict | None = None  # the latest step's expert-cache traffic, when experts are offloaded
     started: float | None = None  # time of the latest `start` event
+    first_started: float | None = None  # time of the first `start` event (the run's date)
+    elapsed_before: float = 0.0  # seconds the run trained before its latest start (earlier segments, Resume)
+    last_time: float | None = None  # time of the latest event
     first_step: tuple[int, float] | None = None  # (step, time) of the first step after the latest start
     last_step: tuple[int, float] | None = None
     final_loss: float | None = None
@@ -106,11 +109,11 @@ class RunState:
 
     @property
     def elapsed_s(self) -> float | None:
-        """Seconds since the latest start (to the last step when not running)."""
+        """Seconds the run has trained over all its segments (each start to its last event; now while running)."""
         if self.started is None:
             return None
-        end = time.time() if self.running else (self.last_step[1] if self.last_step else self.started)
-        return max(0.0, end - self.started)
+        end = time.time() if self.running else (self.last_time or self.started)
+        return self.elapsed_before + max(0.0, end - self.started)
 
 
 class _Follower:
@@ -133,7 +136,12 @@ class _Follower:
     def apply(self, e: dict) -> None:
         s, kind = self.state, e.get("type")
         self.last_type = kind
+        if kind == "start" and s.started is not None and s.last_time is not None:  # a resumed run: keep its time
+            s.elapsed_before += max(0.0, s.last_time - s.started)
+        if isinstance(e.get("time"), (int, float)):
+            s.last_time = float(e["time"])
         if kind == "start":
+            s.first_started = s.first_started if s.first_started is not None else e.get("time")
             s.total_steps = int(e.get("total_steps") or 0)
             s.step = int(e.get("step") or 0)
             s.started, s.first_step, s.last_step = e.get("time"), None, None
@@ -187,7 +195,13 @@ class Runner:
     # ---- listing ---------------------------------------------------------------------------
 
     def run_path(self, name: str) -> Path:
-        """The folder of a run name: one folder name under the runs folder (ValueError for anything else)."""
+        """The folder of a run name: one folder name under the runs folder, or `SWEEP/CANDIDATE` for a sweep's
+        candidate (ValueError for anything else)."""
+        if isinstance(name, str) and name.count("/") == 1:
+            sweep, cand = name.split("/")
+            parent = child_folder(self.root, sweep, "run name")
+            if is_folder_name(cand) and any((parent / f).is_file() for f in ("sweep.yaml", "sweep.json")):
+                return parent / cand
         return child_folder(self.root, name, "run name")
 
     def list_runs(self) -> list[str]:
@@ -199,6 +213,18 @@ class Runner:
                 runs.append((max((p / f).stat().st_mtime for f in (EVENTS_FILE, LAUNCH_FILE, APP_FILE, "config.yaml")
                                  if (p / f).exists()), p.name))
         return [name for _, name in sorted(runs, reverse=True)]
+
+    def delete(self, name: str) -> None:
+        """Remove a run folder and everything in it; refused while its training runs."""
+        import shutil
+
+        path = self.run_path(name)
+        if self.is_alive(path):
+            raise RuntimeError(f"run {name} is training; stop it before deleting it.")
+        if not path.is_dir():
+            raise RuntimeError(f"run {name} does not exist (deleted already?).")
+        self._followers.pop(path, None)
+        shutil.rmtree(path)
 
     def finished_runs(self) -> list[str]:
         """Runs that have an adapter to evaluate, chat with or export, newest first."""
@@ -258,7 +284,7 @@ class Runner:
         (data parallel on `gpus` GPUs of this machine when more than 1: `moetune train --gpus N`)."""
         import yaml
 
-        path = self.run_path(name)
+        path = child_folder(self.root, name, "run name")  # a new run: one folder name, never inside a sweep
         if path.exists() and any(path.iterdir()):
             raise RuntimeError(f"run folder {path} already exists; choose another run name.")
         path.mkdir(parents=True, exist_ok=True)
@@ -304,7 +330,7 @@ class Runner:
         path = self.run_path(name)
         fol = self._followers.get(path)
         if fol is None or not (path / EVENTS_FILE).exists() and fol.offset:
-            fol = self._followers[path] = _Follower(path.name, path)
+            fol = self._followers[path] = _Follower(name, path)
         fol.read()
         s = fol.state
         alive = self.is_alive(path)

@@ -32,7 +32,8 @@ from engine.sweep_results import format_count, format_lr, format_stat, grid_line
 from . import controls as K, plots
 from .paths import ROOT, child_folder, display_path, is_folder_name, resolve_config_paths, runs_dir
 from .runner import _log_tail, pid_alive, read_app_meta, spawn_logged
-from .train_tab import _message, form_updates
+from .run_list import label
+from .train_form import form_updates, message as _message
 
 BASE_FILE, LOG_FILE = "sweep.yaml", "sweep.log"
 #: the paper's comparison: attention LoRA (standard PEFT) against the four routings, LoRA experts throughout
@@ -191,7 +192,7 @@ def table_html(result: dict | None) -> str:
     for r in result["table"]:
         cells = [html.escape(r["candidate"]) + (" 🏆" if r["candidate"] == best else ""), str(r["rank"]),
                  f"{r['trainable']:,}", f"{r['percent']:.2f}%", format_count(r.get("activated")), format_lr(r),
-                 _pm(r["eval_loss"]), _pm(r["accuracy"], 100, 1),
+                 _pm(r["eval_loss"]), _pct(_pm(r["accuracy"], 100, 1)),
                  _pm(r["tokens_per_s"], 1, 0), _pm(r["memory_gb"], 1, 2), f"{r['done']}/{r['runs']}"]
         notes = notes_of(r)
         note = "".join(f"<div class='sweep-note' style='font-size:11px;color:"
@@ -210,6 +211,11 @@ def table_html(result: dict | None) -> str:
             f"<div style='font-size:12px;opacity:.7'>target {result['target_params']:,} "
             f"{result.get('match', 'trainable')} parameters (± {100 * result['tolerance']:.0f} %); mean ± std over "
             "seeds; activated = the adapter parameters one token's forward uses</div>")
+
+
+def _pct(text: str) -> str:
+    """An accuracy cell with its unit: `90.7 ± 2.1 %` (– stays –)."""
+    return text if text.strip() in ("–", "") else f"{text} %"
 
 
 def chart_html(result: dict | None, width: int = 640) -> str:
@@ -257,8 +263,9 @@ def progress_html(result: dict | None, status: str) -> str:
             f'<div style="margin-top:4px;font-size:13px">{html.escape(text)}</div></div>')
 
 
-def build(ctl: K.Controls, base_state, tabs=None, sweeps: Sweeps | None = None) -> dict:
-    """Lay out the Sweep tab; `base_state` is the Train tab's preset config (the State its form builds on)."""
+def build(ctl: K.Controls, base_state, tabs=None, sweeps: Sweeps | None = None, train: dict | None = None) -> dict:
+    """Lay out the Sweep tab; `base_state` is the Train tab's preset config (the State its form builds on); `train`
+    the Train tab's parts (its message and preset description), where *Use the winner* says what it changed."""
     sweeps = sweeps or Sweeps()
     gr.Markdown("Short trainings of each candidate on the **Train tab's current settings**, each at matched "
                 "trainable (or activated) parameters (its rank is chosen within 10 % of the target) and, with a "
@@ -326,19 +333,33 @@ def build(ctl: K.Controls, base_state, tabs=None, sweeps: Sweeps | None = None) 
 
     rerun.click(on_rerun, [pick], [message])
 
-    def on_use(sweep_name):
+    extra = [train["message"], train["preset_desc"]] if train else []
+
+    def on_use(sweep_name, base, *values):
         try:
             cfg = winner_config(sweeps, sweep_name) if sweep_name else None
             if cfg is None:
                 raise RuntimeError("no sweep is shown")
         except (RuntimeError, OSError, C.ConfigError) as e:
-            return [_message(str(e))] + [gr.update() for _ in ctl.ids] + ([gr.update()] if tabs is not None else [])
+            return [_message(str(e))] + [gr.update() for _ in extra + ctl.ids] + \
+                ([gr.update()] if tabs is not None else [])
         best = sweeps.result(sweep_name)["winner"]
-        note = _message(f"the Train form now holds {best['candidate']} (rank {best['rank']}, alpha {best['alpha']:g}); "
-                        "set its steps or epochs for the full training", "ok")
-        return [note] + form_updates(ctl, cfg) + ([gr.Tabs(selected="train")] if tabs is not None else [])
+        try:  # what the winner changes in the form as it is now
+            now = K.config_dict(ctl.to_dict(base, list(values)))
+            changed = [c for c in K.overrides(now, K.config_dict(ctl.to_dict(cfg, ctl.values_of(cfg))))
+                       if not c.startswith(("title=", "description="))]
+        except ValueError:
+            changed = []
+        what = ", ".join(changed) if changed else "nothing (the form held it already)"
+        text = (f"the Train form now holds sweep {sweep_name}'s winner {best['candidate']} (rank {best['rank']}, alpha "
+                f"{best['alpha']:g}); changed: {what}. Set its steps or epochs for the full training.")
+        desc = (f"Filled from sweep **{label(sweep_name)}**'s winner **{best['candidate']}**; the preset's description "
+                "no longer applies.")
+        return [_message(text, "ok")] + ([_message(text, "ok"), desc] if train else []) + form_updates(ctl, cfg) + \
+            ([gr.Tabs(selected="train")] if tabs is not None else [])
 
-    use.click(on_use, [pick], [message] + ctl.components + ([tabs] if tabs is not None else []))
+    use.click(on_use, [pick, base_state] + ctl.components,
+              [message] + extra + ctl.components + ([tabs] if tabs is not None else []))
 
     def refresh(sweep_name):
         if not sweep_name:

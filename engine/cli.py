@@ -20,15 +20,17 @@ def cmd_models(args) -> int:
 
     rows = []
     for fam in FAMILIES.values():
-        f = fam.facts(fam.published_config())
+        cfg = fam.published_config()
+        f, glu = fam.facts(cfg), fam.expert_glu(cfg)
         rows.append({"model_type": fam.model_type, "title": fam.title, "examples": list(fam.examples),
                      "flagship": fam.published, "moe_layers": len(f.moe_layers), "experts": f.num_experts,
                      "top_k": f.top_k, "expert_intermediate_size": f.expert_intermediate_size,
-                     "gates_renormalised": f.norm_topk_prob, "activation": f.activation,
+                     "gates_renormalised": f.norm_topk_prob, "activation": f.activation if glu is None else repr(glu),
                      "shared_expert_intermediate_size": f.shared_expert_intermediate_size,
                      "experts_nf4_gb": round(f.expert_params * NF4_BITS / 8 / 1e9, 2),
-                     "checkpoint_expert_names": fam.expert_key_template.replace("{proj}", "|".join(fam.proj_names)),
-                     "gguf_arch": fam.gguf_arch})
+                     "checkpoint_expert_names": fam.hub_expert_names or
+                     fam.expert_key_template.replace("{proj}", "|".join(fam.proj_names)),
+                     "gguf_arch": fam.gguf_arch, "router": fam.router_note(fam.published_config())})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -55,10 +57,12 @@ def cmd_tiny_model(args) -> int:
 def cmd_train(args) -> int:
     """Train (or resume) a run from a YAML config."""
     from . import config as C
-    from .training.collectives import launch_local
+    from .preflight import preflight
     from .training import train
+    from .training.collectives import launch_local
 
-    cfg = C.load(args.config, args.set)  # a bad config is one error here, not one per rank
+    # everything checked before anything loads or the run folder exists: one error here, not one per rank
+    cfg = preflight(C.load(args.config, args.set), gpus=args.gpus)
     out = args.out or str(Path("runs") / (Path(args.config).stem))
     launch_local(args.gpus, ["train", args.config, *[a for s in args.set for a in ("--set", s)], "--out", out,
                              *(["--resume"] if args.resume else [])])  # --gpus N: torchrun takes over
@@ -134,7 +138,7 @@ def cmd_plan(args) -> int:
     from .plan import plan
 
     cfg = C.load(args.config, args.set)
-    result = plan(cfg, gpu_gb=args.gpu_gb, gpus=args.gpus)
+    result = plan(cfg, gpu_gb=args.gpu_gb, gpus=args.gpus, host_gb=args.host_gb)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0 if result.fits else PLAN_DOES_NOT_FIT
 
@@ -144,6 +148,8 @@ def _add_plan(sub):
                        description="Exit status 0 when the plan fits the budget, 3 when it cannot work.")
     p.add_argument("config", help="YAML config file")
     p.add_argument("--gpu-gb", type=float, default=None, help="GPU budget in GB (10^9 bytes); overrides memory.gpu_gb")
+    p.add_argument("--host-gb", type=float, default=None,
+                   help="host RAM in GB that offloaded experts may use (default: this machine's)")
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="plan one GPU of a job of N (default train.expert_parallel); with train.expert_parallel "
                         "each GPU holds its share of the experts")

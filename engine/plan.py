@@ -17,7 +17,10 @@ What the GPU holds, placed in this order:
    checkpointing, each decoder layer's input hidden state is kept; one layer's full activations are
    alive at a time while it is recomputed and back-propagated (×2: the saved tensors and their
    gradients); the logits with their fp32 upcast and gradient (10 bytes a logit). Attention is assumed
-   to run through SDPA/flash kernels (no T×T score matrix).
+   to run through SDPA/flash kernels (no T×T score matrix). When the experts are offloaded the trainer
+   runs the layer-major step, which keeps every layer's input for all `train.grad_accum` micro-batches
+   until its backward sweep: counted as such (`layer_inputs` × grad_accum, plus what each micro-batch
+   carries), so lowering micro_batch while raising grad_accum frees nothing of it.
 4. dequantised weights in flight: one group of experts in bf16 (the expert bank dequantises a layer's
    touched experts in groups of `engine.model.expert_bank.group_size` — a quarter of the layer or 32 MiB, at most
    256 MiB, at least one expert — and recomputes in backward), plus the largest NF4 linear layer when
@@ -43,23 +46,23 @@ others a step (inputs there, outputs back, in the forward, the backward and the 
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError
+from .plan_advice import advice
 from .sizes import (
-    BF16, QUANTIZABLE_GROUPS, ModelShape, activation_bytes, adapter_params, adapter_params_per_gpu, all_to_all_bytes,
-    model_shape,
+    BF16, GB, PCIE_BYTES_PER_S, QUANTIZABLE_GROUPS, ModelShape, activation_bytes, adapter_params,
+    adapter_params_per_gpu, all_to_all_bytes, fmt_gb, host_layer_bytes, model_shape,
 )
 
-GB = 10**9
 #: CUDA context (~0.5 GB on recent drivers), cuBLAS/cuDNN workspaces and caching-allocator slack
 CUDA_RESERVE = 1 * GB
-#: host -> device bandwidth of PCIe 4.0 x16 from pinned memory
-PCIE_BYTES_PER_S = 25 * GB
+#: host memory an offloading run needs beyond its pinned experts (and the layer being pinned): the OS, Python,
+#: torch and CUDA's host allocations, the checkpoint tensors in flight while streaming (an estimate, not measured)
+HOST_RESERVE = 6 * GB
 #: fp32 parameter + fp32 gradient + two fp32 AdamW moments
 PARAM_BYTES, OPTIMIZER_BYTES = 4, 12
 #: layers of experts an offloading cache holds at least: the one computing and the next, prefetched
@@ -98,6 +101,10 @@ class Plan:
     expert_parallel: int = 1  # train.expert_parallel: each GPU holds 1/expert_parallel of every layer's experts
     experts_per_gpu_bytes: int = 0  # what one GPU holds of the experts (resident, cached or in its host memory)
     all_to_all_bytes_per_step: int = 0  # what one GPU sends to the others a step in the token exchange
+    #: offloading: host RAM the run needs (pinned experts + one layer being pinned + HOST_RESERVE), and the
+    #: machine's (or --host-gb); a plan whose host RAM is short does not fit
+    host_ram_needed_bytes: int = 0
+    host_ram_bytes: int = 0
     advice: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -123,7 +130,7 @@ class Plan:
         s = self.settings
         lines = [f"MoETune plan: {self.model} ({self.family}), {s['moe_layers']} MoE layers × {s['num_experts']} "
                  f"experts, top-{s['top_k']}",
-                 f"GPU budget {_gb(self.budget_bytes)} ({self.budget_source}); 1 GB = 10^9 bytes"]
+                 f"GPU budget {fmt_gb(self.budget_bytes)} ({self.budget_source}); 1 GB = 10^9 bytes"]
         if self.gpus > 1 or self.expert_parallel > 1:
             share = (f"expert parallel {self.expert_parallel}: each GPU holds {s['num_experts'] // self.expert_parallel}"
                      f" of every layer's {s['num_experts']} experts" if self.expert_parallel > 1
@@ -136,8 +143,10 @@ class Plan:
             "non_expert_weights": f"non-expert weights (attention {attn})",
             "adapters": f"adapters ({trainable / 1e6:.2f} M params, fp32)",
             "optimizer": "gradients + AdamW moments (fp32)",
-            "activations": f"activations ({s['micro_batch']} × {s['max_len']} tokens"
-                           f"{', checkpointed' if s['gradient_checkpointing'] else ''})",
+            "activations": (f"activations ({s['grad_accum']} × {s['micro_batch']} × {s['max_len']} tokens, "
+                            "layer-major)" if s.get("layer_major") else
+                            f"activations ({s['micro_batch']} × {s['max_len']} tokens"
+                            f"{', checkpointed' if s['gradient_checkpointing'] else ''})"),
             "dequant_workspace": "dequantised weights in flight",
             "cuda_reserve": "CUDA context / workspace reserve",
             "experts": (f"experts {s['quant'].upper()}, all resident"
@@ -146,39 +155,37 @@ class Plan:
                         else f"expert cache ({self.cache_slots} experts)"),
         }
         for key, value in self.gpu.items():
-            lines.append(f"  {labels.get(key, key):<48} {_gb(value):>9}")
+            lines.append(f"  {labels.get(key, key):<48} {fmt_gb(value):>9}")
         verdict = "fits" if self.fits else "DOES NOT FIT"
-        lines.append(f"  {'total':<48} {_gb(self.gpu_total):>9}  of {_gb(self.budget_bytes)}: {verdict}")
+        lines.append(f"  {'total':<48} {fmt_gb(self.gpu_total):>9}  of {fmt_gb(self.budget_bytes)}: {verdict}")
         lines.append("")
         if self.expert_parallel > 1:
-            lines.append(f"experts: {_gb(self.experts_total_bytes)} in all, {_gb(self.experts_per_gpu_bytes)} on each "
+            lines.append(f"experts: {fmt_gb(self.experts_total_bytes)} in all, {fmt_gb(self.experts_per_gpu_bytes)} on each "
                          f"GPU ({_mb(self.expert_layer_bytes)} a layer), {_mb(self.expert_bytes)} an expert "
                          f"({s['quant']})")
         else:
-            lines.append(f"experts: {_gb(self.experts_total_bytes)} in all, {_mb(self.expert_layer_bytes)} a layer, "
+            lines.append(f"experts: {fmt_gb(self.experts_total_bytes)} in all, {_mb(self.expert_layer_bytes)} a layer, "
                          f"{_mb(self.expert_bytes)} an expert ({s['quant']})")
         for p in PLACEMENTS:
             if self.layers(p):
                 lines.append(f"  {p:<10} layers {_ranges(self.layers(p))}")
         if self.pcie_bytes_per_step:
-            lines.append(f"PCIe per step: {_gb(self.pcie_bytes_per_step)} ({len(self.layers('offloaded'))} "
+            lines.append(f"PCIe per step: {fmt_gb(self.pcie_bytes_per_step)} ({len(self.layers('offloaded'))} "
                          f"layers × {_mb(self.expert_layer_bytes)}, forward + backward) "
                          f"≈ {self.pcie_seconds_per_step:.2f} s at {PCIE_BYTES_PER_S / GB:.0f} GB/s; "
-                         f"pinned host memory {_gb(self.host_pinned_bytes)}")
+                         f"pinned host memory {fmt_gb(self.host_pinned_bytes)}")
+            lines.append(f"host RAM: needs ≈ {fmt_gb(self.host_ram_needed_bytes)} of {fmt_gb(self.host_ram_bytes)}"
+                         + ("" if self.host_ram_needed_bytes <= self.host_ram_bytes else ": NOT ENOUGH"))
         else:
             lines.append("PCIe per step: none (no expert is offloaded)")
         if self.expert_parallel > 1:
-            lines.append(f"all-to-all per step: ≈ {_gb(self.all_to_all_bytes_per_step)} sent by each GPU (routed "
+            lines.append(f"all-to-all per step: ≈ {fmt_gb(self.all_to_all_bytes_per_step)} sent by each GPU (routed "
                          "tokens to their experts' GPU and back, forward, backward and recompute)")
         if self.advice:
             lines.append("")
             lines.append("advice:" if self.fits else "to make it fit:")
             lines.extend(f"  - {a}" for a in self.advice)
         return "\n".join(lines)
-
-
-def _gb(n: float) -> str:
-    return f"{n / GB:.2f} GB"
 
 
 def _mb(n: float) -> str:
@@ -214,8 +221,8 @@ def _budget(cfg: Config, gpu_gb: float | None) -> tuple[int, str]:
     return int(DEFAULT_GPU_GB * GB), f"no GPU visible and memory.gpu_gb is null: a {DEFAULT_GPU_GB:.0f} GB card"
 
 
-def _sizes(cfg: Config, shape: ModelShape) -> dict:
-    """Everything but the experts' placement."""
+def _sizes(cfg: Config, shape: ModelShape, layer_major: bool = False) -> dict:
+    """Everything but the experts' placement; `layer_major`: the activations of the offloaded (layer-major) step."""
     from .model import nf4_expert_nbytes, nf4_nbytes
     from .model.stores import CODE_TABLE_BYTES
     from .model.expert_bank import group_size
@@ -230,7 +237,7 @@ def _sizes(cfg: Config, shape: ModelShape) -> dict:
             non_expert[group] = n * BF16
     trainable = adapter_params(cfg, shape)
     params = adapter_params_per_gpu(cfg, shape)
-    acts = activation_bytes(cfg, shape)
+    acts = activation_bytes(cfg, shape, layer_major)
     local = E // cfg.train.expert_parallel  # experts of a layer on one GPU
     if cfg.model.quant == "nf4":
         expert = nf4_expert_nbytes(H, I)
@@ -246,19 +253,31 @@ def _sizes(cfg: Config, shape: ModelShape) -> dict:
              "optimizer": params * OPTIMIZER_BYTES, "activations": sum(acts.values()),
              "dequant_workspace": workspace, "cuda_reserve": CUDA_RESERVE}
     return {"non_expert": non_expert, "trainable": trainable, "acts": acts, "expert": expert, "layer": layer,
-            "layer_full": layer_full, "local": local, "fixed": fixed}
+            "layer_full": layer_full, "local": local, "fixed": fixed, "layer_major": layer_major,
+            "host_layer": host_layer_bytes(cfg, shape, local)}
 
 
 def _place(cfg: Config, shape: ModelShape, budget: int) -> dict:
-    s = _sizes(cfg, shape)
+    # Offloaded experts train layer-major (engine.training.steps), which keeps every layer's input for all
+    # grad_accum micro-batches until the backward sweep. We count that (activation_bytes(layer_major=True))
+    # rather than keep less by parking the saved inputs in pinned host memory: that would send
+    # 2 · L · grad_accum · tokens · H · 2 bytes a step over the PCIe link the experts stream on (Mixtral's 24 GB
+    # preset: 2.1 GB), about what the honest count costs in expert traffic (its 1.1 GB leave ≈ 1.5 layers fewer
+    # cached: +2.2 GB a step), and it would add a copy and a wait per layer and micro-batch to the hot loop.
+    # So the plan counts what the step keeps, and the expert cache gives way.
+    resident = _sizes(cfg, shape, layer_major=cfg.memory.offload == "on")
+    s = resident
     moe, E = list(shape.facts.moe_layers), s["local"]  # E: the experts of a layer this GPU holds
     layer, expert = s["layer"], s["expert"]
     total = len(moe) * layer
     left = budget - sum(s["fixed"].values())
+    streamed = s if s["layer_major"] else _sizes(cfg, shape, layer_major=True)
     if left >= total:
         placement = dict.fromkeys(moe, "resident")
         slots, cached, fits, gpu_experts = 0, len(moe), True, total
     else:
+        s = streamed  # the experts stream: the layer-major step's activations
+        left = budget - sum(s["fixed"].values())
         slots = max(0, min(len(moe) * E - 1, left // expert))
         cached = min(len(moe), slots // E)
         fits = cached >= STREAM_LAYERS
@@ -266,17 +285,20 @@ def _place(cfg: Config, shape: ModelShape, budget: int) -> dict:
         gpu_experts = slots * expert
     offloaded = sum(p == "offloaded" for p in placement.values())
     pcie = 2 * offloaded * layer
+    host = 0 if all(v == "resident" for v in placement.values()) else len(moe) * s["host_layer"]
     return {**s, "placement": placement, "slots": slots, "fits": fits, "gpu_experts": gpu_experts,
-            "total": total, "pcie": pcie, "host": 0 if all(v == "resident" for v in placement.values()) else total,
-            "need_min": sum(s["fixed"].values()) + min(STREAM_LAYERS, len(moe)) * layer,
-            "need_all": sum(s["fixed"].values()) + total}
+            "total": total, "pcie": pcie, "host": host,
+            "need_min": sum(streamed["fixed"].values()) + min(STREAM_LAYERS, len(moe)) * layer,
+            "need_all": sum(resident["fixed"].values()) + total}
 
 
-def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None, gpus: int | None = None) -> Plan:
+def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None, gpus: int | None = None,
+         host_gb: float | None = None) -> Plan:
     """Plan GPU memory for a config: bytes per item, each MoE layer's expert placement, fits or not, advice.
 
     Reads only `model.path`/config.json (or uses `model_config`); `gpu_gb` overrides `memory.gpu_gb` (one GPU's
-    budget); `gpus`: the GPUs of the job (default `train.expert_parallel`), every figure then one GPU's.
+    budget); `gpus`: the GPUs of the job (default `train.expert_parallel`), every figure then one GPU's; `host_gb`:
+    the host RAM offloaded experts may use (default: this machine's).
     """
     from .config import check_expert_parallel
 
@@ -308,22 +330,47 @@ def plan(cfg: Config, model_config: Any = None, gpu_gb: float | None = None, gpu
         experts_per_gpu_bytes=len(shape.facts.moe_layers) * p["layer"],
         all_to_all_bytes_per_step=all_to_all_bytes(cfg, shape),
         notes=[f"1 GB = 10^9 bytes; a 24 GiB card is {24 * 2**30 / GB:.1f} GB",
-               f"reserve {_gb(CUDA_RESERVE)} for the CUDA context, workspaces and allocator slack",
+               f"reserve {fmt_gb(CUDA_RESERVE)} for the CUDA context, workspaces and allocator slack",
                "adapters: fp32 parameter, gradient and two AdamW moments (16 bytes a parameter)",
-               "activations: SDPA/flash attention (no T×T scores); gradient checkpointing keeps one input per layer",
+               "activations: SDPA/flash attention (no T×T scores); gradient checkpointing keeps one input per layer"
+               + ("; the layer-major step (offloaded experts) keeps every layer's input for all "
+                  f"{cfg.train.grad_accum} micro-batches until its backward sweep" if p["layer_major"] else ""),
                "offloaded layers cross PCIe in the forward and in the backward of each step, "
-               f"at {PCIE_BYTES_PER_S / GB:.0f} GB/s"],
+               f"at {PCIE_BYTES_PER_S / GB:.0f} GB/s; pinned host memory is one exact arena a layer "
+               "(engine.model.host_arena), not torch's power-of-two pinned blocks"],
         settings={"quant": cfg.model.quant, "attention_quant": cfg.model.attention_quant,
                   "micro_batch": cfg.train.micro_batch, "max_len": cfg.data.max_len,
                   "gradient_checkpointing": cfg.train.gradient_checkpointing, "moe_layers": len(shape.facts.moe_layers),
+                  "grad_accum": cfg.train.grad_accum, "layer_major": p["layer_major"],
                   "num_experts": shape.facts.num_experts, "top_k": shape.facts.top_k, "strategy": cfg.routing.strategy,
                   "adapter_kind": cfg.adapter.kind, "rank": cfg.adapter.rank})
-    result.advice = _advice(cfg, shape, budget, p, world)
+    result.advice = advice(cfg, shape, budget, p, _place, world)
+    if p["host"]:
+        _check_host_ram(result, shape, host_gb)
     if stand_in:
         result.model = f"{stand_in[1]} (published config; {cfg.model.path} is not there yet)"
         result.notes.insert(0, f"planned from the published config of {stand_in[1]}: the folder {cfg.model.path} "
                                "does not exist yet; put the checkpoint there to train")
     return result
+
+
+def _check_host_ram(result: Plan, shape: ModelShape, host_gb: float | None) -> None:
+    """Offloaded experts live in pinned host memory: count what the run needs there and refuse (fits False, the
+    first advice naming both figures) where the machine has less."""
+    import os
+
+    if host_gb is not None and host_gb <= 0:
+        raise ConfigError(f"--host-gb: {host_gb} must be a positive number of GB.")
+    have = int(host_gb * GB) if host_gb is not None else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    layer = result.expert_layer_bytes  # a layer's store is copied into pinned memory one layer at a time
+    result.host_ram_needed_bytes, result.host_ram_bytes = result.host_pinned_bytes + layer + HOST_RESERVE, have
+    if result.host_ram_needed_bytes > have:
+        result.fits = False
+        result.advice.insert(0, f"host RAM: the offloaded experts need ≈ {fmt_gb(result.host_ram_needed_bytes)} of host "
+                                f"memory ({fmt_gb(result.host_pinned_bytes)} pinned experts, {fmt_gb(layer)} for the layer "
+                                f"being pinned, {fmt_gb(HOST_RESERVE)} reserve) and this machine has {fmt_gb(have)}"
+                                f"{' (--host-gb)' if host_gb is not None else ''}; train {shape.title} on a machine "
+                                f"with at least {math.ceil(result.host_ram_needed_bytes / GB)} GB of RAM.")
 
 
 def _published_stand_in(path: str) -> tuple[Any, str] | None:
@@ -340,72 +387,3 @@ def _published_stand_in(path: str) -> tuple[Any, str] | None:
     return None
 
 
-def _advice(cfg: Config, shape: ModelShape, budget: int, p: dict, gpus: int = 1) -> list[str]:
-    """What to change: each lever with the memory it frees and whether it is enough on its own."""
-    fits, offloaded = p["fits"], sum(v == "offloaded" for v in p["placement"].values())
-    if fits and not offloaded:
-        return []
-    out = []
-    if not fits:
-        out.append(f"memory.gpu_gb: this config needs at least {_gb(p['need_min'])} (streaming experts) and "
-                   f"{_gb(p['need_all'])} to keep every expert on the GPU; the budget is {_gb(budget)}.")
-    else:
-        out.append(f"{offloaded} of {len(p['placement'])} MoE layers stream over PCIe each step "
-                   f"({_gb(p['pcie'])}, ≈ {p['pcie'] / PCIE_BYTES_PER_S:.2f} s at 25 GB/s); keeping every expert "
-                   f"on the GPU needs memory.gpu_gb ≥ {math.ceil(p['need_all'] / GB * 10) / 10}. Levers:")
-    base_fixed = sum(p["fixed"].values())
-    levers: list[dict] = []
-
-    def lever(field: str, value: Any, why: str, extra: dict | None = None) -> None:
-        trial = copy.deepcopy(cfg)
-        section, name = field.split(".")
-        setattr(getattr(trial, section), name, value)
-        for f, v in (extra or {}).items():
-            sec, nm = f.split(".")
-            setattr(getattr(trial, sec), nm, v)
-        q = _place(trial, shape, budget)
-        saved = base_fixed - sum(q["fixed"].values()) + (p["total"] - q["total"])
-        if saved <= 0:
-            return
-        levers.append({field: value, **(extra or {})})
-        sets = ", ".join(f"{f}: {v}" for f, v in levers[-1].items())
-        if not fits:
-            verdict = "enough on its own" if q["fits"] else "not enough alone"
-        else:
-            gained = sum(v != "offloaded" for v in q["placement"].values()) - sum(
-                v != "offloaded" for v in p["placement"].values())
-            verdict = f"{gained} more layers on the GPU" if gained > 0 else "no whole layer more"
-        out.append(f"{sets}: {why} (frees {_gb(saved)}; {verdict}).")
-
-    E = shape.facts.num_experts
-    if gpus > 1 and cfg.train.expert_parallel == 1 and E % gpus == 0:
-        lever("train.expert_parallel", gpus, f"split every layer's experts across the {gpus} GPUs")
-    if cfg.model.quant == "bf16":
-        lever("model.quant", "nf4", "store the experts in NF4")
-    if cfg.model.attention_quant == "none":
-        lever("model.attention_quant", "nf4", "store attention and the other linear layers in NF4 (QLoRA style)")
-    if not cfg.train.gradient_checkpointing:
-        lever("train.gradient_checkpointing", True, "recompute activations in the backward")
-    mb = cfg.train.micro_batch
-    for smaller in sorted({max(1, mb // 2), 1}, reverse=True):
-        if smaller < mb:
-            accum = cfg.train.grad_accum * math.ceil(mb / smaller)
-            lever("train.micro_batch", smaller, "fewer sequences per forward; the larger grad_accum keeps the batch",
-                  {"train.grad_accum": accum})
-            break
-    if cfg.data.max_len > 128:
-        lever("data.max_len", max(128, cfg.data.max_len // 2), "shorter sequences (longer rows are cut)")
-    if cfg.adapter.rank > 4 and cfg.routing.strategy != "none":
-        lever("adapter.rank", max(4, cfg.adapter.rank // 2), "a smaller adapter rank")
-    if cfg.routing.layers == "all" and cfg.routing.strategy != "none" and len(shape.facts.moe_layers) > 1:
-        lever("routing.layers", "every:2", "adapters in every second MoE layer only")
-    if not fits and len(levers) > 1:
-        trial = copy.deepcopy(cfg)
-        for changes in levers:
-            for f, v in changes.items():
-                sec, nm = f.split(".")
-                setattr(getattr(trial, sec), nm, v)
-        q = _place(trial, shape, budget)
-        out.append(f"all of these together: needs {_gb(q['need_min'])} "
-                   f"({'fits' if q['fits'] else 'still too much'} in {_gb(budget)}).")
-    return out

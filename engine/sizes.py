@@ -11,6 +11,9 @@ from typing import Any
 from .model.arch import MoEFacts
 from .config import Config
 
+GB = 10**9
+#: host -> device bandwidth of PCIe 4.0 x16 from pinned memory
+PCIE_BYTES_PER_S = 25 * GB
 BF16 = 2
 #: a logit in the LM head: bf16 value, its fp32 upcast for the loss, and the fp32 gradient
 LOGIT_BYTES = 2 + 4 + 4
@@ -35,6 +38,8 @@ class ModelShape:
     params: dict[str, int]
     #: element counts of every linear weight NF4 can hold, by group (for exact NF4 sizes)
     linear_numels: dict[str, tuple[int, ...]]
+    #: per decoder layer, Σ (in + out) over the attention projections attention LoRA wraps (q/k/v/o, MLA's own)
+    attention_io: tuple[int, ...] = ()
 
     @property
     def q_dim(self) -> int:
@@ -58,7 +63,11 @@ def model_shape(model_config: Any) -> ModelShape:
     facts = family.facts(model_config)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16)
-    experts = {id(p) for _, block in family.moe_blocks(model) for p in family.experts(block).parameters()}
+    if getattr(model_config, "tie_word_embeddings", False):
+        model.tie_weights()  # one weight for embeddings and head (ERNIE-4.5), as the loader ties them: counted once
+    # the routed experts' weights (counted by facts.expert_params); their biases (gpt-oss) stay resident, as norms
+    experts = {id(getattr(family.experts(block), n)) for _, block in family.moe_blocks(model)
+               for n in ("gate_up_proj", "down_proj")}
     routers = {id(family.router(block)) for _, block in family.moe_blocks(model)}
     out_emb = model.get_output_embeddings()
     params = dict.fromkeys(("embeddings", "lm_head", "router", "norms_biases", *QUANTIZABLE_GROUPS), 0)
@@ -78,18 +87,26 @@ def model_shape(model_config: Any) -> ModelShape:
                 group = "router"
             elif pname == "weight" and is_quantizable_linear(name, module):
                 group = "attention" if ".self_attn." in f".{name}." else \
-                    "shared_expert" if ".shared_expert." in f".{name}." else "other_linear"
+                    "shared_expert" if any(f".{s}." in f".{name}." for s in ("shared_expert", "shared_experts")) \
+                    else "other_linear"
                 numels[group].append(p.numel())
             else:
                 group = "norms_biases"
             params[group] += p.numel()
     n_heads = int(model_config.num_attention_heads)
-    head_dim = getattr(model_config, "head_dim", None) or facts.hidden_size // n_heads
+    # MLA (DeepSeek): q and the expanded k are qk_head_dim (nope + rope) per head
+    head_dim = getattr(model_config, "qk_head_dim", None) or getattr(model_config, "head_dim", None) \
+        or facts.hidden_size // n_heads
+    from .model.arch import decoder_layers
+
+    attns = [getattr(layer, "self_attn", None) for layer in decoder_layers(model)]  # None: a linear-attention layer
+    attention_io = tuple(sum(getattr(a, n).in_features + getattr(a, n).out_features for n in family.attention_modules(a))
+                         for a in attns)
     return ModelShape(
         facts=facts, title=family.title,
         num_heads=n_heads, num_kv_heads=int(getattr(model_config, "num_key_value_heads", None) or n_heads),
         head_dim=int(head_dim), vocab_size=int(model_config.vocab_size), params=params,
-        linear_numels={g: tuple(v) for g, v in numels.items()})
+        linear_numels={g: tuple(v) for g, v in numels.items()}, attention_io=attention_io)
 
 
 # ---- closed forms --------------------------------------------------------------------------------
@@ -131,7 +148,9 @@ def adapter_params(cfg: Config, shape: ModelShape) -> dict[str, int]:
     if r.train_router:
         out["router"] = layers * E * H
     attn = attention_layers(cfg, shape)
-    if attn:
+    if attn and shape.attention_io:  # r·(in + out) of each projection attention LoRA wraps (MLA has its own)
+        out["attention"] = a.rank * sum(shape.attention_io[i] for i in attn)
+    elif attn:
         q, kv = shape.q_dim, shape.kv_dim
         out["attention"] = len(attn) * a.rank * ((H + q) + 2 * (H + kv) + (q + H))
     return out
@@ -145,8 +164,8 @@ def adapter_params_per_gpu(cfg: Config, shape: ModelShape) -> int:
     return sum(params.values()) - sharded + sharded // cfg.train.expert_parallel
 
 
-def activation_bytes(cfg: Config, shape: ModelShape) -> dict[str, int]:
-    """Activation memory of one micro-batch (train.micro_batch × data.max_len tokens), by part.
+def activation_bytes(cfg: Config, shape: ModelShape, layer_major: bool = False) -> dict[str, int]:
+    """Activation memory of a step at train.micro_batch × data.max_len tokens a micro-batch, by part.
 
     Per token of one decoder layer (bf16, 2 bytes): attention = norm out, q, k, v, rotated q and k,
     attention out, o_proj out (+ fp32 log-sum-exp per head); MoE = norm out, router logits and
@@ -154,8 +173,16 @@ def activation_bytes(cfg: Config, shape: ModelShape) -> dict[str, int]:
     out (2I), act(gate) and act·up (I each), the expert output, then the weighted sum; the shared
     expert's intermediates; the adapters' intermediates; under `train.expert_parallel` > 1 the token
     exchange's buffers (each routed pair's input sent and received, its output sent back and received: 4·H).
-    With gradient checkpointing: one layer's input kept per layer + one layer's activations ×2 (saved +
-    gradients); without: every layer's. Plus the logits (LOGIT_BYTES each).
+
+    Micro-batch-major (experts resident, one micro-batch at a time): with gradient checkpointing one layer's
+    input kept per layer + one layer's activations ×2 (saved + gradients); without: every layer's.
+    Layer-major (`layer_major`: offloaded experts, `engine.training.steps.layer_major_step`): the step runs every
+    micro-batch through a layer before the next, so until the backward sweep it keeps every layer's input for
+    ALL train.grad_accum micro-batches (`layer_inputs`), plus per micro-batch its current hidden state (forward)
+    or incoming gradient (backward), the arguments its layers are called with (rotary cos and sin, the attention
+    mask counted as a bool B×T×T, the token ids, mask and labels) (`micro_batches`); one micro-batch's layer is
+    recomputed at a time (`layer_activations`, checkpointed whatever train.gradient_checkpointing says).
+    Plus the logits of one micro-batch (LOGIT_BYTES each).
     """
     a, r = cfg.adapter, cfg.routing
     tokens = cfg.train.micro_batch * cfg.data.max_len
@@ -177,13 +204,23 @@ def activation_bytes(cfg: Config, shape: ModelShape) -> dict[str, int]:
     if r.attention_lora:
         adapters += BF16 * (4 * rank + q + 2 * kv + H)
     per_layer_token = attn + moe + shared + adapters
+    logits = tokens * shape.vocab_size * LOGIT_BYTES
+    L = shape.facts.num_layers
+    if layer_major:
+        accum, batch, seq = cfg.train.grad_accum, cfg.train.micro_batch, cfg.data.max_len
+        per_micro_batch = (tokens * H * BF16  # the hidden state it carries (forward) / its gradient (backward)
+                           + 2 * tokens * shape.head_dim * BF16  # rotary cos and sin
+                           + batch * seq * seq  # an attention mask as bool [B, 1, T, T] (none for unpadded SDPA)
+                           + 3 * tokens * 8)  # input ids, attention mask, labels (int64)
+        return {"layer_inputs": L * accum * tokens * H * BF16, "micro_batches": accum * per_micro_batch,
+                "layer_activations": 2 * tokens * per_layer_token, "logits": logits}
     if cfg.train.gradient_checkpointing:
-        kept = shape.facts.num_layers * tokens * H * BF16
+        kept = L * tokens * H * BF16
         layer = 2 * tokens * per_layer_token
     else:
         kept = 0
-        layer = (shape.facts.num_layers + 1) * tokens * per_layer_token
-    return {"layer_inputs": kept, "layer_activations": layer, "logits": tokens * shape.vocab_size * LOGIT_BYTES}
+        layer = (L + 1) * tokens * per_layer_token
+    return {"layer_inputs": kept, "layer_activations": layer, "logits": logits}
 
 
 def all_to_all_bytes(cfg: Config, shape: ModelShape) -> int:
@@ -198,3 +235,25 @@ def all_to_all_bytes(cfg: Config, shape: ModelShape) -> int:
     passes = 3 if cfg.train.gradient_checkpointing else 2
     per_layer = 2 * pairs * shape.facts.hidden_size * BF16 * passes  # there and back, each pass
     return len(shape.facts.moe_layers) * per_layer * (ep - 1) // ep
+
+
+def host_layer_bytes(cfg: Config, shape: ModelShape, experts: int) -> int:
+    """Host bytes one offloaded MoE layer of `experts` experts pins: its arena (`engine.model.host_arena`), exactly
+    what `NF4ExpertStore.pin_memory` / `DenseHostStore` allocate and page-lock — records padded to 16-byte fields,
+    the arena to whole pages, never torch's power-of-two pinned blocks."""
+    import torch
+
+    from .model.host_arena import arena_nbytes
+    from .model.stores import PARTS, NF4ExpertStore
+
+    H, I = shape.facts.hidden_size, shape.facts.expert_intermediate_size
+    if cfg.model.quant == "nf4":
+        shapes = NF4ExpertStore(experts, H, I, allocate=False).expected_shapes()
+        per = {k: (s[1:], d) for k, (s, d) in shapes.items() if k.startswith(PARTS)}
+        return arena_nbytes(per, experts, {k: v for k, v in shapes.items() if not k.startswith(PARTS)})
+    return arena_nbytes({"gate_up": ((2 * I, H), torch.bfloat16), "down": ((H, I), torch.bfloat16)}, experts)
+
+
+def fmt_gb(n: float) -> str:
+    """Bytes as GB (10^9) with two decimals, as every plan figure is shown."""
+    return f"{n / GB:.2f} GB"

@@ -11,7 +11,8 @@ import torch
 
 from engine.model.arch import FAMILIES
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one thread a worker when pytest-xdist runs two (threads of two workers would fight over the two cores)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 # quantised-expert caches of test runs go to a throw-away folder, not the user's ~/.cache
 os.environ.setdefault("MOETUNE_CACHE", tempfile.mkdtemp(prefix="moetune-cache-"))
 

@@ -1,7 +1,9 @@
-"""The app end to end in a real browser (Debian's Chromium driven by Playwright): open `moetune ui`,
-pick the demo preset, start training, watch the progress bar and the loss plot advance, wait for the
-end, evaluate, read an accuracy above the base model's, chat with both, and export the run. Screenshots go to the test's tmp folder
-(`screenshots/`), and their path is printed.
+"""The app end to end in a real browser (Debian's Chromium driven by Playwright): open `moetune ui`, pick the
+demo preset, see the epochs / steps choice, preview the dataset, see GPUs = 0 and a missing data file refused
+beside their fields before any run folder exists, train, watch the progress bar and the loss plot advance, train
+a second run and find its name in Evaluate / Chat / Export, export it (the summary card), open the first run in
+Chat from the runs table and chat with both models, and evaluate it above the base model. Screenshots go to the
+test's tmp folder (`screenshots/`, or $MOETUNE_SHOTS), and their path is printed.
 
 Skipped only when /usr/bin/chromium is absent (`scripts/bootstrap.sh` installs it as root with apt).
 Playwright never downloads a browser here: it launches the system Chromium.
@@ -28,7 +30,7 @@ DEMO_TITLE = "Demo"
 
 pytestmark = [pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
                                  "(scripts/bootstrap.sh installs it as root: apt-get install chromium)"),
-              pytest.mark.timeout(900)]
+              pytest.mark.timeout(3600)]  # minutes on a quiet machine; far more on a shared, loaded one
 
 
 def _free_port() -> int:
@@ -55,7 +57,9 @@ def app_url(tmp_path):
     """`moetune ui` on a free port, started from an unrelated folder, with its runs in tmp_path/runs."""
     port = _free_port()
     log = tmp_path / "ui.log"
-    env = dict(os.environ, MOETUNE_RUNS=str(tmp_path / "runs"), GRADIO_ANALYTICS_ENABLED="False")
+    env = dict(os.environ, MOETUNE_RUNS=str(tmp_path / "runs"), GRADIO_ANALYTICS_ENABLED="False",
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                                         if p]))  # this checkout's app, wherever moetune is installed
     cmd = [str(MOETUNE)] if MOETUNE.exists() else [sys.executable, "-m", "engine.cli"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd + ["ui", "--port", str(port)], cwd=tmp_path, env=env, stdout=out,
@@ -95,14 +99,39 @@ def _wait_for(page, what: str, check, timeout: float, shots: Path):
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; the app shows: {errors}")
 
 
+def _text(page, selector: str) -> str:
+    """The text of an element, '' when it is not on the page."""
+    loc = page.locator(selector)
+    return loc.first.inner_text() if loc.count() else ""
+
+
+def _tab(page, name: str) -> None:
+    page.locator(f"button[role=tab]:has-text('{name}')").first.click()
+
+
+def _pick(page, selector: str, option: str) -> None:
+    """Choose an option of a Gradio Dropdown by its label text."""
+    page.locator(f"{selector} input").click()
+    page.get_by_role("option", name=option).first.click()
+
+
+def _type_value(page, selector: str, value: str) -> None:
+    """Type a custom value into a Gradio Dropdown that allows one."""
+    box = page.locator(f"{selector} input")
+    box.fill(value)
+    box.press("Enter")
+    box.blur()
+
+
 def test_demo_train_then_evaluate_in_the_browser(app_url, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    shots = tmp_path / "screenshots"
-    shots.mkdir()
+    shots = Path(os.environ.get("MOETUNE_SHOTS") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
     print(f"\nscreenshots: {shots}")
+    runs = tmp_path / "runs"
     # an earlier run whose events.jsonl has a garbled middle line: the page still loads and shows it, with a warning
-    garbled = tmp_path / "runs" / "garbled"
+    garbled = runs / "garbled"
     garbled.mkdir(parents=True, exist_ok=True)
     step = {"type": "step", "time": 2.0, "step": 1, "total_steps": 2, "epoch": 0, "loss": 1.5, "lr": 1e-3,
             "tokens_per_s": 100.0}
@@ -117,25 +146,67 @@ def test_demo_train_then_evaluate_in_the_browser(app_url, tmp_path):
         page.goto(app_url)
         page.wait_for_selector("#start")
         _wait_for(page, "the garbled run's warning", lambda: "1 line is not a readable event" in
-                  page.locator("#run-error").inner_text(), 30, shots)
+                  _text(page, "#run-error"), 30, shots)
         assert page.locator("#run-shown input").input_value() == "garbled"
-        assert str(garbled / "events.jsonl") in page.locator("#run-error").inner_text()
+        assert str(garbled / "events.jsonl") in _text(page, "#run-error")
         assert int(_attr(page, "#progress .mt-progress", "data-step")) == 2
         page.screenshot(path=str(shots / "01-opened.png"), full_page=True)
 
-        # the demo preset fills every control
-        page.locator("#preset input").click()
-        page.get_by_role("option", name=DEMO_TITLE).first.click()
+        # the demo preset fills every control; how long to train is one choice (epochs | steps), never both
+        _pick(page, "#preset", DEMO_TITLE)
         _wait_for(page, "the demo preset", lambda: "demo" in page.locator("#cfg-model-path input").input_value(),
                   30, shots)
         assert "train.jsonl" in page.locator("#cfg-data-train input").input_value()
+        unit = page.locator("#cfg-train-length-unit")
+        assert unit.locator("input[value=epochs]").is_checked() and _textbox(page, "#cfg-train-length").input_value() == "2"
+        assert page.locator("#cfg-train-max-steps").count() == 0 and page.locator("#cfg-train-epochs").count() == 0
+        unit.get_by_text("steps", exact=True).click()  # the number becomes the preset's steps, labelled so
+        _wait_for(page, "the steps choice", lambda: _textbox(page, "#cfg-train-length").input_value() == "100"
+                  and "steps" in _text(page, "#cfg-train-length"), 30, shots)
+        unit.get_by_text("epochs", exact=True).click()
+        _wait_for(page, "the epochs choice", lambda: _textbox(page, "#cfg-train-length").input_value() == "2", 30, shots)
+        _textbox(page, "#cfg-train-length").fill("0.4")  # a fraction of an epoch keeps the test short
+        _textbox(page, "#cfg-train-length").press("Tab")
+
+        # the dataset preview: the template applied to the first rows, token counts, what the cut-off drops
+        page.locator("#preview-dataset").click()
+        _wait_for(page, "the dataset preview", lambda: page.locator("#preview").count(), 90, shots)
+        assert int(_attr(page, "#preview", "data-rows")) == 2000 and int(_attr(page, "#preview", "data-dropped")) == 0
+        first = page.locator("#preview .preview-row").first
+        assert first.get_attribute("data-row") == "1" and first.get_attribute("data-status") == "kept"
+        assert "### Response:" in first.inner_text() and "What is 27 + 82?" in first.inner_text()
+        assert page.locator("#preview .preview-row").count() == 5
+        page.screenshot(path=str(shots / "02-preview.png"), full_page=True)
+
+        # GPUs = 0 is refused beside the field before Start, and Start writes nothing
+        _textbox(page, "#run-name").fill("zero-gpus")
+        _textbox(page, "#gpus").fill("0")
+        _textbox(page, "#gpus").press("Tab")
+        _wait_for(page, "the GPUs message", lambda: "GPUs 0: give the number of GPUs" in _text(page, "#msg-gpus"),
+                  30, shots)
+        page.locator("#start").click()
+        _wait_for(page, "the refusal", lambda: "not started" in _text(page, "#train-message"), 60, shots)
+        assert not (runs / "zero-gpus").exists() and not page.locator(".toast-body").count()
+        _textbox(page, "#gpus").fill("1")
+        _textbox(page, "#gpus").press("Tab")
+        _wait_for(page, "the GPUs message to go", lambda: not _text(page, "#msg-gpus").strip(), 30, shots)
+
+        # a missing data file is refused beside the Dataset field, and no run folder is created
+        missing = tmp_path / "missing.jsonl"
+        _textbox(page, "#run-name").fill("bad-data")
+        _type_value(page, "#cfg-data-train", str(missing))
+        page.locator("#start").click()
+        _wait_for(page, "the missing file's refusal", lambda: f"data.train: data file {str(missing)!r} does not exist"
+                  in _text(page, "#msg-data") and page.locator("#msg-data").is_visible(), 60, shots)
+        page.screenshot(path=str(shots / "03-refused.png"), full_page=False)
+        assert not (runs / "bad-data").exists() and page.locator("#run-shown input").input_value() == "garbled"
+        _pick(page, "#cfg-data-train", "Demo: two-digit addition")
 
         # a run name that is not one folder name is refused, and nothing is written outside the runs folder
-        escape = tmp_path / "runs" / "../../tmp/x"
+        escape = runs / "../../tmp/x"
         _textbox(page, "#run-name").fill("../../tmp/x")
         page.locator("#start").click()
-        _wait_for(page, "the run name's refusal", lambda: "is not a folder name" in
-                  page.locator("#train-message").inner_text(), 30, shots)
+        _wait_for(page, "the run name's refusal", lambda: "is not a folder name" in _text(page, "#train-message"), 30, shots)
         assert not escape.exists() and page.locator("#run-shown input").input_value() == "garbled"
 
         # start, and see the run advance
@@ -143,73 +214,112 @@ def test_demo_train_then_evaluate_in_the_browser(app_url, tmp_path):
         page.locator("#start").click()
         _wait_for(page, "the new run to be shown", lambda: page.locator("#run-shown input").input_value() == "demo-run",
                   60, shots)
+        assert not _text(page, "#msg-data").strip()  # the earlier refusal is gone
         _wait_for(page, "the run to start", lambda: _attr(page, "#progress .mt-progress", "data-status")
                   in ("running", "done"), 180, shots)
         first = int(_wait_for(page, "the first step", lambda: int(_attr(page, "#loss-chart", "data-points") or 0),
                               180, shots))
         first_step = int(_attr(page, "#progress .mt-progress", "data-step") or 0)
-        page.screenshot(path=str(shots / "02-training.png"), full_page=True)
+        page.screenshot(path=str(shots / "04-training.png"), full_page=False)
         _wait_for(page, "the loss plot to advance",
                   lambda: int(_attr(page, "#loss-chart", "data-points") or 0) > first, 120, shots)
         _wait_for(page, "the progress bar to advance",
                   lambda: int(_attr(page, "#progress .mt-progress", "data-step") or 0) > first_step, 120, shots)
+        _wait_for(page, "the log tail", lambda: "$ " in _text(page, "#train-log") and page.locator("#train-log").is_visible(),
+                  60, shots)
         assert int(_attr(page, "#expert-heatmap", "data-layers") or 0) > 0
-        total = int(_attr(page, "#progress .mt-progress", "data-total") or 0)
-        assert total > 0
+        assert int(_attr(page, "#progress .mt-progress", "data-total")) == 50  # 0.4 epoch of 2,000 rows at 16: ⌈0.4 × 125⌉
 
-        # the end
         status = _wait_for(page, "the run to finish", lambda: (s := _attr(page, "#progress .mt-progress", "data-status"))
-                           in ("done", "error", "crashed") and s, 600, shots)
-        page.screenshot(path=str(shots / "03-trained.png"), full_page=True)
-        assert status == "done", page.locator("#run-error").inner_text()
-        assert int(_attr(page, "#progress .mt-progress", "data-step")) == total
-        assert int(_attr(page, "#loss-chart", "data-points")) == total
+                           in ("done", "error", "crashed") and s, 1200, shots)
+        page.screenshot(path=str(shots / "05-trained.png"), full_page=True)
+        assert status == "done", _text(page, "#run-error")
+        assert int(_attr(page, "#progress .mt-progress", "data-step")) == 50
+        assert int(_attr(page, "#loss-chart", "data-points")) == 50
         train_s = time.time() - t0
 
-        # evaluate the adapter against the base model on the demo's held-out set
-        page.locator("#tab-evaluate-button, button[role=tab]:has-text('Evaluate')").first.click()
-        _wait_for(page, "the finished run in the Evaluate tab",
-                  lambda: page.locator("#eval-run input").input_value().strip(), 30, shots)
-        _wait_for(page, "the run's benchmarks", lambda: "eval.json" in page.locator("#eval-benches").inner_text(),
+        # a second run, for 12 steps: the number shown is the number trained
+        unit.get_by_text("steps", exact=True).click()
+        _wait_for(page, "the steps choice", lambda: "steps" in _text(page, "#cfg-train-length"), 30, shots)
+        _textbox(page, "#cfg-train-length").fill("12")
+        _textbox(page, "#cfg-train-length").press("Tab")
+        _textbox(page, "#run-name").fill("second-run")
+        page.locator("#start").click()
+        _wait_for(page, "the second run", lambda: page.locator("#run-shown input").input_value() == "second-run", 60, shots)
+        _wait_for(page, "the second run's 12 steps", lambda: _attr(page, "#progress .mt-progress", "data-total") == "12"
+                  or ("second-run" in _text(page, "#run-stats")
+                      and _attr(page, "#progress .mt-progress", "data-status") in ("error", "crashed")), 300, shots)
+        _wait_for(page, "the second run to finish", lambda: _attr(page, "#progress .mt-progress", "data-status")
+                  in ("done", "error", "crashed"), 900, shots)
+        assert _attr(page, "#progress .mt-progress", "data-status") == "done", _text(page, "#run-error")
+        assert int(_attr(page, "#progress .mt-progress", "data-total")) == 12
+
+        # the run just trained is what Evaluate, Chat and Export offer, and each names it
+        _tab(page, "Evaluate")
+        _wait_for(page, "the second run in Evaluate", lambda: page.locator("#eval-run input").input_value() == "second-run",
                   30, shots)
+        _tab(page, "Chat")
+        _wait_for(page, "the second run in Chat", lambda: page.locator("#chat-run input").input_value() == "second-run"
+                  and "Talking to second-run" in _text(page, "#chat-run-name"), 30, shots)
+        page.locator("#chat-send").click()  # an empty prompt says so
+        _wait_for(page, "the empty prompt's note", lambda: "the prompt is empty" in _text(page, "#chat-note"), 30, shots)
+        _tab(page, "Export")
+        _wait_for(page, "the second run in Export", lambda: page.locator("#export-run input").input_value() == "second-run",
+                  30, shots)
+        _textbox(page, "#export-out").fill("../../tmp/exp_escape")  # not one folder name inside the run
+        page.locator("#export-start").click()
+        _wait_for(page, "the export folder's refusal", lambda: "is not a folder name" in _text(page, "#export-result"),
+                  30, shots)
+        assert not (runs / "second-run" / "../../tmp/exp_escape").exists()
+        _textbox(page, "#export-out").fill("")
+        page.locator("#export-start").click()
+        _wait_for(page, "the export card", lambda: page.locator("#export-card").count()
+                  or (page.locator("#export-result .mt-error").count()
+                      and "is not a folder name" not in _text(page, "#export-result")), 600, shots)
+        page.screenshot(path=str(shots / "06-exported.png"), full_page=True)
+        card = page.locator("#export-card")
+        assert card.count(), _text(page, "#export-result")
+        assert card.get_attribute("data-exact") == "true" and "second-run" in card.inner_text()
+        assert "model.safetensors" in card.inner_text() and "from_pretrained" in card.inner_text()
+        assert not page.locator("#export-json").get_attribute("open")  # the JSON is folded away
+        assert (runs / "second-run" / "export-hf-f16" / "export_report.json").is_file()
+
+        # the runs table: every run with its facts; open the first run in Chat and talk to both models
+        _tab(page, "Runs")
+        _wait_for(page, "the runs table", lambda: page.locator("#runs-table .runs-row").count() == 3, 30, shots)
+        names = [r.get_attribute("data-run") for r in page.locator("#runs-table .runs-row").all()]
+        assert names[:2] == ["second-run", "demo-run"] and "garbled" in names
+        assert "embedded lora (inside) r8" in page.locator("#runs-table .runs-row").first.inner_text()
+        page.screenshot(path=str(shots / "07-runs.png"), full_page=True)
+        _pick(page, "#runs-pick", "demo-run")
+        page.locator("#runs-open-chat").click()
+        _wait_for(page, "demo-run in Chat", lambda: page.locator("#chat-run input").input_value() == "demo-run"
+                  and "Talking to demo-run" in _text(page, "#chat-run-name"), 30, shots)
+        page.locator("#chat-prompt textarea").fill("What is 47 + 38?")
+        page.locator("#chat-send").click()
+        _wait_for(page, "the pending reply", lambda: "What is 47 + 38?" in _text(page, "#chat-tuned"), 30, shots)
+        _wait_for(page, "the replies", lambda: "The answer is" in _text(page, "#chat-tuned")
+                  and len(_text(page, "#chat-base").strip().splitlines()) >= 2, 600, shots)
+        page.screenshot(path=str(shots / "08-chat.png"), full_page=True)
+        tuned_reply = _text(page, "#chat-tuned")
+        assert tuned_reply.count("What is 47 + 38?") == 1 and "The answer is" in tuned_reply  # one turn, answered
+
+        # evaluate the first run (opened from the runs table) against the base model on the demo's held-out set
+        _tab(page, "Runs")
+        _pick(page, "#runs-pick", "demo-run")
+        page.locator("#runs-open-evaluate").click()
+        _wait_for(page, "demo-run in Evaluate", lambda: page.locator("#eval-run input").input_value() == "demo-run"
+                  and "eval.json" in _text(page, "#eval-benches"), 30, shots)
         page.locator("#eval-start").click()
         _wait_for(page, "the evaluation", lambda: page.locator("#eval-done").count()
-                  or page.locator("#eval-status .mt-error").count(), 300, shots)
-        page.screenshot(path=str(shots / "04-evaluated.png"), full_page=True)
-        assert page.locator("#eval-done").count(), page.locator("#eval-status").inner_text()
+                  or page.locator("#eval-status .mt-error").count(), 900, shots)
+        page.screenshot(path=str(shots / "09-evaluated.png"), full_page=True)
+        assert page.locator("#eval-done").count(), _text(page, "#eval-status")
+        assert "Results of demo-run" in _text(page, "#eval-results-run")
         row = page.locator("#eval-table .eval-row").first
         base, tuned = float(row.get_attribute("data-base")), float(row.get_attribute("data-tuned"))
         print(f"demo accuracy: base {base:.3f} -> fine-tuned {tuned:.3f}; training {train_s:.0f}s, "
               f"whole test {time.time() - t0:.0f}s")
         assert tuned > base
-        assert "%" in page.locator("#eval-table").inner_text() and page.locator("#eval-chart").count()
-
-        # chat: the base model and the adapted model answer side by side
-        page.locator("#tab-chat-button, button[role=tab]:has-text('Chat')").first.click()
-        _wait_for(page, "the finished run in the Chat tab",
-                  lambda: page.locator("#chat-run input").input_value().strip(), 30, shots)
-        page.locator("#chat-prompt textarea").fill("What is 47 + 38?")
-        page.locator("#chat-send").click()
-        _wait_for(page, "the replies", lambda: "The answer is" in page.locator("#chat-tuned").inner_text()
-                  and len(page.locator("#chat-base").inner_text().strip().splitlines()) >= 2, 180, shots)
-        page.screenshot(path=str(shots / "05-chat.png"), full_page=True)
-        tuned_reply = page.locator("#chat-tuned").inner_text()
-        assert tuned_reply.count("What is 47 + 38?") == 1 and "The answer is" in tuned_reply  # one turn, answered
-
-        # export the run as a merged HF checkpoint (the tab's defaults) and read the exactness report
-        page.locator("#tab-export-button, button[role=tab]:has-text('Export')").first.click()
-        _wait_for(page, "the finished run in the Export tab",
-                  lambda: page.locator("#export-run input").input_value().strip(), 30, shots)
-        _textbox(page, "#export-out").fill("../../tmp/exp_escape")  # not one folder name inside the run
-        page.locator("#export-start").click()
-        _wait_for(page, "the export folder's refusal", lambda: "is not a folder name" in
-                  page.locator("#export-result").inner_text(), 30, shots)
-        assert not (tmp_path / "runs" / "demo-run" / "../../tmp/exp_escape").exists()
-        _textbox(page, "#export-out").fill("")
-        page.locator("#export-start").click()
-        _wait_for(page, "the export", lambda: page.locator("#export-result .mt-msg").count()
-                  and "is not a folder name" not in page.locator("#export-result").inner_text(), 300, shots)
-        page.screenshot(path=str(shots / "06-exported.png"), full_page=True)
-        result = page.locator("#export-result").inner_text()
-        assert "Wrote" in result and '"exact": true' in result, result
+        assert "%" in _text(page, "#eval-table") and page.locator("#eval-chart").count()
         browser.close()

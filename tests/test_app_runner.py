@@ -68,6 +68,7 @@ def test_held_out_loss_and_offload_traffic_are_shown(tmp_path):
     assert "3 rows dropped by the cut-off (data.max_len), training on 1,997" in text
     svg = plots.training_charts(s.history, s.eval_loss)
     assert svg.count('class="mt-marker"') == 2 and "held-out 0.7" in svg
+    assert 'class="mt-legend"' in svg and 'class="mt-colour-scale"' in plots.expert_heatmap([[3, 1], [2, 2]])
 
 
 def test_error_event_and_log_tail_are_shown(tmp_path):
@@ -166,4 +167,4 @@ def test_run_and_export_folders_are_one_name_inside_the_runs_folder(tmp_path, mo
     assert exported == []
     do_export("done-run", "hf", "f16", "mine")
     do_export("done-run", "hf", "f16", "")
-    assert exported == [run / "mine", run / "export-hf"]
+    assert exported == [run / "mine", run / "export-hf-f16"]

@@ -17,7 +17,15 @@ def test_models_json_lists_every_family(capsys):
     assert main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     by = {r["model_type"]: r for r in rows}
-    assert set(by) == {"olmoe", "mixtral", "qwen2_moe", "qwen3_moe"}
+    assert {"olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v2", "deepseek_v3",
+            "glm4_moe", "qwen3_5_moe"} <= set(by)
+    assert (by["gpt_oss"]["experts"], by["gpt_oss"]["top_k"], by["gpt_oss"]["experts_nf4_gb"]) == (32, 4, 9.87)
+    assert (by["deepseek_v3"]["moe_layers"], by["deepseek_v3"]["experts"], by["deepseek_v3"]["top_k"]) == (26, 64, 6)
+    assert by["deepseek_v3"]["shared_expert_intermediate_size"] == 2 * 1408 and by["deepseek_v3"]["experts_nf4_gb"] == 7.43
+    assert "sigmoid" in by["deepseek_v3"]["router"] and "softmax" in by["deepseek_v2"]["router"]
+    assert (by["glm4_moe"]["moe_layers"], by["glm4_moe"]["experts"], by["glm4_moe"]["experts_nf4_gb"]) == (45, 128, 51.45)
+    assert (by["qwen3_5_moe"]["moe_layers"], by["qwen3_5_moe"]["experts"], by["qwen3_5_moe"]["experts_nf4_gb"]) == \
+        (40, 256, 16.63)
     assert (by["mixtral"]["experts"], by["mixtral"]["top_k"], by["mixtral"]["moe_layers"]) == (8, 2, 32)
     assert by["qwen2_moe"]["shared_expert_intermediate_size"] == 5632
     assert by["olmoe"]["experts_nf4_gb"] == 3.33

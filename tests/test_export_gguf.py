@@ -22,8 +22,12 @@ from .conftest import FAMILY_NAMES
 from .tolerance import assert_logits_close
 
 DTYPES = ["f32", "f16", "bf16", "q8_0"]
+#: the families MoETune writes GGUF for (Qwen3.5's refusal: test_gguf_refusal_names_what_is_missing)
+GGUF_FAMILIES = [f for f in FAMILY_NAMES if not get_family(f).gguf_missing]
 #: llama.cpp's architecture of each family (src/llama-arch.cpp); Mixtral runs as llama with experts
-ARCH = {"olmoe": "olmoe", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+ARCH = {"olmoe": "olmoe", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss",
+        "ernie4_5_moe": "ernie4_5-moe",
+        "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe": "glm4moe"}
 #: token-id prompts (no tokenizer in the loop), and how many tokens to continue each
 PROMPTS = [[1, 40, 41, 300, 12, 77], [5, 100, 200, 300, 400], [1, 7]]
 NEW_TOKENS = 8
@@ -46,6 +50,12 @@ def expected_tensors(family: str, cfg) -> dict[str, tuple[int, ...]]:
     n_head, n_kv = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
     hd = int(getattr(cfg, "head_dim", None) or h // n_head)
     out = {"token_embd.weight": (h, v), "output_norm.weight": (h,), "output.weight": (h, v)}
+    if family == "ernie4_5_moe":
+        return out | _ernie_tensors(cfg, facts)
+    if family.startswith("deepseek"):
+        return out | _deepseek_tensors(family, cfg, facts)
+    if family == "glm4_moe":
+        return out | _glm_tensors(cfg, facts)
     for layer in range(facts.num_layers):
         b = f"blk.{layer}."
         out.update({b + "attn_norm.weight": (h,), b + "attn_q.weight": (h, n_head * hd),
@@ -63,6 +73,88 @@ def expected_tensors(family: str, cfg) -> dict[str, tuple[int, ...]]:
                         b + "attn_v.bias": (n_kv * hd,), b + "ffn_gate_inp_shexp.weight": (h, 1),
                         b + "ffn_gate_shexp.weight": (h, s), b + "ffn_up_shexp.weight": (h, s),
                         b + "ffn_down_shexp.weight": (s, h)})
+        if family == "gpt_oss":  # biases everywhere, attention sinks, the post-attention norm under its own name
+            out[b + "post_attention_norm.weight"] = out.pop(b + "ffn_norm.weight")
+            out.update({b + "attn_q.bias": (n_head * hd,), b + "attn_k.bias": (n_kv * hd,),
+                        b + "attn_v.bias": (n_kv * hd,), b + "attn_output.bias": (h,), b + "attn_sinks.weight": (n_head,),
+                        b + "ffn_gate_inp.bias": (e,), b + "ffn_gate_exps.bias": (i, e), b + "ffn_up_exps.bias": (i, e),
+                        b + "ffn_down_exps.bias": (h, e)})
+    return out
+
+
+def _ernie_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
+    """llama.cpp's 'ernie4_5-moe' block tensors (ne order): a dense first layer, routed + shared experts and the
+    correction bias as exp_probs_b (llama_model_ernie4_5::load_arch_tensors)."""
+    h, e, i, s = facts.hidden_size, facts.num_experts, facts.expert_intermediate_size, facts.shared_expert_intermediate_size
+    q = kv = h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * q, cfg.num_key_value_heads * kv
+    out = {}
+    for layer in range(facts.num_layers):
+        b = f"blk.{layer}."
+        out.update({b + "attn_norm.weight": (h,), b + "ffn_norm.weight": (h,), b + "attn_q.weight": (h, q),
+                    b + "attn_k.weight": (h, kv), b + "attn_v.weight": (h, kv), b + "attn_output.weight": (q, h)})
+        if layer not in facts.moe_layers:
+            ff = cfg.intermediate_size
+            out.update({b + "ffn_gate.weight": (h, ff), b + "ffn_up.weight": (h, ff), b + "ffn_down.weight": (ff, h)})
+            continue
+        out.update({b + "ffn_gate_inp.weight": (h, e), b + "ffn_gate_exps.weight": (h, i, e),
+                    b + "ffn_up_exps.weight": (h, i, e), b + "ffn_down_exps.weight": (i, h, e),
+                    b + "ffn_gate_shexp.weight": (h, s), b + "ffn_up_shexp.weight": (h, s),
+                    b + "ffn_down_shexp.weight": (s, h), b + "exp_probs_b.bias": (e,)})
+    return out
+
+
+def _deepseek_tensors(family: str, cfg, facts) -> dict[str, tuple[int, ...]]:
+    """llama.cpp's 'deepseek2' block tensors (ne order): MLA with kv_b split per head into k_b / v_b, a dense
+    first layer, routed + shared experts, V3's exp_probs_b (llama_model_deepseek2::load_arch_tensors)."""
+    h, e, i = facts.hidden_size, facts.num_experts, facts.expert_intermediate_size
+    heads, nope, rope, vd = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    kv, q = cfg.kv_lora_rank, cfg.q_lora_rank
+    out = {}
+    for layer in range(facts.num_layers):
+        b = f"blk.{layer}."
+        out.update({b + "attn_norm.weight": (h,), b + "ffn_norm.weight": (h,), b + "attn_kv_a_norm.weight": (kv,),
+                    b + "attn_kv_a_mqa.weight": (h, kv + rope), b + "attn_k_b.weight": (nope, kv, heads),
+                    b + "attn_v_b.weight": (kv, vd, heads), b + "attn_output.weight": (heads * vd, h)})
+        if q:
+            out.update({b + "attn_q_a.weight": (h, q), b + "attn_q_a_norm.weight": (q,),
+                        b + "attn_q_b.weight": (q, heads * (nope + rope))})
+        else:
+            out[b + "attn_q.weight"] = (h, heads * (nope + rope))
+        if layer not in facts.moe_layers:
+            ff = cfg.intermediate_size
+            out.update({b + "ffn_gate.weight": (h, ff), b + "ffn_up.weight": (h, ff), b + "ffn_down.weight": (ff, h)})
+            continue
+        s = facts.shared_expert_intermediate_size
+        out.update({b + "ffn_gate_inp.weight": (h, e), b + "ffn_gate_exps.weight": (h, i, e),
+                    b + "ffn_up_exps.weight": (h, i, e), b + "ffn_down_exps.weight": (i, h, e),
+                    b + "ffn_gate_shexp.weight": (h, s), b + "ffn_up_shexp.weight": (h, s),
+                    b + "ffn_down_shexp.weight": (s, h)})
+        if family == "deepseek_v3":
+            out[b + "exp_probs_b.bias"] = (e,)
+    return out
+
+
+def _glm_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
+    """llama.cpp's 'glm4moe' block tensors (ne order): q/k/v with biases, per-head q/k norms, post_attention_norm,
+    a dense first layer, routed + shared experts and exp_probs_b (llama_model_glm4_moe::load_arch_tensors)."""
+    h, e, i, s = facts.hidden_size, facts.num_experts, facts.expert_intermediate_size, facts.shared_expert_intermediate_size
+    hd, q, kv = cfg.head_dim, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    out = {}
+    for layer in range(facts.num_layers):
+        b = f"blk.{layer}."
+        out.update({b + "attn_norm.weight": (h,), b + "post_attention_norm.weight": (h,), b + "attn_q.weight": (h, q),
+                    b + "attn_k.weight": (h, kv), b + "attn_v.weight": (h, kv), b + "attn_q.bias": (q,),
+                    b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,), b + "attn_output.weight": (q, h),
+                    b + "attn_q_norm.weight": (hd,), b + "attn_k_norm.weight": (hd,)})
+        if layer not in facts.moe_layers:
+            ff = cfg.intermediate_size
+            out.update({b + "ffn_gate.weight": (h, ff), b + "ffn_up.weight": (h, ff), b + "ffn_down.weight": (ff, h)})
+            continue
+        out.update({b + "ffn_gate_inp.weight": (h, e), b + "ffn_gate_exps.weight": (h, i, e),
+                    b + "ffn_up_exps.weight": (h, i, e), b + "ffn_down_exps.weight": (i, h, e),
+                    b + "ffn_gate_shexp.weight": (h, s), b + "ffn_up_shexp.weight": (h, s),
+                    b + "ffn_down_shexp.weight": (s, h), b + "exp_probs_b.bias": (e,)})
     return out
 
 
@@ -72,7 +164,7 @@ def _stays_f32(name: str, shape) -> bool:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
 def test_gguf_reads_back(tiny_checkpoint, tmp_path, family, dtype):
     from transformers import AutoTokenizer
 
@@ -92,10 +184,32 @@ def test_gguf_reads_back(tiny_checkpoint, tmp_path, family, dtype):
                "expert_used_count": facts.top_k}
     if family in ("olmoe", "mixtral"):  # these archs size their experts by feed_forward_length
         hparams["feed_forward_length"] = facts.expert_intermediate_size
-    if family in ("qwen2_moe", "qwen3_moe"):
+    if family in ("qwen2_moe", "qwen3_moe", "gpt_oss"):
         hparams["expert_feed_forward_length"] = facts.expert_intermediate_size
+    if family == "gpt_oss":
+        hparams["attention.sliding_window"] = cfg.sliding_window
     if family == "qwen2_moe":
         hparams["expert_shared_feed_forward_length"] = facts.shared_expert_intermediate_size
+    if family == "ernie4_5_moe":  # the dense first layer's width, the experts', the shared experts' (both of them)
+        hparams.update({"feed_forward_length": cfg.intermediate_size, "leading_dense_block_count": 1,
+                        "expert_feed_forward_length": facts.expert_intermediate_size, "expert_shared_count": 2,
+                        "expert_shared_feed_forward_length": 2 * facts.expert_intermediate_size,
+                        "interleave_moe_layer_step": 1})
+    if family.startswith("deepseek"):  # MLA as llama.cpp's converter writes it: MQA over the latent
+        hparams.update({"attention.head_count_kv": 1, "expert_feed_forward_length": facts.expert_intermediate_size,
+                        "feed_forward_length": cfg.intermediate_size, "leading_dense_block_count": 1,
+                        "expert_shared_count": cfg.n_shared_experts, "attention.kv_lora_rank": cfg.kv_lora_rank,
+                        "attention.key_length": cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                        "attention.key_length_mla": cfg.qk_nope_head_dim + cfg.qk_rope_head_dim,
+                        "attention.value_length_mla": cfg.v_head_dim, "rope.dimension_count": cfg.qk_rope_head_dim,
+                        "expert_gating_func": 2 if family == "deepseek_v3" else 1,
+                        "attention.q_lora_rank": cfg.q_lora_rank or 0})
+        assert _field(reader, f"{arch}.expert_weights_scale") == pytest.approx(cfg.routed_scaling_factor)
+    if family == "glm4_moe":  # partial rotary: RoPE on the first half of each head
+        hparams.update({"expert_feed_forward_length": facts.expert_intermediate_size, "leading_dense_block_count": 1,
+                        "expert_shared_count": cfg.n_shared_experts, "expert_gating_func": 2,
+                        "rope.dimension_count": cfg.head_dim // 2})
+        assert _field(reader, f"{arch}.expert_weights_scale") == pytest.approx(cfg.routed_scaling_factor)
     for key, want in hparams.items():
         assert _field(reader, f"{arch}.{key}") == want, key
     assert _field(reader, f"{arch}.rope.freq_base") == pytest.approx(cfg.rope_parameters["rope_theta"])
@@ -120,14 +234,22 @@ def test_gguf_reads_back(tiny_checkpoint, tmp_path, family, dtype):
     qtype = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[dtype]
     for name, shape in want.items():
         assert tuple(int(n) for n in got[name].shape) == shape, name
-        assert got[name].tensor_type.name == ("F32" if _stays_f32(name, shape) else qtype), name
+        short = qtype == "Q8_0" and shape[0] % 32  # rows shorter than a q8_0 block stay f16 (MLA's k_b)
+        assert got[name].tensor_type.name == ("F32" if _stays_f32(name, shape) else "F16" if short else qtype), name
 
     if dtype in ("f32", "f16"):  # experts are stacked in expert order, values intact
-        hf = dict(iter_tensors(ckpt))
+        hf = dict(fam.convert_stream(iter_tensors(ckpt)))  # per-expert projections (gpt-oss's hub layout is fused)
         last = facts.num_layers - 1
         down = np.asarray(got[f"blk.{last}.ffn_down_exps.weight"].data, dtype=np.float32)
         ref = torch.stack([hf[fam.expert_key_name(ExpertKey(last, ex, "down"))] for ex in range(facts.num_experts)])
         np.testing.assert_allclose(down, ref.numpy(), atol=0 if dtype == "f32" else 1e-3)
+
+
+def test_gguf_refusal_names_what_is_missing(tiny_checkpoint, tmp_path):
+    """Qwen3.5: llama.cpp has the arch, MoETune's writer lacks its linear-attention tensors: one line says so."""
+    with pytest.raises(ExportError, match=r"Qwen3.5-MoE: MoETune's GGUF writer does not map Qwen3.5's Gated DeltaNet"):
+        write_gguf(tiny_checkpoint("qwen3_5_moe"), tmp_path / "model.gguf")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_dtype_is_a_clear_error(tiny_checkpoint, tmp_path):
@@ -150,6 +272,9 @@ def _copy(src: Path, dst: Path, edit_config=None) -> Path:
     ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob=False"),
     ("qwen2_moe", {"decoder_sparse_step": 2}, "needs experts in every layer"),
     ("olmoe", {"clip_qkv": 8.0}, "clip_qkv"),
+    ("gpt_oss", {"swiglu_limit": 5.0}, "hard-codes alpha 1.702 and limit 7.0"),
+    ("ernie4_5_moe", {"moe_layer_interval": 2}, "loads experts in every layer from moe_layer_start_index on"),
+    ("ernie4_5_moe", {"use_bias": True}, "applies no biases to the MLPs"),
 ])
 def test_config_llama_cpp_cannot_run_is_refused(tiny_checkpoint, tmp_path, family, edit, message):
     ckpt = _copy(tiny_checkpoint(family), tmp_path / "ckpt", edit)
@@ -209,7 +334,8 @@ def _sharpen(ckpt: Path) -> Path:
 
     state = load_file(str(ckpt / "model.safetensors"))
     for name, w in state.items():
-        if w.ndim == 2 and not name.endswith(("embed_tokens.weight", "lm_head.weight", ".gate.weight")):
+        if w.ndim == 2 and not name.endswith(("embed_tokens.weight", "lm_head.weight", ".gate.weight",
+                                              "e_score_correction_bias")):
             state[name] = w * (w.shape[1] ** -0.5 / w.std())
     save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     return ckpt
@@ -232,7 +358,7 @@ def cpp_greedy(llama_cpp, path: Path, prompts: list[list[int]], **options) -> li
     return llama_cpp.run_llama(path, [("greedy", p, NEW_TOKENS) for p in prompts], **options)
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
 def test_llama_cpp_greedy_matches_transformers(llama_cpp, sharp_checkpoint, tmp_path, family):
     ckpt = sharp_checkpoint(family)
     model = load_model(ckpt).model
@@ -268,7 +394,7 @@ def _teacher_forced_errors(llama_cpp, model, path: Path, **options) -> np.ndarra
 
 
 @pytest.mark.parametrize("dtype", list(_UNIT))
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
 def test_llama_cpp_runs_reduced_precision_close_to_transformers(llama_cpp, sharp_checkpoint, tmp_path, family,
                                                                 dtype):
     ckpt = sharp_checkpoint(family)
@@ -460,7 +586,8 @@ def test_spm_gguf_reads_back(spm_checkpoint, tmp_path):
     T = gguf.TokenType
     types = [T(t) for t in _field(reader, "tokenizer.ggml.token_type")]
     chat = hf.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
-    want = {0: T.UNKNOWN, 1: T.CONTROL, 2: T.CONTROL, chat[0]: T.CONTROL, chat[1]: T.CONTROL}
+    # <unk> a CONTROL token, as llama.cpp's converter types it from tokenizer.json (tests/test_gguf_tokenizer.py)
+    want = {0: T.CONTROL, 1: T.CONTROL, 2: T.CONTROL, chat[0]: T.CONTROL, chat[1]: T.CONTROL}
     want |= {i: T.BYTE for i in range(3, 259)}
     assert types == [want.get(i, T.NORMAL) for i in range(n)]
     assert all(tokens[i] == f"<0x{i - 3:02X}>" for i in range(3, 259))
@@ -481,8 +608,9 @@ def test_spm_gguf_reads_back(spm_checkpoint, tmp_path):
             _field(reader, "tokenizer.ggml.eos_token_id")) == (0, 1, 2)
     assert reader.get_field("tokenizer.ggml.padding_token_id") is None
     assert _field(reader, "tokenizer.ggml.add_bos_token") is True
-    assert _field(reader, "tokenizer.ggml.add_eos_token") is False
-    assert _field(reader, "tokenizer.ggml.add_space_prefix") is True
+    # as the converter: no key where llama.cpp's SentencePiece defaults (no EOS added, a '▁' prepended) hold
+    assert reader.get_field("tokenizer.ggml.add_eos_token") is None
+    assert reader.get_field("tokenizer.ggml.add_space_prefix") is None
     assert _field(reader, "tokenizer.chat_template") == hf.chat_template
 
 
@@ -519,7 +647,7 @@ def test_metaspace_tokenizer_exports_with_its_caveat(llama_cpp, spm_checkpoint, 
     hf = AutoTokenizer.from_pretrained(str(ckpt))
     with pytest.warns(UserWarning, match="starts with a space or follows a special token"):
         write_gguf(ckpt, tmp_path / "model.gguf")
-    assert _field(gguf.GGUFReader(tmp_path / "model.gguf"), "tokenizer.ggml.add_space_prefix") is True
+    assert gguf.GGUFReader(tmp_path / "model.gguf").get_field("tokenizer.ggml.add_space_prefix") is None  # default on
     got = llama_cpp.run_llama(tmp_path / "model.gguf", [("tokenize", text, True) for text in TEXTS], vocab_only=True)
     for text, tokens in zip(TEXTS, got):
         caveat = text.startswith(" ") or text.startswith("<|im_start|>")

@@ -44,7 +44,7 @@ def checkpoint(tiny_checkpoint, tmp_path_factory):
             state = load_file(str(dst / "model.safetensors"))
             for name, w in state.items():
                 if sharp and w.ndim == 2 and not name.endswith(("embed_tokens.weight", "lm_head.weight",
-                                                                ".gate.weight")):
+                                                                ".gate.weight", "e_score_correction_bias")):
                     w = w * (w.shape[1] ** -0.5 / w.std())
                 state[name] = w.to(torch.bfloat16)
             save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
@@ -124,6 +124,15 @@ EXACT = [
     # Qwen2-MoE with renormalised gates: shared adapters merge into the routed experts, not the shared one
     ("qwen2_moe", "shared", "gated", "parallel", {}, {"norm_topk_prob": True}, RANK),
     ("olmoe", "embedded", "gated", "parallel", {"train_router": True}, {}, RANK),
+    # gpt-oss: gates from a softmax over the top-k logits sum to 1; the adapter widens the biased clamped-SwiGLU experts
+    ("gpt_oss", "shared", "gated", "parallel", {"attention_lora": True}, {}, RANK),
+    # ERNIE: renormalised gates, so dense adapters widen the routed experts; its two ungated shared experts (sized
+    # 2 × the experts' width) are padded with zero units to the new width; layer 2 only, after a dense layer 0
+    ("ernie4_5_moe", "dense", "gated", "parallel", {"layers": [2], "attention_lora": True}, {}, N_ADAPTERS * RANK),
+    # DeepSeek: shared / dense adapters merge into the ungated shared experts (n_shared_experts grows); V3's
+    # gates sum to routed_scaling_factor, so the routed experts could not take them
+    ("deepseek_v3", "shared", "gated", "parallel", {"attention_lora": True, "train_router": True}, {}, 0),
+    ("deepseek_v2", "dense", "gated", "parallel", {"layers": [2]}, {}, 0),
 ]
 
 
@@ -150,15 +159,34 @@ def test_hf_merge_equals_unmerged_model(checkpoint, tmp_path, family, strategy, 
     assert sorted(merged) == sorted(orig)
     assert fam.expert_intermediate_size(read_config(tmp_path / "out")[0]) == inter + widen
     assert report["expert_intermediate_size"] == {"base": inter, "merged": inter + widen}
+    merged = dict(fam.convert_stream(merged.items()))  # per-expert projections (gpt-oss's hub layout is fused)
     assert merged[fam.expert_key_name(ExpertKey(1, 0, "down"))].shape == (cfg.hidden_size, inter + widen)
     assert merged[fam.expert_key_name(ExpertKey(1, 0, "gate"))].shape == (inter + widen, cfg.hidden_size)
     if routing.get("layers") == [1]:  # layer 0 had no adapter: zero padding
         assert merged[fam.expert_key_name(ExpertKey(0, 2, "up"))][inter:].abs().max() == 0
         assert merged[fam.expert_key_name(ExpertKey(1, 2, "up"))][inter:].abs().min() > 0
+    if family == "ernie4_5_moe" and widen:  # the shared experts: padded with zeros to 2 × the experts' new width
+        shared = merged["model.layers.1.mlp.shared_experts.up_proj.weight"]
+        assert shared.shape == (2 * (inter + widen), cfg.hidden_size) and shared[2 * inter:].abs().max() == 0
+        assert merged["model.layers.2.mlp.shared_experts.down_proj.weight"][:, 2 * inter:].abs().max() == 0
+    if routing.get("layers") == [2] and widen:  # layer 1 had no adapter: zero padding
+        assert merged[fam.expert_key_name(ExpertKey(1, 2, "up"))][inter:].abs().max() == 0
+        assert merged[fam.expert_key_name(ExpertKey(2, 2, "up"))][inter:].abs().min() > 0
     if routing.get("train_router"):
-        trained = unmerged.model.layers[0].mlp.gate.weight
-        assert torch.equal(merged["model.layers.0.mlp.gate.weight"], trained)
-        assert not torch.equal(trained, orig["model.layers.0.mlp.gate.weight"].float())
+        first = fam.facts(cfg).moe_layers[0]
+        trained = unmerged.model.layers[first].mlp.gate.weight
+        assert torch.equal(merged[f"model.layers.{first}.mlp.gate.weight"], trained)
+        assert not torch.equal(trained, orig[f"model.layers.{first}.mlp.gate.weight"].float())
+    if fam.shared_expert_ungated:  # the shared experts: n_shared_experts × the merged expert size wide
+        width = fam.shared_expert_intermediate_size(read_config(tmp_path / "out")[0])
+        added = 0 if strategy == "embedded" else (N_ADAPTERS if strategy == "dense" else 1) * RANK
+        base_width = fam.shared_expert_intermediate_size(cfg)
+        assert width == (inter + widen) * -(-(base_width + added) // (inter + widen))
+        assert merged["model.layers.1.mlp.shared_experts.up_proj.weight"].shape == (width, cfg.hidden_size)
+        assert merged["model.layers.1.mlp.shared_experts.down_proj.weight"].shape == (cfg.hidden_size, width)
+        if added and routing.get("layers") == [2]:  # layer 1 had no adapter: its shared expert is only padded
+            assert merged["model.layers.1.mlp.shared_experts.up_proj.weight"][base_width:].abs().max() == 0
+            assert merged["model.layers.2.mlp.shared_experts.up_proj.weight"][base_width:][:added].abs().min() > 0
 
     groups = {g["group"]: g for g in report["merged"]}
     assert report["exact"] and all(g["exact"] for g in groups.values())
@@ -253,6 +281,8 @@ REFUSED = [
      ["routing.train_router", "Formats that work for this run: hf, gguf."]),
     ("qwen3_moe", {"norm_topk_prob": False}, "embedded", "gated", "parallel", {}, "gguf",
      ["llama.cpp", "norm_topk_prob=False", "Formats that work for this run: hf."]),
+    ("gpt_oss", {}, "embedded", "lora", "inside", {}, "peft",
+     ["no per-expert weight names", "Formats that work for this run: hf, gguf, gguf-lora."]),
 ]
 
 
@@ -341,7 +371,7 @@ def test_peft_tensors_applied_by_hand_equal_the_merge(checkpoint, tmp_path, fami
 # ---- GGUF of a merged model --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["olmoe", "mixtral"])
+@pytest.mark.parametrize("family", ["olmoe", "mixtral", "ernie4_5_moe"])  # ERNIE: shared experts padded too
 def test_merged_widened_model_runs_in_llama_cpp(checkpoint, tmp_path, family):
     """A merged embedded-gated model (experts widened by r) continues prompts in llama.cpp exactly as the
     merged HF checkpoint does in transformers, and differently from the base model."""
@@ -362,8 +392,9 @@ def test_merged_widened_model_runs_in_llama_cpp(checkpoint, tmp_path, family):
                         what=check["compared"])
 
     path = tmp_path / "gguf" / "model-f32.gguf"
-    inter = get_family(family).expert_intermediate_size(read_config(ckpt)[0])
-    exps = {t.name: t for t in gguf.GGUFReader(path).tensors}["blk.0.ffn_gate_exps.weight"]
+    fam, cfg = get_family(family), read_config(ckpt)[0]
+    inter = fam.expert_intermediate_size(cfg)
+    exps = {t.name: t for t in gguf.GGUFReader(path).tensors}[f"blk.{fam.moe_layers(cfg)[0]}.ffn_gate_exps.weight"]
     assert int(exps.shape[1]) == inter + RANK
 
     merged, base = load_model(tmp_path / "hf").model, load_model(ckpt).model

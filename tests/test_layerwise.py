@@ -57,6 +57,11 @@ CASES = [
     ("qwen2_moe", "embedded", "inside", {"attention_lora": True}),
     ("qwen2_moe", "routed", "parallel", {}),
     ("mixtral", "routed", "parallel", {"train_router": True}),
+    ("gpt_oss", "embedded", "inside", {"attention_lora": True}),  # expert biases, clamped SwiGLU, block tuple output
+    # a dense first layer, ungated shared experts, the router's correction bias; the trained router is fp32
+    ("ernie4_5_moe", "shared", "parallel", {"attention_lora": True, "train_router": True}),
+    # a dense first layer, MLA attention, shared experts, the sigmoid router's balance loss
+    ("deepseek_v3", "embedded", "inside", {"attention_lora": True, "train_router": True}),
 ]
 
 

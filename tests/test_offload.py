@@ -150,7 +150,7 @@ def _run(lm, peft, batches):
     return logits, {n: p.grad.clone() for n, p in peft.trainable_parameters()}
 
 
-@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "gpt_oss"])  # gpt-oss-120b trains offloaded
 def test_offloaded_equals_resident(family, tiny_checkpoint):
     lm, peft = _model(tiny_checkpoint(family, layers=3, experts=6))
     batches = _batches(lm.config.vocab_size)

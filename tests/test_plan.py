@@ -5,6 +5,7 @@ adapter parameters, and `moetune plan --json` agreeing with plan()."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 
@@ -19,7 +20,9 @@ from engine.plan import GB, PCIE_BYTES_PER_S, plan
 from engine.sizes import adapter_params, model_shape
 
 #: DESIGN "Memory": experts in NF4 (GB) and one layer of experts (MB)
-DESIGN_TABLE = {"olmoe": (3.3, 208), "qwen2_moe": (6.4, 268), "qwen3_moe": (15.0, 312), "mixtral": (23.3, 727)}
+DESIGN_TABLE = {"olmoe": (3.3, 208), "qwen2_moe": (6.4, 268), "qwen3_moe": (15.0, 312), "mixtral": (23.3, 727),
+                "gpt_oss": (9.9, 411), "ernie4_5_moe": (10.5, 389), "deepseek_v2": (7.4, 286),
+                "deepseek_v3": (7.4, 286), "glm4_moe": (51.4, 1140), "qwen3_5_moe": (16.6, 415)}
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +36,11 @@ def published(tmp_path_factory):
         shutil.copy(PUBLISHED_DIR / f"{fam.published}.json", folder / "config.json")
         out[name] = folder
     return out
+
+
+#: the host RAM the GPU-placement tests plan for: a workstation that holds Mixtral's offloaded experts (a machine
+#: with less is refused: test_glm_4_5_air_trains_offloaded_only_where_host_ram_holds_its_experts)
+HOST_GB = 64
 
 
 def _cfg(path, **sections):
@@ -58,7 +66,7 @@ def test_olmoe_is_fully_resident_on_24gb(published):
 
 
 def test_mixtral_fits_24gb_only_with_offload(published):
-    p = plan(_cfg(published["mixtral"]), gpu_gb=24)
+    p = plan(_cfg(published["mixtral"]), gpu_gb=24, host_gb=HOST_GB)
     offloaded, cached = p.layers("offloaded"), p.layers("cached")
     assert p.fits and offloaded and cached and not p.layers("resident")
     assert max(offloaded) < min(cached) == 32 - len(cached)  # the cache keeps the last layers for the backward
@@ -67,30 +75,32 @@ def test_mixtral_fits_24gb_only_with_offload(published):
     assert p.cache_slots >= 8 * len(cached)
     assert p.pcie_bytes_per_step == 2 * len(offloaded) * p.expert_layer_bytes  # forward + backward
     assert p.pcie_seconds_per_step == pytest.approx(p.pcie_bytes_per_step / PCIE_BYTES_PER_S)
-    assert p.host_pinned_bytes == p.experts_total_bytes
+    # pinned: one arena a layer (engine.model.host_arena), its fields 16-byte aligned and whole pages: a few KB more
+    assert p.experts_total_bytes <= p.host_pinned_bytes <= p.experts_total_bytes + 32 * (8 * 10 * 16 + 2 * 4096)
     # NF4 attention frees memory for more cached layers
-    q = plan(_cfg(published["mixtral"], model={"path": str(published["mixtral"]), "attention_quant": "nf4"}), gpu_gb=24)
+    q = plan(_cfg(published["mixtral"], model={"path": str(published["mixtral"]), "attention_quant": "nf4"}),
+             gpu_gb=24, host_gb=HOST_GB)
     assert len(q.layers("cached")) > len(cached)
     assert q.non_expert["attention"] == pytest.approx(p.non_expert["attention"] / 2 * 4.13 / 8, rel=0.01)
 
 
 def test_mixtral_on_4gb_does_not_fit_and_says_what_to_change(published):
-    p = plan(_cfg(published["mixtral"]), gpu_gb=4)
+    p = plan(_cfg(published["mixtral"]), gpu_gb=4, host_gb=HOST_GB)
     assert not p.fits
     text = " ".join(p.advice)
     for field in ("memory.gpu_gb", "model.attention_quant", "train.micro_batch", "data.max_len", "adapter.rank"):
         assert field in text
     assert "DOES NOT FIT" in p.summary()
     need = float(p.advice[0].split("at least ")[1].split(" GB")[0])
-    assert plan(_cfg(published["mixtral"]), gpu_gb=need + 0.01).fits  # the minimum it names is enough
+    assert plan(_cfg(published["mixtral"]), gpu_gb=need + 0.01, host_gb=HOST_GB).fits  # the minimum it names: enough
 
 
 def test_budget_too_small_for_a_streaming_cache_does_not_fit(published):
-    ok = plan(_cfg(published["mixtral"]), gpu_gb=24)
+    ok = plan(_cfg(published["mixtral"]), gpu_gb=24, host_gb=HOST_GB)
     fixed = ok.gpu_total - ok.gpu["experts"]
-    tight = plan(_cfg(published["mixtral"]), gpu_gb=(fixed + 1.5 * ok.expert_layer_bytes) / GB)
+    tight = plan(_cfg(published["mixtral"]), gpu_gb=(fixed + 1.5 * ok.expert_layer_bytes) / GB, host_gb=HOST_GB)
     assert not tight.fits  # one and a half layers of cache: no room to prefetch the next layer
-    assert plan(_cfg(published["mixtral"]), gpu_gb=(fixed + 2.01 * ok.expert_layer_bytes) / GB).fits
+    assert plan(_cfg(published["mixtral"]), gpu_gb=(fixed + 2.01 * ok.expert_layer_bytes) / GB, host_gb=HOST_GB).fits
 
 
 # (family, config sections, expected trainable parameters by group), counted by hand
@@ -112,6 +122,11 @@ ADAPTER_CASES = [
      {"attention": 48 * 8 * ((2048 + 4096) + 2 * (2048 + 512) + (4096 + 2048))}),
     ("mixtral", {"routing": {"strategy": "shared", "attention_lora": True, "layers": [0, 31]}},
      {"shared": 2 * 8 * 8192, "attention": 2 * 8 * ((4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096))}),
+    # MLA (DeepSeek-V2-Lite, all 27 layers): q_proj 2048->16x192, kv_a_proj_with_mqa 2048->512+64,
+    # kv_b_proj 512->16x(128+128), o_proj 16x128->2048; the embedded experts of the 26 MoE layers
+    ("deepseek_v2", {"routing": {"strategy": "embedded", "attention_lora": True}},
+     {"embedded": 26 * 64 * 2 * 2048 * 8,
+      "attention": 27 * 8 * ((2048 + 3072) + (2048 + 576) + (512 + 4096) + (2048 + 2048))}),
 ]
 
 
@@ -129,7 +144,10 @@ def test_inventory_counts_every_weight_and_the_shared_expert():
         shape = model_shape(model_config)
         facts = fam.facts(model_config)
         total = sum(shape.params.values()) + facts.expert_params
-        published_b = {"olmoe": 6.92, "mixtral": 46.70, "qwen2_moe": 14.32, "qwen3_moe": 30.53}[name]
+        published_b = {"olmoe": 6.92, "mixtral": 46.70, "qwen2_moe": 14.32, "qwen3_moe": 30.53, "gpt_oss": 20.91,
+                       "ernie4_5_moe": 21.83,  # ERNIE ties its head to the embeddings: counted once
+                       "deepseek_v2": 15.71, "deepseek_v3": 15.96, "glm4_moe": 106.85,
+                       "qwen3_5_moe": 34.66}[name]  # Qwen3.5: its language model (no vision tower)
         assert total / 1e9 == pytest.approx(published_b, abs=0.01)
     qwen = model_shape(FAMILIES["qwen2_moe"].published_config())
     assert qwen.params["shared_expert"] == 24 * 3 * 2048 * 5632  # non-routed: counted with the non-expert weights
@@ -160,9 +178,10 @@ def test_plan_nf4_bytes_equal_a_quantised_store(tiny_checkpoint):
 def test_cli_plan_json_agrees_with_plan(published, tmp_path, capsys):
     cfg_file = tmp_path / "mixtral.yaml"
     cfg_file.write_text(yaml.safe_dump({"model": {"path": str(published["mixtral"])}, "train": {"micro_batch": 2}}))
-    assert main(["plan", str(cfg_file), "--gpu-gb", "24", "--json"]) == 0
+    assert main(["plan", str(cfg_file), "--gpu-gb", "24", "--host-gb", str(HOST_GB), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    expected = json.loads(json.dumps(plan(_cfg(published["mixtral"], train={"micro_batch": 2}), gpu_gb=24).to_dict()))
+    expected = json.loads(json.dumps(plan(_cfg(published["mixtral"], train={"micro_batch": 2}), gpu_gb=24,
+                                          host_gb=HOST_GB).to_dict()))
     assert printed == expected and printed["fits"] and "offloaded" in printed["placement"].values()
     assert main(["plan", str(cfg_file), "--gpu-gb", "4"]) == 3  # does not fit
     out = capsys.readouterr().out
@@ -246,3 +265,44 @@ def test_cli_plan_gpus(published, tmp_path, capsys):
     assert "train.expert_parallel: 3 does not divide the model's 8 experts" in capsys.readouterr().err
     assert main(["plan", str(cfg_file), "--gpus", "0"]) == 2
     assert "--gpus: 0 must be at least 1" in capsys.readouterr().err
+
+
+def test_glm_4_5_air_trains_offloaded_only_where_host_ram_holds_its_experts(published, capsys):
+    """GLM-4.5-Air's 51.4 GB of NF4 experts stream from pinned host memory on a 24 GB card: the plan names the host
+    RAM that needs (pinned experts + the layer being pinned + a reserve, ≈ 59 GB) and refuses, naming both figures
+    and the fix, on a machine with less. Attention and the other linear layers in NF4 (14 GB in bf16)."""
+    glm = {"path": str(published["glm4_moe"]), "attention_quant": "nf4"}
+    p = plan(_cfg(glm["path"], model=glm), gpu_gb=24, host_gb=128)
+    assert p.fits and p.layers("offloaded") and not p.layers("resident")
+    # every layer is offloaded: what is pinned is the experts in their exact host arenas (records padded to 16 bytes,
+    # each arena to whole pages; engine.sizes.host_layer_bytes), a hair over the experts themselves
+    assert p.experts_total_bytes <= p.host_pinned_bytes <= p.experts_total_bytes * 1.0001
+    assert 55 * GB < p.host_ram_needed_bytes < 66 * GB and p.host_ram_bytes == 128 * GB
+    assert "host RAM: needs" in p.summary()
+    short = plan(_cfg(glm["path"], model=glm), gpu_gb=24, host_gb=32)
+    assert not short.fits and "DOES NOT FIT" in short.summary() and "NOT ENOUGH" in short.summary()
+    need = short.host_ram_needed_bytes / GB
+    assert short.advice[0].startswith("host RAM:") and f"{need:.2f} GB" in short.advice[0]
+    assert "32.00 GB (--host-gb)" in short.advice[0] and f"at least {math.ceil(need)} GB of RAM" in short.advice[0]
+    assert plan(_cfg(glm["path"], model=glm), gpu_gb=24, host_gb=need + 0.01).fits  # the figure it names is enough
+    resident = plan(_cfg(published["olmoe"]), gpu_gb=24, host_gb=1)  # nothing offloaded: host RAM is not asked
+    assert resident.fits and resident.host_ram_needed_bytes == 0
+    cfg_file = published["glm4_moe"].parent / "glm.yaml"
+    cfg_file.write_text(yaml.safe_dump({"model": glm}))
+    capsys.readouterr()
+    assert main(["plan", str(cfg_file), "--gpu-gb", "24", "--host-gb", "32"]) == 3  # does not fit: host RAM
+    assert "host RAM: the offloaded experts need" in capsys.readouterr().out
+    assert main(["plan", str(cfg_file), "--gpu-gb", "24", "--host-gb", "128"]) == 0
+
+
+def test_gpt_oss_20b_fits_resident_and_120b_only_offloaded(published, tmp_path):
+    """gpt-oss-20b (9.9 GB of NF4 experts) trains resident on 24 GB; gpt-oss-120b (59.2 GB) only with its experts
+    in host memory, which the plan names."""
+    p = plan(_cfg(published["gpt_oss"]), gpu_gb=24)
+    assert p.fits and set(p.placement.values()) == {"resident"} and len(p.placement) == 24
+    big = tmp_path / "gpt-oss-120b"
+    big.mkdir()
+    shutil.copy(PUBLISHED_DIR / "gpt-oss-120b.json", big / "config.json")
+    p = plan(_cfg(big), gpu_gb=24)
+    assert abs(p.experts_total_bytes / (59.2 * GB) - 1) < 0.05 and abs(p.expert_layer_bytes / 1.65e9 - 1) < 0.05
+    assert "offloaded" in set(p.placement.values()) and p.host_pinned_bytes > 50 * GB

@@ -118,11 +118,12 @@ def test_streaming_quantisation_equals_quantising_the_loaded_model(family, tiny_
     blocks = dict(loaded.family.moe_blocks(loaded.model))
     assert sorted(stores) == sorted(blocks)
     for layer, block in blocks.items():
-        experts = loaded.family.experts(block)
-        ref = NF4ExpertStore.from_fused(experts.gate_up_proj.detach(), experts.down_proj.detach())
+        gate_up, down = loaded.family.canonical_experts(block)  # [E, 2I, H], [E, H, I]
+        ref = NF4ExpertStore.from_fused(gate_up.detach(), down.detach())
         assert all(torch.equal(stores[layer].tensors[k], v) for k, v in ref.tensors.items())
     names = [n for n, _ in iter_tensors(path)]
-    assert sorted(others) == sorted(n for n in names if loaded.family.parse_expert_key(n) is None)
+    fam = loaded.family
+    assert sorted(others) == sorted(n for n in names if fam.parse_expert_key(n) is None and fam.raw_expert_layer(n) is None)
     # the memory-mapped reader of engine.model.loader and the plain reader give the same tensors
     from_mmap = quantize_checkpoint_experts(path, tensors=iter_tensors(path))
     assert all(torch.equal(from_mmap[l].tensors[k], v) for l in stores for k, v in stores[l].tensors.items())
@@ -241,12 +242,13 @@ def test_nf4_expert_bank_equals_dequantised_reference_and_stays_near_bf16(family
     ref.model.config._experts_implementation = "eager"
     with torch.no_grad():  # the reference: transformers' own experts holding the dequantised weights
         for _, block in ref.family.moe_blocks(ref.model):
-            experts = ref.family.experts(block)
-            store = NF4ExpertStore.from_fused(experts.gate_up_proj, experts.down_proj)
+            store = NF4ExpertStore.from_fused(*ref.family.canonical_experts(block))
             for e in range(store.num_experts):
                 gu, dn = store.weights(e, "cpu", torch.float32)
-                experts.gate_up_proj[e].copy_(gu)
-                experts.down_proj[e].copy_(dn)
+                views = ref.family.expert_views(block, e)  # into the module's own layout
+                views["gate"].copy_(gu[:gu.shape[0] // 2])
+                views["up"].copy_(gu[gu.shape[0] // 2:])
+                views["down"].copy_(dn)
         want = ref.model(ids).logits
     lm = load_model(path)
     peft = attach(lm, cfg)

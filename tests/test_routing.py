@@ -56,11 +56,18 @@ def test_fresh_adapters_leave_logits_unchanged(family, strategy, kind, placement
     assert peft.parameter_report()["trainable"] > 0
     with torch.no_grad():
         after = lm.model(ids).logits
-    assert torch.equal(before, after)
+        with peft.disabled():
+            off = lm.model(ids).logits
+    assert torch.equal(off, after)
+    if lm.family.expert_glu(lm.config) is None:  # the expert bank computes transformers' own layout, bit for bit
+        assert torch.equal(before, after)
+    else:  # gpt-oss: transposed, interleaved experts: the same sums in another order
+        assert_close(after, before, what="logits")
 
 
-def _reference_embedded(block, fam, h, bank_params, kind, placement, act):
-    """Loop over tokens and their routed experts in plain PyTorch: Σ_e g_e (E_e(h) + P_e(h))."""
+def _reference_embedded(block, fam, h, bank_params, kind, placement, glu, bias):
+    """Loop over tokens and their routed experts in plain PyTorch: Σ_e g_e (E_e(h) + P_e(h)); `glu(gate, up)` is
+    the experts' gated activation, `bias` their (gate_up [E, 2I], down [E, H]) biases or None."""
     _, gates, idx = fam.router(block)(h)
     out = torch.zeros_like(h)
     for t in range(h.shape[0]):
@@ -69,25 +76,26 @@ def _reference_embedded(block, fam, h, bank_params, kind, placement, act):
             gu = block.experts.store.weights(e, h.device, h.dtype)
             inter = gu[0].shape[0] // 2
             W_g, W_u, W_d = gu[0][:inter], gu[0][inter:], gu[1]
+            b_g, b_u, b_d = (0, 0, 0) if bias is None else (bias[0][e, :inter], bias[0][e, inter:], bias[1][e])
             x = h[t]
             if placement == "inside":
                 s = 8 / 4
                 A, B = bank_params["gate"]
-                g_pre = W_g @ x + s * B[e] @ (A[e] @ x)
+                g_pre = W_g @ x + b_g + s * B[e] @ (A[e] @ x)
                 A, B = bank_params["up"]
-                u_pre = W_u @ x + s * B[e] @ (A[e] @ x)
-                a = act(g_pre) * u_pre
+                u_pre = W_u @ x + b_u + s * B[e] @ (A[e] @ x)
+                a = glu(g_pre, u_pre)
                 A, B = bank_params["down"]
-                y = W_d @ a + s * B[e] @ (A[e] @ a)
+                y = W_d @ a + b_d + s * B[e] @ (A[e] @ a)
             else:
-                y = W_d @ (act(W_g @ x) * (W_u @ x))
+                y = W_d @ glu(W_g @ x + b_g, W_u @ x + b_u) + b_d
                 down, gate_up, up = bank_params["parallel"]
                 if kind == "lora":
                     p = (8 / 4) * up[e] @ (down[e] @ x)
                 elif kind == "bottleneck":
                     p = up[e] @ F.silu(down[e] @ x)
                 else:
-                    p = up[e] @ (act(down[e] @ x) * (gate_up[e] @ x))
+                    p = up[e] @ glu(down[e] @ x, gate_up[e] @ x)
                 y = y + p
             out[t] += gates[t, slot] * y
     return out
@@ -111,7 +119,10 @@ def test_embedded_equals_slow_reference(family, kind, placement, tiny_checkpoint
         tensors = [t for t in params["parallel"] if t is not None]
     h = torch.randn(6, lm.config.hidden_size, generator=torch.Generator().manual_seed(3), requires_grad=True)
     fast = bank(h, *reversed(lm.family.router(block)(h)[1:]))
-    slow = _reference_embedded(block, lm.family, h, params, kind, placement, bank.act_fn)
+    fam_glu = lm.family.expert_glu(lm.config)  # the family's own form (gpt-oss), else act(gate)·up
+    glu = fam_glu if fam_glu is not None else (lambda g, u: bank.act_fn(g) * u)
+    slow = _reference_embedded(block, lm.family, h, params, kind, placement, glu, lm.family.expert_biases(
+        dict(lm.family.moe_blocks(load_model(tiny_checkpoint(family)).model))[1]))
     assert_close(fast, slow, what="output")
     g_fast = torch.autograd.grad(fast.square().sum(), [h, *tensors])
     g_slow = torch.autograd.grad(slow.square().sum(), [h, *tensors])
@@ -241,6 +252,23 @@ def _closed_form(strategy, kind, placement, H, I, E, N, r, layers):
     return n * layers
 
 
+def attention_closed_form(cfg, r):
+    """LoRA parameters r·(in + out) of one layer's attention projections, from the config alone: q/k/v/o, or
+    MLA's q_proj (or q_a_proj + q_b_proj), kv_a_proj_with_mqa, kv_b_proj and o_proj."""
+    H, heads = cfg.hidden_size, cfg.num_attention_heads
+    if getattr(cfg, "kv_lora_rank", None):
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        q = [(H, cfg.q_lora_rank), (cfg.q_lora_rank, heads * qk)] if cfg.q_lora_rank else [(H, heads * qk)]
+        shapes = q + [(H, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
+                      (cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)), (heads * cfg.v_head_dim, H)]
+    else:
+        hd = getattr(cfg, "head_dim", None) or H // heads
+        q, kv = heads * hd, cfg.num_key_value_heads * hd
+        gate = 2 if cfg.model_type == "qwen3_5_moe_text" else 1  # Qwen3.5's q_proj also gives the output gate
+        shapes = [(H, gate * q), (H, kv), (H, kv), (q, H)]
+    return r * sum(i + o for i, o in shapes)
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 @pytest.mark.parametrize("strategy, kind, placement", COMBOS)
 def test_trainable_counts_match_closed_form(family, strategy, kind, placement, tiny_checkpoint):
@@ -249,15 +277,14 @@ def test_trainable_counts_match_closed_form(family, strategy, kind, placement, t
     peft = attach(lm, _cfg(strategy, kind, placement, attention_lora=True, layers="every:2"))
     rep = peft.parameter_report()
     H, I, E, r = f.hidden_size, f.expert_intermediate_size, f.num_experts, 4
-    want = _closed_form(strategy, kind, placement, H, I, E, 3, r, layers=1)  # every:2 of 2 layers -> layer 0
+    want = _closed_form(strategy, kind, placement, H, I, E, 3, r, layers=1)  # every:2 of 2 MoE layers -> the first
     assert rep["by_group"][strategy] == want
-    cfg = lm.config
-    hd = getattr(cfg, "head_dim", None) or H // cfg.num_attention_heads
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    attention = r * ((H + q) + 2 * (H + kv) + (q + H))
-    assert rep["by_group"]["attention"] == attention
+    first = f.moe_layers[0]
+    types = getattr(lm.config, "layer_types", None)  # Qwen3.5: linear-attention layers take no attention LoRA
+    attention = 0 if types and types[first] == "linear_attention" else attention_closed_form(lm.config, r)
+    assert rep["by_group"].get("attention", 0) == attention
     assert rep["trainable"] == want + attention
-    assert rep["by_layer"] == {0: want + attention}
+    assert rep["by_layer"] == {first: want + attention}
     assert rep["percent"] == pytest.approx(100 * rep["trainable"] / rep["base"])
 
 
@@ -297,3 +324,29 @@ def test_disabled_gives_the_base_model_back_exactly(strategy, kind, placement, t
         again = lm.model(ids).logits
     assert not torch.allclose(adapted, base, atol=1e-3)
     assert torch.equal(off, base) and torch.equal(again, adapted)
+
+
+def test_sigmoid_router_balance_loss_uses_its_normalised_scores(tiny_checkpoint):
+    """DeepSeek-V3's router scores each expert with a sigmoid: its base balance loss is transformers' load-balancing
+    loss (E · Σ_e f_e · P_e, k when balanced) with P_e the mean of the scores normalised over the experts (DeepSeek-V3's
+    sequence-wise balance loss, over the batch), f_e the share of tokens whose top-k (chosen with
+    e_score_correction_bias) holds e — computed here by hand from the router's weight."""
+    lm = _load(tiny_checkpoint("deepseek_v3"))
+    peft = attach(lm, _cfg("shared", "lora", base_balance_loss=1.0))
+    layer, block = next(lm.family.moe_blocks(lm.model))
+    router = lm.family.router(block)
+    h = torch.randn(15, lm.config.hidden_size, generator=torch.Generator().manual_seed(2))  # odd: f not uniform
+    peft.clear_losses()
+    _, gates, idx = router(h)
+    scores = torch.sigmoid(h @ router.weight.T)
+    P = (scores / scores.sum(-1, keepdim=True)).mean(0)
+    f = torch.bincount(idx.flatten(), minlength=4).float() / idx.shape[0]
+    want = 4 * (f * P).sum()
+    got = peft.aux_loss()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    softmax = 4 * (f * torch.softmax(h @ router.weight.T, -1).mean(0)).sum()
+    assert abs(float(softmax - want)) > 1e-3  # a softmax reading of the sigmoid router's logits is caught
+    # the chosen experts' gates: renormalised, times routed_scaling_factor
+    torch.testing.assert_close(gates.sum(-1), torch.full((15,), lm.config.routed_scaling_factor))
+    assert peft.routing_stats()[layer]["experts"] == torch.bincount(idx.flatten(), minlength=4).tolist()
+    assert "sigmoid" in lm.family.router_note(lm.config)

@@ -67,10 +67,15 @@ def _attached(checkpoint, routing: dict, seed: int = 0):
 def _adapter_delta(peft, block, h) -> torch.Tensor:
     """What the adapters add to the MoE block's output: block(h) minus the block with adapters off."""
     with torch.no_grad():
-        full = block(h)
+        full = _hidden(block(h))
         with peft.disabled():
-            base = block(h)
+            base = _hidden(block(h))
     return (full - base)[0]
+
+
+def _hidden(output):
+    """A block's hidden states (gpt-oss's block also returns its router scores)."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 # ---- routed: its own router ------------------------------------------------------------------
@@ -106,11 +111,35 @@ def test_routed_weighs_adapters_by_its_own_router(family, renormalize, tiny_chec
 # ---- embedded: the MoE's routing -------------------------------------------------------------
 
 def _moe_gates(lm, block, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The MoE's top-k and gates from its router's weight: softmax, top-k, renormalised where the family
-    does (Mixtral always; the others when config.norm_topk_prob)."""
-    probs = _softmax(x @ lm.family.router(block).weight.T)
-    renorm = True if lm.config.model_type == "mixtral" else bool(getattr(lm.config, "norm_topk_prob", False))
-    return _top_k(probs, k, renorm)
+    """The MoE's top-k and gates from its router's weight (and bias, gpt-oss): softmax, top-k, renormalised where
+    the family does (Mixtral and Qwen3.5 always; gpt-oss, whose softmax over the top-k logits is exactly that; the
+    others when config.norm_topk_prob; DeepSeek-V2 never), times DeepSeek's routed_scaling_factor; DeepSeek-V3 and
+    GLM-4.5: sigmoid scores, chosen with e_score_correction_bias among the best topk_group of n_group groups (ranked
+    by their best two), the unbiased scores renormalised and scaled; ERNIE: the bias chooses among softmax scores."""
+    cfg, router = lm.config, lm.family.router(block)
+    bias = getattr(router, "bias", None)
+    logits = x @ router.weight.T + (0 if bias is None else bias)
+    if cfg.model_type == "ernie4_5_moe":  # the correction bias picks the experts; the gates are the probabilities
+        probs = _softmax(logits)
+        idx, _ = _top_k(probs + router.moe_statics.e_score_correction_bias[0], k, False)
+        gates = torch.gather(probs, 1, idx)
+        return idx, gates / gates.sum(dim=-1, keepdim=True)
+    if cfg.model_type in ("deepseek_v3", "glm4_moe"):  # sigmoid routers with the correction bias
+        scores = torch.sigmoid(logits)
+        choice = scores + router.e_score_correction_bias
+        groups = choice.reshape(choice.shape[0], cfg.n_group, -1)
+        group_score = groups.sort(dim=-1, descending=True).values[..., :2].sum(-1)
+        keep, _ = _top_k(group_score, cfg.topk_group, False)
+        masked = torch.full_like(groups, -float("inf"))
+        for t in range(groups.shape[0]):
+            masked[t, keep[t]] = groups[t, keep[t]]
+        idx, _ = _top_k(masked.reshape(choice.shape), k, False)
+        gates = torch.gather(scores, 1, idx)
+        return idx, gates / gates.sum(dim=-1, keepdim=True) * cfg.routed_scaling_factor
+    renorm = cfg.model_type in ("mixtral", "gpt_oss", "qwen3_5_moe_text") or (
+        bool(getattr(cfg, "norm_topk_prob", False)) and cfg.model_type != "deepseek_v2")
+    idx, gates = _top_k(_softmax(logits), k, renorm)
+    return idx, gates * getattr(cfg, "routed_scaling_factor", 1.0)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

@@ -16,9 +16,6 @@ from ..model import ExpertBank, LoadedModel, expert_store
 from .balance import CURRENT_SCALE, BalanceTerm
 from .strategies import ParallelAdapters, RoutedAdapters, RouterTap, add_block_output
 
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
 class RoutedPEFT:
     """A model with Routed-PEFT attached: its trainable parameters, losses, statistics and accounting."""
 
@@ -26,6 +23,8 @@ class RoutedPEFT:
         self.loaded, self.cfg = loaded, cfg
         self.model, self.family = loaded.model, loaded.family
         self.facts = self.family.facts(self.model.config)
+        #: the experts' gated activation when it is not act(gate)·up (gated adapters take the same form)
+        self.glu = self.family.expert_glu(self.model.config)
         self.base_params = sum(p.numel() for p in self.model.parameters())
         self.layers = cfg.layer_indices(self.facts.moe_layers)
         self.taps: dict[int, RouterTap] = {}
@@ -50,7 +49,7 @@ class RoutedPEFT:
     def _bank(self, num: int, d_in: int, d_out: int, kind: str | None = None) -> AdapterBank:
         a = self.cfg.adapter
         return AdapterBank(kind or a.kind, num, d_in, d_out, a.rank, a.alpha, a.dropout, self.facts.activation,
-                           init=a.init)
+                           glu=self.glu, init=a.init)
 
     def _router_std(self) -> float | None:
         """The routed strategy's router init: `perft` as the paper's code leaves it (its `shared_routing_adapter_gate`
@@ -68,7 +67,9 @@ class RoutedPEFT:
         selected = set(self.layers)
         for layer, block in self.family.moe_blocks(self.model):
             streamed = self.loaded.expert_stores
-            store = streamed[layer] if streamed else expert_store(self.family.experts(block), self.cfg.model.quant)
+            store = streamed[layer] if streamed else expert_store(self.family.experts(block), self.cfg.model.quant,
+                                                                 self.family.canonical_experts(block))
+            bias = self.family.expert_biases(block)
             parallel = inside = None
             if layer in selected and r.strategy == "embedded":
                 if a.placement == "inside":
@@ -77,7 +78,7 @@ class RoutedPEFT:
                 else:
                     parallel = self._bank(E, H, H)
             bank = ExpertBank(store, f.activation, H, I, parallel=parallel, inside=inside,
-                              backend=self.cfg.model.expert_backend)
+                              backend=self.cfg.model.expert_backend, glu=self.glu, bias=bias)
             block.experts = bank
             self.banks[layer] = bank
             if layer in selected and r.strategy in ("shared", "dense", "routed"):
@@ -91,7 +92,8 @@ class RoutedPEFT:
                 block.peft = module
                 self._hooks.append(block.register_forward_hook(add_block_output(module)))
             router = self.family.router(block)
-            tap = RouterTap(E, self.balance["base"] if layer in selected else None)
+            tap = RouterTap(E, self.balance["base"] if layer in selected else None, self.family.router_probs,
+                            own_choice=self.family.router_scoring != "softmax")
             self.taps[layer] = tap
             self._hooks.append(router.register_forward_hook(tap))
             if r.train_router and layer in selected:
@@ -105,8 +107,9 @@ class RoutedPEFT:
         if r.attention_lora:
             attn_layers = range(f.num_layers) if r.layers == "all" else self.layers
             for i in attn_layers:
-                attn = decoder_layers(self.model)[i].self_attn
-                for name in ATTENTION_PROJECTIONS:
+                # hybrid models (Qwen3.5): linear-attention layers have no self_attn, so no attention LoRA
+                attn = getattr(decoder_layers(self.model)[i], "self_attn", None)
+                for name in self.family.attention_modules(attn):
                     wrapped = LoraLinear(getattr(attn, name), a.rank, a.alpha, a.dropout)
                     setattr(attn, name, wrapped)
                     self._count("attention", i, wrapped.lora.num_params())
@@ -197,11 +200,15 @@ class RoutedPEFT:
 
     def routing_stats(self) -> dict[int, dict[str, list[int]]]:
         """Per MoE layer: tokens each expert (and each routed adapter) received in the last forward."""
+        counted = [layer for layer, tap in self.taps.items() if tap.last_counts is not None]
+        # the taps' counts stay on the device: all layers read back in one copy (one sync, not one per layer)
+        rows = torch.stack([self.taps[l].last_counts for l in counted]).tolist() if counted else []
+        experts = dict(zip(counted, rows))
         stats = {}
-        for layer, tap in self.taps.items():
-            entry = {"experts": tap.last_counts.tolist() if tap.last_counts is not None else []}
+        for layer in self.taps:
+            entry = {"experts": experts.get(layer, [])}
             if layer in self.routed and self.routed[layer].last_counts is not None:
-                entry["adapters"] = self.routed[layer].last_counts.tolist()
+                entry["adapters"] = self.routed[layer].last_counts.tolist()  # host counts (sort_by_group's)
             stats[layer] = entry
         return stats
 

@@ -70,15 +70,20 @@ class BalanceTerm:
         if not (self.armed or grad):
             return
         mask = self.mask if self.scale == CURRENT_SCALE else None  # the per-layer scale counted pads too
+        # no host sync here (this runs per router call): pads are weighted out, not indexed out, and the token
+        # count stays a device tensor (tests/test_gpu_readiness_hot.py counts the syncs)
         if mask is not None:
             if mask.numel() != probs.shape[0]:
                 raise RuntimeError(f"balance loss: the router saw {probs.shape[0]} tokens but the micro-batch's "
                                    f"attention mask has {mask.numel()}.")
-            probs = probs * mask.to(probs.dtype).unsqueeze(1)
-            idx = idx[mask]
-        counts = torch.bincount(idx.reshape(-1), minlength=self.num).to(torch.float64).detach()
-        tokens = torch.tensor([float(probs.shape[0] if mask is None else int(mask.sum()))], dtype=torch.float64,
-                              device=counts.device)
+            keep = mask.to(probs.device, torch.float64)
+            probs = probs * keep.to(probs.dtype).unsqueeze(1)
+            counts = torch.bincount(idx.reshape(-1), weights=keep.unsqueeze(1).expand(idx.shape).reshape(-1),
+                                    minlength=self.num).detach()
+            tokens = keep.sum().reshape(1)
+        else:
+            counts = torch.bincount(idx.reshape(-1), minlength=self.num).to(torch.float64).detach()
+            tokens = torch.full((1,), float(probs.shape[0]), dtype=torch.float64, device=counts.device)
         self.records.append((counts, probs.float().sum(dim=0) if grad else None, tokens))
 
     def counted(self) -> torch.Tensor | None:
@@ -98,14 +103,14 @@ class BalanceTerm:
         if self.scale == CURRENT_SCALE:
             totals = self.totals if self.totals is not None else _global(
                 sum(torch.cat([c, t]) for c, _, t in records))
-            counts, lt = totals[:-1], float(totals[-1])
-            lt = max(lt, 1.0)
-            total = sum((counts.to(s.device, s.dtype) * s).sum() for _, s, _ in live) * (self.num / lt ** 2)
+            counts, lt = totals[:-1], totals[-1].clamp_min(1.0)  # stays on the device: no sync
+            total = sum((counts.to(s.device, s.dtype) * s).sum() for _, s, _ in live) * (self.num / lt.to(
+                live[0][1].device, live[0][1].dtype) ** 2)
         else:  # per layer, each layer's counts and tokens global, one all-reduce for all of them
             stacked = _global(torch.stack([torch.cat([c, t]) for c, _, t in live]))
             total = 0.0
             for (_, s, _), row in zip(live, stacked):
-                counts, tokens = row[:-1], max(float(row[-1]), 1.0)
+                counts, tokens = row[:-1], row[-1].clamp_min(1.0).to(s.device, s.dtype)
                 total = total + self.num * (counts.to(s.device, s.dtype) / (tokens * self.top_k) * s).sum() / tokens
         return self.coef * total
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.grouped import grouped_mm
+from ..model.grouped import grouped_mm, host_tensor_to
 
 KINDS = ("lora", "bottleneck", "gated")
 INITS = ("kaiming", "perft")
@@ -64,7 +64,7 @@ class AdapterBank(nn.Module):
     """N adapters of one kind mapping `d_in` to `d_out`, stored batched over the adapter axis."""
 
     def __init__(self, kind: str, num: int, d_in: int, d_out: int, rank: int, alpha: float = 16.0,
-                 dropout: float = 0.0, activation: str = "silu", init: str = "kaiming"):
+                 dropout: float = 0.0, activation: str = "silu", glu=None, init: str = "kaiming"):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"adapter.kind: {kind!r} is not one of {', '.join(KINDS)}.")
@@ -72,6 +72,8 @@ class AdapterBank(nn.Module):
         self.scale = alpha / rank if kind == "lora" else 1.0
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.act = _activation(activation if kind == "gated" else "silu")
+        #: gated: the expert's own gated activation (gate, up) -> hidden when it is not act(gate)·up (gpt-oss)
+        self.glu = glu if kind == "gated" else None
         down, up = torch.empty(num, rank, d_in), torch.empty(num, d_out, rank)
         gate_up = torch.empty(num, rank, d_in) if kind == "gated" else None
         init_bank_(down, gate_up, up, init)
@@ -101,7 +103,10 @@ class AdapterBank(nn.Module):
             u = torch.einsum("th,nrh->tnr", h, self.gate_up.to(h.dtype))
         else:
             u = h @ self.gate_up[idx].to(h.dtype).T
-        return self.act(z) * u
+        return self._gated(z, u)
+
+    def _gated(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.act(z) * u if self.glu is None else self.glu(z, u)
 
     def forward_one(self, h: torch.Tensor, idx: int) -> torch.Tensor:
         """Adapter `idx` on tokens h [T, d_in] -> [T, d_out]."""
@@ -115,7 +120,7 @@ class AdapterBank(nn.Module):
         as `forward_one` per group, in grouped matmuls (engine.model.grouped)."""
         if torch.is_grad_enabled():
             self.touched.update(idx)
-        sel = None if list(idx) == list(range(self.num)) else torch.tensor(list(idx), device=self.down.device)
+        sel = None if list(idx) == list(range(self.num)) else host_tensor_to(idx, self.down.device)
 
         def take(p: torch.Tensor) -> torch.Tensor:  # [G, out, in] of the groups' adapters, as [G, in, out]
             return (p if sel is None else p.index_select(0, sel)).to(h.dtype).transpose(1, 2)
@@ -125,7 +130,7 @@ class AdapterBank(nn.Module):
         if self.kind == "bottleneck":
             z = self.act(z)
         elif self.kind == "gated":
-            z = self.act(z) * grouped_mm(h, take(self.gate_up), offs, counts)
+            z = self._gated(z, grouped_mm(h, take(self.gate_up), offs, counts))
         return grouped_mm(z, take(self.up), offs, counts) * self.scale
 
     def forward_all(self, h: torch.Tensor) -> torch.Tensor:
@@ -152,7 +157,7 @@ class AdapterBank(nn.Module):
         if torch.is_grad_enabled():
             first.touched.update(idx)
             second.touched.update(idx)
-        sel = None if list(idx) == list(range(first.num)) else torch.tensor(list(idx), device=first.down.device)
+        sel = None if list(idx) == list(range(first.num)) else host_tensor_to(idx, first.down.device)
 
         def take(p: torch.Tensor) -> torch.Tensor:
             return p if sel is None else p.index_select(0, sel)

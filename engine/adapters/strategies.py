@@ -4,6 +4,8 @@ MoE's own router (statistics, its balance loss: engine.adapters.balance). The em
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,18 +66,27 @@ class RoutedAdapters(nn.Module):
 
 
 class RouterTap:
-    """Forward hook on an MoE router: records expert counts and, when asked, its balance loss."""
+    """Forward hook on an MoE router: records expert counts and, when asked, its balance loss over the router's
+    probabilities as `probs(logits)` computes them (softmax; a sigmoid router's normalised scores)."""
 
-    def __init__(self, num_experts: int, balance: BalanceTerm | None = None):
-        self.num_experts, self.balance = num_experts, balance
+    def __init__(self, num_experts: int, balance: BalanceTerm | None = None,
+                 probs: Callable[[torch.Tensor], torch.Tensor] | None = None, own_choice: bool = False):
+        self.num_experts, self.balance, self.own_choice = num_experts, balance, own_choice
+        #: the router's probabilities as the balance loss reads them (softmax; a sigmoid router's normalised scores)
+        self.probs = probs or (lambda logits: F.softmax(logits.float(), dim=-1))
         self.last_counts: torch.Tensor | None = None
 
     def __call__(self, module: nn.Module, args, output):
         logits, _, idx = output
-        with torch.no_grad():
-            self.last_counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts).cpu()
+        with torch.no_grad():  # kept on the device: read once per step (routing_stats / the step's usage), no sync here
+            self.last_counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
         if self.balance is not None:
-            self.balance.record(F.softmax(logits.float(), dim=-1), idx)
+            probs = self.probs(logits)
+            # a softmax router's counts are the top-k of its probabilities, as transformers' load_balancing_loss_func
+            # takes them (ERNIE's router chooses with a bias, and its own choice differs); a sigmoid router's are its
+            # own choice, as DeepSeek-V3's sequence-wise balance loss counts them
+            chosen = idx if self.own_choice else torch.topk(probs, idx.shape[-1], dim=-1).indices
+            self.balance.record(probs, chosen)
         return None
 
 
@@ -85,6 +96,8 @@ def add_block_output(adapters: nn.Module):
     def hook(module: nn.Module, args, output):
         h = args[0]
         delta = adapters(h.reshape(-1, h.shape[-1]))
+        if isinstance(output, tuple):  # blocks that also return their router scores (gpt-oss)
+            return (output[0] + delta.reshape(output[0].shape).to(output[0].dtype), *output[1:])
         return output + delta.reshape(output.shape).to(output.dtype)
 
     return hook

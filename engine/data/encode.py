@@ -62,7 +62,8 @@ def encode_records(records: list[Record], tokenizer, template: str, max_len: int
     dropped (`'drop'`); a row whose prompt alone fills `max_len` leaves nothing to learn and is dropped
     and counted (`long_prompt='drop'`, the default, as LLaMA-Factory's cut-off does) or an error
     (`'error'`) — also with `train_on_prompt`, which labels every token (prompt, template and response) as the
-    PERFT paper's code does. Fewer than `min_examples` rows left is an error with the counts and the fix. Returns the
+    PERFT paper's code does. Fewer than `min_examples` rows left (0: no floor) is an error with the counts and the
+    fix. Returns the
     examples and stats: rows, examples, truncated, truncated_tokens, dropped_too_long, dropped_long_prompt, …
     """
     check_template(template)
@@ -138,8 +139,8 @@ def encode_records(records: list[Record], tokenizer, template: str, max_len: int
                         "(\"long_prompt\": \"drop\" in the dataset registry entry).")
     stats["dropped_long_prompt"] = len(long_prompts)
     stats["examples"] = len(examples)
-    if len(examples) < max(1, min_examples):
-        raise DataError(_too_few(stats, template, tokenizer, max(1, min_examples), source))
+    if min_examples > 0 and len(examples) < min_examples:  # 0: no floor (the dataset preview counts only)
+        raise DataError(_too_few(stats, template, tokenizer, min_examples, source))
     return examples, stats
 
 

@@ -119,6 +119,8 @@ def llama_cpp_problems(cfg, family: Family) -> list[str]:
     """What in a config llama.cpp would compute differently from transformers (empty: a GGUF of it is faithful)."""
     if not family.gguf_arch:
         return [f"{family.title} has no llama.cpp architecture"]
+    if family.gguf_missing:
+        return [family.gguf_missing]
     problems = family.gguf_problems(cfg)
     if str(cfg.hidden_act) != "silu":
         problems.append(f"hidden_act={cfg.hidden_act!r}, but llama.cpp's {family.gguf_arch!r} experts use SiLU")
@@ -128,13 +130,20 @@ def llama_cpp_problems(cfg, family: Family) -> list[str]:
 def _check_supported(cfg, family: Family) -> None:
     if not family.gguf_arch:
         raise ExportError(f"{family.title} has no llama.cpp architecture; GGUF export is not available for it.")
+    if family.gguf_missing:
+        raise ExportError(f"{family.title}: {family.gguf_missing}.")
     problems = llama_cpp_problems(cfg, family)
     if problems:
         raise ExportError(f"this {family.title} checkpoint cannot run in llama.cpp as it runs in transformers: "
                           + "; ".join(problems) + ". A GGUF of it would compute a different model, so none is "
                           "written; use --format hf to export it for transformers.")
+    rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    if rope.get("rope_type", rope.get("type")) == "yarn" and rope.get("truncate", True) is False:
+        warnings.warn(f"{family.title} config has YaRN RoPE with truncate=false; llama.cpp always rounds YaRN's "
+                      "correction range to whole dimensions (truncate=true), so some rotary frequencies differ "
+                      "from transformers' and the GGUF's outputs drift from the HF model's.", stacklevel=3)
     window = getattr(cfg, "sliding_window", None)
-    if window and getattr(cfg, "use_sliding_window", True):
+    if window and getattr(cfg, "use_sliding_window", True) and not family.gguf_sliding_window:
         warnings.warn(f"{family.title} config has sliding_window={window}; llama.cpp's {family.gguf_arch!r} "
                       f"attends to the full context, so outputs differ on sequences longer than {window} tokens.",
                       stacklevel=3)
@@ -143,14 +152,7 @@ def _check_supported(cfg, family: Family) -> None:
 def _check_complete(family: Family, cfg, names: list[str]) -> None:
     """Every weight the family maps to llama.cpp is in the plan (a truncated checkpoint fails here)."""
     have = set(names)
-    need = []
-    for tensor in family.gguf_tensors.values():
-        template = gguf.TENSOR_NAMES[tensor] + ".weight"
-        layers = range(int(cfg.num_hidden_layers)) if "{bid}" in template else (None,)
-        need += [template.format(bid=layer) for layer in layers]
-    need += [family.gguf_expert_tensor_name(layer, p)
-             for layer in range(int(cfg.num_hidden_layers)) for p in ("gate", "up", "down")]
-    missing = [n for n in need if n not in have]
+    missing = [n for n in family.gguf_required(cfg) if n not in have]
     if missing:
         shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
         raise ExportError(f"the checkpoint lacks tensors llama.cpp needs ({len(missing)}: {shown}); "
@@ -178,7 +180,9 @@ def _gguf_tensors(family: Family, cfg, tensors: Iterable[tuple[str, torch.Tensor
     fused = re.compile(rf"model\.layers\.(\d+)\.{re.escape(family.block_attr)}\.experts\.(gate_up_proj|down_proj)")
     pending: dict[int, dict[tuple[str, int], torch.Tensor]] = {}  # layer -> (proj, expert) -> tensor
     seen: set[str] = set()
-    for name, tensor in tensors:
+    for name, tensor in family.gguf_stream(tensors):  # hub-specific layouts as per-expert / plain tensors
+        if family.skip_tensor(name, cfg):
+            continue  # a Multi-Token-Prediction layer or a vision tower: not part of the model (nor of this GGUF)
         key = family.parse_expert_key(name)
         if key is not None:
             if not 0 <= key.expert < n_experts:
@@ -215,7 +219,7 @@ def _gguf_tensors(family: Family, cfg, tensors: Iterable[tuple[str, torch.Tensor
         if heads:
             tensor = _permute_rope(tensor, heads)
         seen.add(target)
-        yield target, tensor
+        yield from family.gguf_transform(cfg, target, tensor)
         if tied and target == _TOKEN_EMBD and _OUTPUT not in seen:
             seen.add(_OUTPUT)
             yield _OUTPUT, tensor
@@ -278,24 +282,23 @@ def _add_hparams(writer: gguf.GGUFWriter, cfg, family: Family, ftype: gguf.Llama
     facts = family.facts(cfg)
     n_head = int(cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head)
+    K = gguf.Keys
+    values: dict[str, int | float | bool] = {
+        K.LLM.BLOCK_COUNT: facts.num_layers, K.LLM.CONTEXT_LENGTH: int(cfg.max_position_embeddings),
+        K.LLM.EMBEDDING_LENGTH: facts.hidden_size, K.LLM.FEED_FORWARD_LENGTH: int(cfg.intermediate_size),
+        K.Attention.HEAD_COUNT: n_head, K.Attention.HEAD_COUNT_KV: int(cfg.num_key_value_heads),
+        K.Attention.KEY_LENGTH: head_dim, K.Attention.VALUE_LENGTH: head_dim, K.Rope.DIMENSION_COUNT: head_dim,
+        K.Attention.LAYERNORM_RMS_EPS: float(cfg.rms_norm_eps), K.LLM.VOCAB_SIZE: int(cfg.vocab_size),
+        K.LLM.EXPERT_COUNT: facts.num_experts, K.LLM.EXPERT_USED_COUNT: facts.top_k,
+        K.LLM.EXPERT_WEIGHTS_NORM: facts.norm_topk_prob,
+        **family.gguf_hparams(cfg),  # the family's own values replace the generic ones of the same key
+    }
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
-    writer.add_block_count(facts.num_layers)
-    writer.add_context_length(int(cfg.max_position_embeddings))
-    writer.add_embedding_length(facts.hidden_size)
-    writer.add_feed_forward_length(int(cfg.intermediate_size))
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(int(cfg.num_key_value_heads))
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-    writer.add_vocab_size(int(cfg.vocab_size))
-    writer.add_expert_count(facts.num_experts)
-    writer.add_expert_used_count(facts.top_k)
-    writer.add_expert_weights_norm(facts.norm_topk_prob)
-    for key, value in family.gguf_hparams(cfg).items():
-        writer.add_uint32(key.format(arch=family.gguf_arch), int(value))
+    for key, value in values.items():
+        add = writer.add_bool if isinstance(value, bool) else \
+            writer.add_float32 if isinstance(value, float) else writer.add_uint32
+        add(key.format(arch=family.gguf_arch), value)
     _add_rope(writer, cfg)
     writer.add_file_type(ftype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -34,6 +34,11 @@ def gguf_lora_problems(src: RunSource) -> list[str]:
     problems = peft_problems(src)
     if not problems:
         problems += [f"llama.cpp: {p}" for p in llama_cpp_problems(src.hf_config, src.family)]
+    plain = sorted({n.rsplit(".", 2)[-2] for n in src.attention_loras()} & set(src.family.gguf_lora_unsupported))
+    if plain:
+        problems.append(f"llama.cpp: its {src.family.gguf_arch!r} graph applies no LoRA adapter to the tensors of "
+                        f"{', '.join(plain)} (routing.attention_lora adapts them; only o_proj's takes one), so the "
+                        "adapter would be silently ignored there; export the merged model (--format gguf) instead")
     return problems
 
 

@@ -19,6 +19,9 @@ _SPLIT_PRE = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
         "qwen2",
 }
+#: llama.cpp's byte-level pre-tokenizers that add BOS unless the file says otherwise (src/llama-vocab.cpp)
+_PRE_ADDS_BOS = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                 "jina-v5-nano", "tekken", "chameleon"}
 _SPACE = "\u2581"  # '▁', SentencePiece's space
 _TT = gguf.TokenType
 
@@ -74,18 +77,7 @@ def _add_gpt2_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, spec: dict, vocab
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    for kind, token_id in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("unk", tok.unk_token_id),
-                           ("pad", tok.pad_token_id)):
-        if token_id is not None:
-            getattr(writer, f"add_{kind}_token_id")(int(token_id))
-    probe = tok("a")["input_ids"]
-    writer.add_add_bos_token(tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id])
-    writer.add_add_eos_token(tok.eos_token_id is not None and probe[-1:] == [tok.eos_token_id])
-    template = tok.chat_template
-    if isinstance(template, dict):  # named templates
-        template = [{"name": k, "template": v} for k, v in template.items()]
-    if template:
-        writer.add_chat_template(template)
+    _special_vocab(tok, hf_dir, len(tokens), llama_add_bos=pre in _PRE_ADDS_BOS).add_to_gguf(writer, quiet=True)
     return len(tokens)
 
 
@@ -126,7 +118,7 @@ def _add_llama_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int)
     types = [_TT.UNUSED] * vocab_size
     for i, (text, _, kind) in zip(ids, vocab.all_tokens()):
         tokens[i] = text.decode("utf-8")
-        types[i] = _TT.UNKNOWN if i == tok.unk_token_id else kind
+        types[i] = kind  # as llama.cpp's converter writes them (<unk> a CONTROL token, as the gguf package reads it)
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in backend["model"].get("merges", [])]
     scores = _spm_scores(tokens, types, merges)
     _warn_missing_merges(tokens, types, merges, where)
@@ -136,8 +128,9 @@ def _add_llama_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int)
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    writer.add_add_space_prefix(space_prefix)
-    _special_vocab(tok, hf_dir, len(tokens)).add_to_gguf(writer, quiet=True)
+    if not space_prefix:  # llama.cpp's SentencePiece tokenizer prepends '▁' unless told not to (and its converter
+        writer.add_add_space_prefix(False)  # writes the key only then)
+    _special_vocab(tok, hf_dir, len(tokens), llama_add_bos=True).add_to_gguf(writer, quiet=True)
     return len(tokens)
 
 
@@ -207,9 +200,11 @@ def _warn_missing_merges(tokens: list[str], types: list[gguf.TokenType], merges:
                       stacklevel=5)
 
 
-def _special_vocab(tok, hf_dir: Path, n_vocab: int) -> gguf.SpecialVocab:
-    """The gguf package's special tokens and chat template, with the ids and BOS/EOS policy the loaded tokenizer
-    has (which is what transformers runs)."""
+def _special_vocab(tok, hf_dir: Path, n_vocab: int, llama_add_bos: bool) -> gguf.SpecialVocab:
+    """The gguf package's special tokens, BOS/EOS policy and chat template, as llama.cpp's converter reads them from
+    the folder, corrected to what the loaded tokenizer does (which is what transformers runs) where they differ:
+    the ids of bos / eos / unk / pad, and add_bos / add_eos where the converter's value (or, when it writes none,
+    llama.cpp's default for the tokenizer model: `llama_add_bos`, no EOS) would give another policy."""
     quiet = logging.getLogger("gguf.vocab")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # it warns about Llama's ordinary `<s> $A <s> $B` pair template
@@ -222,8 +217,11 @@ def _special_vocab(tok, hf_dir: Path, n_vocab: int) -> gguf.SpecialVocab:
         if token_id is not None:
             special.special_token_ids[kind] = int(token_id)
     probe = tok("a")["input_ids"]
-    special.add_special_token["bos"] = tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id]
-    special.add_special_token["eos"] = tok.eos_token_id is not None and probe[-1:] == [tok.eos_token_id]
+    adds = {"bos": tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id],
+            "eos": tok.eos_token_id is not None and probe[-1:] == [tok.eos_token_id]}
+    for kind, default in (("bos", llama_add_bos), ("eos", False)):
+        if special.add_special_token.get(kind, default) != adds[kind]:
+            special.add_special_token[kind] = adds[kind]
     if special.chat_template is None and tok.chat_template:
         template = tok.chat_template
         special.chat_template = ([{"name": k, "template": v} for k, v in template.items()]

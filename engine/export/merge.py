@@ -8,6 +8,9 @@ Exact merges (to float rounding), by group:
   adapter (dense: the N adapters side by side, one gated adapter of width N·r) widens every expert,
   as Σ g_e (E_e(h) + A(h)) = Σ g_e E_e(h) + A(h). Never into Qwen2-MoE's shared expert: its output is
   scaled by a per-token sigmoid gate, which would scale the adapter too;
+- `shared` / `dense` `gated` adapters on families whose shared expert is ungated (DeepSeek: added with weight
+  1 whatever the router does): the adapter widens the shared expert (by whole experts where its width is a
+  multiple of the expert size: DeepSeek's `n_shared_experts` grows, the new columns zero beyond the adapter);
 - a trained MoE router: its weights are written in place of the base router.
 Layers without adapters get zero rows/columns to the common width (silu(0)·0 = 0 adds nothing).
 Everything else (routed adapters, bottleneck, LoRA beside the experts or the block, shared adapters
@@ -25,7 +28,6 @@ from typing import Any, Iterator
 
 import torch
 
-from ..model.arch import ExpertKey
 from .errors import ExportError
 from .gguf import require_finite
 from .source import RunSource, expert_stores, expert_weights, non_expert_tensors, nf4_round_trip, quant_note
@@ -55,8 +57,14 @@ class MergeGroup:
 
 
 def renormalises(src: RunSource) -> bool:
-    """Whether the family's top-k gates sum to one (Mixtral always, the others with norm_topk_prob)."""
-    return bool(src.facts.norm_topk_prob)
+    """Whether the family's top-k gates sum to one (Mixtral always, the others with norm_topk_prob; DeepSeek-V3's
+    renormalised gates are then scaled by routed_scaling_factor)."""
+    return src.family.topk_gate_sum(src.hf_config) == 1.0
+
+
+def into_shared_expert(src: RunSource) -> bool:
+    """Whether shared / dense gated adapters merge into the family's ungated shared expert."""
+    return src.family.shared_expert_ungated and src.family.shared_expert_intermediate_size(src.hf_config) > 0
 
 
 def merge_plan(src: RunSource) -> list[MergeGroup]:
@@ -85,6 +93,10 @@ def merge_plan(src: RunSource) -> list[MergeGroup]:
                                      f"beside the MoE block adds {_form(a.kind)}, which no SwiGLU expert computes "
                                      "(adapter.kind gated merges, on families whose top-k gates sum to 1)",
                                      False, layers))
+        elif into_shared_expert(src):
+            groups.append(MergeGroup(r.strategy, r.strategy, "gated", f"{what} appended to the shared experts, which "
+                                     "are added with weight 1 (no gate), widening them: A(h) + S(h) is one SwiGLU "
+                                     f"{width} columns wider", True, layers))
         elif renormalises(src):
             groups.append(MergeGroup(r.strategy, r.strategy, "gated", f"{what} added to every routed expert, widening "
                                      f"it by {width}: the top-k gates sum to 1, so Σ g_e·(E_e + A) = Σ g_e·E_e + A",
@@ -143,13 +155,38 @@ def widening(src: RunSource) -> dict[int, list[tuple[torch.Tensor, torch.Tensor,
             bank = src.peft.banks[layer].parallel
             out[layer] = [(bank.down[e].float(), bank.gate_up[e].float(), bank.up[e].float() * bank.scale)
                           for e in range(bank.num)]
-        elif r.strategy in ("shared", "dense") and src.cfg.adapter.kind == "gated":
+        elif r.strategy in ("shared", "dense") and src.cfg.adapter.kind == "gated" and not into_shared_expert(src):
             bank = src.block(layer).peft.bank
             n, rank, hidden = bank.down.shape
             piece = (bank.down.float().reshape(n * rank, hidden), bank.gate_up.float().reshape(n * rank, hidden),
                      (bank.up.float() * bank.scale).permute(1, 0, 2).reshape(hidden, n * rank))
             out[layer] = [piece] * src.facts.num_experts
     return out
+
+
+def shared_widening(src: RunSource) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per MoE layer with a shared / dense gated adapter that merges into the ungated shared expert: (gate rows
+    [R, H], up rows [R, H], down columns [H, R]) in fp32, the adapters side by side, their scaling in the columns."""
+    r = src.cfg.routing
+    if r.strategy not in ("shared", "dense") or src.cfg.adapter.kind != "gated" or not into_shared_expert(src):
+        return {}
+    out = {}
+    for layer in src.peft.layers:
+        bank = src.block(layer).peft.bank
+        n, rank, hidden = bank.down.shape
+        out[layer] = (bank.down.float().reshape(n * rank, hidden), bank.gate_up.float().reshape(n * rank, hidden),
+                      (bank.up.float() * bank.scale).permute(1, 0, 2).reshape(hidden, n * rank))
+    return out
+
+
+def merged_shared_layout(src: RunSource) -> tuple[int, dict]:
+    """(width, config.json edits) of the ungated shared expert after the merge; (0, {}) when it does not change."""
+    fam, cfg = src.family, src.hf_config
+    extra = max((w[0].shape[0] for w in shared_widening(src).values()), default=0)
+    inter = merged_intermediate_size(src)
+    if not fam.shared_expert_ungated or (not extra and inter == src.facts.expert_intermediate_size):
+        return 0, {}
+    return fam.shared_expert_layout(cfg, inter, extra)
 
 
 def merged_intermediate_size(src: RunSource) -> int:
@@ -166,6 +203,9 @@ def merged_tensors(src: RunSource) -> Iterator[tuple[str, torch.Tensor]]:
     fam, facts = src.family, src.facts
     deltas = {name: lora for name, lora in src.attention_loras().items()}
     trained = dict(src.trained)
+    wide = widening(src)
+    extra = merged_intermediate_size(src) - facts.expert_intermediate_size
+    shared_width, shared_wide = merged_shared_layout(src)[0], shared_widening(src)
     for name, tensor in non_expert_tensors(src.base, fam):
         target = fam.rename(name)
         if target in trained:
@@ -175,16 +215,25 @@ def merged_tensors(src: RunSource) -> Iterator[tuple[str, torch.Tensor]]:
                 tensor = nf4_round_trip(tensor)
             if target in deltas:
                 tensor = tensor.float() + _lora_delta(deltas.pop(target).lora, 0)
-        yield name, tensor
+        shared = fam.shared_expert_proj(name) if shared_width else None
+        if shared is not None:  # the ungated shared expert, widened by the adapter and / or padded with zeros
+            layer, proj = shared
+            rows_g, rows_u, cols_d = shared_wide.get(layer, (None, None, None))
+            pad = shared_width - tensor.shape[0 if proj != "down" else 1]
+            if proj == "down":
+                tensor = _widen_rows(tensor.float().T, None if cols_d is None else cols_d.T, pad).T.contiguous()
+            else:
+                tensor = _widen_rows(tensor.float(), rows_g if proj == "gate" else rows_u, pad)
+        yield name, fam.widen_non_expert(name, tensor, extra, src.hf_config)  # zeros for the added units
     left = sorted(trained) + sorted(deltas)
     if left:
         raise ExportError(f"{src.base}: the checkpoint has no tensor for {left[:3]}, which the run trained; "
                           "is it the checkpoint the run was trained on?")
 
-    wide = widening(src)
-    extra = merged_intermediate_size(src) - facts.expert_intermediate_size
     stores = expert_stores(src)
-    for layer in facts.moe_layers:
+
+    def layer_experts(layer: int) -> Iterator[dict[str, torch.Tensor]]:
+        """One layer's merged experts, one at a time (canonical gate / up / down)."""
         bank = src.peft.banks.get(layer)
         inside = bank.inside if bank is not None and bank.inside is not None else None
         for e in range(facts.num_experts):
@@ -194,8 +243,10 @@ def merged_tensors(src: RunSource) -> Iterator[tuple[str, torch.Tensor]]:
             rows_g, rows_u, cols_d = wide[layer][e] if layer in wide else (None, None, None)
             w["gate"], w["up"] = _widen_rows(w["gate"], rows_g, extra), _widen_rows(w["up"], rows_u, extra)
             w["down"] = _widen_rows(w["down"].T, None if cols_d is None else cols_d.T, extra).T.contiguous()
-            for proj in ("gate", "up", "down"):
-                yield fam.expert_key_name(ExpertKey(layer, e, proj)), w[proj]
+            yield w
+
+    for layer in facts.moe_layers:  # in the hub's layout: per-expert tensors, or fused ones (gpt-oss)
+        yield from fam.expert_checkpoint_tensors(layer, layer_experts(layer))
 
 
 def _lora_delta(bank, idx: int) -> torch.Tensor:
@@ -233,8 +284,13 @@ def write_merged(src: RunSource, out_dir: str | Path, dtype: torch.dtype = torch
 
     config = json.loads((src.base / "config.json").read_text())
     inter = merged_intermediate_size(src)
-    config[src.family.expert_intermediate_key] = inter
+    section = src.family.config_json_section(config)  # a multimodal config's text_config
+    section[src.family.expert_intermediate_key] = inter
+    section.update(merged_shared_layout(src)[1])
+    if section.get("num_nextn_predict_layers"):  # the base's Multi-Token-Prediction layers are not merged or written
+        section["num_nextn_predict_layers"] = 0
     config["dtype"] = dtype_name
+    config.pop("quantization_config", None)  # e.g. gpt-oss's MXFP4 release: the merge is written in plain floats
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype_name
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -48,6 +48,15 @@ def peft_problems(src: RunSource) -> list[str]:
     return problems
 
 
+def hf_peft_problems(src: RunSource) -> list[str]:
+    """Why HF PEFT could not load the run's expert LoRA in this layout (empty: it can)."""
+    if src.family.peft_per_expert or not any(b.inside is not None for b in src.peft.banks.values()):
+        return []
+    return [f"{src.family.title} checkpoints hold each layer's experts fused (no per-expert weight names), so PEFT has "
+            "no per-expert LoRA to convert onto them, and MoETune does not write PEFT's fused target_parameters "
+            "layout for them yet (attention LoRA alone exports; gguf-lora carries the expert LoRA to llama.cpp)"]
+
+
 def peft_plan(src: RunSource) -> list[MergeGroup]:
     """How the PEFT layout holds each trained group of the run."""
     r = src.cfg.routing
@@ -92,7 +101,7 @@ def peft_tensors(src: RunSource) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
 
     def put(weight_name: str, bank, idx: int) -> None:
-        stem = PREFIX + weight_name.removesuffix(".weight")
+        stem = PREFIX + src.family.peft_name(weight_name).removesuffix(".weight")
         out[f"{stem}.lora_A.weight"] = bank.down[idx].float().contiguous()
         out[f"{stem}.lora_B.weight"] = bank.up[idx].float().contiguous()
 

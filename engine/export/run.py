@@ -25,7 +25,7 @@ from .gguf import llama_cpp_problems, write_gguf
 from .gguf_lora import LORA_DTYPES, gguf_lora_problems, read_gguf_lora, write_gguf_lora
 from .llama_check import llama_cpp_check, unchecked
 from .merge import merge_plan, merge_problems, write_merged
-from .peft_lora import apply_peft, peft_plan, peft_problems, write_peft
+from .peft_lora import apply_peft, hf_peft_problems, peft_plan, peft_problems, write_peft
 from .source import RunSource, open_run
 
 REPORT_FILE = "export_report.json"
@@ -201,9 +201,16 @@ def _check_lora(src: RunSource, tensors: dict[str, torch.Tensor], what: str) -> 
     return check.compare(reference, check.logits(model, inputs), what)
 
 
+def format_problems(run_dir: str | Path) -> dict[str, list[str]]:
+    """Why each export format cannot hold a finished run exactly ([] where it can): the reasons `export_run`
+    refuses a format with, so a picker can offer only the formats that work."""
+    src = open_run(Path(run_dir))
+    return {f: _problems(src, f) for f in FORMATS}
+
+
 def _problems(src: RunSource, fmt: str) -> list[str]:
     if fmt == "peft":
-        return peft_problems(src)
+        return peft_problems(src) + hf_peft_problems(src)
     if fmt == "gguf-lora":
         return gguf_lora_problems(src)
     problems = merge_problems(src)

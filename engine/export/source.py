@@ -155,17 +155,19 @@ def expert_weights(src: RunSource, stores: dict[int, Any], layer: int, expert: i
 
 def is_expert_tensor(family: Family, name: str) -> bool:
     """Whether a checkpoint tensor holds routed-expert weights (per-expert hub names or fused ones)."""
-    if family.parse_expert_key(name) is not None:
+    if family.parse_expert_key(name) is not None or family.raw_expert_layer(name) is not None:
         return True
     stem = family.rename(name)
     return f".{family.block_attr}.experts." in stem and stem.endswith(("gate_up_proj", "down_proj"))
 
 
 def non_expert_tensors(base: Path, family: Family) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, tensor) of every base tensor that is not a routed expert, in file order."""
-    from ..model import read_tensors
+    """(checkpoint name, tensor) of every base tensor that is not a routed expert (nor of a Multi-Token-Prediction
+    layer, which the fine-tuned model no longer matches), in file order."""
+    from ..model import read_config, read_tensors
 
-    return read_tensors(base, lambda name: not is_expert_tensor(family, name))
+    cfg = read_config(base)[0]
+    return read_tensors(base, lambda name: not is_expert_tensor(family, name) and not family.is_mtp_tensor(name, cfg))
 
 
 def quant_note(cfg: Config) -> str:

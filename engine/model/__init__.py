@@ -11,7 +11,9 @@
 - `expert_bank`: the module that replaces a family's experts and computes only the routed (token, expert) pairs,
   grouped by expert (`grouped`: the grouped matrix products); per-expert adapter banks are handed to it by
   `engine.adapters` (it never imports them).
-- `offload`: experts beyond the GPU budget in pinned host memory, a GPU cache of layers, the layer schedule.
+- `host_arena`: a layer's experts in host memory as one exact arena, expert after expert, page-locked with
+  cudaHostRegister (what the planner counts as pinned); the host stores the cache copies from.
+- `offload`: experts beyond the GPU budget behind a GPU cache (one buffer of slots), the layer schedule.
 - `tiny`: random-weight checkpoints of the real architectures, for tests and the demo.
 
 Nothing here imports engine.adapters, engine.training or engine.runs: those build on this package.

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .grouped import group_offsets, grouped_mm_frozen, sort_by_group
+from .grouped import group_offsets, group_rows, grouped_mm_frozen, sort_by_group
 
 if TYPE_CHECKING:  # the banks are handed in by engine.adapters.attach; the model layer never imports adapters
     from ..adapters.banks import AdapterBank
@@ -257,11 +257,14 @@ class ExpertBank(nn.Module):
     `parallel`: an AdapterBank of E adapters H -> H, P_e(h) added beside expert e before gating.
     `inside`:   LoRA banks on each expert's gate, up and down projections.
     `backend`:  one of BACKENDS (module docstring).
+    `glu`:      the experts' gated activation (gate, up) -> hidden, when it is not act(gate)·up (gpt-oss).
+    `bias`:     the experts' biases, gate_up [E, 2I] (gate then up) and down [E, H], added before the gate g_e.
     """
 
     def __init__(self, store: ExpertStore, activation: str, hidden_size: int, intermediate_size: int,
                  parallel: AdapterBank | None = None, inside: dict[str, AdapterBank] | None = None,
-                 backend: str = "auto", max_group_bytes: int = MAX_GROUP_BYTES):
+                 backend: str = "auto", max_group_bytes: int = MAX_GROUP_BYTES, glu=None,
+                 bias: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         from transformers.activations import ACT2FN
 
@@ -274,6 +277,12 @@ class ExpertBank(nn.Module):
         self.num_experts = store.num_experts
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.act_fn = ACT2FN[activation]
+        self.glu = glu
+        if bias is not None:  # frozen, not saved with the adapter (the base checkpoint has them)
+            self.register_buffer("gate_up_bias", bias[0].detach(), persistent=False)
+            self.register_buffer("down_bias", bias[1].detach(), persistent=False)
+        else:
+            self.gate_up_bias = self.down_bias = None
         self.parallel = parallel
         self.inside = nn.ModuleDict(inside) if inside else None
         self.backend, self.max_group_bytes = backend, max_group_bytes
@@ -362,12 +371,16 @@ class ExpertBank(nn.Module):
         group = _PackedGroup(self.store, experts, counts) if packed else \
             _DequantisedGroup(self.store, experts, counts, offs, x.device, x.dtype, self._handoff)
         gate_up = GroupedFrozenLinear.apply(x, group, 0, True)
+        if self.gate_up_bias is not None:
+            gate_up = gate_up + group_rows(self.gate_up_bias, experts, counts).to(gate_up.dtype)
         if self.inside is not None:
             gate_up = gate_up + self._inside_gate_up(x, experts, offs, counts).to(gate_up.dtype)
         gate, up = gate_up.chunk(2, dim=-1)
-        act = self.act_fn(gate) * up
+        act = self._activate(gate, up)
         # the gate_up backward releases the weights; when it will not run (x needs no gradient), the down one does
         y = GroupedFrozenLinear.apply(act, group, 1, not x.requires_grad)
+        if self.down_bias is not None:
+            y = y + group_rows(self.down_bias, experts, counts).to(y.dtype)
         if hand_off and not packed:
             self._handoff.put(group.key, group._w)
         group.release()  # forward is done with the weights; backward fetches them again (or takes the handoff)
@@ -376,6 +389,10 @@ class ExpertBank(nn.Module):
         if self.parallel is not None:
             y = y + self.parallel.forward_grouped(x, experts, offs, counts).to(y.dtype)
         return y
+
+    def _activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The experts' gated activation: act(gate)·up, or the family's own form (`glu`)."""
+        return self.act_fn(gate) * up if self.glu is None else self.glu(gate, up)
 
     def _inside_gate_up(self, x: torch.Tensor, experts: list[int], offs: torch.Tensor,
                         counts: list[int]) -> torch.Tensor:
@@ -405,13 +422,17 @@ class ExpertBank(nn.Module):
         """Expert e (plus its adapter) on the tokens routed to it: x [t, H] -> [t, H]."""
         w = _ExpertWeights(self.store, e, x.device, x.dtype)
         gate_up = FrozenLinear.apply(x, w, 0, True)
+        if self.gate_up_bias is not None:
+            gate_up = gate_up + self.gate_up_bias[e].to(gate_up.dtype)
         gate, up = gate_up.chunk(2, dim=-1)
         if self.inside is not None:
             gate = gate + self.inside["gate"].forward_one(x, e)
             up = up + self.inside["up"].forward_one(x, e)
-        act = self.act_fn(gate) * up
+        act = self._activate(gate, up)
         y = FrozenLinear.apply(act, w, 1, False)
         w.release()  # forward is done with the weights; backward fetches them again
+        if self.down_bias is not None:
+            y = y + self.down_bias[e].to(y.dtype)
         if self.inside is not None:
             y = y + self.inside["down"].forward_one(act, e)
         if self.parallel is not None:

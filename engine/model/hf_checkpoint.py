@@ -43,7 +43,8 @@ def read_config(path: str | Path):
         family = get_family(raw["model_type"])
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"model.path {str(path)!r}: {e}") from None
-    return AutoConfig.from_pretrained(str(path), local_files_only=True), family
+    # a multimodal checkpoint's language model is built from its text config (Qwen3.5: text_config)
+    return family.model_config(AutoConfig.from_pretrained(str(path), local_files_only=True)), family
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:

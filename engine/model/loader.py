@@ -46,12 +46,21 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     params = dict(model.named_parameters())
+    #: persistent buffers the checkpoint holds (DeepSeek-V3's e_score_correction_bias), filled like weights
+    buffers = {n: b for n, b in model.named_buffers() if n.rpartition(".")[2] not in
+               getattr(model.get_submodule(n.rpartition(".")[0]), "_non_persistent_buffers_set", ())}
     fused: dict[str, torch.Tensor] = {}  # fused expert tensors being assembled, by parameter name
     pieces: dict[str, set] = {}  # which (expert, projection) each fused tensor has received
     filled: set[str] = set()
 
     def place(name: str, tensor: torch.Tensor) -> None:
+        if family.skip_tensor(name, config):
+            return  # a Multi-Token-Prediction layer: not part of the model transformers builds
         target = family.rename(name)
+        if target in buffers:
+            _check_shape(path, name, tensor, buffers[target].shape)
+            set_module_tensor_to_device(model, target, device, value=tensor, dtype=buffers[target].dtype)
+            return
         if target not in params:
             if target.endswith("rotary_emb.inv_freq"):
                 return
@@ -69,12 +78,14 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         stores = {layer: store.to(expert_device or device) for layer, store in stores.items()}
         experts = {n for n in params if ".experts." in n and n.endswith(("gate_up_proj", "down_proj"))}
         return _finish(path, config, model, family, filled, device, skip=experts, stores=stores)
-    for name, tensor in iter_tensors(path):
+    for name, tensor in family.convert_stream(iter_tensors(path)):
+        if family.skip_tensor(name, config):
+            continue  # a Multi-Token-Prediction layer or a vision tower: not part of the model MoETune builds
         key = family.parse_expert_key(name)
         if key is None:
             place(name, tensor)
             continue
-        attr, half = _FUSED[key.proj]
+        attr, _ = _FUSED[key.proj]
         target = f"model.layers.{key.layer}.{family.block_attr}.experts.{attr}"
         if target not in params:
             raise CheckpointError(f"{path}: expert tensor {name!r} is for layer {key.layer}, which has no experts.")
@@ -83,10 +94,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
             full = fused[target] = torch.empty(params[target].shape, dtype=dtype)
             pieces[target] = set()
         pieces[target].add((key.expert, key.proj))
-        rows = full[key.expert]
-        if half is not None:
-            size = rows.shape[0] // 2
-            rows = rows[half * size:(half + 1) * size]
+        rows = family.fused_view(full, attr, key.expert, key.proj)
         _check_shape(path, name, tensor, rows.shape)
         rows.copy_(tensor)
     for target, full in fused.items():

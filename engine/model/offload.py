@@ -2,10 +2,9 @@
 slots on the compute device shared by all layers, copies on a side stream, and the schedule that
 prefetches along the step's sweep (DESIGN "Memory").
 
-- `HostExpertStore`: where an expert's raw (stored: NF4 or dense) tensors live on the host, and how
-  to turn those tensors, once on the device, into dequantised weights. `DenseHostStore` holds plain
-  tensors; a quantised store (engine.model.stores) provides the same two methods.
-- `ExpertCache`: `num_slots` slots, each holding one expert's raw tensors, keyed (layer, expert).
+- the host side (`HostExpertStore`, `DenseHostStore`, `as_host_store`: one exact, page-locked arena a layer,
+  expert after expert) is `engine.model.host_arena`, re-exported here.
+- `ExpertCache`: `num_slots` slots (one device buffer), each holding one expert's raw record, keyed (layer, expert).
   Eviction knows the sweep: the forward visits layers 0..L-1, the backward L-1..0, then the next
   step's forward, so the entry whose next use is furthest along that cycle goes first (the earliest
   layers during the forward, the last layers during the backward; the end of the forward keeps the
@@ -23,80 +22,20 @@ prefetches along the step's sweep (DESIGN "Memory").
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
+from .grouped import host_tensor_to
+from .host_arena import DenseHostStore, HostExpertStore, RecordLayout, as_host_store, host_layout
+
 PHASES = ("forward", "backward")
 
-
-class HostExpertStore(Protocol):
-    """Experts of one layer in host memory, as the raw tensors the cache moves."""
-
-    num_experts: int
-
-    def expert_tensors(self, expert: int) -> dict[str, torch.Tensor]:
-        """The stored (possibly quantised) tensors of one expert, on the host."""
-        ...
-
-    def weights_from_tensors(self, tensors: dict[str, torch.Tensor], device: torch.device,
-                             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """gate_up [2I, H] and down [H, I], dequantised from `tensors` (already on `device`), as new tensors."""
-        ...
-
-    # optional: weights_from_stacked(tensors stacked [n, ...], device, dtype) -> gate_up [n, 2I, H], down [n, H, I]
-    # in one dequantisation (OffloadedExpertStore.weights_batched uses it when it is there)
-
-
-class DenseHostStore:
-    """Unquantised experts in host memory, one contiguous (pinned when asked) pair per expert."""
-
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, pin: bool | None = None):
-        pin = torch.cuda.is_available() if pin is None else pin
-        self.num_experts = gate_up.shape[0]
-        self._experts = []
-        for e in range(self.num_experts):
-            pair = {"gate_up": gate_up[e].detach().to("cpu", copy=True).contiguous(),
-                    "down": down[e].detach().to("cpu", copy=True).contiguous()}
-            if pin:
-                pair = {k: v.pin_memory() for k, v in pair.items()}
-            self._experts.append(pair)
-
-    @classmethod
-    def from_store(cls, store, pin: bool | None = None) -> "DenseHostStore":
-        """Copy a resident fused store (`gate_up [E, 2I, H]`, `down [E, H, I]`) to host memory."""
-        return cls(store.gate_up, store.down, pin=pin)
-
-    def expert_tensors(self, expert: int) -> dict[str, torch.Tensor]:
-        """One expert's `gate_up` and `down` in host memory."""
-        return self._experts[expert]
-
-    def weights_from_tensors(self, tensors, device, dtype):
-        """New copies of the tensors on `device` in `dtype`."""
-        return (tensors["gate_up"].to(device=device, dtype=dtype, copy=True),
-                tensors["down"].to(device=device, dtype=dtype, copy=True))
-
-    def weights_from_stacked(self, tensors, device, dtype):
-        """The same for n experts' tensors stacked on a leading axis: gate_up [n, 2I, H], down [n, H, I]."""
-        return self.weights_from_tensors(tensors, device, dtype)
-
-    def nbytes(self) -> int:
-        """Host bytes of all experts."""
-        return sum(t.nbytes for pair in self._experts for t in pair.values())
-
-
-def as_host_store(store, pin: bool | None = None) -> HostExpertStore:
-    """A host store for an expert store: itself when it already is one, else a host copy of its experts."""
-    if hasattr(store, "expert_tensors") and hasattr(store, "weights_from_tensors"):
-        if (torch.cuda.is_available() if pin is None else pin) and hasattr(store, "pin_memory"):
-            store.pin_memory()  # asynchronous copies to the GPU need page-locked host memory
-        return store
-    if hasattr(store, "gate_up") and hasattr(store, "down"):
-        return DenseHostStore.from_store(store, pin=pin)
-    raise TypeError(f"{type(store).__name__} cannot be offloaded: it needs expert_tensors(e) and "
-                    "weights_from_tensors(tensors, device, dtype), or fused gate_up/down tensors.")
+__all__ = ["DenseHostStore", "ExpertCache", "HostExpertStore", "OffloadSchedule", "OffloadedExpertStore",
+           "as_host_store", "offload_banks"]  # the host side re-exported from engine.model.host_arena
 
 
 # ---- the cache ---------------------------------------------------------------------------------
@@ -136,6 +75,7 @@ class _Slot:
         self.ready: torch.cuda.Event | None = None  # the copy into the slot is done
         self.read: torch.cuda.Event | None = None  # the last read of the slot is done
         self.last_use = 0
+        self.layout: RecordLayout | None = None  # the layout `tensors` were cut with
 
 
 class ExpertCache:
@@ -143,6 +83,12 @@ class ExpertCache:
 
     `device` may be a CPU device (tests): copies are then synchronous, and bytes are counted the same.
     `num_layers` sets the sweep length (default: the highest registered layer + 1).
+
+    Slot memory is one device buffer (`allocate`: slots × the largest expert record, `engine.model.host_arena`),
+    allocated once on the current stream; the copy stream then waits for that stream before its first write, so
+    it never writes memory the caching allocator handed back while kernels queued earlier still read it. A slot's
+    tensors are views into its row. Copies move whole records: a run of consecutive experts of an arena'd host
+    store going to consecutive slots is one copy and one event, not one copy per tensor and expert.
     """
 
     def __init__(self, num_slots: int, device: torch.device | str = "cuda", num_layers: int | None = None):
@@ -167,12 +113,30 @@ class ExpertCache:
         self._tick = 0
         self._cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._layouts: dict[int, RecordLayout] = {}
+        self.arena: torch.Tensor | None = None  # uint8 [num_slots, record bytes] on the device: every slot
 
     # ---- setup ---------------------------------------------------------------------------------
     def register(self, layer: int, host: HostExpertStore) -> None:
         """Serve `layer`'s experts from `host`."""
         self.sources[layer] = host
+        self._layouts[layer] = host_layout(host)
         self._max_layer = max(self._max_layer, layer)
+
+    def allocate(self) -> None:
+        """Allocate every slot now, as one buffer of slots × the largest registered expert record (again, emptying
+        the cache, when a larger expert was registered since)."""
+        need = max((lay.nbytes for lay in self._layouts.values()), default=0)
+        if self.arena is not None and self.arena.shape[1] >= need:
+            return
+        if self.arena is not None:  # the old slots may still be read or written on either stream: wait, start empty
+            self.clear()
+            if self._cuda:
+                torch.cuda.current_stream(self.device).synchronize()
+            self.slots = [_Slot() for _ in range(self.num_slots)]
+        self.arena = torch.empty((self.num_slots, need), dtype=torch.uint8, device=self.device)
+        if self._cuda:  # order the copy stream's writes after everything queued on the allocating stream
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
 
     @property
     def num_layers(self) -> int:
@@ -180,8 +144,9 @@ class ExpertCache:
         return self._num_layers or self._max_layer + 1
 
     def expert_nbytes(self, layer: int, expert: int) -> int:
-        """Bytes one expert occupies in a slot (and moves over PCIe)."""
-        return sum(t.nbytes for t in self.sources[layer].expert_tensors(expert).values())
+        """Bytes of one expert's tensors (what is counted as moved over PCIe; its record adds the padding of
+        16-byte aligned fields)."""
+        return self._layouts[layer].data_nbytes
 
     def reset_stats(self) -> None:
         """Zero the counters (the cache content stays)."""
@@ -247,8 +212,8 @@ class ExpertCache:
         self._lru[slot.key[0]].move_to_end(slot.key[1])
 
     # ---- moving experts ------------------------------------------------------------------------
-    def _fill(self, index: int, key: tuple[int, int], side: bool) -> int:
-        """Copy expert `key` into slot `index`: on the side stream (prefetch) or the current one (miss)."""
+    def _claim(self, index: int, key: tuple[int, int]) -> None:
+        """Give slot `index` to expert `key` (evicting what it held); its bytes come with `_copy_in`."""
         slot = self.slots[index]
         if slot.key is not None:
             del self.where[slot.key]
@@ -256,36 +221,72 @@ class ExpertCache:
             self.stats.evictions += 1
         elif self._free and self._free[-1] == index:
             self._free.pop()
-        src = self.sources[key[0]].expert_tensors(key[1])
-        if set(slot.tensors) != set(src) or any(slot.tensors[k].shape != v.shape or slot.tensors[k].dtype != v.dtype
-                                                for k, v in src.items()):
-            if slot.tensors and self._cuda:  # the old buffers may still be in use on either stream
-                self.copy_stream.synchronize()
-                torch.cuda.current_stream(self.device).synchronize()
-            slot.tensors = {k: torch.empty(v.shape, dtype=v.dtype, device=self.device) for k, v in src.items()}
-        nbytes = 0
-        if self._cuda:
-            stream = self.copy_stream if side else torch.cuda.current_stream(self.device)
-            if side and slot.read is not None:
-                stream.wait_event(slot.read)  # readers of the old content are done
-            if not side and slot.ready is not None:
-                stream.wait_event(slot.ready)  # a prefetch may still be copying into this slot
-            with torch.cuda.stream(stream):
-                for k, v in src.items():
-                    slot.tensors[k].copy_(v, non_blocking=True)
-                    nbytes += v.nbytes
-                slot.ready = torch.cuda.Event()
-                slot.ready.record(stream)
-        else:
-            for k, v in src.items():
-                slot.tensors[k].copy_(v)
-                nbytes += v.nbytes
+        layout = self._layouts[key[0]]
+        if slot.layout is not layout:
+            slot.tensors, slot.layout = layout.views(self.arena[index]), layout
         slot.key = key
         self.where[key] = index
         self._lru[key[0]][key[1]] = index
-        self.stats.bytes_moved += nbytes
-        self.stats.per_layer[key[0]].bytes += nbytes
-        return nbytes
+
+    def _runs(self, batch: list[tuple[int, tuple[int, int]]]) -> list[list[tuple[int, tuple[int, int]]]]:
+        """`batch` cut into runs that one copy can move: consecutive slots taking consecutive experts of one layer
+        whose host records are contiguous and as wide as a slot."""
+        runs: list[list[tuple[int, tuple[int, int]]]] = []
+        for index, key in sorted(batch):
+            if runs:
+                last_index, (last_layer, last_e) = runs[-1][-1]
+                records = self._host_records(key[0])
+                if (index, key) == (last_index + 1, (last_layer, last_e + 1)) and records is not None \
+                        and records.shape[1] == self.arena.shape[1]:
+                    runs[-1].append((index, key))
+                    continue
+            runs.append([(index, key)])
+        return runs
+
+    def _host_records(self, layer: int) -> torch.Tensor | None:
+        arena = getattr(self.sources[layer], "arena", None)
+        return arena.records if arena is not None and arena.layout == self._layouts[layer] else None
+
+    def _copy_in(self, batch: list[tuple[int, tuple[int, int]]], side: bool) -> None:
+        """Copy the experts of `batch` ((slot, key) pairs, claimed) into their slots: on the side stream (prefetch)
+        or the current one (miss), one copy and one event a run (`_runs`), counted in the stats."""
+        if not batch:
+            return
+        stream = None
+        if self._cuda:
+            stream = self.copy_stream if side else torch.cuda.current_stream(self.device)
+            for index, _ in batch:
+                wait = self.slots[index].read if side else self.slots[index].ready
+                if wait is not None:  # side: readers of the old content are done; miss: a prefetch into it is
+                    stream.wait_event(wait)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for run in self._runs(batch):
+                first, (layer, e0) = run[0]
+                records = self._host_records(layer)
+                if records is not None and (len(run) == 1 or records.shape[1] == self.arena.shape[1]):
+                    width = records.shape[1]
+                    self.arena[first:first + len(run), :width].copy_(records[e0:e0 + len(run)], non_blocking=True)
+                else:  # a host store without an arena: tensor by tensor
+                    for index, (l, e) in run:
+                        for k, v in self.sources[l].expert_tensors(e).items():
+                            self.slots[index].tensors[k].copy_(v, non_blocking=True)
+                if stream is not None:
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                    for index, _ in run:
+                        self.slots[index].ready = event
+                nbytes = len(run) * self._layouts[layer].data_nbytes
+                self.stats.bytes_moved += nbytes
+                self.stats.per_layer[layer].bytes += nbytes
+
+    def records(self, indices: Sequence[int], layer: int) -> torch.Tensor:
+        """The records of slots `indices` (of `layer`'s experts) as uint8 [n, record bytes] on the device: a view
+        when the slots are consecutive, else one gather. Read it before `done_reading` of those slots."""
+        width = self._layouts[layer].nbytes
+        first = indices[0]
+        if list(indices) == list(range(first, first + len(indices))):
+            return self.arena[first:first + len(indices), :width]
+        return self.arena.index_select(0, host_tensor_to(indices, self.device))[:, :width]
 
     def get(self, layer: int, expert: int) -> tuple[int, dict[str, torch.Tensor]]:
         """(slot index, raw tensors of the expert on the device), copying it in on a miss.
@@ -302,8 +303,10 @@ class ExpertCache:
         if index is None:
             self.stats.misses += 1
             counts.misses += 1
+            self.allocate()
             index = self._victim()
-            self._fill(index, key, side=False)
+            self._claim(index, key)
+            self._copy_in([(index, key)], side=False)
         else:
             self.stats.hits += 1
             counts.hits += 1
@@ -328,7 +331,8 @@ class ExpertCache:
         if layer not in self.sources:
             return 0
         target = self._distance(layer)
-        issued = 0
+        self.allocate()
+        batch = []
         for e in sorted(set(experts)):
             key = (layer, e)
             if key in self.where:
@@ -336,12 +340,13 @@ class ExpertCache:
             index = self._victim(need_farther_than=target)
             if index is None:
                 break
-            self._fill(index, key, side=True)
+            self._claim(index, key)  # claimed now (never a victim again in this call), copied below in runs
             self._touch(index)
             self.stats.prefetched += 1
             self.stats.per_layer[layer].prefetched += 1
-            issued += 1
-        return issued
+            batch.append((index, key))
+        self._copy_in(batch, side=True)
+        return len(batch)
 
 
 class OffloadedExpertStore:
@@ -363,20 +368,27 @@ class OffloadedExpertStore:
     def weights_batched(self, experts: Sequence[int], device: torch.device,
                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """gate_up [n, 2I, H] and down [n, H, I] of `experts`, dequantised on `device`: one dequantisation of the
-        group from its stacked cache slots (or expert by expert, see the class)."""
+        group from its cache slots' records (or expert by expert, see the class)."""
         if not self.batched:
             from .expert_bank import stack_weights
 
             return stack_weights(self, experts, device, dtype)
-        stacked: dict[str, torch.Tensor] = {}
-        for i, e in enumerate(experts):
-            index, tensors = self.cache.get(self.layer, e)
-            for k, v in tensors.items():
-                if k not in stacked:
-                    stacked[k] = torch.empty((len(experts), *v.shape), dtype=v.dtype, device=v.device)
-                stacked[k][i].copy_(v)
-            self.cache.done_reading(index)
-        return self.host.weights_from_stacked(stacked, device, dtype)
+        cache, layout = self.cache, self.cache._layouts[self.layer]
+        if all((self.layer, e) in cache.where for e in experts):  # all cached: nothing is evicted while we read
+            indices = [cache.get(self.layer, e)[0] for e in experts]
+            records = cache.records(indices, self.layer)  # consecutive slots: a view; else one gather
+        else:  # misses may evict a slot this group already read: take each record as it comes in
+            indices, records = [], None
+            for i, e in enumerate(experts):
+                index, _ = cache.get(self.layer, e)
+                if records is None:
+                    records = torch.empty((len(experts), layout.nbytes), dtype=torch.uint8, device=cache.arena.device)
+                records[i].copy_(cache.records([index], self.layer)[0])
+                cache.done_reading(index)
+        weights = self.host.weights_from_stacked(layout.stacked_views(records), device, dtype)
+        for index in indices:  # after the dequantisation's reads of the slots were issued
+            cache.done_reading(index)
+        return weights
 
     def weights(self, expert: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """gate_up [2I, H] and down [H, I] of `expert`, dequantised on `device` from its cache slot."""
@@ -434,4 +446,5 @@ def offload_banks(banks: dict[int, "torch.nn.Module"], num_slots: int, device: t
     cache = ExpertCache(num_slots, device, num_layers)
     for layer, bank in sorted(banks.items()):
         bank.store = OffloadedExpertStore(as_host_store(bank.store, pin=pin), layer, cache)
+    cache.allocate()  # every slot up front, in one buffer, before the step's activations fragment the GPU
     return cache

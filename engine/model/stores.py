@@ -30,6 +30,7 @@ from typing import Iterable, Sequence, Union
 import torch
 from torch import nn
 
+from .grouped import host_tensor_to
 from .store_files import FORMAT_VERSION, QuantCacheError, _check_tensors, _load_store, _save_store
 
 #: bitsandbytes settings of every NF4 tensor MoETune writes
@@ -136,6 +137,7 @@ class NF4ExpertStore(_FillTracking):
             self.tensors["nested_quant_map"] = torch.zeros(256, dtype=torch.float32)
         #: which (expert, part) have been quantised in
         self.filled = torch.zeros(num_experts, len(PARTS), dtype=torch.bool)
+        self.arena = None  # the host arena the tensors live in once packed for offloading (pin_memory)
         self._codes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- building ------------------------------------------------------------------------------
@@ -216,8 +218,8 @@ class NF4ExpertStore(_FillTracking):
         """gate_up [n, 2I, H] and down [n, H, I] of `experts`, dequantised on `device` in one bitsandbytes call
         per matrix kind (the same values as `weights` expert by expert)."""
         idx = list(experts)
-        sel = None if idx == list(range(self.num_experts)) else torch.tensor(idx, dtype=torch.long)
-        return self.weights_from_stacked({name: t if sel is None else t.index_select(0, sel.to(t.device))
+        sel = None if idx == list(range(self.num_experts)) else host_tensor_to(idx, self.tensors["down.offset"].device)
+        return self.weights_from_stacked({name: t if sel is None else t.index_select(0, sel)
                                           for name, t in self.tensors.items() if name.startswith(PARTS)}, device, dtype)
 
     def weights_from_stacked(self, tensors: dict[str, torch.Tensor], device: torch.device | str,
@@ -279,13 +281,24 @@ class NF4ExpertStore(_FillTracking):
 
     def to(self, device: torch.device | str) -> "NF4ExpertStore":
         """Move the stored tensors to `device` (in place; e.g. resident NF4 experts on the GPU); returns self."""
-        self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+        moved = {k: v.to(device) for k, v in self.tensors.items()}
+        if any(moved[k] is not v for k, v in self.tensors.items()):
+            self.arena = None  # the tensors left the host arena
+        self.tensors = moved
         return self
 
-    def pin_memory(self) -> "NF4ExpertStore":
-        """Put the stored tensors in pinned host memory (fast, asynchronous copies to a GPU); returns self."""
-        if torch.cuda.is_available():
-            self.tensors = {k: v.pin_memory() for k, v in self.tensors.items()}
+    def pin_memory(self, pin: bool | None = None) -> "NF4ExpertStore":
+        """Put the stored tensors in one host arena, expert after expert (`engine.model.host_arena`: one copy an
+        expert for the offload cache), page-locked when CUDA is there (`pin`: force); returns self."""
+        from .host_arena import HostArena
+
+        pin = torch.cuda.is_available() if pin is None else pin
+        if getattr(self, "arena", None) is None:
+            per = {k: v for k, v in self.tensors.items() if k.startswith(PARTS)}
+            self.arena = HostArena(per, {k: v for k, v in self.tensors.items() if k not in per})
+            self.tensors = self.arena.tensors
+        if pin:
+            self.arena.pin()
         return self
 
     def expected_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -385,7 +398,7 @@ class DenseExpertStore(_FillTracking):
         if idx == list(range(idx[0], idx[0] + len(idx))):
             gate_up, down = self.gate_up[idx[0]:idx[-1] + 1], self.down[idx[0]:idx[-1] + 1]
         else:
-            sel = torch.tensor(idx, dtype=torch.long, device=self.gate_up.device)
+            sel = host_tensor_to(idx, self.gate_up.device)  # copied without waiting for the stream
             gate_up, down = self.gate_up.index_select(0, sel), self.down.index_select(0, sel)
         return gate_up.to(device=device, dtype=dtype), down.to(device=device, dtype=dtype)
 
@@ -417,13 +430,14 @@ class DenseExpertStore(_FillTracking):
 ExpertStoreT = Union[NF4ExpertStore, DenseExpertStore]
 
 
-def expert_store(experts: nn.Module, quant: str) -> ExpertStoreT:
+def expert_store(experts: nn.Module, quant: str, fused: tuple[torch.Tensor, torch.Tensor] | None = None) -> ExpertStoreT:
     """The store for a loaded family experts module: NF4 (quantised expert by expert, kept on the
-    module's device) or its own bf16/fp32 tensors (`quant='bf16'`, no copy)."""
+    module's device) or its own bf16/fp32 tensors (`quant='bf16'`, no copy). `fused`: its experts as canonical
+    gate_up [E, 2I, H] and down [E, H, I] when the module's layout differs (Family.canonical_experts)."""
+    gate_up, down = fused if fused is not None else (experts.gate_up_proj, experts.down_proj)
     if quant == "nf4":
-        return NF4ExpertStore.from_fused(experts.gate_up_proj.detach(), experts.down_proj.detach()).to(
-            experts.gate_up_proj.device)
-    return DenseExpertStore.from_module(experts)
+        return NF4ExpertStore.from_fused(gate_up.detach(), down.detach()).to(gate_up.device)
+    return DenseExpertStore(gate_up, down)
 
 
 def quantized_nbytes(stores: dict[int, ExpertStoreT]) -> int:

@@ -46,7 +46,9 @@ def quantize_checkpoint_experts(path: str | Path, quant: str = "nf4", cache_dir:
     fused_re = _fused_expert_regex(family)
 
     def is_expert(name: str) -> bool:
-        return family.parse_expert_key(name) is not None or fused_re.fullmatch(family.rename(name)) is not None
+        return not family.skip_tensor(name, config) and (
+            family.parse_expert_key(name) is not None or fused_re.fullmatch(family.rename(name)) is not None
+            or family.raw_expert_layer(name) is not None)
 
     folder = cache_folder(path, cache_dir, quant, blocksize) if cache_dir is not None and quant == "nf4" else None
     cached = load_cached_experts(path, cache_dir, quant, blocksize) if folder is not None else None
@@ -67,8 +69,9 @@ def quantize_checkpoint_experts(path: str | Path, quant: str = "nf4", cache_dir:
     def wanted(name: str) -> bool:  # a tensor to read: not an expert, or an expert of a layer quantised now
         if not is_expert(name):
             return True
-        key = family.parse_expert_key(name)
-        return (key.layer if key is not None else int(fused_re.fullmatch(family.rename(name))[1])) in todo
+        key, raw = family.parse_expert_key(name), family.raw_expert_layer(name)
+        layer = key.layer if key is not None else raw if raw is not None else int(fused_re.fullmatch(family.rename(name))[1])
+        return layer in todo
 
     H, I, E = facts.hidden_size, facts.expert_intermediate_size, facts.num_experts
     stores: dict[int, ExpertStoreT] = {}
@@ -99,10 +102,16 @@ def quantize_checkpoint_experts(path: str | Path, quant: str = "nf4", cache_dir:
             store.save(folder / f"layer-{layer:03d}")
             saved.add(layer)
 
-    source = read_tensors(path, wanted if cached is not None else None) if tensors is None else tensors
+    # hub-specific expert layouts (gpt-oss's MXFP4 blocks, fused transposed tensors) as per-expert projections
+    source = family.convert_stream(read_tensors(path, wanted if cached is not None else None) if tensors is None
+                                   else tensors)
     for name, t in source:
         if cached is not None and not wanted(name):
             continue  # an expert of a layer the cache holds intact
+        if family.skip_tensor(name, config):
+            if on_other is not None:
+                on_other(name, t)  # a Multi-Token-Prediction layer's: the loader skips it, like its other tensors
+            continue
         key = family.parse_expert_key(name)
         if key is not None:
             if key.proj == "down":

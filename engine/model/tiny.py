@@ -128,7 +128,6 @@ def make_tiny_model(family: str, out: str | Path, layers: int = 2, hidden: int =
                     top_k: int = 2, seed: int = 0, vocab_size: int = 512, tokenizer: str = "bpe") -> Path:
     """Write a random-weight checkpoint (hub per-expert tensor names) and its tokenizer to `out`; `tokenizer` is
     "bpe" (byte-level, Qwen2-style) or "spm" (SentencePiece-style BPE with byte fallback, as Llama and Mixtral)."""
-    from transformers import AutoModelForCausalLM
 
     if family not in FAMILIES:
         get_family(family)  # raises the clear error
@@ -141,7 +140,8 @@ def make_tiny_model(family: str, out: str | Path, layers: int = 2, hidden: int =
     out.mkdir(parents=True, exist_ok=True)
     config.pad_token_id = tok.pad_token_id  # None for the SentencePiece style, which has no pad token (as Llama)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = get_family(family).tiny_model(config)
+    get_family(family).tiny_init(model, torch.Generator().manual_seed(seed))
     # transformers 5 writes experts back under the hub's per-expert names (gate_proj/up_proj/down_proj,
     # Mixtral's block_sparse_moe.experts.N.w1/w2/w3), which is the layout MoETune's loader reads.
     model.save_pretrained(out)

@@ -137,7 +137,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, di
     try:
         tensors = load_safetensors_checked(current)  # parses, no NaN / inf (its checksum was verified above)
         current = path / "trainer.pt"
-        torch_state = torch.load(current, weights_only=False)
+        # onto the CPU whatever device wrote it: a GPU's tensors would otherwise unpickle on that GPU (another rank's
+        # optimizer state on cuda:0) or fail on a machine without it; each rank moves its share to its own device
+        torch_state = torch.load(current, weights_only=False, map_location="cpu")
         current = path / STATE_FILE
         state = json.loads(current.read_text())
         if not isinstance(state, dict) or "step" not in state:

@@ -151,15 +151,31 @@ def is_main(dist: Dist | None) -> bool:
     return dist is None or dist.is_main
 
 
+def to_host(obj: Any) -> Any:
+    """`obj` with every tensor in it (nested dicts, lists, tuples) copied to the CPU: what the object collectives
+    send. A pickled CUDA tensor unpickles on the device it came from — on every rank — and not at all on a
+    machine without that device; CPU tensors unpickle anywhere, and each rank moves its share to its device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu() if obj.device.type != "cpu" else obj
+    if isinstance(obj, dict):
+        return type(obj)((k, to_host(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
+
+
 def broadcast_object(dist: Dist, obj: Any, what: str) -> Any:
-    box = [obj if dist.is_main else None]
+    """Rank 0's `obj` on every rank (its tensors travel on the CPU: `to_host`)."""
+    box = [to_host(obj) if dist.is_main else None]
     collective(dist, what, lambda: tdist.broadcast_object_list(box, src=0, group=dist.group,
                                                                 device=dist.device if dist.backend == "nccl" else None))
     return box[0]
 
 
 def gather_object(dist: Dist, obj: Any, what: str) -> list | None:
+    """Every rank's `obj` on rank 0 (None elsewhere), its tensors on the CPU (`to_host`)."""
     out = [None] * dist.world_size if dist.is_main else None
+    obj = to_host(obj)
     collective(dist, what, lambda: tdist.gather_object(obj, out, dst=0, group=dist.group))
     return out
 

@@ -209,7 +209,9 @@ def check_world_size(dist: Dist | None, state: dict, path: Path | str = "the che
 
 
 def rank_state(dist: Dist | None, tstate: dict, key: str) -> Any:
-    """This rank's entry of a per-rank list in a checkpoint's torch state (`rng` for a single process)."""
+    """This rank's entry of a per-rank list in a checkpoint's torch state (`rng` for a single process). The state
+    is on the CPU (loaded with map_location="cpu", sent through the object collectives as CPU tensors); the
+    optimizer's `load_state_dict` moves this rank's share to its parameters' device."""
     if dist is None:
         return tstate[key]
     ranks = tstate.get(f"{key}_ranks")

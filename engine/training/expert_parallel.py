@@ -116,10 +116,10 @@ class ShardedExpertBank(ExpertBank):
 
     def __init__(self, store, activation: str, hidden_size: int, intermediate_size: int, *, shard: ExpertShard,
                  parallel: AdapterBank | None = None, inside: dict[str, AdapterBank] | None = None,
-                 backend: str = "auto", max_group_bytes: int | None = None):
+                 backend: str = "auto", max_group_bytes: int | None = None, glu=None, bias=None):
         kwargs = {} if max_group_bytes is None else {"max_group_bytes": max_group_bytes}
         super().__init__(store, activation, hidden_size, intermediate_size, parallel=parallel, inside=inside,
-                         backend=backend, **kwargs)
+                         backend=backend, glu=glu, bias=bias, **kwargs)
         if store.num_experts != shard.per_rank:
             raise ValueError(f"ShardedExpertBank: the store holds {store.num_experts} experts, the shard "
                              f"{shard.per_rank}.")
@@ -229,9 +229,12 @@ def shard_experts(peft, group=None, device: torch.device | str | None = None) ->
                 (list(bank.inside.values()) if bank.inside is not None else []):
             shard_adapter_bank(adapters, shard)
         store = shard_store(bank.store, shard, device)
+        bias = None if bank.gate_up_bias is None else (bank.gate_up_bias[shard.rows].clone(),
+                                                       bank.down_bias[shard.rows].clone())
         sharded = ShardedExpertBank(store, f.activation, bank.hidden_size, bank.intermediate_size, shard=shard,
                                     parallel=bank.parallel, inside=dict(bank.inside) if bank.inside is not None
-                                    else None, backend=bank.backend, max_group_bytes=bank.max_group_bytes)
+                                    else None, backend=bank.backend, max_group_bytes=bank.max_group_bytes,
+                                    glu=bank.glu, bias=bias)
         block.experts = sharded
         peft.banks[layer] = sharded
         if peft.loaded.expert_stores:  # the streamed full store would otherwise stay alive

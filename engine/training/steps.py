@@ -148,7 +148,9 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
             layer.gradient_checkpointing = False
     if peft is not None:
         peft.clear_losses()
-    loss_sum, aux_sum = 0.0, 0.0
+    # losses summed on the device and read once at the end: an .item() per micro-batch and layer would stop the
+    # host until the GPU caught up, every time (the planner's host-sync budget, tests/test_gpu_readiness_hot.py)
+    loss_sum = aux_sum = torch.zeros((), dtype=torch.float64, device=device)
     try:
         # ---- forward sweep: embed, then layer by layer over all micro-batches, no graph ----------
         mbs: list[_MicroBatch] = []
@@ -193,9 +195,9 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
                 loss = model.loss_function(logits, mb.labels, vocab_size=model.config.vocab_size,
                                            **({"num_items_in_batch": num_items[m]} if num_items else {}))
             (loss / accum).backward()
-            loss_sum += loss.item() / accum
+            loss_sum = loss_sum + loss.detach().double() / accum
             mb.grad, mb.hidden = h.grad, None
-            del logits, loss
+            del logits, loss, h  # h: the last micro-batch's hidden state, no longer needed
         # ---- backward sweep: recompute each layer under autograd, push the gradient through -------
         for i in reversed(range(len(layers))):
             layer = layers[i]
@@ -214,7 +216,7 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
                     outputs.append(out)
                     grads.append(mb.grad.to(out.dtype))
                 if aux is not None:
-                    aux_sum += aux.item() / accum
+                    aux_sum = aux_sum + aux.detach().double() / accum
                     if aux.requires_grad:
                         outputs.append(aux / accum)
                         grads.append(torch.ones_like(aux))
@@ -239,8 +241,10 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
                 layer.gradient_checkpointing = flag
         if peft is not None:
             peft.clear_losses()
-    rows = [usage[i].tolist() for i in sorted(taps) if i in usage] if taps else None
-    return StepResult(loss=loss_sum, aux=aux_sum, usage=rows)
+    counted = [i for i in sorted(taps) if i in usage]
+    rows = (torch.stack([usage[i] for i in counted]).tolist() if counted else []) if taps else None
+    loss_value, aux_value = torch.stack([loss_sum, aux_sum]).tolist()  # the step's one read-back of its losses
+    return StepResult(loss=loss_value, aux=aux_value, usage=rows)
 
 
 def micro_batch_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, torch.Tensor]],
@@ -251,7 +255,8 @@ def micro_batch_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[
     layer_major_step's)."""
     accum = accum or len(micro_batches)
     device = next(model.parameters()).device
-    loss_sum, aux_sum, usage = 0.0, 0.0, None
+    loss_sum = aux_sum = torch.zeros((), dtype=torch.float64, device=device)
+    usage = None
     for m, batch in enumerate(micro_batches):
         if peft is not None:
             peft.clear_losses()
@@ -266,15 +271,17 @@ def micro_batch_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[
         aux = peft.aux_loss() if peft is not None else None
         total = loss + aux if aux is not None else loss
         (total / accum).backward()
-        loss_sum += loss.item() / accum
-        aux_sum += (aux.item() if aux is not None else 0.0) / accum
+        loss_sum = loss_sum + loss.detach().double() / accum
+        if aux is not None:
+            aux_sum = aux_sum + aux.detach().double() / accum
         if peft is not None:
             stats = peft.routing_stats()
             rows = [stats[layer]["experts"] for layer in sorted(stats)]
             usage = add_usage(usage, rows)
     if peft is not None:
         peft.clear_losses()  # the routers stop recording (a held-out loss or generation may follow)
-    return StepResult(loss=loss_sum, aux=aux_sum, usage=usage)
+    loss_value, aux_value = torch.stack([loss_sum, aux_sum]).tolist()
+    return StepResult(loss=loss_value, aux=aux_value, usage=usage)
 
 
 def _global_balance_totals(counted: list[list]) -> list[list]:

@@ -7,7 +7,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from gguf.constants import MODEL_TENSOR as GT
@@ -64,6 +64,8 @@ class Family:
     examples: tuple[str, ...] = ()
     #: attribute of a decoder layer that holds the MoE block (transformers 5.x names)
     block_attr: str = "mlp"
+    #: attribute of the MoE block that holds its router
+    router_attr: str = "gate"
     #: hub checkpoint name of one expert projection
     expert_key_template: str = "model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
     #: checkpoint projection name -> canonical projection
@@ -88,10 +90,29 @@ class Family:
     #: llama.cpp ropes interleaved pairs for this arch (LLAMA_ROPE_TYPE_NORM), HF rotates halves:
     #: q/k rows must be permuted as llama.cpp's converter does
     gguf_permute_qk: bool = False
+    #: whether llama.cpp's graph for this arch applies the config's sliding window (gpt-oss), not full attention
+    gguf_sliding_window: bool = False
     #: whether llama.cpp's graph for this arch renormalises the top-k gates (it is hard-coded there)
     gguf_norm_topk_prob: bool = False
+    #: how hub checkpoints name the experts when not by `expert_key_template` (shown by `moetune models`)
+    hub_expert_names: str = ""
+    #: whether hub checkpoints name each expert's projections (PEFT converts per-expert LoRA onto them)
+    peft_per_expert: bool = True
     #: file stem in engine/arch/published/ holding the config.json of the family's flagship release
     published: str = ""
+    #: attention linear layers attention LoRA wraps (those a layer has; MLA has its own projections)
+    attention_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    #: how the router scores experts: "softmax" (over all experts) or "sigmoid" (each expert on its own);
+    #: the balance loss reads the scores as the router computes them (`router_probs`)
+    router_scoring: str = "softmax"
+    #: the shared expert is a plain MLP added with weight 1 (no gate): adapters beside the MoE block merge into it
+    shared_expert_ungated: bool = False
+    #: why MoETune's GGUF writer cannot write this family although llama.cpp has its arch ("": it can)
+    gguf_missing: str = ""
+    #: model_type of the language model's own config inside a multimodal checkpoint's (Qwen3.5: qwen3_5_moe_text)
+    text_model_type: str = ""
+    #: attention projections whose llama.cpp tensors the arch's graph multiplies without LoRA adapters
+    gguf_lora_unsupported: tuple[str, ...] = ()
 
     # ---- facts -------------------------------------------------------------------------------
     def num_experts(self, cfg: Any) -> int:
@@ -126,7 +147,20 @@ class Family:
 
     def published_config(self):
         """The transformers config of the family's flagship release, from the published values."""
-        return config_from_file(PUBLISHED_DIR / f"{self.published}.json")
+        return self.model_config(config_from_file(PUBLISHED_DIR / f"{self.published}.json"))
+
+    def model_config(self, cfg: Any) -> Any:
+        """The config MoETune builds the language model from (a multimodal checkpoint's text config)."""
+        return cfg
+
+    def config_json_section(self, raw: dict) -> dict:
+        """The part of a checkpoint's config.json that holds the language model's keys (edited by merges)."""
+        return raw
+
+    def skip_tensor(self, name: str, cfg: Any) -> bool:
+        """Whether a checkpoint tensor is outside the language model MoETune trains (MTP layers, a vision tower):
+        loading and GGUF skip it; the hf export copies a vision tower's unchanged and drops MTP layers."""
+        return self.is_mtp_tensor(name, cfg)
 
     def tiny_config_kwargs(self, layers: int, hidden: int, experts: int, top_k: int, vocab: int) -> dict:
         """Keyword arguments for this family's transformers config class at a tiny size."""
@@ -137,12 +171,12 @@ class Family:
         """Yield (layer index, MoE block) for every decoder layer that has routed experts."""
         for i, layer in enumerate(decoder_layers(model)):
             block = getattr(layer, self.block_attr)
-            if hasattr(block, "experts") and hasattr(block, "gate"):
+            if hasattr(block, "experts") and hasattr(block, self.router_attr):
                 yield i, block
 
     def router(self, block: nn.Module) -> nn.Module:
         """The block's router: a module with a `weight` [E, H] that returns (logits, gates, indices)."""
-        return block.gate
+        return getattr(block, self.router_attr)
 
     def experts(self, block: nn.Module) -> nn.Module:
         """The block's experts module (fused `gate_up_proj` [E, 2I, H], `down_proj` [E, H, I])."""
@@ -152,12 +186,109 @@ class Family:
         """The always-on shared expert of the block, if the family has one."""
         return None
 
+    def router_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-token expert probabilities [T, E] from the router's logits, for the balance loss and statistics:
+        softmax for a softmax router; a sigmoid router's scores normalised to sum to 1 (DeepSeek-V3's
+        sequence-wise balance loss uses the same normalised affinities)."""
+        if self.router_scoring == "sigmoid":
+            scores = torch.sigmoid(logits.float())
+            return scores / scores.sum(dim=-1, keepdim=True)
+        return torch.softmax(logits.float(), dim=-1)
+
+    def topk_gate_sum(self, cfg: Any) -> float | None:
+        """What every token's top-k gates sum to when that is one constant (1.0 when renormalised), else None."""
+        return 1.0 if self.norm_topk_prob(cfg) else None
+
+    def router_note(self, cfg: Any) -> str:
+        """What the routing statistics and balance losses mean for this family's router (one line)."""
+        return ("softmax router: balance loss = E · Σ_e f_e · P_e over all MoE layers (transformers' "
+                "load_balancing_loss_func; P_e the mean softmax probability; k when balanced)")
+
+    def attention_modules(self, attn: nn.Module) -> list[str]:
+        """Names of the attention linear layers this decoder layer's attention has (of `attention_projections`)."""
+        return [n for n in self.attention_projections if isinstance(getattr(attn, n, None), nn.Module)]
+
+    def shared_expert_proj(self, name: str) -> tuple[int, str] | None:
+        """(layer, canonical projection) when a checkpoint tensor is a projection of an ungated shared expert."""
+        return None
+
+    def shared_expert_layout(self, cfg: Any, expert_intermediate: int, extra: int) -> tuple[int, dict]:
+        """(width, config.json edits) of the ungated shared expert after a merge that makes the routed experts
+        `expert_intermediate` wide and needs `extra` more shared columns."""
+        raise NotImplementedError(f"{self.title} has no ungated shared expert to merge into")
+
+    def is_mtp_tensor(self, name: str, cfg: Any = None) -> bool:
+        """Whether a checkpoint tensor belongs to a Multi-Token-Prediction layer, which transformers' model does not
+        build: MoETune skips it when loading and exporting. Default: the `num_nextn_predict_layers` layers past
+        `num_hidden_layers` (DeepSeek-V3, GLM-4.5)."""
+        extra = int(getattr(cfg, "num_nextn_predict_layers", 0) or 0) if cfg is not None else 0
+        m = re.match(r"model\.layers\.(\d+)\.", name) if extra else None
+        return m is not None and int(cfg.num_hidden_layers) <= int(m[1]) < int(cfg.num_hidden_layers) + extra
+
+    def tiny_model(self, config: Any) -> nn.Module:
+        """The randomly initialised model a tiny checkpoint is saved from (the hub's class: a multimodal one for a
+        multimodal family)."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
     def expert_views(self, block: nn.Module, expert: int) -> dict[str, torch.Tensor]:
         """Per-expert gate [I, H], up [I, H], down [H, I] as views into the fused tensors."""
         experts = self.experts(block)
-        inter = experts.gate_up_proj.shape[1] // 2
-        gate_up = experts.gate_up_proj[expert]
-        return {"gate": gate_up[:inter], "up": gate_up[inter:], "down": experts.down_proj[expert]}
+        return {proj: self.fused_view(getattr(experts, attr), attr, expert, proj)
+                for proj, attr in (("gate", "gate_up_proj"), ("up", "gate_up_proj"), ("down", "down_proj"))}
+
+    def fused_view(self, fused: torch.Tensor, attr: str, expert: int, proj: str) -> torch.Tensor:
+        """The canonical [out, in] view of one expert's projection inside the module's fused tensor `attr`
+        (`gate_up_proj` [E, 2I, H]: gate rows then up rows; `down_proj` [E, H, I])."""
+        rows = fused[expert]
+        if attr == "gate_up_proj":
+            inter = rows.shape[0] // 2
+            return rows[:inter] if proj == "gate" else rows[inter:]
+        return rows
+
+    # ---- the experts' own form (defaults: act(gate)·up with hidden_act, no biases, fused [E, 2I, H]) -----
+    def expert_glu(self, cfg: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """The experts' gated activation (gate, up) -> hidden when it is not `act(gate) · up` (None: it is)."""
+        return None
+
+    def canonical_experts(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """All experts of a loaded block as gate_up [E, 2I, H] (gate rows, then up rows) and down [E, H, I]."""
+        experts = self.experts(block)
+        return experts.gate_up_proj, experts.down_proj
+
+    def expert_biases(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The experts' biases in the canonical order, gate_up [E, 2I] and down [E, H]; None: they have none."""
+        return None
+
+    def raw_expert_layer(self, name: str) -> int | None:
+        """The layer of a hub tensor holding experts in a form `convert_stream` rewrites (None: not one)."""
+        return None
+
+    def convert_stream(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Hub checkpoint tensors with experts in a family-specific form (e.g. MXFP4 blocks) rewritten as
+        per-expert canonical projections under `expert_key_template`; the rest unchanged."""
+        return iter(tensors)
+
+    def expert_checkpoint_tensors(self, layer: int, experts: Iterable[dict[str, torch.Tensor]]
+                                  ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(hub name, tensor) of one layer's experts (canonical gate / up / down, expert by expert) in the hub's
+        layout."""
+        for e, w in enumerate(experts):
+            for proj in PROJECTIONS:
+                yield self.expert_key_name(ExpertKey(layer, e, proj)), w[proj]
+
+    def widen_non_expert(self, name: str, tensor: torch.Tensor, extra: int, cfg: Any = None) -> torch.Tensor:
+        """A non-expert hub tensor of a model with config `cfg` after the experts are widened by `extra` units
+        (expert biases, shared experts sized by the experts' width get zeros for them)."""
+        return tensor
+
+    def gguf_stream(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Checkpoint tensors as the GGUF export maps them (default: as they are)."""
+        return iter(tensors)
+
+    def tiny_init(self, model: nn.Module, generator: torch.Generator) -> None:
+        """Give a tiny random model's zero-initialised tensors that matter (expert biases...) random values."""
 
     # ---- checkpoint names ---------------------------------------------------------------------
     def parse_expert_key(self, name: str) -> ExpertKey | None:
@@ -166,6 +297,11 @@ class Family:
         if m is None:
             return None
         return ExpertKey(int(m["layer"]), int(m["expert"]), self.proj_names[m["proj"]])
+
+    def peft_name(self, name: str) -> str:
+        """The weight name a PEFT-layout LoRA calls a checkpoint tensor by (the hub's, unless the model users load
+        it onto names it otherwise)."""
+        return name
 
     def expert_key_name(self, key: ExpertKey) -> str:
         """The hub checkpoint name of one expert projection (inverse of parse_expert_key)."""
@@ -194,9 +330,24 @@ class Family:
         """llama.cpp's name of the stacked experts of one canonical projection ('blk.0.ffn_gate_exps.weight')."""
         return GGUF_TENSOR_NAMES[self.gguf_expert_tensors[proj]].format(bid=layer) + ".weight"
 
-    def gguf_hparams(self, cfg: Any) -> dict[str, int]:
-        """Arch-specific llama.cpp hyperparameters, by gguf key template ('{arch}.expert_feed_forward_length')."""
+    def gguf_hparams(self, cfg: Any) -> dict[str, int | float | bool]:
+        """Arch-specific llama.cpp hyperparameters, by gguf key template ('{arch}.expert_feed_forward_length');
+        they replace the generic value of the same key."""
         return {}
+
+    def gguf_transform(self, cfg: Any, target: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """The llama.cpp tensors one renamed checkpoint tensor becomes (default: itself)."""
+        return [(target, tensor)]
+
+    def gguf_required(self, cfg: Any) -> list[str]:
+        """llama.cpp tensor names a complete GGUF of this config holds."""
+        need = []
+        for tensor in self.gguf_tensors.values():
+            template = GGUF_TENSOR_NAMES[tensor] + ".weight"
+            layers = range(int(cfg.num_hidden_layers)) if "{bid}" in template else (None,)
+            need += [template.format(bid=layer) for layer in layers]
+        return need + [self.gguf_expert_tensor_name(layer, p)
+                       for layer in range(int(cfg.num_hidden_layers)) for p in PROJECTIONS]
 
     def gguf_problems(self, cfg: Any) -> list[str]:
         """What in this config llama.cpp's graph for the arch would compute differently from transformers."""
