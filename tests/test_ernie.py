@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from engine.model import iter_tensors, load_model
 from engine.model.arch import get_family
 from engine.model.arch.base import PUBLISHED_DIR
 
+from .tiny_run import check_resume_chat_eval
 from .tolerance import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,10 +106,8 @@ def test_the_releases_mtp_layer_is_skipped(with_mtp, tmp_path):
 def test_a_shared_gated_run_trains_resumes_chats_evaluates_and_exports(with_mtp, tmp_path, capsys):
     """Shared gated adapters on the MoE blocks (beside the ungated shared experts), attention LoRA, the base
     router's balance loss, NF4 experts, on the checkpoint with the release's MTP layer."""
-    from engine.cli import main
     from engine.data.synthetic import last_digit_rows
     from engine.export import export_run, llama_child
-    from engine.runs.events import read_events
     from engine.training.loop import train
 
     _, ckpt = with_mtp
@@ -126,20 +124,8 @@ def test_a_shared_gated_run_trains_resumes_chats_evaluates_and_exports(with_mtp,
     assert train(from_dict(cfg), parts, echo=False, stop_after=3)["status"] == "stopped"
     train(from_dict(cfg), parts, resume=True, echo=False)
 
-    def steps(run: Path) -> dict[int, float]:
-        return {e["step"]: e["loss"] for e in read_events(run / "events.jsonl", 0)[0] if e["type"] == "step"}
-
-    a, b = steps(full), steps(parts)
-    assert sorted(a) == sorted(b) == list(range(1, 7)) and a[6] < a[1]
-    assert all(a[s] == pytest.approx(b[s], rel=1e-6, abs=1e-7) for s in a), (a, b)
-    assert main(["chat", "--run", str(full), "--prompt", "What is the last digit of 4817?"]) == 0
-    assert capsys.readouterr().out.strip()
-    bench = tmp_path / "lastdigit" / "test.json"
-    bench.parent.mkdir()
-    bench.write_text(json.dumps(last_digit_rows(4, seed=2)))
-    assert main(["eval", "--run", str(full), "--bench", str(bench), "--json"]) == 0
-    (result,) = json.loads(capsys.readouterr().out)["benchmarks"]
-    assert result["rows"] == 4 and 0 <= result["correct"] <= 4
+    a = check_resume_chat_eval(full, parts, tmp_path, capsys)
+    assert a[6] < a[1]
 
     # the gates sum to 1: the shared adapter widens every routed expert; the shared experts are zero-padded
     report = export_run(full, "hf", "f32", tmp_path / "hf")

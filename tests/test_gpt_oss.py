@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from engine.config import from_dict
 from engine.model import load_model
 from engine.model.hf_checkpoint import iter_tensors
 
+from .tiny_run import check_resume_chat_eval
 from .tolerance import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -125,10 +125,8 @@ def test_clamped_swiglu_with_biases_equals_transformers_where_the_clamp_bites(ti
 
 
 def test_a_run_on_the_mxfp4_checkpoint_trains_resumes_chats_and_exports(mxfp4_checkpoint, tmp_path, capsys):
-    from engine.cli import main
     from engine.data.synthetic import last_digit_rows
     from engine.export import export_run
-    from engine.runs.events import read_events
     from engine.training.loop import train
 
     from .test_export_merge import reload
@@ -146,20 +144,7 @@ def test_a_run_on_the_mxfp4_checkpoint_trains_resumes_chats_and_exports(mxfp4_ch
     assert train(from_dict(cfg), parts, echo=False, stop_after=3)["status"] == "stopped"
     train(from_dict(cfg), parts, resume=True, echo=False)
 
-    def steps(run: Path) -> dict[int, float]:
-        return {e["step"]: e["loss"] for e in read_events(run / "events.jsonl", 0)[0] if e["type"] == "step"}
-
-    a, b = steps(full), steps(parts)
-    assert sorted(a) == sorted(b) == list(range(1, 7))
-    assert all(a[s] == pytest.approx(b[s], rel=1e-6, abs=1e-7) for s in a), (a, b)
-    assert main(["chat", "--run", str(full), "--prompt", "What is the last digit of 4817?"]) == 0
-    assert capsys.readouterr().out.strip()
-    bench = tmp_path / "lastdigit" / "test.json"
-    bench.parent.mkdir()
-    bench.write_text(json.dumps(last_digit_rows(4, seed=2)))
-    assert main(["eval", "--run", str(full), "--bench", str(bench), "--json"]) == 0
-    (result,) = json.loads(capsys.readouterr().out)["benchmarks"]
-    assert result["rows"] == 4 and 0 <= result["correct"] <= 4
+    check_resume_chat_eval(full, parts, tmp_path, capsys)
     # hf: the hub's fused bf16 layout, no quantization_config, reloads in transformers with the run's logits
     report = export_run(full, "hf", "f32", tmp_path / "hf")
     assert report["exact"] and report["max_abs_logit_diff"] <= 1e-3 * report["check"]["max_abs_logit"]

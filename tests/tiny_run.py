@@ -46,3 +46,28 @@ def train_tiny_run(base: Path, root: Path, steps: int = STEPS) -> Path:
     summary = train(from_dict(cfg), out, echo=False, device="cpu")
     assert summary["status"] == "done", summary
     return out
+
+
+def check_resume_chat_eval(full: Path, parts: Path, tmp_path: Path, capsys) -> dict[int, float]:
+    """A run trained in one go (`full`) and one stopped and resumed (`parts`): the same losses at steps 1-6; `full`
+    chats and scores a 4-row last-digit benchmark through the CLI. Returns `full`'s losses by step."""
+    import pytest
+
+    from engine.cli import main
+    from engine.runs.events import read_events
+
+    def steps(run: Path) -> dict[int, float]:
+        return {e["step"]: e["loss"] for e in read_events(run / "events.jsonl", 0)[0] if e["type"] == "step"}
+
+    a, b = steps(full), steps(parts)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert all(a[s] == pytest.approx(b[s], rel=1e-6, abs=1e-7) for s in a), (a, b)
+    assert main(["chat", "--run", str(full), "--prompt", "What is the last digit of 4817?"]) == 0
+    assert capsys.readouterr().out.strip()
+    bench = tmp_path / "lastdigit" / "test.json"
+    bench.parent.mkdir()
+    bench.write_text(json.dumps(last_digit_rows(4, seed=2)))
+    assert main(["eval", "--run", str(full), "--bench", str(bench), "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)["benchmarks"]
+    assert result["rows"] == 4 and 0 <= result["correct"] <= 4
+    return a
