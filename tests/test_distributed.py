@@ -82,6 +82,11 @@ def _wait(procs: list[subprocess.Popen], limit: float = 240) -> list[tuple[int, 
     return out
 
 
+def _failed(results: list[tuple[int, str]]) -> str:
+    """Every rank's exit status and the end of its output, for an assertion message."""
+    return "\n".join(f"rank {r}: exit {rc}\n{text[-3000:]}" for r, (rc, text) in enumerate(results))
+
+
 def _losses(run: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in read_events(run / "events.jsonl")[0] if e["type"] == "step"}
 
@@ -339,7 +344,7 @@ def test_sigterm_to_the_launcher_stops_both_ranks_at_one_step_and_resume_is_exac
     with pytest.raises(collectives.DistributedError, match="job of 2 rank.*this job has 1"):
         train(from_dict(_resume_config(setup)), out, resume=True, echo=False, device="cpu")
     results = _wait(_start_job([{"config": _resume_config(setup), "out": str(out), "resume": True}], root))
-    assert all(rc == 0 for rc, _ in results), results[0][1][-3000:]
+    assert all(rc == 0 for rc, _ in results), _failed(results)
     whole = two_ranks["dp"]["whole"]
     parts = _losses(out)
     assert parts == _losses(whole)  # every step, before and after the stop, to the printed digit
