@@ -1,22 +1,31 @@
-"""Model families, registered by their `model_type`. Adding a family = one module here + a test."""
+"""Model families, registered by their `model_type`: one module per family (`FAMILY`), found by name.
+Adding a family = its module here + its published config.json in published/ + a test parameter."""
 
 from __future__ import annotations
 
-from .base import NF4_BITS, PROJECTIONS, ExpertKey, Family, MoEFacts, config_from_file, decoder_layers
-from .deepseek_v2 import FAMILY as _deepseek_v2
-from .deepseek_v3 import FAMILY as _deepseek_v3
-from .glm4_moe import FAMILY as _glm4_moe
-from .ernie4_5_moe import FAMILY as _ernie4_5_moe
-from .gpt_oss import FAMILY as _gpt_oss
-from .qwen3_5_moe import FAMILY as _qwen3_5_moe
-from .mixtral import FAMILY as _mixtral
-from .olmoe import FAMILY as _olmoe
-from .qwen2_moe import FAMILY as _qwen2_moe
-from .qwen3_moe import FAMILY as _qwen3_moe
+import importlib
+import pkgutil
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (_olmoe, _mixtral, _qwen2_moe, _qwen3_moe, _gpt_oss,
-                                                         _ernie4_5_moe, _deepseek_v2, _deepseek_v3, _glm4_moe,
-                                                         _qwen3_5_moe)}
+from .base import NF4_BITS, PROJECTIONS, ExpertKey, Family, MoEFacts, config_from_file, decoder_layers
+
+
+def _discover() -> dict[str, Family]:
+    """Every module of this package but `base` holds one family as `FAMILY`, registered by its `model_type`
+    (by module name, so `moetune models` and the app list them in a stable order): adding a family is adding
+    its module and its published config, nothing here."""
+    found: dict[str, Family] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name == "base" or info.ispkg:
+            continue
+        family = getattr(importlib.import_module(f"{__name__}.{info.name}"), "FAMILY", None)
+        if not isinstance(family, Family) or family.model_type != info.name:
+            raise ImportError(f"engine/model/arch/{info.name}.py must define FAMILY, a Family whose model_type is "
+                              f"{info.name!r} (the module is named after the model_type it registers)")
+        found[family.model_type] = family
+    return found
+
+
+FAMILIES: dict[str, Family] = _discover()
 
 
 class UnsupportedModelError(ValueError):
