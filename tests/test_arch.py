@@ -15,6 +15,16 @@ from engine.model import CheckpointError, iter_tensors, load_model, make_tiny_mo
 from .conftest import FAMILY_NAMES
 
 
+#: families whose hub checkpoints hold each layer's experts fused: those tensors' names (layer {l})
+HUB_FUSED = {
+    # gpt-oss: fused, transposed: gate_up_proj [E, H, 2I] (interleaved) and down_proj [E, I, H]
+    "gpt_oss": ("model.layers.{l}.mlp.experts.gate_up_proj", "model.layers.{l}.mlp.experts.down_proj"),
+    # Granite-MoE: input_linear [E, 2I, H] (gate rows, then up) and output_linear [E, H, I]
+    "granitemoe": ("model.layers.{l}.block_sparse_moe.input_linear.weight",
+                   "model.layers.{l}.block_sparse_moe.output_linear.weight"),
+}
+
+
 def _hf_model(path):
     from transformers import AutoModelForCausalLM
 
@@ -33,8 +43,8 @@ def test_checkpoint_uses_hub_per_expert_names(family, tiny_checkpoint):
     assert len(experts) == 2 * 4 * 3
     assert all(fam.expert_key_name(k) in names for k in experts)
     fused = [n for n in raw if fam.raw_expert_layer(n) is not None]
-    if family == "gpt_oss":  # the hub's fused, transposed layout: gate_up_proj [E, H, 2I] and down_proj per layer
-        assert sorted(fused) == [f"model.layers.{l}.mlp.experts.{p}" for l in (0, 1) for p in ("down_proj", "gate_up_proj")]
+    if family in HUB_FUSED:
+        assert sorted(fused) == sorted(p.format(l=l) for l in (0, 1) for p in HUB_FUSED[family])
     else:
         assert not fused and not any(".experts.gate_up_proj" in n for n in raw)
 

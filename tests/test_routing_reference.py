@@ -112,10 +112,11 @@ def test_routed_weighs_adapters_by_its_own_router(family, renormalize, tiny_chec
 
 def _moe_gates(lm, block, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoE's top-k and gates from its router's weight (and bias, gpt-oss): softmax, top-k, renormalised where
-    the family does (Mixtral and Qwen3.5 always; gpt-oss, whose softmax over the top-k logits is exactly that; the
-    others when config.norm_topk_prob; DeepSeek-V2 never), times DeepSeek's routed_scaling_factor; DeepSeek-V3 and
-    GLM-4.5: sigmoid scores, chosen with e_score_correction_bias among the best topk_group of n_group groups (ranked
-    by their best two), the unbiased scores renormalised and scaled; ERNIE: the bias chooses among softmax scores."""
+    the family does (Mixtral and Qwen3.5 always; gpt-oss and Granite, whose softmax over the top-k logits is exactly
+    that; the others when config.norm_topk_prob; DeepSeek-V2 never), times DeepSeek's routed_scaling_factor;
+    DeepSeek-V3 and GLM-4.5: sigmoid scores, chosen with e_score_correction_bias among the best topk_group of n_group
+    groups (ranked by their best two), the unbiased scores renormalised and scaled; ERNIE: the bias chooses among
+    softmax scores."""
     cfg, router = lm.config, lm.family.router(block)
     bias = getattr(router, "bias", None)
     logits = x @ router.weight.T + (0 if bias is None else bias)
@@ -136,7 +137,7 @@ def _moe_gates(lm, block, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
         idx, _ = _top_k(masked.reshape(choice.shape), k, False)
         gates = torch.gather(scores, 1, idx)
         return idx, gates / gates.sum(dim=-1, keepdim=True) * cfg.routed_scaling_factor
-    renorm = cfg.model_type in ("mixtral", "gpt_oss", "qwen3_5_moe_text") or (
+    renorm = cfg.model_type in ("mixtral", "gpt_oss", "granitemoe", "qwen3_5_moe_text") or (
         bool(getattr(cfg, "norm_topk_prob", False)) and cfg.model_type != "deepseek_v2")
     idx, gates = _top_k(_softmax(logits), k, renorm)
     return idx, gates * getattr(cfg, "routed_scaling_factor", 1.0)

@@ -1,0 +1,102 @@
+"""Granite MoE (ibm-granite/granite-3.1-3b-a800m: 40 experts, top-8; granite-3.1-1b-a400m: 32 experts, top-8).
+
+What differs from the other families (transformers 5 `GraniteMoeMoE` / `GraniteMoeTopKRouter`):
+- the block is `block_sparse_moe`, its router `router` (no bias): the gates are a softmax over the top-k logits,
+  so they always sum to 1 (renormalised, as llama.cpp's graph computes them);
+- the experts are stored fused per layer, in the hub's checkpoints too: `block_sparse_moe.input_linear.weight`
+  [E, 2I, H] (gate rows, then up rows) and `output_linear.weight` [E, H, I] — transformers 5's own
+  `gate_up_proj` / `down_proj` layout under other names — and the router as `router.layer.weight`;
+  `convert_stream` splits the fused tensors into per-expert canonical projections for the loader, and exports
+  write them fused again under the hub's names;
+- μP multipliers (embedding_multiplier, residual_multiplier on both sublayers, attention_multiplier as the
+  attention scale, logits divided by logits_scaling): transformers' own model computes them, adapters sit inside
+  the residual branches where they are scaled with the MoE output, and the GGUF carries them as llama.cpp's
+  embedding_scale / residual_scale / attention.scale / logit_scale;
+- RoPE rotates halves, llama.cpp's 'granitemoe' interleaved pairs: q/k rows are permuted for GGUF, as for Llama.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from gguf.constants import Keys
+
+from .base import GT, Family
+
+_RAW = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.(input_linear|output_linear)\.weight")
+
+
+class GraniteMoeFamily(Family):
+    model_type = "granitemoe"
+    title = "Granite-MoE"
+    examples = ("ibm-granite/granite-3.1-3b-a800m-base", "ibm-granite/granite-3.1-3b-a800m-instruct",
+                "ibm-granite/granite-3.1-1b-a400m-instruct")
+    published = "granite-3.1-3b-a800m-base"
+    block_attr = "block_sparse_moe"
+    router_attr = "router"
+    #: canonical per-expert names between `convert_stream` and the loader; no hub checkpoint has them
+    expert_key_template = "model.layers.{layer}.block_sparse_moe.experts.{expert}.{proj}.weight"
+    renames = {".block_sparse_moe.router.layer.": ".block_sparse_moe.router."}
+    peft_per_expert = False  # the hub's experts are fused per layer
+    hub_expert_names = ("model.layers.{layer}.block_sparse_moe.input_linear.weight [E, 2I, H] (gate rows, then up) "
+                        "and output_linear.weight [E, H, I]")
+    gguf_arch = "granitemoe"
+    gguf_permute_qk = True  # llama.cpp ropes interleaved pairs (its converter is Llama's, which permutes q/k)
+    gguf_norm_topk_prob = True  # softmax over all, top-k, renormalised: transformers' softmax over the top-k logits
+    gguf_tensors = {**Family.gguf_tensors, "model.layers.{bid}.block_sparse_moe.router": GT.FFN_GATE_INP}
+    gguf_tensors.pop("model.layers.{bid}.mlp.gate")
+
+    def num_experts(self, cfg):
+        return int(cfg.num_local_experts)
+
+    def norm_topk_prob(self, cfg):
+        return True
+
+    # ---- hub tensors ------------------------------------------------------------------------------
+    def raw_expert_layer(self, name):
+        m = _RAW.fullmatch(name)
+        return None if m is None else int(m[1])
+
+    def convert_stream(self, tensors):
+        for name, t in tensors:
+            m = _RAW.fullmatch(name)
+            if m is None:
+                yield name, t
+                continue
+            layer, part = int(m[1]), m[2]
+            for e in range(t.shape[0]):
+                key = lambda proj: self.expert_key_template.format(layer=layer, expert=e, proj=proj)  # noqa: E731
+                if part == "output_linear":
+                    yield key("down_proj"), t[e]
+                else:
+                    inter = t.shape[1] // 2
+                    yield key("gate_proj"), t[e, :inter]
+                    yield key("up_proj"), t[e, inter:]
+
+    def expert_checkpoint_tensors(self, layer, experts):
+        prefix = f"model.layers.{layer}.block_sparse_moe."
+        experts = list(experts)
+        yield prefix + "input_linear.weight", torch.stack([torch.cat([w["gate"], w["up"]]) for w in experts])
+        yield prefix + "output_linear.weight", torch.stack([w["down"] for w in experts])
+
+    # ---- GGUF (llama.cpp's 'granitemoe') ------------------------------------------------------------
+    def gguf_stream(self, tensors):
+        return self.convert_stream(tensors)
+
+    def gguf_hparams(self, cfg):
+        return {Keys.LLM.EMBEDDING_SCALE: float(cfg.embedding_multiplier),
+                Keys.LLM.RESIDUAL_SCALE: float(cfg.residual_multiplier),
+                Keys.Attention.SCALE: float(cfg.attention_multiplier),
+                Keys.LLM.LOGIT_SCALE: float(cfg.logits_scaling)}
+
+    def tiny_config_kwargs(self, layers, hidden, experts, top_k, vocab):
+        # the release's μP multipliers (attention_multiplier is 1/head_dim there too), so that a missing one shows
+        return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden // 2, num_hidden_layers=layers,
+                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts,
+                    num_experts_per_tok=top_k, max_position_embeddings=1024, embedding_multiplier=12.0,
+                    residual_multiplier=0.22, attention_multiplier=4.0 / hidden, logits_scaling=6.0,
+                    tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+FAMILY = GraniteMoeFamily()
