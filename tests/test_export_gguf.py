@@ -26,7 +26,7 @@ DTYPES = ["f32", "f16", "bf16", "q8_0"]
 GGUF_FAMILIES = [f for f in FAMILY_NAMES if not get_family(f).gguf_missing]
 #: llama.cpp's architecture of each family (src/llama-arch.cpp); Mixtral runs as llama with experts
 ARCH = {"olmoe": "olmoe", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss",
-        "ernie4_5_moe": "ernie4_5-moe",
+        "ernie4_5_moe": "ernie4_5-moe", "granitemoe": "granitemoe",
         "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe": "glm4moe"}
 #: token-id prompts (no tokenizer in the loop), and how many tokens to continue each
 PROMPTS = [[1, 40, 41, 300, 12, 77], [5, 100, 200, 300, 400], [1, 7]]
@@ -182,8 +182,12 @@ def test_gguf_reads_back(tiny_checkpoint, tmp_path, family, dtype):
                "embedding_length": facts.hidden_size, "attention.head_count": cfg.num_attention_heads,
                "attention.head_count_kv": cfg.num_key_value_heads, "expert_count": facts.num_experts,
                "expert_used_count": facts.top_k}
-    if family in ("olmoe", "mixtral"):  # these archs size their experts by feed_forward_length
+    if family in ("olmoe", "mixtral", "granitemoe"):  # these archs size their experts by feed_forward_length
         hparams["feed_forward_length"] = facts.expert_intermediate_size
+    if family == "granitemoe":  # the μP multipliers under llama.cpp's names (logits divided by logit_scale)
+        for key, value in (("embedding_scale", cfg.embedding_multiplier), ("residual_scale", cfg.residual_multiplier),
+                           ("attention.scale", cfg.attention_multiplier), ("logit_scale", cfg.logits_scaling)):
+            assert _field(reader, f"{arch}.{key}") == pytest.approx(value), key
     if family in ("qwen2_moe", "qwen3_moe", "gpt_oss"):
         hparams["expert_feed_forward_length"] = facts.expert_intermediate_size
     if family == "gpt_oss":
