@@ -91,11 +91,13 @@ class GraniteMoeFamily(Family):
                 Keys.LLM.LOGIT_SCALE: float(cfg.logits_scaling)}
 
     def tiny_config_kwargs(self, layers, hidden, experts, top_k, vocab):
-        # the release's μP multipliers (attention_multiplier is 1/head_dim there too), so that a missing one shows
+        # μP multipliers away from 1 so that llama.cpp's logits show a missing one, but milder than the release's
+        # (embedding 12, residual 0.22, logits / 6), with which a tiny random model's embeddings would drown its
+        # blocks (and the adapters under test); attention_multiplier half of 1/sqrt(head_dim)
         return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden // 2, num_hidden_layers=layers,
                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts,
-                    num_experts_per_tok=top_k, max_position_embeddings=1024, embedding_multiplier=12.0,
-                    residual_multiplier=0.22, attention_multiplier=4.0 / hidden, logits_scaling=6.0,
+                    num_experts_per_tok=top_k, max_position_embeddings=1024, embedding_multiplier=2.0,
+                    residual_multiplier=0.5, attention_multiplier=0.5 * (hidden // 4) ** -0.5, logits_scaling=2.0,
                     tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
