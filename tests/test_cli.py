@@ -29,6 +29,8 @@ def test_models_json_lists_every_family(capsys):
     assert (by["mixtral"]["experts"], by["mixtral"]["top_k"], by["mixtral"]["moe_layers"]) == (8, 2, 32)
     assert by["qwen2_moe"]["shared_expert_intermediate_size"] == 5632
     assert by["olmoe"]["experts_nf4_gb"] == 3.33
+    assert (by["granitemoe"]["moe_layers"], by["granitemoe"]["experts"], by["granitemoe"]["top_k"],
+            by["granitemoe"]["experts_nf4_gb"]) == (32, 40, 8, 1.56)
 
 
 def test_tiny_model_command(tmp_path, capsys):

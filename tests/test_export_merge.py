@@ -283,6 +283,8 @@ REFUSED = [
      ["llama.cpp", "norm_topk_prob=False", "Formats that work for this run: hf."]),
     ("gpt_oss", {}, "embedded", "lora", "inside", {}, "peft",
      ["no per-expert weight names", "Formats that work for this run: hf, gguf, gguf-lora."]),
+    ("granitemoe", {}, "embedded", "lora", "inside", {}, "peft",
+     ["no per-expert weight names", "Formats that work for this run: hf, gguf, gguf-lora."]),
 ]
 
 

@@ -5,7 +5,8 @@ per step, not twice per micro-batch.
 
 Forward: every micro-batch is embedded, then each layer runs on every micro-batch without a graph,
 keeping only the layer's input (per-layer activation checkpointing). The head and the loss run per
-micro-batch with a graph; their backward gives the gradient at the last hidden state.
+micro-batch with a graph (the model's own forward past its layers, so a family's logit scaling applies);
+their backward gives the gradient at the last hidden state.
 Backward: from the last layer to the first, each layer is recomputed for each micro-batch from its
 saved input under autograd (same RNG state as its forward, so dropout masks match) and the incoming
 gradient is pushed through it, together with the balance losses its routers recorded; adapter
@@ -89,6 +90,32 @@ def _record_layer_calls(model: nn.Module, inputs: dict[str, Any]) -> tuple[torch
         raise RuntimeError("layer_major_step: the model's forward did not call each decoder layer exactly once.")
     embeds = recorders[0].calls[0][0]
     return embeds, [r.calls[0][1] for r in recorders], [r.calls[0][2] for r in recorders]
+
+
+class _LastHidden(nn.Module):
+    """Stands in for the inner model in the *ForCausalLM's own forward: returns a given last hidden state through
+    the final norm, so that the model's own head makes the logits and the loss (Granite divides the logits by
+    logits_scaling, for one), as the recorded calls let the model's own forward drive the decoder layers."""
+
+    def __init__(self, norm: nn.Module, hidden: torch.Tensor):
+        super().__init__()
+        self.norm, self.hidden = norm, hidden
+
+    def forward(self, *args, **kwargs):
+        from transformers.modeling_outputs import MoeModelOutputWithPast
+
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(self.hidden))
+
+
+def _head_loss(model: nn.Module, hidden: torch.Tensor, mb: "_MicroBatch", num_items: int | None) -> torch.Tensor:
+    """One micro-batch's loss from its last hidden state, computed by the model's own forward past its layers."""
+    inner = model.model
+    model.model = _LastHidden(inner.norm, hidden)
+    try:
+        extra = {} if num_items is None else {"num_items_in_batch": num_items}
+        return model(**mb.inputs, labels=mb.labels, use_cache=False, **extra).loss
+    finally:
+        model.model = inner
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -191,13 +218,11 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
         for m, mb in enumerate(mbs):
             h = mb.hidden.detach().requires_grad_(True)
             with autocast():
-                logits = model.lm_head(model.model.norm(h))
-                loss = model.loss_function(logits, mb.labels, vocab_size=model.config.vocab_size,
-                                           **({"num_items_in_batch": num_items[m]} if num_items else {}))
+                loss = _head_loss(model, h, mb, num_items[m] if num_items else None)
             (loss / accum).backward()
             loss_sum = loss_sum + loss.detach().double() / accum
             mb.grad, mb.hidden = h.grad, None
-            del logits, loss, h  # h: the last micro-batch's hidden state, no longer needed
+            del loss, h  # h: the last micro-batch's hidden state, no longer needed
         # ---- backward sweep: recompute each layer under autograd, push the gradient through -------
         for i in reversed(range(len(layers))):
             layer = layers[i]
