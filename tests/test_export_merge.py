@@ -126,6 +126,8 @@ EXACT = [
     ("olmoe", "embedded", "gated", "parallel", {"train_router": True}, {}, RANK),
     # gpt-oss: gates from a softmax over the top-k logits sum to 1; the adapter widens the biased clamped-SwiGLU experts
     ("gpt_oss", "shared", "gated", "parallel", {"attention_lora": True}, {}, RANK),
+    # Granite: softmax over the top-k logits, so dense adapters widen the hub's fused input/output_linear experts
+    ("granitemoe", "dense", "gated", "parallel", {"attention_lora": True}, {}, N_ADAPTERS * RANK),
     # ERNIE: renormalised gates, so dense adapters widen the routed experts; its two ungated shared experts (sized
     # 2 × the experts' width) are padded with zero units to the new width; layer 2 only, after a dense layer 0
     ("ernie4_5_moe", "dense", "gated", "parallel", {"layers": [2], "attention_lora": True}, {}, N_ADAPTERS * RANK),
