@@ -127,6 +127,10 @@ class Family:
     def shared_expert_intermediate_size(self, cfg: Any) -> int:
         return 0
 
+    def activation(self, cfg: Any) -> str:
+        """The experts' activation (configs without `hidden_act` name it in their family module)."""
+        return str(cfg.hidden_act)
+
     def moe_layers(self, cfg: Any) -> tuple[int, ...]:
         return tuple(range(int(cfg.num_hidden_layers)))
 
@@ -141,7 +145,7 @@ class Family:
             hidden_size=int(cfg.hidden_size),
             expert_intermediate_size=self.expert_intermediate_size(cfg),
             norm_topk_prob=self.norm_topk_prob(cfg),
-            activation=str(cfg.hidden_act),
+            activation=self.activation(cfg),
             shared_expert_intermediate_size=self.shared_expert_intermediate_size(cfg),
         )
 
