@@ -334,9 +334,9 @@ class Family:
         """llama.cpp's name of the stacked experts of one canonical projection ('blk.0.ffn_gate_exps.weight')."""
         return GGUF_TENSOR_NAMES[self.gguf_expert_tensors[proj]].format(bid=layer) + ".weight"
 
-    def gguf_hparams(self, cfg: Any) -> dict[str, int | float | bool]:
+    def gguf_hparams(self, cfg: Any) -> dict[str, int | float | bool | list]:
         """Arch-specific llama.cpp hyperparameters, by gguf key template ('{arch}.expert_feed_forward_length');
-        they replace the generic value of the same key."""
+        they replace the generic value of the same key (a list: one value per layer)."""
         return {}
 
     def gguf_transform(self, cfg: Any, target: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
