@@ -66,6 +66,8 @@ class Family:
     block_attr: str = "mlp"
     #: attribute of the MoE block that holds its router
     router_attr: str = "gate"
+    #: attribute of the base model (`model.model`) holding the norm between the last decoder layer and the head
+    final_norm_attr: str = "norm"
     #: hub checkpoint name of one expert projection
     expert_key_template: str = "model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
     #: checkpoint projection name -> canonical projection

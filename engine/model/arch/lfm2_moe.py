@@ -36,6 +36,7 @@ class Lfm2MoeFamily(Family):
     published = "LFM2-8B-A1B"
     block_attr = "feed_forward"
     router_attr = "gate"
+    final_norm_attr = "embedding_norm"  # applied after the last layer, despite its name
     expert_key_template = "model.layers.{layer}.feed_forward.experts.{expert}.{proj}.weight"
     proj_names = {"w1": "gate", "w3": "up", "w2": "down"}
     expert_intermediate_key = "moe_intermediate_size"
