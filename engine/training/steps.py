@@ -26,6 +26,8 @@ from typing import Any, NamedTuple, Protocol, Sequence
 import torch
 from torch import nn
 
+from ..model.arch import get_family
+
 
 class LayerHooks(Protocol):
     """Told where the step is, e.g. to prefetch offloaded experts (`engine.model.offload.OffloadSchedule`)."""
@@ -136,8 +138,6 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
                          "routing.base_balance_loss instead.")
     accum = accum or len(micro_batches)
     layers = _layers(model)
-    from ..model.arch import get_family
-
     final_norm = getattr(model.model, get_family(model.config.model_type).final_norm_attr)
     device = next(model.parameters()).device
     autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype is not None \
