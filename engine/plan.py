@@ -156,7 +156,9 @@ class Plan:
         }
         for key, value in self.gpu.items():
             lines.append(f"  {labels.get(key, key):<48} {fmt_gb(value):>9}")
-        verdict = "fits" if self.fits else "DOES NOT FIT"
+        host_short = self.host_ram_needed_bytes > self.host_ram_bytes
+        verdict = ("fits" if self.fits else "fits the GPU, but host RAM is short: DOES NOT FIT"
+                   if host_short and self.gpu_total <= self.budget_bytes else "DOES NOT FIT")
         lines.append(f"  {'total':<48} {fmt_gb(self.gpu_total):>9}  of {fmt_gb(self.budget_bytes)}: {verdict}")
         lines.append("")
         if self.expert_parallel > 1:
@@ -374,16 +376,17 @@ def _check_host_ram(result: Plan, shape: ModelShape, host_gb: float | None) -> N
 
 
 def _published_stand_in(path: str) -> tuple[Any, str] | None:
-    """(config, name) of a family flagship when `path` does not exist yet but is named after one
-    (e.g. ~/models/Mixtral-8x7B-v0.1), so a preset can be planned before its model is downloaded."""
-    from .model.arch import FAMILIES
+    """(config, name) of a published release when `path` does not exist yet but is named after one of
+    engine/model/arch/published/ (e.g. ~/models/Mixtral-8x7B-v0.1, ~/models/gpt-oss-120b), so a preset can be
+    planned before its model is downloaded."""
+    from .model.arch import config_from_file, get_family
+    from .model.arch.base import PUBLISHED_DIR
 
     folder = Path(path).expanduser()
-    if (folder / "config.json").exists():
+    published = PUBLISHED_DIR / f"{folder.name}.json"
+    if (folder / "config.json").exists() or not folder.name or not published.is_file():
         return None
-    for family in FAMILIES.values():
-        if folder.name == family.published:
-            return family.published_config(), family.published
-    return None
+    raw = config_from_file(published)
+    return get_family(raw.model_type).model_config(raw), folder.name
 
 

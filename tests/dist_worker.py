@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import sys
 
@@ -14,6 +15,7 @@ from engine.training import train
 
 def main(job_file: str) -> int:
     """Run every training of the job file; the exit status is 0 when all finished."""
+    faulthandler.enable()  # a rank that crashes in native code (gloo) says where, instead of exiting silently
     torch.set_num_threads(1)
     for run in json.loads(open(job_file).read()):
         train(from_dict(run["config"]), run["out"], resume=run.get("resume", False), echo=False, device="cpu",

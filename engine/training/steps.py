@@ -27,6 +27,8 @@ from typing import Any, NamedTuple, Protocol, Sequence
 import torch
 from torch import nn
 
+from ..model.arch import get_family
+
 
 class LayerHooks(Protocol):
     """Told where the step is, e.g. to prefetch offloaded experts (`engine.model.offload.OffloadSchedule`)."""
@@ -107,10 +109,11 @@ class _LastHidden(nn.Module):
         return MoeModelOutputWithPast(last_hidden_state=self.norm(self.hidden))
 
 
-def _head_loss(model: nn.Module, hidden: torch.Tensor, mb: "_MicroBatch", num_items: int | None) -> torch.Tensor:
+def _head_loss(model: nn.Module, final_norm: nn.Module, hidden: torch.Tensor, mb: "_MicroBatch",
+               num_items: int | None) -> torch.Tensor:
     """One micro-batch's loss from its last hidden state, computed by the model's own forward past its layers."""
     inner = model.model
-    model.model = _LastHidden(inner.norm, hidden)
+    model.model = _LastHidden(final_norm, hidden)
     try:
         extra = {} if num_items is None else {"num_items_in_batch": num_items}
         return model(**mb.inputs, labels=mb.labels, use_cache=False, **extra).loss
@@ -147,7 +150,7 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
                      num_items: Sequence[int] | None = None) -> StepResult:
     """Forward and backward of one optimizer step in layer-major order; gradients land in `.grad`.
 
-    `model` is a *ForCausalLM (decoder layers at `model.model.layers`, `model.model.norm`,
+    `model` is a *ForCausalLM (decoder layers at `model.model.layers`, the family's final norm `model.model.norm`,
     `model.lm_head`); `peft` the RoutedPEFT attached to it (for balance losses and usage) or None;
     each micro-batch a dict with `input_ids`, `labels` and usually `attention_mask`. Gradients equal
     those of `((loss_m + aux_m) / accum).backward()` for every micro-batch m; `accum` defaults to the
@@ -163,6 +166,7 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
                          "routing.base_balance_loss instead.")
     accum = accum or len(micro_batches)
     layers = _layers(model)
+    final_norm = getattr(model.model, get_family(model.config.model_type).final_norm_attr)
     device = next(model.parameters()).device
     autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype is not None \
         else contextlib.nullcontext
@@ -218,7 +222,7 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
         for m, mb in enumerate(mbs):
             h = mb.hidden.detach().requires_grad_(True)
             with autocast():
-                loss = _head_loss(model, h, mb, num_items[m] if num_items else None)
+                loss = _head_loss(model, final_norm, h, mb, num_items[m] if num_items else None)
             (loss / accum).backward()
             loss_sum = loss_sum + loss.detach().double() / accum
             mb.grad, mb.hidden = h.grad, None

@@ -101,8 +101,16 @@ class DeepseekV2Family(Family):
                Keys.Attention.KEY_LENGTH_MLA: int(cfg.qk_nope_head_dim) + rope,
                Keys.Attention.VALUE_LENGTH_MLA: int(cfg.v_head_dim),
                Keys.Attention.Q_LORA_RANK: int(cfg.q_lora_rank or 0), Keys.Attention.KV_LORA_RANK: kv_rank,
-               Keys.Rope.DIMENSION_COUNT: rope,
-               Keys.LLM.LEADING_DENSE_BLOCK_COUNT: int(cfg.first_k_dense_replace),
+               Keys.Rope.DIMENSION_COUNT: rope, **self.gguf_moe_hparams(cfg)}
+        mscale_all = (getattr(cfg, "rope_parameters", None) or {}).get("mscale_all_dim")
+        if mscale_all:  # as llama.cpp's converter writes it (its loader divides by 0.1 again)
+            out[Keys.Rope.SCALING_YARN_LOG_MUL] = 0.1 * float(mscale_all)
+        return out
+
+    def gguf_moe_hparams(self, cfg):
+        """llama.cpp's MoE keys of the DeepSeek routing (dense lead layers, shared experts, gating, groups), which
+        GLM-4.5's `glm4moe` reads too."""
+        out = {Keys.LLM.LEADING_DENSE_BLOCK_COUNT: int(cfg.first_k_dense_replace),
                Keys.LLM.EXPERT_FEED_FORWARD_LENGTH: self.expert_intermediate_size(cfg),
                Keys.LLM.EXPERT_SHARED_COUNT: int(cfg.n_shared_experts),
                Keys.LLM.EXPERT_WEIGHTS_SCALE: float(cfg.routed_scaling_factor),
@@ -111,9 +119,6 @@ class DeepseekV2Family(Family):
         if int(getattr(cfg, "n_group", None) or 1) > 1:
             out[Keys.LLM.EXPERT_GROUP_COUNT] = int(cfg.n_group)
             out[Keys.LLM.EXPERT_GROUP_USED_COUNT] = int(cfg.topk_group)
-        mscale_all = (getattr(cfg, "rope_parameters", None) or {}).get("mscale_all_dim")
-        if mscale_all:  # as llama.cpp's converter writes it (its loader divides by 0.1 again)
-            out[Keys.Rope.SCALING_YARN_LOG_MUL] = 0.1 * float(mscale_all)
         return out
 
     def gguf_transform(self, cfg, target, tensor):
@@ -126,18 +131,22 @@ class DeepseekV2Family(Family):
         return [(GGUF_TENSOR_NAMES[GT.ATTN_K_B].format(bid=bid) + ".weight", k_b.transpose(1, 2)),
                 (GGUF_TENSOR_NAMES[GT.ATTN_V_B].format(bid=bid) + ".weight", v_b)]
 
+    def gguf_attention_tensors(self, cfg) -> list:
+        """llama.cpp's tensors of one layer's attention and the layer's two norms (MLA's, as llama.cpp splits them)."""
+        attn = [GT.ATTN_Q_A, GT.ATTN_Q_A_NORM, GT.ATTN_Q_B] if cfg.q_lora_rank else [GT.ATTN_Q]
+        return [GT.ATTN_NORM, GT.FFN_NORM, *attn, GT.ATTN_KV_A_MQA, GT.ATTN_KV_A_NORM, GT.ATTN_K_B, GT.ATTN_V_B,
+                GT.ATTN_OUT]
+
     def gguf_required(self, cfg):
-        def name(t, bid=None, suffix="weight"):
-            return GGUF_TENSOR_NAMES[t].format(bid=bid) + "." + suffix
+        def name(t, bid=None):
+            return GGUF_TENSOR_NAMES[t].format(bid=bid) + ".weight"
 
         need = [name(GT.TOKEN_EMBD), name(GT.OUTPUT_NORM), name(GT.OUTPUT)]
         moe = set(self.moe_layers(cfg))
         for i in range(int(cfg.num_hidden_layers)):
-            attn = [GT.ATTN_Q_A, GT.ATTN_Q_A_NORM, GT.ATTN_Q_B] if cfg.q_lora_rank else [GT.ATTN_Q]
-            attn += [GT.ATTN_KV_A_MQA, GT.ATTN_KV_A_NORM, GT.ATTN_K_B, GT.ATTN_V_B, GT.ATTN_OUT]
             ffn = [GT.FFN_GATE_INP, GT.FFN_GATE_SHEXP, GT.FFN_UP_SHEXP, GT.FFN_DOWN_SHEXP] if i in moe else \
                 [GT.FFN_GATE, GT.FFN_UP, GT.FFN_DOWN]
-            need += [name(t, i) for t in [GT.ATTN_NORM, GT.FFN_NORM, *attn, *ffn]]
+            need += [name(t, i) for t in [*self.gguf_attention_tensors(cfg), *ffn]]
             if i in moe:
                 need += [self.gguf_expert_tensor_name(i, p) for p in PROJECTIONS]
         return need

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from gguf.constants import Keys
 
-from .base import GGUF_TENSOR_NAMES, GT, PROJECTIONS, Family
+from .base import GT, Family
 from .deepseek_v3 import DeepseekV3Family
 
 
@@ -38,37 +38,14 @@ class Glm4MoeFamily(DeepseekV3Family):
     def gguf_hparams(self, cfg):
         head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         rotary = float((getattr(cfg, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0))
-        out = {Keys.Rope.DIMENSION_COUNT: int(head_dim * rotary),
-               Keys.LLM.LEADING_DENSE_BLOCK_COUNT: int(cfg.first_k_dense_replace),
-               Keys.LLM.EXPERT_FEED_FORWARD_LENGTH: self.expert_intermediate_size(cfg),
-               Keys.LLM.EXPERT_SHARED_COUNT: int(cfg.n_shared_experts),
-               Keys.LLM.EXPERT_WEIGHTS_SCALE: float(cfg.routed_scaling_factor),
-               Keys.LLM.EXPERT_WEIGHTS_NORM: self.norm_topk_prob(cfg),
-               Keys.LLM.EXPERT_GATING_FUNC: 2}  # sigmoid
-        if int(cfg.n_group or 1) > 1:
-            out[Keys.LLM.EXPERT_GROUP_COUNT] = int(cfg.n_group)
-            out[Keys.LLM.EXPERT_GROUP_USED_COUNT] = int(cfg.topk_group)
-        return out
+        return {Keys.Rope.DIMENSION_COUNT: int(head_dim * rotary), **self.gguf_moe_hparams(cfg)}
 
     def gguf_transform(self, cfg, target, tensor):
-        return [(target, tensor)]
+        return [(target, tensor)]  # plain attention: no MLA tensor to split
 
-    def gguf_required(self, cfg):
-        def name(t, bid=None, suffix="weight"):
-            return GGUF_TENSOR_NAMES[t].format(bid=bid) + "." + suffix
-
-        need = [name(GT.TOKEN_EMBD), name(GT.OUTPUT_NORM), name(GT.OUTPUT)]
-        moe = set(self.moe_layers(cfg))
-        for i in range(int(cfg.num_hidden_layers)):
-            attn = [GT.ATTN_NORM, GT.ATTN_POST_NORM, GT.ATTN_Q, GT.ATTN_K, GT.ATTN_V, GT.ATTN_OUT]
-            attn += [GT.ATTN_Q_NORM, GT.ATTN_K_NORM] if getattr(cfg, "use_qk_norm", False) else []
-            ffn = [GT.FFN_GATE_INP, GT.FFN_GATE_SHEXP, GT.FFN_UP_SHEXP, GT.FFN_DOWN_SHEXP] if i in moe else \
-                [GT.FFN_GATE, GT.FFN_UP, GT.FFN_DOWN]
-            need += [name(t, i) for t in attn + ffn]
-            if i in moe:
-                need += [self.gguf_expert_tensor_name(i, p) for p in PROJECTIONS]
-                need.append(name(GT.FFN_EXP_PROBS_B, i, "bias"))
-        return need
+    def gguf_attention_tensors(self, cfg):
+        qk_norm = [GT.ATTN_Q_NORM, GT.ATTN_K_NORM] if getattr(cfg, "use_qk_norm", False) else []
+        return [GT.ATTN_NORM, GT.ATTN_POST_NORM, GT.ATTN_Q, GT.ATTN_K, GT.ATTN_V, GT.ATTN_OUT, *qk_norm]
 
     def gguf_problems(self, cfg):
         problems = []
@@ -83,7 +60,8 @@ class Glm4MoeFamily(DeepseekV3Family):
                     num_key_value_heads=2, head_dim=hidden // 4, attention_bias=True, use_qk_norm=True,
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
                     n_routed_experts=experts, num_experts_per_tok=top_k, n_shared_experts=1, n_group=1,
-                    topk_group=1,  # as GLM-4.5-Air (DeepSeek-V3's tiny model covers group-limited routing) norm_topk_prob=True, routed_scaling_factor=1.5, max_position_embeddings=1024,
+                    topk_group=1,  # one group as GLM-4.5-Air (DeepSeek-V3's tiny model covers group-limited routing)
+                    norm_topk_prob=True, routed_scaling_factor=1.5, max_position_embeddings=1024,
                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
