@@ -14,10 +14,11 @@ from gguf.constants import MODEL_TENSOR as GT
 from gguf.constants import TENSOR_NAMES as GGUF_TENSOR_NAMES
 from torch import nn
 
+from ...releases import PUBLISHED_DIR
+
 #: The three projections of one expert, in the canonical layout (nn.Linear weights):
 #: gate [I, H], up [I, H], down [H, I].
 PROJECTIONS = ("gate", "up", "down")
-PUBLISHED_DIR = Path(__file__).resolve().parent / "published"
 #: bits per parameter of NF4 with double quantisation (4 bits + blockwise absmax scales)
 NF4_BITS = 4.13
 
