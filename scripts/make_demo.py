@@ -197,16 +197,21 @@ def task_rows() -> tuple[list[dict], list[dict]]:
     return train, unique
 
 
-def write_outputs(out: Path, model, tokenizer, dtype: torch.dtype) -> None:
-    """The checkpoint (hub per-expert names), tokenizer, train.jsonl and eval.json under `out`."""
-    model_dir = out / "model"
+def save_model(model_dir: Path, model, tokenizer, dtype: torch.dtype) -> None:
+    """The checkpoint (hub per-expert names) and tokenizer in `model_dir`, replacing what was there; readable by
+    everyone (save_pretrained writes the weights 0600; the demo and the testbed are meant to be shared)."""
     model_dir.mkdir(parents=True, exist_ok=True)
     for old in model_dir.iterdir():
         old.unlink()
     model.to(dtype).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     for f in model_dir.iterdir():
-        f.chmod(0o644)  # save_pretrained writes the weights 0600; the demo is meant to be shared
+        f.chmod(0o644)
+
+
+def write_outputs(out: Path, model, tokenizer, dtype: torch.dtype) -> None:
+    """The checkpoint, tokenizer, train.jsonl and eval.json under `out`."""
+    save_model(out / "model", model, tokenizer, dtype)
     train, evals = task_rows()
     with open(out / "train.jsonl", "w", encoding="utf-8") as f:
         for r in train:

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
 
+from make_demo import save_model  # noqa: E402
 from testbed_data import Documents, build_domains, task_row, task_rows, tokenizer_corpus  # noqa: E402
 from engine.model import build_tokenizer, tiny_config  # noqa: E402
 
@@ -274,14 +275,7 @@ def print_specialisation(report: dict) -> None:
 
 
 def write_outputs(out: Path, model, tokenizer, rows: dict, report: dict) -> None:
-    model_dir = out / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    for old in model_dir.iterdir():
-        old.unlink()
-    model.to(torch.float16).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    for f in model_dir.iterdir():
-        f.chmod(0o644)
+    save_model(out / "model", model, tokenizer, torch.float16)
     _write_rows(out, rows)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
 

@@ -27,7 +27,7 @@ GGUF_FAMILIES = [f for f in FAMILY_NAMES if not get_family(f).gguf_missing]
 #: llama.cpp's architecture of each family (src/llama-arch.cpp); Mixtral runs as llama with experts
 ARCH = {"olmoe": "olmoe", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss",
         "ernie4_5_moe": "ernie4_5-moe",
-        "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe": "glm4moe"}
+        "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe": "glm4moe", "lfm2_moe": "lfm2moe"}
 #: token-id prompts (no tokenizer in the loop), and how many tokens to continue each
 PROMPTS = [[1, 40, 41, 300, 12, 77], [5, 100, 200, 300, 400], [1, 7]]
 NEW_TOKENS = 8
@@ -56,6 +56,9 @@ def expected_tensors(family: str, cfg) -> dict[str, tuple[int, ...]]:
         return out | _deepseek_tensors(family, cfg, facts)
     if family == "glm4_moe":
         return out | _glm_tensors(cfg, facts)
+    if family == "lfm2_moe":  # the final norm is token_embd_norm
+        return {"token_embd.weight": (h, v), "token_embd_norm.weight": (h,), "output.weight": (h, v)} | \
+            _lfm2_tensors(cfg, facts)
     for layer in range(facts.num_layers):
         b = f"blk.{layer}."
         out.update({b + "attn_norm.weight": (h,), b + "attn_q.weight": (h, n_head * hd),
@@ -158,9 +161,37 @@ def _glm_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _lfm2_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
+    """llama.cpp's 'lfm2moe' block tensors (ne order): short-conv layers (the kernel [L, H]) or attention layers with
+    per-head q/k norms, two kinds of FFN: dense first layers, then experts with exp_probs_b
+    (llama_model_lfm2moe::load_arch_tensors)."""
+    h, e, i = facts.hidden_size, facts.num_experts, facts.expert_intermediate_size
+    hd = h // cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * hd
+    out = {}
+    for layer, kind in enumerate(cfg.layer_types):
+        b = f"blk.{layer}."
+        out.update({b + "attn_norm.weight": (h,), b + "ffn_norm.weight": (h,)})
+        if kind == "full_attention":
+            out.update({b + "attn_q.weight": (h, h), b + "attn_k.weight": (h, kv), b + "attn_v.weight": (h, kv),
+                        b + "attn_output.weight": (h, h), b + "attn_q_norm.weight": (hd,),
+                        b + "attn_k_norm.weight": (hd,)})
+        else:
+            out.update({b + "shortconv.conv.weight": (cfg.conv_L_cache, h), b + "shortconv.in_proj.weight": (h, 3 * h),
+                        b + "shortconv.out_proj.weight": (h, h)})
+        if layer not in facts.moe_layers:
+            ff = cfg.intermediate_size
+            out.update({b + "ffn_gate.weight": (h, ff), b + "ffn_up.weight": (h, ff), b + "ffn_down.weight": (ff, h)})
+            continue
+        out.update({b + "ffn_gate_inp.weight": (h, e), b + "ffn_gate_exps.weight": (h, i, e),
+                    b + "ffn_up_exps.weight": (h, i, e), b + "ffn_down_exps.weight": (i, h, e),
+                    b + "exp_probs_b.bias": (e,)})
+    return out
+
+
 def _stays_f32(name: str, shape) -> bool:
     return len(shape) == 1 or name.endswith(("_norm.weight", ".bias", "ffn_gate_inp.weight",
-                                              "ffn_gate_inp_shexp.weight"))
+                                              "ffn_gate_inp_shexp.weight", "shortconv.conv.weight"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -210,10 +241,17 @@ def test_gguf_reads_back(tiny_checkpoint, tmp_path, family, dtype):
                         "expert_shared_count": cfg.n_shared_experts, "expert_gating_func": 2,
                         "rope.dimension_count": cfg.head_dim // 2})
         assert _field(reader, f"{arch}.expert_weights_scale") == pytest.approx(cfg.routed_scaling_factor)
+    if family == "lfm2_moe":  # KV heads per layer (0: a short-conv layer), the conv's reach, sigmoid gating
+        hparams.update({"attention.head_count_kv": [cfg.num_key_value_heads if t == "full_attention" else 0
+                                                    for t in cfg.layer_types],
+                        "feed_forward_length": cfg.intermediate_size, "leading_dense_block_count": 1,
+                        "expert_feed_forward_length": facts.expert_intermediate_size, "expert_gating_func": 2,
+                        "shortconv.l_cache": cfg.conv_L_cache})
     for key, want in hparams.items():
         assert _field(reader, f"{arch}.{key}") == want, key
     assert _field(reader, f"{arch}.rope.freq_base") == pytest.approx(cfg.rope_parameters["rope_theta"])
-    assert _field(reader, f"{arch}.attention.layer_norm_rms_epsilon") == pytest.approx(cfg.rms_norm_eps)
+    eps = getattr(cfg, "rms_norm_eps", None) or cfg.norm_eps  # LFM2 names it norm_eps
+    assert _field(reader, f"{arch}.attention.layer_norm_rms_epsilon") == pytest.approx(eps)
     assert _field(reader, f"{arch}.expert_weights_norm") == facts.norm_topk_prob
 
     tok = AutoTokenizer.from_pretrained(str(ckpt))
@@ -275,6 +313,8 @@ def _copy(src: Path, dst: Path, edit_config=None) -> Path:
     ("gpt_oss", {"swiglu_limit": 5.0}, "hard-codes alpha 1.702 and limit 7.0"),
     ("ernie4_5_moe", {"moe_layer_interval": 2}, "loads experts in every layer from moe_layer_start_index on"),
     ("ernie4_5_moe", {"use_bias": True}, "applies no biases to the MLPs"),
+    ("lfm2_moe", {"routed_scaling_factor": 2.0}, "does not scale the gates"),
+    ("lfm2_moe", {"conv_bias": True}, "applies no biases to the short convolutions"),
 ])
 def test_config_llama_cpp_cannot_run_is_refused(tiny_checkpoint, tmp_path, family, edit, message):
     ckpt = _copy(tiny_checkpoint(family), tmp_path / "ckpt", edit)

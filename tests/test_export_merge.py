@@ -133,6 +133,9 @@ EXACT = [
     # gates sum to routed_scaling_factor, so the routed experts could not take them
     ("deepseek_v3", "shared", "gated", "parallel", {"attention_lora": True, "train_router": True}, {}, 0),
     ("deepseek_v2", "dense", "gated", "parallel", {"layers": [2]}, {}, 0),
+    # LFM2-MoE: sigmoid scores renormalised (norm_topk_prob, × routed_scaling_factor 1), so dense adapters widen the
+    # routed experts; layer 2 only (a short-conv layer: no attention to adapt), after a dense layer 0
+    ("lfm2_moe", "dense", "gated", "parallel", {"layers": [2]}, {}, N_ADAPTERS * RANK),
 ]
 
 

@@ -9,7 +9,7 @@ then tokenises as transformers does (checked here on the texts where it matters)
 What the converter does not recognise, and so is not compared: a byte-level BPE's pre-tokenizer whose hash is
 none of the hub tokenizers it lists (every locally trained one: the runner, tests/llama_vocab.py, answers with
 the name our writer picks, and llama.cpp's tokenisation with it is checked in test_export_gguf.py); tokenizer.json
-with byte fallback where the family's converter class reads only byte-level BPE (OLMoE, Qwen, gpt-oss) or only a
+with byte fallback where the family's converter class reads only byte-level BPE (OLMoE, Qwen, gpt-oss, LFM2) or only a
 SentencePiece tokenizer.model (ERNIE-4.5, which also refuses the `bpe` kind: the hub's release ships one)."""
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 #: (family, tokenizer kind) the converter does not recognise, and the error it stops with
 UNRECOGNISED = {
     **{(f, "spm"): "NotImplementedError: BPE pre-tokenizer was not recognized"
-       for f in ("olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe")},
+       for f in ("olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe",
+                 "lfm2_moe")},
     # GLM's converter class reads GLM's own special tokens ([gMASK], <sop>...), which a tiny tokenizer lacks
     ("glm4_moe", "bpe"): "KeyError: '[gMASK]'",
     **{("ernie4_5_moe", kind): "FileNotFoundError: File not found:" for kind in TOKENIZERS},

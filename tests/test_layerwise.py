@@ -62,6 +62,8 @@ CASES = [
     ("ernie4_5_moe", "shared", "parallel", {"attention_lora": True, "train_router": True}),
     # a dense first layer, MLA attention, shared experts, the sigmoid router's balance loss
     ("deepseek_v3", "embedded", "inside", {"attention_lora": True, "train_router": True}),
+    # hybrid short-conv / attention layers after a dense one, a sigmoid router given its block's expert bias
+    ("lfm2_moe", "dense", "parallel", {"attention_lora": True, "train_router": True}),
 ]
 
 

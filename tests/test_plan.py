@@ -22,7 +22,8 @@ from engine.sizes import adapter_params, model_shape
 #: DESIGN "Memory": experts in NF4 (GB) and one layer of experts (MB)
 DESIGN_TABLE = {"olmoe": (3.3, 208), "qwen2_moe": (6.4, 268), "qwen3_moe": (15.0, 312), "mixtral": (23.3, 727),
                 "gpt_oss": (9.9, 411), "ernie4_5_moe": (10.5, 389), "deepseek_v2": (7.4, 286),
-                "deepseek_v3": (7.4, 286), "glm4_moe": (51.4, 1140), "qwen3_5_moe": (16.6, 415)}
+                "deepseek_v3": (7.4, 286), "glm4_moe": (51.4, 1140), "qwen3_5_moe": (16.6, 415),
+                "lfm2_moe": (4.0, 182)}
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +128,10 @@ ADAPTER_CASES = [
     ("deepseek_v2", {"routing": {"strategy": "embedded", "attention_lora": True}},
      {"embedded": 26 * 64 * 2 * 2048 * 8,
       "attention": 27 * 8 * ((2048 + 3072) + (2048 + 576) + (512 + 4096) + (2048 + 2048))}),
+    # LFM2-8B-A1B: attention LoRA in its 6 attention layers only (q/out_proj 2048->2048, k/v 2048->8x64; the other
+    # 18 are short convolutions), the embedded experts of its 22 MoE layers
+    ("lfm2_moe", {"routing": {"strategy": "embedded", "attention_lora": True}},
+     {"embedded": 22 * 32 * 2 * 2048 * 8, "attention": 6 * 8 * (2 * (2048 + 2048) + 2 * (2048 + 512))}),
 ]
 
 
@@ -147,7 +152,8 @@ def test_inventory_counts_every_weight_and_the_shared_expert():
         published_b = {"olmoe": 6.92, "mixtral": 46.70, "qwen2_moe": 14.32, "qwen3_moe": 30.53, "gpt_oss": 20.91,
                        "ernie4_5_moe": 21.83,  # ERNIE ties its head to the embeddings: counted once
                        "deepseek_v2": 15.71, "deepseek_v3": 15.96, "glm4_moe": 106.85,
-                       "qwen3_5_moe": 34.66}[name]  # Qwen3.5: its language model (no vision tower)
+                       "qwen3_5_moe": 34.66,  # Qwen3.5: its language model (no vision tower)
+                       "lfm2_moe": 8.34}[name]  # LFM2-MoE ties its head to the embeddings: counted once
         assert total / 1e9 == pytest.approx(published_b, abs=0.01)
     qwen = model_shape(FAMILIES["qwen2_moe"].published_config())
     assert qwen.params["shared_expert"] == 24 * 3 * 2048 * 5632  # non-routed: counted with the non-expert weights

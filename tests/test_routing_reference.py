@@ -115,7 +115,8 @@ def _moe_gates(lm, block, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     the family does (Mixtral and Qwen3.5 always; gpt-oss, whose softmax over the top-k logits is exactly that; the
     others when config.norm_topk_prob; DeepSeek-V2 never), times DeepSeek's routed_scaling_factor; DeepSeek-V3 and
     GLM-4.5: sigmoid scores, chosen with e_score_correction_bias among the best topk_group of n_group groups (ranked
-    by their best two), the unbiased scores renormalised and scaled; ERNIE: the bias chooses among softmax scores."""
+    by their best two), the unbiased scores renormalised and scaled; ERNIE: the bias chooses among softmax scores;
+    LFM2-MoE: sigmoid scores chosen with the block's expert_bias, renormalised (+1e-6 as transformers) and scaled."""
     cfg, router = lm.config, lm.family.router(block)
     bias = getattr(router, "bias", None)
     logits = x @ router.weight.T + (0 if bias is None else bias)
@@ -124,6 +125,11 @@ def _moe_gates(lm, block, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
         idx, _ = _top_k(probs + router.moe_statics.e_score_correction_bias[0], k, False)
         gates = torch.gather(probs, 1, idx)
         return idx, gates / gates.sum(dim=-1, keepdim=True)
+    if cfg.model_type == "lfm2_moe":  # sigmoid scores, the block's expert_bias chooses, the scores renormalised
+        scores = torch.sigmoid(logits)
+        idx, _ = _top_k(scores + block.expert_bias, k, False)
+        gates = torch.gather(scores, 1, idx)
+        return idx, gates / (gates.sum(dim=-1, keepdim=True) + 1e-6) * cfg.routed_scaling_factor
     if cfg.model_type in ("deepseek_v3", "glm4_moe"):  # sigmoid routers with the correction bias
         scores = torch.sigmoid(logits)
         choice = scores + router.e_score_correction_bias

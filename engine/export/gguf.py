@@ -42,7 +42,7 @@ def _names(*tensors: gguf.MODEL_TENSOR, suffix: str = r"\.weight") -> re.Pattern
 
 
 #: tensors llama.cpp keeps in F32 whatever the file type (as its converter does)
-_F32_TENSORS = _names(T.FFN_GATE_INP, T.FFN_GATE_INP_SHEXP)
+_F32_TENSORS = _names(T.FFN_GATE_INP, T.FFN_GATE_INP_SHEXP, T.SHORTCONV_CONV)
 _ATTN_Q, _ATTN_K = _names(T.ATTN_Q, suffix=r"\.(weight|bias)"), _names(T.ATTN_K, suffix=r"\.(weight|bias)")
 _TOKEN_EMBD, _OUTPUT = gguf.TENSOR_NAMES[T.TOKEN_EMBD] + ".weight", gguf.TENSOR_NAMES[T.OUTPUT] + ".weight"
 
@@ -122,8 +122,9 @@ def llama_cpp_problems(cfg, family: Family) -> list[str]:
     if family.gguf_missing:
         return [family.gguf_missing]
     problems = family.gguf_problems(cfg)
-    if str(cfg.hidden_act) != "silu":
-        problems.append(f"hidden_act={cfg.hidden_act!r}, but llama.cpp's {family.gguf_arch!r} experts use SiLU")
+    if family.activation(cfg) != "silu":
+        problems.append(f"hidden_act={family.activation(cfg)!r}, but llama.cpp's {family.gguf_arch!r} experts use "
+                        "SiLU")
     return problems
 
 
@@ -283,21 +284,23 @@ def _add_hparams(writer: gguf.GGUFWriter, cfg, family: Family, ftype: gguf.Llama
     n_head = int(cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head)
     K = gguf.Keys
-    values: dict[str, int | float | bool] = {
+    own = family.gguf_hparams(cfg)  # the family's own values replace the generic ones of the same key
+    values: dict[str, int | float | bool | list] = {
         K.LLM.BLOCK_COUNT: facts.num_layers, K.LLM.CONTEXT_LENGTH: int(cfg.max_position_embeddings),
         K.LLM.EMBEDDING_LENGTH: facts.hidden_size, K.LLM.FEED_FORWARD_LENGTH: int(cfg.intermediate_size),
         K.Attention.HEAD_COUNT: n_head, K.Attention.HEAD_COUNT_KV: int(cfg.num_key_value_heads),
         K.Attention.KEY_LENGTH: head_dim, K.Attention.VALUE_LENGTH: head_dim, K.Rope.DIMENSION_COUNT: head_dim,
-        K.Attention.LAYERNORM_RMS_EPS: float(cfg.rms_norm_eps), K.LLM.VOCAB_SIZE: int(cfg.vocab_size),
+        K.Attention.LAYERNORM_RMS_EPS: own.get(K.Attention.LAYERNORM_RMS_EPS) or float(cfg.rms_norm_eps),
+        K.LLM.VOCAB_SIZE: int(cfg.vocab_size),
         K.LLM.EXPERT_COUNT: facts.num_experts, K.LLM.EXPERT_USED_COUNT: facts.top_k,
         K.LLM.EXPERT_WEIGHTS_NORM: facts.norm_topk_prob,
-        **family.gguf_hparams(cfg),  # the family's own values replace the generic ones of the same key
+        **own,
     }
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     for key, value in values.items():
-        add = writer.add_bool if isinstance(value, bool) else \
-            writer.add_float32 if isinstance(value, float) else writer.add_uint32
+        add = writer.add_array if isinstance(value, list) else writer.add_bool if isinstance(value, bool) else \
+            writer.add_float32 if isinstance(value, float) else writer.add_uint32  # a list: one value per layer
         add(key.format(arch=family.gguf_arch), value)
     _add_rope(writer, cfg)
     writer.add_file_type(ftype)

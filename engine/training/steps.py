@@ -26,6 +26,8 @@ from typing import Any, NamedTuple, Protocol, Sequence
 import torch
 from torch import nn
 
+from ..model.arch import get_family
+
 
 class LayerHooks(Protocol):
     """Told where the step is, e.g. to prefetch offloaded experts (`engine.model.offload.OffloadSchedule`)."""
@@ -120,7 +122,7 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
                      num_items: Sequence[int] | None = None) -> StepResult:
     """Forward and backward of one optimizer step in layer-major order; gradients land in `.grad`.
 
-    `model` is a *ForCausalLM (decoder layers at `model.model.layers`, `model.model.norm`,
+    `model` is a *ForCausalLM (decoder layers at `model.model.layers`, the family's final norm `model.model.norm`,
     `model.lm_head`); `peft` the RoutedPEFT attached to it (for balance losses and usage) or None;
     each micro-batch a dict with `input_ids`, `labels` and usually `attention_mask`. Gradients equal
     those of `((loss_m + aux_m) / accum).backward()` for every micro-batch m; `accum` defaults to the
@@ -136,6 +138,7 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
                          "routing.base_balance_loss instead.")
     accum = accum or len(micro_batches)
     layers = _layers(model)
+    final_norm = getattr(model.model, get_family(model.config.model_type).final_norm_attr)
     device = next(model.parameters()).device
     autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype is not None \
         else contextlib.nullcontext
@@ -191,7 +194,7 @@ def layer_major_step(model: nn.Module, peft, micro_batches: Sequence[dict[str, t
         for m, mb in enumerate(mbs):
             h = mb.hidden.detach().requires_grad_(True)
             with autocast():
-                logits = model.lm_head(model.model.norm(h))
+                logits = model.lm_head(final_norm(h))
                 loss = model.loss_function(logits, mb.labels, vocab_size=model.config.vocab_size,
                                            **({"num_items_in_batch": num_items[m]} if num_items else {}))
             (loss / accum).backward()

@@ -66,6 +66,8 @@ class Family:
     block_attr: str = "mlp"
     #: attribute of the MoE block that holds its router
     router_attr: str = "gate"
+    #: attribute of the base model (`model.model`) holding the norm between the last decoder layer and the head
+    final_norm_attr: str = "norm"
     #: hub checkpoint name of one expert projection
     expert_key_template: str = "model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
     #: checkpoint projection name -> canonical projection
@@ -132,6 +134,10 @@ class Family:
     def shared_expert_intermediate_size(self, cfg: Any) -> int:
         return 0
 
+    def activation(self, cfg: Any) -> str:
+        """The experts' activation (configs without `hidden_act` name it in their family module)."""
+        return str(cfg.hidden_act)
+
     def moe_layers(self, cfg: Any) -> tuple[int, ...]:
         return tuple(range(int(cfg.num_hidden_layers)))
 
@@ -146,7 +152,7 @@ class Family:
             hidden_size=int(cfg.hidden_size),
             expert_intermediate_size=self.expert_intermediate_size(cfg),
             norm_topk_prob=self.norm_topk_prob(cfg),
-            activation=str(cfg.hidden_act),
+            activation=self.activation(cfg),
             shared_expert_intermediate_size=self.shared_expert_intermediate_size(cfg),
         )
 
@@ -335,9 +341,9 @@ class Family:
         """llama.cpp's name of the stacked experts of one canonical projection ('blk.0.ffn_gate_exps.weight')."""
         return GGUF_TENSOR_NAMES[self.gguf_expert_tensors[proj]].format(bid=layer) + ".weight"
 
-    def gguf_hparams(self, cfg: Any) -> dict[str, int | float | bool]:
+    def gguf_hparams(self, cfg: Any) -> dict[str, int | float | bool | list]:
         """Arch-specific llama.cpp hyperparameters, by gguf key template ('{arch}.expert_feed_forward_length');
-        they replace the generic value of the same key."""
+        they replace the generic value of the same key (a list: one value per layer)."""
         return {}
 
     def gguf_transform(self, cfg: Any, target: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
