@@ -57,10 +57,15 @@ def how_to_run(report: dict) -> list[tuple[str, str]]:
                                  f"model = AutoModelForCausalLM.from_pretrained({str(out)!r})"),
                 ("llama.cpp: to GGUF", f"python convert_hf_to_gguf.py {q(out)} --outfile model.gguf")]
     if fmt == "peft":
-        return [("HF PEFT", "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
-                            f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), "
-                            f"{str(out)!r})"),
-                ("llama.cpp: to a LoRA GGUF", f"python convert_lora_to_gguf.py {q(out)} --base {q(base)}")]
+        peft = ("HF PEFT", "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
+                           f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), "
+                           f"{str(out)!r})")
+        if report.get("layout") == "fused":  # convert_lora_to_gguf.py reads per-expert LoRA only
+            run = Path(report["run"])
+            return [peft, ("llama.cpp: the run's LoRA GGUF (convert_lora_to_gguf.py does not read PEFT's fused "
+                           "expert layout)", f"moetune export --run {q(run)} --format gguf-lora --dtype "
+                           f"{report['dtype']} --out {q(run / default_folder('gguf-lora', report['dtype']))}")]
+        return [peft, ("llama.cpp: to a LoRA GGUF", f"python convert_lora_to_gguf.py {q(out)} --base {q(base)}")]
     if fmt == "gguf" and report.get("base_only"):
         model, run = out / report["gguf"]["path"], Path(report["run"])
         dtype = _pair_dtype(report["dtype"])

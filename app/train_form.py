@@ -1,5 +1,5 @@
-"""The Train form's parts that are not layout: the model and dataset pickers' choices (a registry dataset whose
-file is missing is marked, with where to put it), filling the form from a config, the message boxes beside the
+"""The Train form's parts that are not layout: the model and dataset pickers' choices (a published release not
+downloaded, or a registry dataset whose file is missing, is marked with where to put it), filling the form from a config, the message boxes beside the
 fields (which field's problem goes where), and Check fit's plan as a table."""
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ import html
 import re
 
 import gradio as gr
+
+from engine.releases import published_releases
 
 from . import controls as K
 from .paths import DEMO_MODEL, DEMO_TRAIN, display_path, recent_models, registry_datasets, registry_file
@@ -38,12 +40,17 @@ def message(text: str, kind: str = "error") -> str:
 
 
 def model_choices(current: str | None = None) -> list[tuple[str, str]]:
-    """The model picker: the demo model, then recent models (and the current value)."""
+    """The model picker: the demo model, recent models, then every published release `moetune models` knows
+    (those not downloaded marked, with where to put them), and the current value."""
     out = [(f"Demo model ({DEMO_MODEL})", DEMO_MODEL)]
     for m in recent_models():
         shown = display_path(m)
         if shown != DEMO_MODEL and all(shown != v for _, v in out):
             out.append((shown, shown))
+    for r in published_releases():
+        if all(r.folder != v for _, v in out):
+            where = "" if r.downloaded() else f" — not downloaded: put it at {r.folder}"
+            out.append((f"{r.name} ({r.model_type}){where}", r.folder))
     if current and all(current != v for _, v in out):
         out.append((current, current))
     return out

@@ -376,17 +376,17 @@ def _check_host_ram(result: Plan, shape: ModelShape, host_gb: float | None) -> N
 
 
 def _published_stand_in(path: str) -> tuple[Any, str] | None:
-    """(config, name) of a published release when `path` does not exist yet but is named after one of
-    engine/model/arch/published/ (e.g. ~/models/Mixtral-8x7B-v0.1, ~/models/gpt-oss-120b), so a preset can be
-    planned before its model is downloaded."""
+    """(config, name) of a published release when `path` does not exist yet but is named after one
+    (e.g. ~/models/Mixtral-8x7B-v0.1, ~/models/gpt-oss-120b), so a preset can be planned before its model is
+    downloaded."""
     from .model.arch import config_from_file, get_family
-    from .model.arch.base import PUBLISHED_DIR
+    from .releases import release_named
 
     folder = Path(path).expanduser()
-    published = PUBLISHED_DIR / f"{folder.name}.json"
-    if (folder / "config.json").exists() or not folder.name or not published.is_file():
+    release = None if (folder / "config.json").exists() else release_named(folder.name)
+    if release is None:
         return None
-    raw = config_from_file(published)
-    return get_family(raw.model_type).model_config(raw), folder.name
+    raw = config_from_file(release.config)
+    return get_family(raw.model_type).model_config(raw), release.name
 
 

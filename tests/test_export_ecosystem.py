@@ -27,13 +27,16 @@ import torch
 from engine.model.arch import get_family
 from engine.config import from_dict
 from engine.export import ExportError, export_run
+from engine.export.peft_lora import FUSED, TENSOR_FILE, apply_peft
 from engine.model import load_model
 from engine.adapters import attach, save_adapter
 
 from .conftest import FAMILY_NAMES
 
-#: families whose hub checkpoints name each expert, so HF PEFT converts our per-expert LoRA onto them
-PEFT_FAMILIES = [f for f in FAMILY_NAMES if get_family(f).peft_per_expert]
+#: families whose hub checkpoints name each expert: our peft export is per-expert LoRA, which HF PEFT converts onto
+#: the fused experts and llama.cpp's convert_lora_to_gguf.py reads; the others' (gpt-oss) is PEFT's fused
+#: target_parameters layout, which HF PEFT loads as it is and the converter does not read
+PER_EXPERT_PEFT = [f for f in FAMILY_NAMES if get_family(f).peft_per_expert]
 
 ROOT = Path(__file__).resolve().parents[1]
 RANK, ALPHA = 4, 8.0
@@ -121,8 +124,6 @@ def exported(tiny_checkpoint, tmp_path_factory):
         save_adapter(peft, root / "run")
         fam = get_family(family)
         formats = ("peft", "hf") if layers else ("peft", "hf", "gguf-lora")
-        if not fam.peft_per_expert:  # gpt-oss: no HF PEFT layout
-            formats = formats[1:]
         if fam.gguf_missing or (attention and fam.gguf_lora_unsupported):  # Qwen3.5; DeepSeek's MLA attention
             formats = tuple(f for f in formats if f != "gguf-lora")
         for fmt in formats:
@@ -170,8 +171,12 @@ def _need_peft():
         _missing("peft", "pip install -e '.[dev]'.")
 
 
-@pytest.mark.parametrize("family", PEFT_FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_peft_loads_our_lora_and_equals_the_merged_export(exported, family):
+    """Per-expert LoRA converted by PEFT, or (gpt-oss) PEFT's fused target_parameters layout loaded as it is."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
     _need_peft()
     root = exported(family)
     model, caught = load_peft(root)
@@ -188,6 +193,8 @@ def test_peft_loads_our_lora_and_equals_the_merged_export(exported, family):
     attention = sum(len(fam.attention_modules(getattr(layer, "self_attn", None))) for layer in layers)  # or MLA
     moe = len(fam.facts(model.config).moe_layers)
     assert len(loras) == 2 * moe + attention and all(p.abs().max() > 0 for p in loras.values())
+    # LoRA on the fused expert weights only: the expert biases (gpt-oss) are not adapted
+    assert {m.parameter_name for m in model.modules() if type(m).__name__ == "ParamWrapper"} == set(FUSED)
 
     ids = ids_for(root)
     with torch.no_grad():
@@ -197,6 +204,11 @@ def test_peft_loads_our_lora_and_equals_the_merged_export(exported, family):
     with torch.no_grad(), model.disable_adapter():
         base = model(ids).logits.float().numpy()
     assert np.abs(base - want).max() > 100 * _logit_tolerance(want)  # the adapter matters: the check has teeth
+    if not fam.peft_per_expert:  # the export's own check applies the fused tensors by hand (apply_peft)
+        by_hand = AutoModelForCausalLM.from_pretrained(str(root / "base"), dtype=torch.float32).eval()
+        assert apply_peft(by_hand, fam, load_file(str(root / "peft" / TENSOR_FILE)), ALPHA, RANK) == 2 * moe + attention
+        with torch.no_grad():
+            assert_logits_equal(by_hand(ids).logits.float().numpy(), want, f"{family}: fused PEFT tensors by hand")
 
     if family == "mixtral":  # negative check: alpha not doubled with gate_up's doubled rank is caught
         wrong = root / "peft-wrong-alpha"
@@ -209,6 +221,49 @@ def test_peft_loads_our_lora_and_equals_the_merged_export(exported, family):
             bad_logits = bad_model(ids).logits.float().numpy()
         with pytest.raises(AssertionError, match="max"):
             assert_logits_equal(bad_logits, want, "gate/up LoRA at half scale")
+    if family == "gpt_oss":  # negative check: gate_up LoRA rows as gate rows then up rows, not interleaved, is caught
+        wrong = root / "peft-wrong-rows"
+        shutil.copytree(root / "peft", wrong)
+        lora = load_file(str(wrong / TENSOR_FILE))
+        for name in [n for n in lora if n.endswith(".experts.base_layer.lora_B.weight")]:
+            lora[name] = torch.cat([lora[name][0::2], lora[name][1::2]])
+        save_file(lora, str(wrong / TENSOR_FILE))
+        bad_model, _ = load_peft(root, wrong)
+        with torch.no_grad():
+            bad_logits = bad_model(ids).logits.float().numpy()
+        with pytest.raises(AssertionError, match="max"):
+            assert_logits_equal(bad_logits, want, "gate/up LoRA rows not interleaved")
+
+
+def test_fused_peft_layout_on_experts_stored_out_by_in(exported, tmp_path, monkeypatch):
+    """The fused target_parameters layout on a family whose experts module stores gate_up_proj [E, 2I, H] with gate
+    rows then up rows (granitemoe's order; Mixtral's module has it too): PEFT loads it with the merged logits."""
+    _need_peft()
+    root = exported("mixtral")
+    monkeypatch.setattr(type(get_family("mixtral")), "peft_per_expert", False)
+    report = export_run(root / "run", "peft", "f32", tmp_path / "peft")  # with the export's own check (by hand)
+    assert report["layout"] == "fused" and report["max_abs_logit_diff"] <= _logit_tolerance(
+        np.array(report["check"]["max_abs_logit"]))
+    model, _ = load_peft(root, tmp_path / "peft")
+    ids = ids_for(root)
+    with torch.no_grad():
+        got = model(ids).logits.float().numpy()
+    assert_logits_equal(got, hf_logits(root / "hf", ids), "mixtral, fused PEFT layout vs the merged hf export")
+
+
+def test_a_run_trained_with_dropout_loads_in_peft(exported, tmp_path):
+    """PEFT's target_parameters LoRA refuses lora_dropout != 0 (lora.ParamWrapper): a run trained with adapter
+    dropout (which acts in training only) exports lora_dropout 0, and PEFT loads it."""
+    _need_peft()
+    root = exported("gpt_oss")
+    shutil.copytree(root / "run", tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "moetune.json").read_text())
+    meta["config"]["adapter"]["dropout"] = 0.1
+    (tmp_path / "run" / "moetune.json").write_text(json.dumps(meta))
+    export_run(tmp_path / "run", "peft", "f32", tmp_path / "peft", check_logits=False)
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["lora_dropout"] == 0.0
+    model, _ = load_peft(root, tmp_path / "peft")
+    assert {m.parameter_name for m in model.modules() if type(m).__name__ == "ParamWrapper"} == set(FUSED)
 
 
 def test_peft_loads_a_run_on_some_layers(exported):
@@ -244,7 +299,7 @@ def test_llama_cpp_converters_and_gguf_lora_give_the_merged_logits(exported, con
         root = exported(family, attention=False)  # expert LoRA: llama.cpp's graph applies it
     else:
         root = exported(family)
-    with_peft = family in PEFT_FAMILIES  # gpt-oss: no PEFT folder for convert_lora_to_gguf.py to read
+    with_peft = family in PER_EXPERT_PEFT  # gpt-oss: convert_lora_to_gguf.py reads no fused target_parameters LoRA
     # llama.cpp's GLM converter writes GLM's own tokenizer (it looks up [gMASK], <sop>, …), which the tiny model's
     # is not: for glm4_moe only its LoRA converter runs (our GGUF's logits: test_export_gguf.py)
     models = family != "glm4_moe"
@@ -397,3 +452,8 @@ def test_export_tab_shows_the_command_that_runs_the_export(exported, tmp_path):
             f"{str(root / 'peft')!r})").replace("'", "&#x27;") in shown["peft"]
     assert f"convert_lora_to_gguf.py {root / 'peft'} --base {root / 'base'}" in shown["peft"]
     assert "AutoModelForCausalLM.from_pretrained" in shown["hf"]
+    fused = exported("gpt_oss")  # PEFT's fused layout, which llama.cpp's converter does not read: the gguf-lora export
+    shown = result_html(fused / "peft", (fused / "peft" / "export_report.json").read_text())
+    assert f"convert_lora_to_gguf.py {fused / 'peft'}" not in shown
+    assert (f"moetune export --run {fused / 'run'} --format gguf-lora --dtype f32 --out "
+            f"{fused / 'run' / 'export-gguf-lora-f32'}") in shown

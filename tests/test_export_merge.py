@@ -286,10 +286,6 @@ REFUSED = [
      ["routing.train_router", "Formats that work for this run: hf, gguf."]),
     ("qwen3_moe", {"norm_topk_prob": False}, "embedded", "gated", "parallel", {}, "gguf",
      ["llama.cpp", "norm_topk_prob=False", "Formats that work for this run: hf."]),
-    ("gpt_oss", {}, "embedded", "lora", "inside", {}, "peft",
-     ["no per-expert weight names", "Formats that work for this run: hf, gguf, gguf-lora."]),
-    ("granitemoe", {}, "embedded", "lora", "inside", {}, "peft",
-     ["no per-expert weight names", "Formats that work for this run: hf, gguf, gguf-lora."]),
 ]
 
 

@@ -121,3 +121,32 @@ def test_check_fit_answers_for_real_model_presets_before_download(stem, offloade
     assert "(published config;" in text.splitlines()[0]
     if offloaded is not None:  # the placement lines: "  resident   layers 0-15" / "  offloaded  layers 0-6"
         assert bool(re.search(r"^\s+offloaded\s+layers", text, re.M)) is offloaded, text
+
+
+def test_the_model_picker_offers_every_published_release_where_the_presets_look(tmp_path, monkeypatch):
+    """The app's model picker lists every release `moetune models` plans from (engine/model/arch/published/), at
+    ~/models/<name> where the presets look, marked with where to put it until it is downloaded; every family has
+    one; no torch is imported to list them."""
+    import subprocess
+    import sys
+
+    from app.train_form import model_choices
+    from engine.model.arch import FAMILIES
+    from engine.releases import published_releases
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    releases = published_releases()
+    (tmp_path / "models" / "gpt-oss-20b").mkdir(parents=True)
+    (tmp_path / "models" / "gpt-oss-20b" / "config.json").write_text("{}")
+    labels = dict((v, label) for label, v in model_choices())
+    for r in releases:
+        assert r.folder in labels, r.name
+        assert labels[r.folder].startswith(f"{r.name} ({r.model_type})")
+        assert ("not downloaded: put it at ~/models/" in labels[r.folder]) == (r.name != "gpt-oss-20b"), labels[r.folder]
+    assert {r.model_type for r in releases} == set(FAMILIES)  # every family's flagship, nothing else
+    for path in PRESET_FILES:  # every real-model preset points at a release the picker offers
+        model = yaml.safe_load(path.read_text())["model"]["path"]
+        assert path.stem == DEMO or model in labels, (path.name, model)
+    probe = "import sys; from app.train_form import model_choices; model_choices(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=str(ROOT),
+                          check=True).stdout.strip() == "False"

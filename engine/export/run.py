@@ -25,7 +25,7 @@ from .gguf import llama_cpp_problems, write_gguf
 from .gguf_lora import LORA_DTYPES, gguf_lora_problems, read_gguf_lora, write_gguf_lora
 from .llama_check import llama_cpp_check, unchecked
 from .merge import merge_plan, merge_problems, write_merged
-from .peft_lora import apply_peft, hf_peft_problems, peft_plan, peft_problems, write_peft
+from .peft_lora import apply_peft, peft_plan, peft_problems, write_peft
 from .source import RunSource, open_run
 
 REPORT_FILE = "export_report.json"
@@ -136,7 +136,8 @@ def _export(src: RunSource, fmt: str, dtype: str, staging: Path, check_logits: b
     if fmt == "peft":
         summary = write_peft(src, staging, TORCH_DTYPES[dtype])
         report.update(merged=[g.to_dict() for g in peft_plan(src)], files=summary["files"],
-                      target_modules=summary["target_modules"], target_parameters=summary["target_parameters"])
+                      target_modules=summary["target_modules"], target_parameters=summary["target_parameters"],
+                      layout=summary["layout"])
         if check_logits:
             report["check"] = _check_peft(src, staging)
     elif fmt == "gguf-lora":
@@ -210,7 +211,7 @@ def format_problems(run_dir: str | Path) -> dict[str, list[str]]:
 
 def _problems(src: RunSource, fmt: str) -> list[str]:
     if fmt == "peft":
-        return peft_problems(src) + hf_peft_problems(src)
+        return peft_problems(src)
     if fmt == "gguf-lora":
         return gguf_lora_problems(src)
     problems = merge_problems(src)

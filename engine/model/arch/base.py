@@ -14,10 +14,11 @@ from gguf.constants import MODEL_TENSOR as GT
 from gguf.constants import TENSOR_NAMES as GGUF_TENSOR_NAMES
 from torch import nn
 
+from ...releases import PUBLISHED_DIR
+
 #: The three projections of one expert, in the canonical layout (nn.Linear weights):
 #: gate [I, H], up [I, H], down [H, I].
 PROJECTIONS = ("gate", "up", "down")
-PUBLISHED_DIR = Path(__file__).resolve().parent / "published"
 #: bits per parameter of NF4 with double quantisation (4 bits + blockwise absmax scales)
 NF4_BITS = 4.13
 
@@ -98,8 +99,13 @@ class Family:
     gguf_norm_topk_prob: bool = False
     #: how hub checkpoints name the experts when not by `expert_key_template` (shown by `moetune models`)
     hub_expert_names: str = ""
-    #: whether hub checkpoints name each expert's projections (PEFT converts per-expert LoRA onto them)
+    #: whether hub checkpoints name each expert's projections: the `peft` export then writes per-expert LoRA, which
+    #: PEFT converts onto the fused experts (and llama.cpp's convert_lora_to_gguf.py reads); False (experts fused per
+    #: layer: gpt-oss, granitemoe): it writes PEFT's fused `target_parameters` tensors (engine/export/peft_lora.py)
     peft_per_expert: bool = True
+    #: the experts module's fused tensors are [E, in, out] (transformers' `use_experts_implementation(
+    #: is_transposed=True)`, which PEFT's target_parameters LoRA reads too), not [E, out, in]
+    experts_transposed: bool = False
     #: file stem in engine/arch/published/ holding the config.json of the family's flagship release
     published: str = ""
     #: attention linear layers attention LoRA wraps (those a layer has; MLA has its own projections)

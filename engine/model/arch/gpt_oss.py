@@ -65,6 +65,7 @@ class GptOssFamily(Family):
     published = "gpt-oss-20b"
     router_attr = "router"
     peft_per_expert = False  # the hub's experts are fused per layer
+    experts_transposed = True  # gate_up_proj [E, H, 2I], down_proj [E, I, H]
     hub_expert_names = ("model.layers.{layer}.mlp.experts.gate_up_proj|down_proj (bf16, [E, in, out]) or "
                         "..._blocks + ..._scales (MXFP4)")
     gguf_arch = "gpt-oss"
