@@ -23,6 +23,7 @@ HUB_FUSED = {
     "granitemoe": ("model.layers.{l}.block_sparse_moe.input_linear.weight",
                    "model.layers.{l}.block_sparse_moe.output_linear.weight"),
 }
+HUB_FUSED["granitemoehybrid"] = HUB_FUSED["granitemoe"]  # Granite-4.0-H: the same block
 
 
 def _hf_model(path):

@@ -31,6 +31,8 @@ def test_models_json_lists_every_family(capsys):
     assert by["olmoe"]["experts_nf4_gb"] == 3.33
     assert (by["granitemoe"]["moe_layers"], by["granitemoe"]["experts"], by["granitemoe"]["top_k"],
             by["granitemoe"]["experts_nf4_gb"]) == (32, 40, 8, 1.56)
+    assert (by["granitemoehybrid"]["moe_layers"], by["granitemoehybrid"]["experts"], by["granitemoehybrid"]["top_k"],
+            by["granitemoehybrid"]["shared_expert_intermediate_size"]) == (40, 64, 6, 1024)
 
 
 def test_tiny_model_command(tmp_path, capsys):

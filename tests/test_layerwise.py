@@ -66,6 +66,8 @@ CASES = [
     ("lfm2_moe", "dense", "parallel", {"attention_lora": True, "train_router": True}),
     # the hub's fused experts (block_sparse_moe), μP residual multipliers around the adapters, the `router` trained
     ("granitemoe", "embedded", "parallel", {"attention_lora": True, "train_router": True}),
+    # Granite-4.0-H: Mamba-2 layers beside attention ones, the dense shared MLP outside the MoE block
+    ("granitemoehybrid", "shared", "parallel", {"attention_lora": True}),
 ]
 
 

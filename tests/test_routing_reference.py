@@ -143,7 +143,7 @@ def _moe_gates(lm, block, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
         idx, _ = _top_k(masked.reshape(choice.shape), k, False)
         gates = torch.gather(scores, 1, idx)
         return idx, gates / gates.sum(dim=-1, keepdim=True) * cfg.routed_scaling_factor
-    renorm = cfg.model_type in ("mixtral", "gpt_oss", "granitemoe", "qwen3_5_moe_text") or (
+    renorm = cfg.model_type in ("mixtral", "gpt_oss", "granitemoe", "granitemoehybrid", "qwen3_5_moe_text") or (
         bool(getattr(cfg, "norm_topk_prob", False)) and cfg.model_type != "deepseek_v2")
     idx, gates = _top_k(_softmax(logits), k, renorm)
     return idx, gates * getattr(cfg, "routed_scaling_factor", 1.0)

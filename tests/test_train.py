@@ -169,12 +169,13 @@ def test_app_evaluates_several_benchmarks_in_one_process(task, trained, tmp_path
     assert all(r["tuned"] >= 0.8 and r["tuned"] > r["base"] + 0.5 for r in table)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "lfm2_moe", "granitemoe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "lfm2_moe", "granitemoe", "granitemoehybrid"])
 def test_resume_reproduces_the_uninterrupted_losses(task, tiny_checkpoint, tmp_path, family):
     # dropout > 0 so that resuming must also restore the RNG state; DeepSeek-V3: MLA attention LoRA, a dense first
     # layer, shared experts, and the balance loss of its sigmoid router on the base router, which trains; LFM2-MoE:
     # short-conv layers beside attention, a dense first layer, a sigmoid router whose expert bias chooses; Granite:
-    # the hub's fused experts, μP multipliers, its top-k-softmax router trained with the balance loss
+    # the hub's fused experts, μP multipliers, its top-k-softmax router trained with the balance loss (Granite-4.0-H:
+    # with Mamba-2 layers and a shared MLP)
     model = task["model"] if family == "qwen3_moe" else tiny_checkpoint(family)
     cfg = _config(model, task["train"], max_steps=12, save_every=4)
     if family != "qwen3_moe":
