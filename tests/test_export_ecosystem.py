@@ -303,6 +303,9 @@ def test_llama_cpp_converters_and_gguf_lora_give_the_merged_logits(exported, con
     # llama.cpp's GLM converter writes GLM's own tokenizer (it looks up [gMASK], <sop>, …), which the tiny model's
     # is not: for glm4_moe only its LoRA converter runs (our GGUF's logits: test_export_gguf.py)
     models = family != "glm4_moe"
+    if family == "granitemoehybrid":  # its converter finds attention layers by the hub's layer_types spelling
+        for folder in (root / "hf", root / "base"):
+            _hub_layer_types(folder / "config.json")
     convert(converters, *([("convert_hf_to_gguf.py", root / "hf", "--outfile", root / "merged-conv.gguf", "--outtype",
                             "f32"), ("convert_hf_to_gguf.py", root / "base", "--outfile", root / "base-conv.gguf",
                                      "--outtype", "f32")] if models else []),
@@ -351,6 +354,16 @@ def test_llama_cpp_converters_and_gguf_lora_give_the_merged_logits(exported, con
         got = np.stack(llama(root / "base.gguf", ops, lora_path=root / "unpermuted.gguf"))
         with pytest.raises(AssertionError, match="max"):
             assert_logits_equal(got, want, "q/k LoRA unpermuted")
+
+
+def _hub_layer_types(config_json: Path) -> None:
+    """Granite-4.0-H's layer_types as the hub's config.json spells them ("mamba" / "attention"), which llama.cpp's
+    converter reads (it takes every other layer for Mamba-2); transformers 5 saves "linear_attention" /
+    "full_attention" (the tiny checkpoint's) and reads either."""
+    raw = json.loads(config_json.read_text())
+    hub = {"linear_attention": "mamba", "full_attention": "attention"}
+    raw["layer_types"] = [hub.get(t, t) for t in raw["layer_types"]]
+    config_json.write_text(json.dumps(raw, indent=2))
 
 
 def _field_missing(path: Path, key: str) -> bool:

@@ -26,7 +26,7 @@ DTYPES = ["f32", "f16", "bf16", "q8_0"]
 GGUF_FAMILIES = [f for f in FAMILY_NAMES if not get_family(f).gguf_missing]
 #: llama.cpp's architecture of each family (src/llama-arch.cpp); Mixtral runs as llama with experts
 ARCH = {"olmoe": "olmoe", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss",
-        "ernie4_5_moe": "ernie4_5-moe", "granitemoe": "granitemoe",
+        "ernie4_5_moe": "ernie4_5-moe", "granitemoe": "granitemoe", "granitemoehybrid": "granitehybrid",
         "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe": "glm4moe", "lfm2_moe": "lfm2moe"}
 #: token-id prompts (no tokenizer in the loop), and how many tokens to continue each
 PROMPTS = [[1, 40, 41, 300, 12, 77], [5, 100, 200, 300, 400], [1, 7]]
@@ -56,6 +56,8 @@ def expected_tensors(family: str, cfg) -> dict[str, tuple[int, ...]]:
         return out | _deepseek_tensors(family, cfg, facts)
     if family == "glm4_moe":
         return out | _glm_tensors(cfg, facts)
+    if family == "granitemoehybrid":
+        return out | _granite_hybrid_tensors(cfg, facts)
     if family == "lfm2_moe":  # the final norm is token_embd_norm
         return {"token_embd.weight": (h, v), "token_embd_norm.weight": (h,), "output.weight": (h, v)} | \
             _lfm2_tensors(cfg, facts)
@@ -161,6 +163,32 @@ def _glm_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _granite_hybrid_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
+    """llama.cpp's 'granitehybrid' block tensors (ne order): Mamba-2 layers (A and D [1, heads], the conv kernel
+    [K, C], the gated norm per group) or attention layers, each with Granite's experts and the shared MLP as the
+    shared expert (llama_model_granite_hybrid::load_arch_tensors)."""
+    h, e, i = facts.hidden_size, facts.num_experts, facts.expert_intermediate_size
+    s, hd = facts.shared_expert_intermediate_size, facts.hidden_size // cfg.num_attention_heads
+    heads, inner, groups, state = cfg.mamba_n_heads, cfg.mamba_expand * h, cfg.mamba_n_groups, cfg.mamba_d_state
+    conv, kv = inner + 2 * groups * state, cfg.num_key_value_heads * hd
+    out = {}
+    for layer, kind in enumerate(cfg.layers_block_type):
+        b = f"blk.{layer}."
+        out.update({b + "attn_norm.weight": (h,), b + "ffn_norm.weight": (h,), b + "ffn_gate_inp.weight": (h, e),
+                    b + "ffn_gate_exps.weight": (h, i, e), b + "ffn_up_exps.weight": (h, i, e),
+                    b + "ffn_down_exps.weight": (i, h, e), b + "ffn_gate_shexp.weight": (h, s),
+                    b + "ffn_up_shexp.weight": (h, s), b + "ffn_down_shexp.weight": (s, h)})
+        if kind == "full_attention":
+            out.update({b + "attn_q.weight": (h, h), b + "attn_k.weight": (h, kv), b + "attn_v.weight": (h, kv),
+                        b + "attn_output.weight": (h, h)})
+        else:
+            out.update({b + "ssm_in.weight": (h, inner + conv + heads),
+                        b + "ssm_conv1d.weight": (cfg.mamba_d_conv, conv), b + "ssm_conv1d.bias": (conv,), b + "ssm_dt.bias": (heads,), b + "ssm_a": (1, heads),
+                        b + "ssm_d": (1, heads), b + "ssm_norm.weight": (inner // groups, groups),
+                        b + "ssm_out.weight": (inner, h)})
+    return out
+
+
 def _lfm2_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
     """llama.cpp's 'lfm2moe' block tensors (ne order): short-conv layers (the kernel [L, H]) or attention layers with
     per-head q/k norms, two kinds of FFN: dense first layers, then experts with exp_probs_b
@@ -191,7 +219,9 @@ def _lfm2_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
 
 def _stays_f32(name: str, shape) -> bool:
     return len(shape) == 1 or name.endswith(("_norm.weight", ".bias", "ffn_gate_inp.weight",
-                                              "ffn_gate_inp_shexp.weight", "shortconv.conv.weight"))
+                                              "ffn_gate_inp_shexp.weight", "shortconv.conv.weight",
+                                              "ssm_conv1d.weight")) \
+        or not name.endswith(".weight")  # Mamba-2's A and D (ssm_a, ssm_d)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -213,9 +243,16 @@ def test_gguf_reads_back(tiny_checkpoint, tmp_path, family, dtype):
                "embedding_length": facts.hidden_size, "attention.head_count": cfg.num_attention_heads,
                "attention.head_count_kv": cfg.num_key_value_heads, "expert_count": facts.num_experts,
                "expert_used_count": facts.top_k}
-    if family in ("olmoe", "mixtral", "granitemoe"):  # these archs size their experts by feed_forward_length
+    if family in ("olmoe", "mixtral", "granitemoe", "granitemoehybrid"):  # experts sized by feed_forward_length
         hparams["feed_forward_length"] = facts.expert_intermediate_size
-    if family == "granitemoe":  # the μP multipliers under llama.cpp's names (logits divided by logit_scale)
+    if family == "granitemoehybrid":  # KV heads per layer (0: a Mamba-2 layer), the SSM's sizes, RoPE off (NoPE)
+        hparams.update({"attention.head_count_kv": [cfg.num_key_value_heads if t == "full_attention" else 0
+                                                    for t in cfg.layers_block_type],
+                        "expert_shared_feed_forward_length": facts.shared_expert_intermediate_size,
+                        "ssm.conv_kernel": cfg.mamba_d_conv, "ssm.state_size": cfg.mamba_d_state,
+                        "ssm.group_count": cfg.mamba_n_groups, "ssm.inner_size": cfg.mamba_expand * cfg.hidden_size,
+                        "ssm.time_step_rank": cfg.mamba_n_heads, "rope.scaling.finetuned": False})
+    if family.startswith("granitemoe"):  # the μP multipliers under llama.cpp's names (logits divided by logit_scale)
         for key, value in (("embedding_scale", cfg.embedding_multiplier), ("residual_scale", cfg.residual_multiplier),
                            ("attention.scale", cfg.attention_multiplier), ("logit_scale", cfg.logits_scaling)):
             assert _field(reader, f"{arch}.{key}") == pytest.approx(value), key

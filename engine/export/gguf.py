@@ -42,7 +42,7 @@ def _names(*tensors: gguf.MODEL_TENSOR, suffix: str = r"\.weight") -> re.Pattern
 
 
 #: tensors llama.cpp keeps in F32 whatever the file type (as its converter does)
-_F32_TENSORS = _names(T.FFN_GATE_INP, T.FFN_GATE_INP_SHEXP, T.SHORTCONV_CONV)
+_F32_TENSORS = _names(T.FFN_GATE_INP, T.FFN_GATE_INP_SHEXP, T.SHORTCONV_CONV, T.SSM_CONV1D)
 _ATTN_Q, _ATTN_K = _names(T.ATTN_Q, suffix=r"\.(weight|bias)"), _names(T.ATTN_K, suffix=r"\.(weight|bias)")
 _TOKEN_EMBD, _OUTPUT = gguf.TENSOR_NAMES[T.TOKEN_EMBD] + ".weight", gguf.TENSOR_NAMES[T.OUTPUT] + ".weight"
 
