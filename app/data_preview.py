@@ -46,10 +46,13 @@ def _cell(text: str, limit: int = 600) -> str:
 
 def preview_html(p: dict) -> str:
     """A summary line (rows, kept, dropped and truncated by the cut-off, tokens) and the first rows as a table."""
+    about = "≈ " if p.get("estimated") else ""
     note = (f"<b>{p['rows']:,}</b> rows ({html.escape(p['format'])}) · template <b>{html.escape(p['template'])}</b> · "
-            f"cut-off {p['max_len']} tokens: <b>{p['dropped']:,}</b> rows dropped (their prompt fills it), "
-            f"<b>{p['truncated']:,}</b> truncated, <b>{p['examples']:,}</b> to train · longest row {p['longest']:,} "
-            f"tokens · {p['trained_tokens']:,} of {p['tokens']:,} tokens trained")
+            f"cut-off {p['max_len']} tokens: <b>{about}{p['dropped']:,}</b> rows dropped (their prompt fills it), "
+            f"<b>{about}{p['truncated']:,}</b> truncated, <b>{about}{p['examples']:,}</b> to train · longest row "
+            f"{'seen ' if about else ''}{p['longest']:,} tokens · {about}{p['trained_tokens']:,} of {p['tokens']:,} "
+            "tokens trained"
+            + (f" · <i>estimated from a sample of {p['counted']:,} rows; training counts every row</i>" if about else ""))
     head = "".join(f"<th style='text-align:left;padding:3px 6px'>{h}</th>" for h in
                    ("row", "prompt (template applied, no loss)", "response (trained)", "tokens", ""))
     body = []

@@ -92,7 +92,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = _f(100, "optimizer steps (ignored when epochs is set)", min=1)
-    epochs: Union[float, None] = _f(None, "passes over the training data (null: use max_steps)", min=0.01)
+    epochs: Union[float, None] = _f(None, "passes over the training data (empty: use max_steps)", min=0.01)
     lr: float = _f(3.0e-4, "peak learning rate (AdamW)", min=0.0, max=1.0)
     warmup_steps: int = _f(0, "linear warm-up steps", min=0)
     scheduler: str = _f("cosine", "learning-rate decay after warm-up", choices=("cosine", "linear", "constant"))
@@ -110,17 +110,17 @@ class TrainConfig:
 
 @dataclass
 class MemoryConfig:
-    gpu_gb: Union[float, None] = _f(None, "GPU memory budget in GB (null: the device's free memory)", min=0.1)
+    gpu_gb: Union[float, None] = _f(None, "GPU memory budget in GB (empty: the device's free memory)", min=0.1)
     offload: str = _f("auto", "keep experts in CPU memory behind a GPU cache and train layer by layer: auto "
                       "(when the planner says the budget needs it), on, or off", choices=("auto", "on", "off"))
-    cache_slots: Union[int, None] = _f(None, "experts the GPU cache holds when offloading (null: the planner's "
+    cache_slots: Union[int, None] = _f(None, "experts the GPU cache holds when offloading (empty: the planner's "
                                        "number)", min=1)
 
 
 @dataclass
 class EvalConfig:
     benchmarks: list = _f([], "benchmarks to run after training (names or test.json files)")
-    limit: Union[int, None] = _f(None, "rows per benchmark (null: all)", min=1)
+    limit: Union[int, None] = _f(None, "rows per benchmark (empty: all)", min=1)
     batch_size: int = _f(8, "prompts per generation batch", min=1)
     num_beams: int = _f(1, "beam width for generation (the paper uses 4)", min=1, max=16)
 

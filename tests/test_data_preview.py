@@ -56,3 +56,20 @@ def test_a_dataset_training_refuses_is_refused_by_the_preview(tmp_path, tokenize
     f.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
     with pytest.raises(DataError, match=r"x.jsonl, line 2: not valid JSON"):
         preview_dataset(str(f), tokenizer)
+
+
+def test_a_large_dataset_is_counted_on_a_sample_and_says_so(tmp_path, tokenizer):
+    """More rows than `sample`: the counts come from a seeded sample scaled to the whole, marked estimated (the
+    preview button stays fast on commonsense_170k); within the rounding of the sample they are training's."""
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(rows() * 8))  # 200 rows, 24 with prompts over the cut-off
+    whole = preview_dataset(str(f), tokenizer, "alpaca", max_len=160, sample=1000)
+    est = preview_dataset(str(f), tokenizer, "alpaca", max_len=160, sample=100)
+    assert not whole["estimated"] and (whole["counted"], whole["dropped"]) == (200, 24)
+    assert est["estimated"] and est["counted"] == 100 and est["rows"] == 200
+    assert abs(est["dropped"] - 24) <= 10 and est["examples"] + est["dropped"] == 200
+    assert est == preview_dataset(str(f), tokenizer, "alpaca", max_len=160, sample=100)  # the same sample each time
+    assert est["first"] == whole["first"]  # the first rows are always the file's first rows
+    from app.data_preview import preview_html
+
+    assert "estimated from a sample of 100 rows" in preview_html(est) and "≈" not in preview_html(whole)
