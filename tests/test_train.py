@@ -271,7 +271,7 @@ def test_bad_model_folder_is_named_with_its_fix_and_no_traceback(task, tmp_path,
     weightless.mkdir()
     shutil.copy(task["model"] / "config.json", weightless / "config.json")
     cases = {tmp_path / "no-such-model": "does not exist", _llama_folder(tmp_path / "llama"):
-             "model_type 'llama' is not supported; supported families: olmoe, mixtral, qwen2_moe, qwen3_moe",
+             "model_type 'llama' is not supported; supported families: deepseek_v2, deepseek_v3, ernie4_5_moe",
              weightless: "holds no *.safetensors weights", tmp_path / "config.yaml": "is not a directory"}
     (tmp_path / "config.yaml").write_text("x: 1\n")
     for folder, expected in cases.items():

@@ -42,7 +42,7 @@ def get_family(model_type: str) -> Family:
                 return family
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported; supported families: {', '.join(FAMILIES)}. "
-            "Point model.path at a checkpoint of one of these, or add a family module in engine/arch/."
+            "Point model.path at a checkpoint of one of these, or add a family module in engine/model/arch/."
         ) from None
 
 
