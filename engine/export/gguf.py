@@ -287,7 +287,7 @@ def _add_hparams(writer: gguf.GGUFWriter, cfg, family: Family, ftype: gguf.Llama
     own = family.gguf_hparams(cfg)  # the family's own values replace the generic ones of the same key
     values: dict[str, int | float | bool | list] = {
         K.LLM.BLOCK_COUNT: facts.num_layers, K.LLM.CONTEXT_LENGTH: int(cfg.max_position_embeddings),
-        K.LLM.EMBEDDING_LENGTH: facts.hidden_size, K.LLM.FEED_FORWARD_LENGTH: int(cfg.intermediate_size),
+        K.LLM.EMBEDDING_LENGTH: facts.hidden_size,
         K.Attention.HEAD_COUNT: n_head, K.Attention.HEAD_COUNT_KV: int(cfg.num_key_value_heads),
         K.Attention.KEY_LENGTH: head_dim, K.Attention.VALUE_LENGTH: head_dim, K.Rope.DIMENSION_COUNT: head_dim,
         K.Attention.LAYERNORM_RMS_EPS: own.get(K.Attention.LAYERNORM_RMS_EPS) or float(cfg.rms_norm_eps),
@@ -296,6 +296,9 @@ def _add_hparams(writer: gguf.GGUFWriter, cfg, family: Family, ftype: gguf.Llama
         K.LLM.EXPERT_WEIGHTS_NORM: facts.norm_topk_prob,
         **own,
     }
+    dense = getattr(cfg, "intermediate_size", None)  # none where every layer has experts (Qwen3.5's text config)
+    if dense is not None and K.LLM.FEED_FORWARD_LENGTH not in values:
+        values[K.LLM.FEED_FORWARD_LENGTH] = int(dense)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     for key, value in values.items():
