@@ -22,12 +22,13 @@ from .conftest import FAMILY_NAMES
 from .tolerance import assert_logits_close
 
 DTYPES = ["f32", "f16", "bf16", "q8_0"]
-#: the families MoETune writes GGUF for (Qwen3.5's refusal: test_gguf_refusal_names_what_is_missing)
+#: the families MoETune writes GGUF for (every family with a llama.cpp arch MoETune maps)
 GGUF_FAMILIES = [f for f in FAMILY_NAMES if not get_family(f).gguf_missing]
 #: llama.cpp's architecture of each family (src/llama-arch.cpp); Mixtral runs as llama with experts
 ARCH = {"olmoe": "olmoe", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss",
         "ernie4_5_moe": "ernie4_5-moe", "granitemoe": "granitemoe", "granitemoehybrid": "granitehybrid",
-        "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe": "glm4moe", "lfm2_moe": "lfm2moe"}
+        "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe": "glm4moe", "lfm2_moe": "lfm2moe",
+        "qwen3_5_moe": "qwen35moe"}
 #: token-id prompts (no tokenizer in the loop), and how many tokens to continue each
 PROMPTS = [[1, 40, 41, 300, 12, 77], [5, 100, 200, 300, 400], [1, 7]]
 NEW_TOKENS = 8
@@ -58,6 +59,8 @@ def expected_tensors(family: str, cfg) -> dict[str, tuple[int, ...]]:
         return out | _glm_tensors(cfg, facts)
     if family == "granitemoehybrid":
         return out | _granite_hybrid_tensors(cfg, facts)
+    if family == "qwen3_5_moe":
+        return out | _qwen35_tensors(cfg, facts)
     if family == "lfm2_moe":  # the final norm is token_embd_norm
         return {"token_embd.weight": (h, v), "token_embd_norm.weight": (h,), "output.weight": (h, v)} | \
             _lfm2_tensors(cfg, facts)
@@ -189,6 +192,35 @@ def _granite_hybrid_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _qwen35_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
+    """llama.cpp's 'qwen35moe' block tensors (ne order): Gated DeltaNet layers (qkv and the z gate, alpha / beta per
+    value head, A and dt per value head, the conv kernel [K, C], the gated norm per head) or attention layers whose
+    q also gives the output gate (2 × head_dim per head), each with the experts and the gated shared expert
+    (llama_model_qwen35moe::load_arch_tensors)."""
+    h, e, i, s = facts.hidden_size, facts.num_experts, facts.expert_intermediate_size, facts.shared_expert_intermediate_size
+    hd, heads, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    n_v, key = cfg.linear_num_value_heads, cfg.linear_num_key_heads * cfg.linear_key_head_dim
+    value = n_v * cfg.linear_value_head_dim
+    out = {}
+    for layer, kind in enumerate(cfg.layer_types):
+        b = f"blk.{layer}."
+        out.update({b + "attn_norm.weight": (h,), b + "post_attention_norm.weight": (h,),
+                    b + "ffn_gate_inp.weight": (h, e), b + "ffn_gate_exps.weight": (h, i, e),
+                    b + "ffn_up_exps.weight": (h, i, e), b + "ffn_down_exps.weight": (i, h, e),
+                    b + "ffn_gate_inp_shexp.weight": (h, 1), b + "ffn_gate_shexp.weight": (h, s),
+                    b + "ffn_up_shexp.weight": (h, s), b + "ffn_down_shexp.weight": (s, h)})
+        if kind == "full_attention":
+            out.update({b + "attn_q.weight": (h, 2 * heads * hd), b + "attn_k.weight": (h, kv * hd),
+                        b + "attn_v.weight": (h, kv * hd), b + "attn_output.weight": (heads * hd, h),
+                        b + "attn_q_norm.weight": (hd,), b + "attn_k_norm.weight": (hd,)})
+        else:
+            out.update({b + "attn_qkv.weight": (h, 2 * key + value), b + "attn_gate.weight": (h, value),
+                        b + "ssm_alpha.weight": (h, n_v), b + "ssm_beta.weight": (h, n_v), b + "ssm_a": (n_v,),
+                        b + "ssm_dt.bias": (n_v,), b + "ssm_conv1d.weight": (cfg.linear_conv_kernel_dim, 2 * key + value),
+                        b + "ssm_norm.weight": (cfg.linear_value_head_dim,), b + "ssm_out.weight": (value, h)})
+    return out
+
+
 def _lfm2_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
     """llama.cpp's 'lfm2moe' block tensors (ne order): short-conv layers (the kernel [L, H]) or attention layers with
     per-head q/k norms, two kinds of FFN: dense first layers, then experts with exp_probs_b
@@ -288,6 +320,17 @@ def test_gguf_reads_back(tiny_checkpoint, tmp_path, family, dtype):
                         "feed_forward_length": cfg.intermediate_size, "leading_dense_block_count": 1,
                         "expert_feed_forward_length": facts.expert_intermediate_size, "expert_gating_func": 2,
                         "shortconv.l_cache": cfg.conv_L_cache})
+    if family == "qwen3_5_moe":  # the Gated DeltaNet's sizes, which layers are recurrent, partial M-RoPE
+        hparams.update({"expert_feed_forward_length": facts.expert_intermediate_size,
+                        "expert_shared_feed_forward_length": facts.shared_expert_intermediate_size,
+                        "ssm.conv_kernel": cfg.linear_conv_kernel_dim, "ssm.state_size": cfg.linear_key_head_dim,
+                        "ssm.group_count": cfg.linear_num_key_heads, "ssm.time_step_rank": cfg.linear_num_value_heads,
+                        "ssm.inner_size": cfg.linear_num_value_heads * cfg.linear_value_head_dim,
+                        "attention.recurrent_layers": [t == "linear_attention" for t in cfg.layer_types],
+                        "full_attention_interval": cfg.layer_types.index("full_attention") + 1,
+                        "rope.dimension_count": cfg.head_dim // 4,
+                        "rope.dimension_sections": cfg.rope_parameters["mrope_section"] + [0]})
+        assert reader.get_field(f"{arch}.feed_forward_length") is None  # no dense layers: no dense width
     for key, want in hparams.items():
         assert _field(reader, f"{arch}.{key}") == want, key
     assert _field(reader, f"{arch}.rope.freq_base") == pytest.approx(cfg.rope_parameters["rope_theta"])
@@ -324,13 +367,6 @@ def test_gguf_reads_back(tiny_checkpoint, tmp_path, family, dtype):
         np.testing.assert_allclose(down, ref.numpy(), atol=0 if dtype == "f32" else 1e-3)
 
 
-def test_gguf_refusal_names_what_is_missing(tiny_checkpoint, tmp_path):
-    """Qwen3.5: llama.cpp has the arch, MoETune's writer lacks its linear-attention tensors: one line says so."""
-    with pytest.raises(ExportError, match=r"Qwen3.5-MoE: MoETune's GGUF writer does not map Qwen3.5's Gated DeltaNet"):
-        write_gguf(tiny_checkpoint("qwen3_5_moe"), tmp_path / "model.gguf")
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_bad_dtype_is_a_clear_error(tiny_checkpoint, tmp_path):
     out = tmp_path / "model.gguf"
     with pytest.raises(ExportError, match=r"'q4_k'.*f32, f16, bf16, q8_0"):
@@ -342,7 +378,8 @@ def _copy(src: Path, dst: Path, edit_config=None) -> Path:
     shutil.copytree(src, dst)
     if edit_config:
         cfg = json.loads((dst / "config.json").read_text())
-        cfg.update(edit_config)
+        for key, value in edit_config.items():  # a dict edits that section (a multimodal config's text_config)
+            cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
         (dst / "config.json").write_text(json.dumps(cfg))
     return dst
 
@@ -356,6 +393,10 @@ def _copy(src: Path, dst: Path, edit_config=None) -> Path:
     ("ernie4_5_moe", {"use_bias": True}, "applies no biases to the MLPs"),
     ("lfm2_moe", {"routed_scaling_factor": 2.0}, "does not scale the gates"),
     ("lfm2_moe", {"conv_bias": True}, "applies no biases to the short convolutions"),
+    ("qwen3_5_moe", {"text_config": {"linear_value_head_dim": 32}}, "sizes the value heads by the key heads' size"),
+    ("qwen3_5_moe", {"text_config": {"attention_bias": True}}, "loads no attention output bias"),
+    ("qwen3_5_moe", {"text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                                          "mrope_section": [11, 11, 10]}}}, "sums past head_dim=16"),
 ])
 def test_config_llama_cpp_cannot_run_is_refused(tiny_checkpoint, tmp_path, family, edit, message):
     ckpt = _copy(tiny_checkpoint(family), tmp_path / "ckpt", edit)
