@@ -2,7 +2,8 @@
 
     python tests/llama_vocab.py CONVERTER.py JOBS.json
 
-JOBS.json: a list of {"model": DIR, "out": FILE, "pre": NAME or null}. Each job runs the converter unchanged,
+JOBS.json: a list of {"model": DIR, "out": FILE, "pre": NAME or null, "args": [more converter options], optional}.
+Each job runs the converter unchanged,
 except that where it names a byte-level BPE's pre-tokenizer by hashing the tokenization of a probe text
 (`TextModel.get_vocab_base_pre`) and the hash is none it knows -- true of every locally trained tokenizer --
 the job's "pre" answers (when given; else the converter's own NotImplementedError stands). Prints one JSON list:
@@ -48,7 +49,8 @@ def main() -> None:
     for job in json.loads(jobs_file.read_text()):
         state.clear()
         state["pre"] = job["pre"]
-        sys.argv = [str(script), job["model"], "--vocab-only", "--outtype", "f32", "--outfile", job["out"]]
+        sys.argv = [str(script), job["model"], "--vocab-only", "--outtype", "f32", "--outfile", job["out"],
+                    *job.get("args", [])]
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 runpy.run_path(str(script), run_name="__main__")

@@ -18,6 +18,9 @@ _SPLIT_PRE = {
     # Qwen1.5 / Qwen2 / Qwen3
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
         "qwen2",
+    # Qwen3.5 (marks join letters), which transformers' Qwen3_5Tokenizer runs whatever tokenizer.json says
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen35",
 }
 #: llama.cpp's byte-level pre-tokenizers that add BOS unless the file says otherwise (src/llama-vocab.cpp)
 _PRE_ADDS_BOS = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
@@ -50,9 +53,14 @@ def _add_gpt2_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, spec: dict, vocab
     from transformers import AutoTokenizer
 
     model = spec.get("model") or {}
-    pre = _pre_tokenizer(spec.get("pre_tokenizer"), hf_dir / "tokenizer.json")
-
     tok = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+    # the pre-tokenizer transformers runs, whatever the file says (a model's own tokenizer class may set its own)
+    backend = json.loads(tok.backend_tokenizer.to_str())
+    pre = _pre_tokenizer(backend.get("pre_tokenizer"), hf_dir / "tokenizer.json")
+    if backend.get("normalizer"):  # Qwen's NFC: llama.cpp's byte-level tokenizers take the text as it comes
+        warnings.warn(f"{hf_dir / 'tokenizer.json'}: transformers normalises text ({json.dumps(backend['normalizer'])[:80]})"
+                      " before tokenising it and llama.cpp does not, so text not already in that form (decomposed "
+                      "accents) tokenises differently in the GGUF.", stacklevel=4)
     vocab = tok.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise ExportError(f"the tokenizer has token id {max(vocab.values())}, beyond the model's vocab_size "
@@ -92,8 +100,8 @@ def _pre_tokenizer(pre: dict | None, where: Path) -> str:
         if pattern in _SPLIT_PRE:
             return _SPLIT_PRE[pattern]
     raise ExportError(f"{where}: pre-tokenizer {json.dumps(pre)[:200]} has no known llama.cpp equivalent; the "
-                      "GGUF export knows GPT-2's and Qwen2's byte-level BPE and SentencePiece-style BPE with byte "
-                      "fallback. Export with --format hf and convert with llama.cpp's convert_hf_to_gguf.py.")
+                      "GGUF export knows GPT-2's, Qwen2's and Qwen3.5's byte-level BPE and SentencePiece-style BPE "
+                      "with byte fallback. Export with --format hf and convert with llama.cpp's convert_hf_to_gguf.py.")
 
 
 def _add_llama_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int) -> int:
