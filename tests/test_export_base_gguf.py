@@ -21,8 +21,9 @@ from .tiny_run import bf16_copy, train_tiny_run
 from .tolerance import assert_logits_close
 
 #: mixtral runs as llama.cpp's llama (q/k rows permuted, in the base and in the LoRA); qwen3_moe with q/k norms;
-#: lfm2_moe with short-conv layers beside attention (LoRA on q/k/v/out_proj)
-FAMILIES = ["mixtral", "qwen3_moe", "lfm2_moe"]
+#: lfm2_moe with short-conv layers beside attention (LoRA on q/k/v/out_proj); qwen3_5_moe with Gated DeltaNet layers
+#: beside gated attention (LoRA on the full-attention layers' q/k/v/o_proj, q_proj giving the output gate too)
+FAMILIES = ["mixtral", "qwen3_moe", "lfm2_moe", "qwen3_5_moe"]
 PROMPTS = [[1, 40, 41, 300, 12, 77, 5, 9], [5, 100, 200, 300, 400], [1, 7, 8]]
 
 pytestmark = pytest.mark.usefixtures("one_thread")

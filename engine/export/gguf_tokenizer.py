@@ -58,9 +58,9 @@ def _add_gpt2_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, spec: dict, vocab
     backend = json.loads(tok.backend_tokenizer.to_str())
     pre = _pre_tokenizer(backend.get("pre_tokenizer"), hf_dir / "tokenizer.json")
     if backend.get("normalizer"):  # Qwen's NFC: llama.cpp's byte-level tokenizers take the text as it comes
-        warnings.warn(f"{hf_dir / 'tokenizer.json'}: transformers normalises text ({json.dumps(backend['normalizer'])[:80]})"
-                      " before tokenising it and llama.cpp does not, so text not already in that form (decomposed "
-                      "accents) tokenises differently in the GGUF.", stacklevel=4)
+        warnings.warn(f"the model's tokenizer ({type(tok).__name__}) normalises text in transformers "
+                      f"({json.dumps(backend['normalizer'])[:80]}) and not in llama.cpp, so text not already in that "
+                      "form (decomposed accents) tokenises differently in the GGUF.", stacklevel=4)
     vocab = tok.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise ExportError(f"the tokenizer has token id {max(vocab.values())}, beyond the model's vocab_size "
