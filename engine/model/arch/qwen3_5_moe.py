@@ -9,6 +9,15 @@ the vision tower and the MTP head are not loaded; the hf export writes the hub's
 vision tower copied unchanged (so the merged model still reads images) and without the MTP head. The linear-
 attention layers run on transformers' own path (its PyTorch fallback without flash-linear-attention); attention
 LoRA applies to the full-attention layers only, which have q/k/v/o (`parameter_report()["by_layer"]` shows which).
+
+llama.cpp runs the language model as `qwen35moe`, written as its converter writes it: the Gated DeltaNet's
+in_proj_qkv / in_proj_z / in_proj_a / in_proj_b as attn_qkv / attn_gate / ssm_alpha / ssm_beta, their value heads
+(and those of A, dt_bias, the conv kernel's value channels, out_proj's columns) reordered from grouped by key head
+to tiled, which its graph broadcasts; A = -exp(A_log); the conv kernel [C, K]; the RMSNorms transformers computes as
+x̂ · (1 + w) written as w + 1 (the linear attention's gated norm is plain x̂ · w); q_proj's per-head query / gate
+halves as they are (llama.cpp splits them the same way); `attention.recurrent_layers` from layer_types; partial
+interleaved M-RoPE, whose text positions are equal in every section (plain RoPE on the first rotary dims). The
+`gguf-lora` export holds the full-attention layers' and the experts' LoRA, both of which llama.cpp's graph applies.
 """
 
 from __future__ import annotations
