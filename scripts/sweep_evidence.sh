@@ -19,6 +19,7 @@
 # control. Three sweeps at a time (one thread each); 80 trainings of 80-100 steps, about 50 minutes on 2 busy
 # cores. A rerun skips finished runs (delete runs/evidence-* to start over).
 # At the end it prints the Markdown table of bench/README.md (scripts/evidence_table.py).
+# `scripts/sweep_evidence.sh combined` runs only the follow-up: attention LoRA with each strategy beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
@@ -42,6 +43,22 @@ sweep() {  # NAME ARGS...: one sweep into runs/evidence-NAME, its output in runs
     > "runs/evidence-$name.log" 2>&1 && echo "done: $name" || echo "FAILED: $name (runs/evidence-$name.log)"
 }
 
+if [[ "${1:-all}" == "combined" ]]; then
+  # attention LoRA with each MoE-side strategy beside it, against attention LoRA alone, at 35,000 trainable
+  # parameters (one rank for both parts, matched by the sweep), kaiming, each at its own lr: does routing add
+  # anything once attention carries the task? Two sweeps at a time, about 35 minutes on 2 busy cores.
+  sweep facts-combined-a "${KAIMING[@]}" --params "$PARAMS" --candidate "$ATT" \
+    --candidate "attention+shared: routing.strategy=shared routing.attention_lora=true adapter.placement=parallel" \
+    --candidate "attention+routed: routing.strategy=routed routing.attention_lora=true adapter.placement=parallel" &
+  # embedded beside attention has no rank within 10 % of 35,000 (rank 1 inside is 40,448): these at 41,000, with
+  # attention LoRA alone again at that size
+  sweep facts-combined-b "${KAIMING[@]}" --params 41000 --candidate "$ATT" \
+    --candidate "attention+embedded-parallel: routing.strategy=embedded routing.attention_lora=true adapter.placement=parallel" \
+    --candidate "attention+embedded-inside: routing.strategy=embedded routing.attention_lora=true adapter.placement=inside" &
+  wait
+  "${PYTHON:-.venv/bin/python}" scripts/evidence_table.py runs/evidence-facts-combined-a/ runs/evidence-facts-combined-b/
+  exit 0
+fi
 sweep facts-trainable-kaiming "${KAIMING[@]}" --params "$PARAMS" --candidate "$ATT" --candidate "$SHARED" \
   --candidate "$ROUTED" --candidate "$EMB" --candidate "$INSIDE" &
 { sweep facts-trainable-perft "${PERFT[@]}" --params "$PARAMS" --candidate "$SHARED" --candidate "$ROUTED" \

@@ -27,23 +27,27 @@ def bf16_copy(ckpt: Path, dst: Path) -> Path:
     return dst
 
 
-def train_tiny_run(base: Path, root: Path, steps: int = STEPS) -> Path:
-    """Train `steps` steps of embedded LoRA (inside the experts) + attention LoRA on `base`; returns the run folder
-    (and writes a 4-row benchmark at root/lastdigit/test.json for `moetune eval`)."""
+def tiny_run_config(base: Path, root: Path, steps: int = STEPS) -> dict:
+    """The config of `steps` steps of embedded LoRA (inside the experts) + attention LoRA on `base`, with its
+    training rows at root/train.json (and a 4-row benchmark at root/lastdigit/test.json for `moetune eval`)."""
     root.mkdir(parents=True, exist_ok=True)
     data = root / "train.json"
     data.write_text(json.dumps(last_digit_rows(64, seed=1)))
     bench = root / "lastdigit" / "test.json"
     bench.parent.mkdir(parents=True, exist_ok=True)
     bench.write_text(json.dumps(last_digit_rows(4, seed=2)))
-    cfg = {"model": {"path": str(base), "quant": "bf16"},
-           "adapter": {"kind": "lora", "placement": "inside", "rank": 8, "alpha": 16.0, "dropout": 0.0},
-           "routing": {"strategy": "embedded", "attention_lora": True},
-           "data": {"train": str(data), "template": "alpaca", "max_len": 128},
-           "train": {"max_steps": steps, "lr": 1e-2, "warmup_steps": 0, "micro_batch": 8, "seed": 0,
-                     "save_every": 1000, "gradient_checkpointing": False}}
+    return {"model": {"path": str(base), "quant": "bf16"},
+            "adapter": {"kind": "lora", "placement": "inside", "rank": 8, "alpha": 16.0, "dropout": 0.0},
+            "routing": {"strategy": "embedded", "attention_lora": True},
+            "data": {"train": str(data), "template": "alpaca", "max_len": 128},
+            "train": {"max_steps": steps, "lr": 1e-2, "warmup_steps": 0, "micro_batch": 8, "seed": 0,
+                      "save_every": 1000, "gradient_checkpointing": False}}
+
+
+def train_tiny_run(base: Path, root: Path, steps: int = STEPS) -> Path:
+    """Train `tiny_run_config` on `base`; returns the run folder."""
     out = root / "run"
-    summary = train(from_dict(cfg), out, echo=False, device="cpu")
+    summary = train(from_dict(tiny_run_config(base, root, steps)), out, echo=False, device="cpu")
     assert summary["status"] == "done", summary
     return out
 
@@ -65,7 +69,7 @@ def check_resume_chat_eval(full: Path, parts: Path, tmp_path: Path, capsys) -> d
     assert main(["chat", "--run", str(full), "--prompt", "What is the last digit of 4817?"]) == 0
     assert capsys.readouterr().out.strip()
     bench = tmp_path / "lastdigit" / "test.json"
-    bench.parent.mkdir()
+    bench.parent.mkdir(exist_ok=True)
     bench.write_text(json.dumps(last_digit_rows(4, seed=2)))
     assert main(["eval", "--run", str(full), "--bench", str(bench), "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)["benchmarks"]
