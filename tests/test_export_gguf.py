@@ -68,19 +68,15 @@ def expected_tensors(family: str, cfg) -> dict[str, tuple[int, ...]]:
         b = f"blk.{layer}."
         out.update({b + "attn_norm.weight": (h,), b + "attn_q.weight": (h, n_head * hd),
                     b + "attn_k.weight": (h, n_kv * hd), b + "attn_v.weight": (h, n_kv * hd),
-                    b + "attn_output.weight": (n_head * hd, h), b + "ffn_norm.weight": (h,),
-                    b + "ffn_gate_inp.weight": (h, e), b + "ffn_gate_exps.weight": (h, i, e),
-                    b + "ffn_up_exps.weight": (h, i, e), b + "ffn_down_exps.weight": (i, h, e)})
+                    b + "attn_output.weight": (n_head * hd, h), b + "ffn_norm.weight": (h,), **_experts(b, facts)})
         if family == "olmoe":  # q/k norms over the whole projection
             out.update({b + "attn_q_norm.weight": (h,), b + "attn_k_norm.weight": (h,)})
         if family == "qwen3_moe":  # q/k norms per head
             out.update({b + "attn_q_norm.weight": (hd,), b + "attn_k_norm.weight": (hd,)})
         if family == "qwen2_moe":
-            s = facts.shared_expert_intermediate_size
             out.update({b + "attn_q.bias": (n_head * hd,), b + "attn_k.bias": (n_kv * hd,),
-                        b + "attn_v.bias": (n_kv * hd,), b + "ffn_gate_inp_shexp.weight": (h, 1),
-                        b + "ffn_gate_shexp.weight": (h, s), b + "ffn_up_shexp.weight": (h, s),
-                        b + "ffn_down_shexp.weight": (s, h)})
+                        b + "attn_v.bias": (n_kv * hd,),
+                        **_experts(b, facts, facts.shared_expert_intermediate_size, shared_gate=True)})
         if family == "gpt_oss":  # biases everywhere, attention sinks, the post-attention norm under its own name
             out[b + "post_attention_norm.weight"] = out.pop(b + "ffn_norm.weight")
             out.update({b + "attn_q.bias": (n_head * hd,), b + "attn_k.bias": (n_kv * hd,),
@@ -90,10 +86,31 @@ def expected_tensors(family: str, cfg) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _experts(b: str, facts, shared: int = 0, shared_gate: bool = False, bias: bool = False) -> dict:
+    """llama.cpp's tensors of one MoE layer's FFN (ne order): the router and the stacked experts, plus the shared
+    expert of `shared` units (with its own sigmoid gate) and exp_probs_b where the family has them."""
+    h, e, i = facts.hidden_size, facts.num_experts, facts.expert_intermediate_size
+    out = {b + "ffn_gate_inp.weight": (h, e), b + "ffn_gate_exps.weight": (h, i, e),
+           b + "ffn_up_exps.weight": (h, i, e), b + "ffn_down_exps.weight": (i, h, e)}
+    if shared:
+        out.update({b + "ffn_gate_shexp.weight": (h, shared), b + "ffn_up_shexp.weight": (h, shared),
+                    b + "ffn_down_shexp.weight": (shared, h)})
+    if shared_gate:
+        out[b + "ffn_gate_inp_shexp.weight"] = (h, 1)
+    if bias:
+        out[b + "exp_probs_b.bias"] = (e,)
+    return out
+
+
+def _dense(b: str, h: int, ff: int) -> dict:
+    """llama.cpp's tensors of a dense layer's SwiGLU FFN (ne order)."""
+    return {b + "ffn_gate.weight": (h, ff), b + "ffn_up.weight": (h, ff), b + "ffn_down.weight": (ff, h)}
+
+
 def _ernie_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
     """llama.cpp's 'ernie4_5-moe' block tensors (ne order): a dense first layer, routed + shared experts and the
     correction bias as exp_probs_b (llama_model_ernie4_5::load_arch_tensors)."""
-    h, e, i, s = facts.hidden_size, facts.num_experts, facts.expert_intermediate_size, facts.shared_expert_intermediate_size
+    h, s = facts.hidden_size, facts.shared_expert_intermediate_size
     q = kv = h // cfg.num_attention_heads
     q, kv = cfg.num_attention_heads * q, cfg.num_key_value_heads * kv
     out = {}
@@ -101,21 +118,15 @@ def _ernie_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
         b = f"blk.{layer}."
         out.update({b + "attn_norm.weight": (h,), b + "ffn_norm.weight": (h,), b + "attn_q.weight": (h, q),
                     b + "attn_k.weight": (h, kv), b + "attn_v.weight": (h, kv), b + "attn_output.weight": (q, h)})
-        if layer not in facts.moe_layers:
-            ff = cfg.intermediate_size
-            out.update({b + "ffn_gate.weight": (h, ff), b + "ffn_up.weight": (h, ff), b + "ffn_down.weight": (ff, h)})
-            continue
-        out.update({b + "ffn_gate_inp.weight": (h, e), b + "ffn_gate_exps.weight": (h, i, e),
-                    b + "ffn_up_exps.weight": (h, i, e), b + "ffn_down_exps.weight": (i, h, e),
-                    b + "ffn_gate_shexp.weight": (h, s), b + "ffn_up_shexp.weight": (h, s),
-                    b + "ffn_down_shexp.weight": (s, h), b + "exp_probs_b.bias": (e,)})
+        out.update(_experts(b, facts, s, bias=True) if layer in facts.moe_layers else
+                   _dense(b, h, cfg.intermediate_size))
     return out
 
 
 def _deepseek_tensors(family: str, cfg, facts) -> dict[str, tuple[int, ...]]:
     """llama.cpp's 'deepseek2' block tensors (ne order): MLA with kv_b split per head into k_b / v_b, a dense
     first layer, routed + shared experts, V3's exp_probs_b (llama_model_deepseek2::load_arch_tensors)."""
-    h, e, i = facts.hidden_size, facts.num_experts, facts.expert_intermediate_size
+    h = facts.hidden_size
     heads, nope, rope, vd = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     kv, q = cfg.kv_lora_rank, cfg.q_lora_rank
     out = {}
@@ -129,24 +140,15 @@ def _deepseek_tensors(family: str, cfg, facts) -> dict[str, tuple[int, ...]]:
                         b + "attn_q_b.weight": (q, heads * (nope + rope))})
         else:
             out[b + "attn_q.weight"] = (h, heads * (nope + rope))
-        if layer not in facts.moe_layers:
-            ff = cfg.intermediate_size
-            out.update({b + "ffn_gate.weight": (h, ff), b + "ffn_up.weight": (h, ff), b + "ffn_down.weight": (ff, h)})
-            continue
-        s = facts.shared_expert_intermediate_size
-        out.update({b + "ffn_gate_inp.weight": (h, e), b + "ffn_gate_exps.weight": (h, i, e),
-                    b + "ffn_up_exps.weight": (h, i, e), b + "ffn_down_exps.weight": (i, h, e),
-                    b + "ffn_gate_shexp.weight": (h, s), b + "ffn_up_shexp.weight": (h, s),
-                    b + "ffn_down_shexp.weight": (s, h)})
-        if family == "deepseek_v3":
-            out[b + "exp_probs_b.bias"] = (e,)
+        out.update(_experts(b, facts, facts.shared_expert_intermediate_size, bias=family == "deepseek_v3")
+                   if layer in facts.moe_layers else _dense(b, h, cfg.intermediate_size))
     return out
 
 
 def _glm_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
     """llama.cpp's 'glm4moe' block tensors (ne order): q/k/v with biases, per-head q/k norms, post_attention_norm,
     a dense first layer, routed + shared experts and exp_probs_b (llama_model_glm4_moe::load_arch_tensors)."""
-    h, e, i, s = facts.hidden_size, facts.num_experts, facts.expert_intermediate_size, facts.shared_expert_intermediate_size
+    h, s = facts.hidden_size, facts.shared_expert_intermediate_size
     hd, q, kv = cfg.head_dim, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     out = {}
     for layer in range(facts.num_layers):
@@ -155,14 +157,8 @@ def _glm_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
                     b + "attn_k.weight": (h, kv), b + "attn_v.weight": (h, kv), b + "attn_q.bias": (q,),
                     b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,), b + "attn_output.weight": (q, h),
                     b + "attn_q_norm.weight": (hd,), b + "attn_k_norm.weight": (hd,)})
-        if layer not in facts.moe_layers:
-            ff = cfg.intermediate_size
-            out.update({b + "ffn_gate.weight": (h, ff), b + "ffn_up.weight": (h, ff), b + "ffn_down.weight": (ff, h)})
-            continue
-        out.update({b + "ffn_gate_inp.weight": (h, e), b + "ffn_gate_exps.weight": (h, i, e),
-                    b + "ffn_up_exps.weight": (h, i, e), b + "ffn_down_exps.weight": (i, h, e),
-                    b + "ffn_gate_shexp.weight": (h, s), b + "ffn_up_shexp.weight": (h, s),
-                    b + "ffn_down_shexp.weight": (s, h), b + "exp_probs_b.bias": (e,)})
+        out.update(_experts(b, facts, s, bias=True) if layer in facts.moe_layers else
+                   _dense(b, h, cfg.intermediate_size))
     return out
 
 
@@ -170,24 +166,21 @@ def _granite_hybrid_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
     """llama.cpp's 'granitehybrid' block tensors (ne order): Mamba-2 layers (A and D [1, heads], the conv kernel
     [K, C], the gated norm per group) or attention layers, each with Granite's experts and the shared MLP as the
     shared expert (llama_model_granite_hybrid::load_arch_tensors)."""
-    h, e, i = facts.hidden_size, facts.num_experts, facts.expert_intermediate_size
+    h = facts.hidden_size
     s, hd = facts.shared_expert_intermediate_size, facts.hidden_size // cfg.num_attention_heads
     heads, inner, groups, state = cfg.mamba_n_heads, cfg.mamba_expand * h, cfg.mamba_n_groups, cfg.mamba_d_state
     conv, kv = inner + 2 * groups * state, cfg.num_key_value_heads * hd
     out = {}
     for layer, kind in enumerate(cfg.layers_block_type):
         b = f"blk.{layer}."
-        out.update({b + "attn_norm.weight": (h,), b + "ffn_norm.weight": (h,), b + "ffn_gate_inp.weight": (h, e),
-                    b + "ffn_gate_exps.weight": (h, i, e), b + "ffn_up_exps.weight": (h, i, e),
-                    b + "ffn_down_exps.weight": (i, h, e), b + "ffn_gate_shexp.weight": (h, s),
-                    b + "ffn_up_shexp.weight": (h, s), b + "ffn_down_shexp.weight": (s, h)})
+        out.update({b + "attn_norm.weight": (h,), b + "ffn_norm.weight": (h,), **_experts(b, facts, s)})
         if kind == "full_attention":
             out.update({b + "attn_q.weight": (h, h), b + "attn_k.weight": (h, kv), b + "attn_v.weight": (h, kv),
                         b + "attn_output.weight": (h, h)})
         else:
             out.update({b + "ssm_in.weight": (h, inner + conv + heads),
-                        b + "ssm_conv1d.weight": (cfg.mamba_d_conv, conv), b + "ssm_conv1d.bias": (conv,), b + "ssm_dt.bias": (heads,), b + "ssm_a": (1, heads),
-                        b + "ssm_d": (1, heads), b + "ssm_norm.weight": (inner // groups, groups),
+                        b + "ssm_conv1d.weight": (cfg.mamba_d_conv, conv), b + "ssm_conv1d.bias": (conv,),
+                        b + "ssm_dt.bias": (heads,), b + "ssm_a": (1, heads), b + "ssm_d": (1, heads), b + "ssm_norm.weight": (inner // groups, groups),
                         b + "ssm_out.weight": (inner, h)})
     return out
 
@@ -197,7 +190,7 @@ def _qwen35_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
     value head, A and dt per value head, the conv kernel [K, C], the gated norm per head) or attention layers whose
     q also gives the output gate (2 × head_dim per head), each with the experts and the gated shared expert
     (llama_model_qwen35moe::load_arch_tensors)."""
-    h, e, i, s = facts.hidden_size, facts.num_experts, facts.expert_intermediate_size, facts.shared_expert_intermediate_size
+    h, s = facts.hidden_size, facts.shared_expert_intermediate_size
     hd, heads, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     n_v, key = cfg.linear_num_value_heads, cfg.linear_num_key_heads * cfg.linear_key_head_dim
     value = n_v * cfg.linear_value_head_dim
@@ -205,10 +198,7 @@ def _qwen35_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
     for layer, kind in enumerate(cfg.layer_types):
         b = f"blk.{layer}."
         out.update({b + "attn_norm.weight": (h,), b + "post_attention_norm.weight": (h,),
-                    b + "ffn_gate_inp.weight": (h, e), b + "ffn_gate_exps.weight": (h, i, e),
-                    b + "ffn_up_exps.weight": (h, i, e), b + "ffn_down_exps.weight": (i, h, e),
-                    b + "ffn_gate_inp_shexp.weight": (h, 1), b + "ffn_gate_shexp.weight": (h, s),
-                    b + "ffn_up_shexp.weight": (h, s), b + "ffn_down_shexp.weight": (s, h)})
+                    **_experts(b, facts, s, shared_gate=True)})
         if kind == "full_attention":
             out.update({b + "attn_q.weight": (h, 2 * heads * hd), b + "attn_k.weight": (h, kv * hd),
                         b + "attn_v.weight": (h, kv * hd), b + "attn_output.weight": (heads * hd, h),
@@ -225,7 +215,7 @@ def _lfm2_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
     """llama.cpp's 'lfm2moe' block tensors (ne order): short-conv layers (the kernel [L, H]) or attention layers with
     per-head q/k norms, two kinds of FFN: dense first layers, then experts with exp_probs_b
     (llama_model_lfm2moe::load_arch_tensors)."""
-    h, e, i = facts.hidden_size, facts.num_experts, facts.expert_intermediate_size
+    h = facts.hidden_size
     hd = h // cfg.num_attention_heads
     kv = cfg.num_key_value_heads * hd
     out = {}
@@ -239,13 +229,7 @@ def _lfm2_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
         else:
             out.update({b + "shortconv.conv.weight": (cfg.conv_L_cache, h), b + "shortconv.in_proj.weight": (h, 3 * h),
                         b + "shortconv.out_proj.weight": (h, h)})
-        if layer not in facts.moe_layers:
-            ff = cfg.intermediate_size
-            out.update({b + "ffn_gate.weight": (h, ff), b + "ffn_up.weight": (h, ff), b + "ffn_down.weight": (ff, h)})
-            continue
-        out.update({b + "ffn_gate_inp.weight": (h, e), b + "ffn_gate_exps.weight": (h, i, e),
-                    b + "ffn_up_exps.weight": (h, i, e), b + "ffn_down_exps.weight": (i, h, e),
-                    b + "exp_probs_b.bias": (e,)})
+        out.update(_experts(b, facts, bias=True) if layer in facts.moe_layers else _dense(b, h, cfg.intermediate_size))
     return out
 
 
