@@ -93,19 +93,13 @@ def model_shape(model_config: Any) -> ModelShape:
             else:
                 group = "norms_biases"
             params[group] += p.numel()
-    n_heads = int(model_config.num_attention_heads)
-    # MLA (DeepSeek): q and the expanded k are qk_head_dim (nope + rope) per head
-    head_dim = getattr(model_config, "qk_head_dim", None) or getattr(model_config, "head_dim", None) \
-        or facts.hidden_size // n_heads
-    from .model.arch import decoder_layers
-
-    attns = [getattr(layer, "self_attn", None) for layer in decoder_layers(model)]  # None: a linear-attention layer
+    n_heads, n_kv_heads, head_dim = family.attention_shape(model_config)
+    attns = [getattr(layer, "self_attn", None) for layer in family.decoder_layers(model)]  # None: a linear-attention layer
     attention_io = tuple(sum(getattr(a, n).in_features + getattr(a, n).out_features for n in family.attention_modules(a))
                          for a in attns)
     return ModelShape(
         facts=facts, title=family.title,
-        num_heads=n_heads, num_kv_heads=int(getattr(model_config, "num_key_value_heads", None) or n_heads),
-        head_dim=int(head_dim), vocab_size=int(model_config.vocab_size), params=params,
+        num_heads=n_heads, num_kv_heads=n_kv_heads, head_dim=head_dim, vocab_size=int(model_config.vocab_size), params=params,
         linear_numels={g: tuple(v) for g, v in numels.items()}, attention_io=attention_io)
 
 

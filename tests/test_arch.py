@@ -24,6 +24,9 @@ HUB_FUSED = {
                    "model.layers.{l}.block_sparse_moe.output_linear.weight"),
 }
 HUB_FUSED["granitemoehybrid"] = HUB_FUSED["granitemoe"]  # Granite-4.0-H: the same block
+# Gemma 4: transformers' own gate_up_proj [E, 2I, H] / down_proj [E, H, I], under the multimodal model's language model
+HUB_FUSED["gemma4"] = ("model.language_model.layers.{l}.experts.gate_up_proj",
+                       "model.language_model.layers.{l}.experts.down_proj")
 
 
 def _hf_model(path):

@@ -138,6 +138,9 @@ EXACT = [
     # LFM2-MoE: sigmoid scores renormalised (norm_topk_prob, × routed_scaling_factor 1), so dense adapters widen the
     # routed experts; layer 2 only (a short-conv layer: no attention to adapt), after a dense layer 0
     ("lfm2_moe", "dense", "gated", "parallel", {"layers": [2]}, {}, N_ADAPTERS * RANK),
+    # Gemma 4: renormalised top-k gates, each then times the expert's per_expert_scale (not 1 in the tiny model):
+    # each expert's copy of the dense adapters is divided by its scale; with attention LoRA (k = v in full layers)
+    ("gemma4", "dense", "gated", "parallel", {"attention_lora": True}, {}, N_ADAPTERS * RANK),
 ]
 
 

@@ -24,7 +24,7 @@ DESIGN_TABLE = {"olmoe": (3.3, 208), "qwen2_moe": (6.4, 268), "qwen3_moe": (15.0
                 "gpt_oss": (9.9, 411), "ernie4_5_moe": (10.5, 389), "deepseek_v2": (7.4, 286),
                 "deepseek_v3": (7.4, 286), "glm4_moe": (51.4, 1140), "qwen3_5_moe": (16.6, 415),
                 "lfm2_moe": (4.0, 182), "granitemoe": (1.6, 49),
-                "granitemoehybrid": (3.1, 78)}
+                "granitemoehybrid": (3.1, 78), "gemma4": (11.8, 393)}
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +133,11 @@ ADAPTER_CASES = [
     # 18 are short convolutions), the embedded experts of its 22 MoE layers
     ("lfm2_moe", {"routing": {"strategy": "embedded", "attention_lora": True}},
      {"embedded": 22 * 32 * 2 * 2048 * 8, "attention": 6 * 8 * (2 * (2048 + 2048) + 2 * (2048 + 512))}),
+    # Gemma 4 26B-A4B: 25 sliding layers (q 2816->16x256, k/v 2816->8x256, o) and 5 full ones (q 2816->16x512,
+    # k 2816->2x512 doubling as v: no v_proj, o); the embedded experts of all 30 layers
+    ("gemma4", {"routing": {"strategy": "embedded", "attention_lora": True}},
+     {"embedded": 30 * 128 * 2 * 2816 * 8,
+      "attention": 25 * 8 * (2 * (2816 + 4096) + 2 * (2816 + 2048)) + 5 * 8 * (2 * (2816 + 8192) + (2816 + 1024))}),
 ]
 
 
@@ -156,7 +161,9 @@ def test_inventory_counts_every_weight_and_the_shared_expert():
                        "qwen3_5_moe": 34.66,  # Qwen3.5: its language model (no vision tower)
                        "lfm2_moe": 8.34,  # LFM2-MoE ties its head to the embeddings: counted once
                        "granitemoe": 3.30,  # 6,597,577,728 bytes of bf16 tensors in the release
-                       "granitemoehybrid": 6.94}[name]
+                       "granitemoehybrid": 6.94,
+                       "gemma4": 25.23,  # Gemma 4 26B-A4B: its language model (the card's 25.2B; no vision tower)
+                       }[name]
         assert total / 1e9 == pytest.approx(published_b, abs=0.01)
     qwen = model_shape(FAMILIES["qwen2_moe"].published_config())
     assert qwen.params["shared_expert"] == 24 * 3 * 2048 * 5632  # non-routed: counted with the non-expert weights

@@ -261,6 +261,10 @@ def attention_closed_form(cfg, r):
         q = [(H, cfg.q_lora_rank), (cfg.q_lora_rank, heads * qk)] if cfg.q_lora_rank else [(H, heads * qk)]
         shapes = q + [(H, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
                       (cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)), (heads * cfg.v_head_dim, H)]
+    elif cfg.model_type == "gemma4_text":  # per-layer head_dim / kv heads: the first (sliding) layer's
+        layer = cfg.per_layer_config[0]
+        q, kv = heads * layer.head_dim, layer.num_key_value_heads * layer.head_dim
+        shapes = [(H, q), (H, kv), (H, kv), (q, H)]
     else:
         hd = getattr(cfg, "head_dim", None) or H // heads
         q, kv = heads * hd, cfg.num_key_value_heads * hd

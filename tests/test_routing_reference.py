@@ -73,6 +73,14 @@ def _adapter_delta(peft, block, h) -> torch.Tensor:
     return (full - base)[0]
 
 
+def _adapter_input(lm, block, x: torch.Tensor) -> torch.Tensor:
+    """What the adapters beside the block (and the embedded ones) read: the block's input, but for Gemma 4, whose
+    experts (and so the adapters beside them) read the layer's pre_feedforward_layernorm_2 of it."""
+    if lm.config.model_type == "gemma4_text":
+        return block.layer.pre_feedforward_layernorm_2(x)
+    return x
+
+
 def _hidden(output):
     """A block's hidden states (gpt-oss's block also returns its router scores)."""
     return output[0] if isinstance(output, tuple) else output
@@ -87,8 +95,8 @@ def test_routed_weighs_adapters_by_its_own_router(family, renormalize, tiny_chec
                                    {"strategy": "routed", "num_adapters": 4, "top_k": 2, "renormalize": renormalize})
     routed = block.peft
     assert isinstance(routed, RoutedAdapters)
-    x = h[0]
     with torch.no_grad():
+        x = _adapter_input(lm, block, h[0])
         own = _softmax(x @ routed.router.weight.T)  # p̃ over the N adapters
         idx, gates = _top_k(own, 2, renormalize)
         want = _weighted_sum(x, idx, gates, routed.bank.down, routed.bank.up, routed.bank.scale)
@@ -119,6 +127,10 @@ def _moe_gates(lm, block, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     softmax scores; LFM2-MoE: sigmoid scores chosen with the block's expert_bias, renormalised (+1e-6 as
     transformers) and scaled."""
     cfg, router = lm.config, lm.family.router(block)
+    if cfg.model_type == "gemma4_text":  # scores of RMSNorm(x)·scale/√H; renormalised top-k, times per-expert scales
+        normed = x / (x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps).sqrt()
+        idx, gates = _top_k(_softmax(normed * router.scale * cfg.hidden_size ** -0.5 @ router.proj.weight.T), k, True)
+        return idx, gates * router.per_expert_scale[idx]
     bias = getattr(router, "bias", None)
     logits = x @ router.weight.T + (0 if bias is None else bias)
     if cfg.model_type == "ernie4_5_moe":  # the correction bias picks the experts; the gates are the probabilities
@@ -154,9 +166,9 @@ def test_embedded_weighs_adapters_by_the_moe_gates(family, tiny_checkpoint, monk
     lm, peft, block, h = _attached(tiny_checkpoint(family, experts=4, top_k=2), {"strategy": "embedded"})
     bank = block.experts
     assert isinstance(bank, ExpertBank) and bank.parallel is not None
-    x = h[0]
     with torch.no_grad():
-        idx, gates = _moe_gates(lm, block, x, 2)
+        idx, gates = _moe_gates(lm, block, h[0], 2)
+        x = _adapter_input(lm, block, h[0])
         want = _weighted_sum(x, idx, gates, bank.parallel.down, bank.parallel.up, bank.parallel.scale)
     got = _adapter_delta(peft, block, h)
     assert want.abs().max() > 1e-2

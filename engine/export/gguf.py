@@ -178,7 +178,7 @@ def _gguf_tensors(family: Family, cfg, tensors: Iterable[tuple[str, torch.Tensor
     per-expert projections stacked into [E, out, in] once a layer's last one arrives."""
     n_experts = family.num_experts(cfg)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    fused = re.compile(rf"model\.layers\.(\d+)\.{re.escape(family.block_attr)}\.experts\.(gate_up_proj|down_proj)")
+    fused = family.fused_experts_regex()
     pending: dict[int, dict[tuple[str, int], torch.Tensor]] = {}  # layer -> (proj, expert) -> tensor
     seen: set[str] = set()
     for name, tensor in family.gguf_stream(tensors):  # hub-specific layouts as per-expert / plain tensors

@@ -150,6 +150,7 @@ def widening(src: RunSource) -> dict[int, list[tuple[torch.Tensor, torch.Tensor,
     down columns [H, R]) in fp32, the adapter's scaling folded into the down columns."""
     r = src.cfg.routing
     out = {}
+    gate_scales = _expert_gate_scales(src) if r.strategy in ("shared", "dense") else {}
     for layer in src.peft.layers:
         if r.strategy == "embedded" and src.cfg.adapter.kind == "gated" and src.cfg.adapter.placement == "parallel":
             bank = src.peft.banks[layer].parallel
@@ -160,8 +161,23 @@ def widening(src: RunSource) -> dict[int, list[tuple[torch.Tensor, torch.Tensor,
             n, rank, hidden = bank.down.shape
             piece = (bank.down.float().reshape(n * rank, hidden), bank.gate_up.float().reshape(n * rank, hidden),
                      (bank.up.float() * bank.scale).permute(1, 0, 2).reshape(hidden, n * rank))
-            out[layer] = [piece] * src.facts.num_experts
+            scales = gate_scales.get(layer)
+            if scales is not None and bool((scales == 0).any()):
+                raise ExportError(f"layer {layer}: an expert's gate scale is 0, so the {r.strategy} adapter cannot be "
+                                  "merged into it; export with --format peft or gguf-lora instead.")
+            # each expert's copy divided by the scale its gate is multiplied by (Gemma 4's per_expert_scale)
+            out[layer] = [piece] * src.facts.num_experts if scales is None else \
+                [(piece[0], piece[1], piece[2] / float(s)) for s in scales.float()]
     return out
+
+
+def _expert_gate_scales(src: RunSource) -> dict[int, torch.Tensor]:
+    """Per MoE layer, the factors its router multiplies the top-k gates by (Gemma 4's per_expert_scale), read from the
+    base checkpoint; empty for families without them."""
+    from ..model import read_tensors
+
+    names = {name: layer for layer in src.peft.layers if (name := src.family.expert_gate_scale_name(layer))}
+    return {names[n]: t.float() for n, t in read_tensors(src.base, lambda n: n in names)} if names else {}
 
 
 def shared_widening(src: RunSource) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -131,7 +131,7 @@ def peft_tensors(src: RunSource) -> dict[str, torch.Tensor]:
 
 def experts_module(family: Family, layer: int) -> str:
     """The module-tree name of one layer's fused experts module."""
-    return f"model.layers.{layer}.{family.block_attr}.experts"
+    return family.experts_name(layer)
 
 
 def fused_key(family: Family, layer: int, attr: str, part: str) -> str:

@@ -158,7 +158,7 @@ def is_expert_tensor(family: Family, name: str) -> bool:
     if family.parse_expert_key(name) is not None or family.raw_expert_layer(name) is not None:
         return True
     stem = family.rename(name)
-    return f".{family.block_attr}.experts." in stem and stem.endswith(("gate_up_proj", "down_proj"))
+    return family.fused_experts_regex().fullmatch(stem) is not None
 
 
 def non_expert_tensors(base: Path, family: Family) -> Iterator[tuple[str, torch.Tensor]]:

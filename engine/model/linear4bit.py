@@ -12,12 +12,12 @@ from .stores import BLOCKSIZE, QUANT_TYPE
 # ---- QLoRA-style NF4 for the other linear layers ---------------------------------------------------
 def is_quantizable_linear(name: str, module: nn.Module) -> bool:
     """Whether `quantize_linear_layers` stores this module in NF4: a plain nn.Linear that is not the LM
-    head, a router/gate (`...gate`, `...router`) or part of an adapter (`peft`, `lora`)."""
+    head, a router/gate (`...gate`, `...router`, `router.proj`) or part of an adapter (`peft`, `lora`)."""
     if type(module) is not nn.Linear:
         return False
     parts = name.split(".")
     last = parts[-1]
-    if last == "lm_head" or last.endswith("gate") or "router" in last:
+    if last == "lm_head" or last.endswith("gate") or "router" in last or parts[-2:-1] == ["router"]:  # Gemma 4's router.proj
         return False
     return not any(p in ("peft", "lora") or p.startswith("lora") for p in parts)
 

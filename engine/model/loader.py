@@ -86,7 +86,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
             place(name, tensor)
             continue
         attr, _ = _FUSED[key.proj]
-        target = f"model.layers.{key.layer}.{family.block_attr}.experts.{attr}"
+        target = f"{family.experts_name(key.layer)}.{attr}"
         if target not in params:
             raise CheckpointError(f"{path}: expert tensor {name!r} is for layer {key.layer}, which has no experts.")
         full = fused.get(target)

@@ -17,9 +17,7 @@ from .stores import BLOCKSIZE, DenseExpertStore, ExpertStoreT, NF4ExpertStore, q
 
 
 def _fused_expert_regex(family):
-    import re
-
-    return re.compile(rf"model\.layers\.(\d+)\.{re.escape(family.block_attr)}\.experts\.(gate_up_proj|down_proj)")
+    return family.fused_experts_regex()
 
 
 def quantize_checkpoint_experts(path: str | Path, quant: str = "nf4", cache_dir: str | Path | None = None, *,

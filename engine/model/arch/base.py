@@ -179,9 +179,13 @@ class Family:
         raise NotImplementedError
 
     # ---- modules -----------------------------------------------------------------------------
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers of a model of this family (`decoder_layers`, unless it nests them elsewhere)."""
+        return decoder_layers(model)
+
     def moe_blocks(self, model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
         """Yield (layer index, MoE block) for every decoder layer that has routed experts."""
-        for i, layer in enumerate(decoder_layers(model)):
+        for i, layer in enumerate(self.decoder_layers(model)):
             block = getattr(layer, self.block_attr)
             if hasattr(block, "experts") and hasattr(block, self.router_attr):
                 yield i, block
@@ -193,6 +197,15 @@ class Family:
     def experts(self, block: nn.Module) -> nn.Module:
         """The block's experts module (fused `gate_up_proj` [E, 2I, H], `down_proj` [E, H, I])."""
         return block.experts
+
+    def experts_name(self, layer: int) -> str:
+        """The module-tree name of one layer's fused experts module (its `gate_up_proj` / `down_proj` beneath)."""
+        return f"model.layers.{layer}.{self.block_attr}.experts"
+
+    def fused_experts_regex(self) -> re.Pattern:
+        """Matches a fused experts tensor's module-tree name: groups (layer, `gate_up_proj` | `down_proj`)."""
+        return re.compile(re.escape(self.experts_name(0)).replace(r"\.0\.", r"\.(\d+)\.", 1) +
+                          r"\.(gate_up_proj|down_proj)")
 
     def shared_expert(self, block: nn.Module) -> nn.Module | None:
         """The always-on shared expert of the block, if the family has one."""
@@ -215,6 +228,12 @@ class Family:
         """What the routing statistics and balance losses mean for this family's router (one line)."""
         return ("softmax router: balance loss = E · Σ_e f_e · P_e over all MoE layers (transformers' "
                 "load_balancing_loss_func; P_e the mean softmax probability; k when balanced)")
+
+    def attention_shape(self, cfg: Any) -> tuple[int, int, int]:
+        """(query heads, key/value heads, head_dim) of the attention the planner sizes (MLA: qk_head_dim)."""
+        heads = int(cfg.num_attention_heads)
+        head_dim = getattr(cfg, "qk_head_dim", None) or getattr(cfg, "head_dim", None) or int(cfg.hidden_size) // heads
+        return heads, int(getattr(cfg, "num_key_value_heads", None) or heads), int(head_dim)
 
     def attention_modules(self, attn: nn.Module) -> list[str]:
         """Names of the attention linear layers this decoder layer's attention has (of `attention_projections`)."""
@@ -268,6 +287,11 @@ class Family:
         """All experts of a loaded block as gate_up [E, 2I, H] (gate rows, then up rows) and down [E, H, I]."""
         experts = self.experts(block)
         return experts.gate_up_proj, experts.down_proj
+
+    def expert_gate_scale_name(self, layer: int) -> str | None:
+        """The checkpoint tensor [E] of per-expert factors a layer's router multiplies its (renormalised) top-k gates
+        by (None: it has none); a merge that adds one adapter to every expert divides each expert's copy by its own."""
+        return None
 
     def expert_biases(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The experts' biases in the canonical order, gate_up [E, 2I] and down [E, H]; None: they have none."""

@@ -1,0 +1,229 @@
+"""Gemma 4 MoE (google/gemma-4-26B-A4B-it: 30 layers, 128 experts of width 704, top-8, beside a dense GELU MLP).
+
+What differs from the other families (transformers 5 `Gemma4TextDecoderLayer` with `enable_moe_block`):
+- there is no MoE block module: the decoder layer itself holds `router` and `experts`, and runs them BESIDE its
+  dense MLP: dense = post_feedforward_layernorm_1(mlp(pre_feedforward_layernorm(x))), moe =
+  post_feedforward_layernorm_2(experts(pre_feedforward_layernorm_2(x), router(x))), the layer adding
+  post_feedforward_layernorm(dense + moe) to its residual x. MoETune's "block" is `Gemma4MoE`, a view of the
+  layer's MoE branch up to the experts' output (before post_feedforward_layernorm_2): adapters beside the block
+  read the experts' own (normed) input and add to the experts' output;
+- the router (`Gemma4TextRouter`) scores RMSNorm(x) · scale · H^-0.5 with `proj` [E, H] (no bias), softmax over
+  all experts, top-k, renormalised, then each gate times the expert's learned `per_expert_scale`: the gates do not
+  sum to 1. It returns the probabilities, not logits (`router_probs` takes them as they are);
+- the experts are fused per layer in the hub's checkpoint as in transformers (`experts.gate_up_proj` [E, 2I, H],
+  `experts.down_proj` [E, H, I]), GELU-tanh (`hidden_activation`);
+- the published checkpoint is multimodal (`Gemma4ForConditionalGeneration`): the language model under
+  `model.language_model.…`, a vision tower under `model.vision_tower.…` / `model.embed_vision.…`; MoETune trains
+  the language model alone (`Gemma4ForCausalLM` from `text_config`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import Family, MoEFacts
+
+_RAW = re.compile(r"model\.language_model\.layers\.(\d+)\.experts\.(gate_up_proj|down_proj)")
+_MULTIMODAL = ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")
+
+
+class Gemma4MoE:
+    """The MoE branch of one Gemma 4 decoder layer as MoETune's strategies use a block: `experts` and `peft` live on
+    the layer (so the model's state dict names them), forward hooks go on the experts module (its input is the
+    normed experts input, its output the weighted experts sum), and calling it runs router and experts on `h`."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    @property
+    def experts(self) -> nn.Module:
+        return self.layer.experts
+
+    @experts.setter
+    def experts(self, module: nn.Module) -> None:
+        self.layer.experts = module
+
+    @property
+    def peft(self) -> nn.Module:
+        try:
+            return self.layer.peft
+        except AttributeError:
+            raise AttributeError("peft") from None
+
+    @peft.setter
+    def peft(self, module: nn.Module) -> None:
+        self.layer.peft = module
+
+    @property
+    def router(self) -> nn.Module:
+        return self.layer.router
+
+    def register_forward_hook(self, hook):
+        return self.layer.experts.register_forward_hook(hook)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        flat = h.reshape(-1, h.shape[-1])
+        _, gates, idx = self.layer.router(flat)
+        out = self.layer.experts(self.layer.pre_feedforward_layernorm_2(flat), idx, gates)
+        return out.reshape(h.shape)
+
+
+def _router_weight(self) -> nn.Parameter:
+    return self.proj.weight
+
+
+def _layer_of(cfg, kind: str):
+    """The per-layer config of the first layer of one attention kind (None: the model has none)."""
+    i = next((i for i, t in enumerate(cfg.layer_types) if t == kind), None)
+    return None if i is None else cfg.per_layer_config[i]
+
+
+class Gemma4Family(Family):
+    model_type = "gemma4"
+    text_model_type = "gemma4_text"
+    title = "Gemma 4 (MoE)"
+    examples = ("google/gemma-4-26B-A4B-it", "google/gemma-4-26B-A4B")
+    published = "gemma-4-26B-A4B-it"
+    router_attr = "router"
+    #: canonical per-expert names only (the hub's experts are fused per layer)
+    expert_key_template = "model.language_model.layers.{layer}.experts.{expert}.{proj}.weight"
+    expert_intermediate_key = "moe_intermediate_size"
+    renames = {"model.language_model.": "model."}
+    peft_per_expert = False
+    hub_expert_names = ("model.language_model.layers.{layer}.experts.gate_up_proj [E, 2I, H] (gate rows, then up) "
+                        "and experts.down_proj [E, H, I]")
+
+    # ---- config --------------------------------------------------------------------------------
+    def model_config(self, cfg):
+        return cfg.text_config if getattr(cfg, "model_type", "") == self.model_type else cfg
+
+    def config_json_section(self, raw):
+        return raw.get("text_config", raw)
+
+    def skip_tensor(self, name, cfg):
+        return name.startswith(_MULTIMODAL)
+
+    def peft_name(self, name):
+        return self.rename(name)
+
+    def experts_name(self, layer):
+        return f"model.layers.{layer}.experts"
+
+    # ---- hub tensors ------------------------------------------------------------------------------
+    def raw_expert_layer(self, name):
+        m = _RAW.fullmatch(name)
+        return None if m is None else int(m[1])
+
+    def convert_stream(self, tensors):
+        for name, t in tensors:
+            m = _RAW.fullmatch(name)
+            if m is None:
+                yield name, t
+                continue
+            layer = int(m[1])
+            for e in range(t.shape[0]):
+                key = lambda proj: self.expert_key_template.format(layer=layer, expert=e, proj=proj)  # noqa: E731
+                if m[2] == "down_proj":
+                    yield key("down_proj"), t[e]
+                else:
+                    inter = t.shape[1] // 2
+                    yield key("gate_proj"), t[e, :inter]
+                    yield key("up_proj"), t[e, inter:]
+
+    def expert_checkpoint_tensors(self, layer, experts):
+        prefix = f"model.language_model.layers.{layer}.experts."
+        experts = list(experts)
+        yield prefix + "gate_up_proj", torch.stack([torch.cat([w["gate"], w["up"]]) for w in experts])
+        yield prefix + "down_proj", torch.stack([w["down"] for w in experts])
+
+    # ---- facts ---------------------------------------------------------------------------------
+    def activation(self, cfg):
+        return str(cfg.hidden_activation)
+
+    def norm_topk_prob(self, cfg):
+        return True  # renormalised over the top-k, before the per-expert scales
+
+    def topk_gate_sum(self, cfg):
+        return 1.0  # renormalised, before the per-expert scales (`expert_gate_scales`, which merges divide out)
+
+    def expert_gate_scale_name(self, layer):
+        return f"model.language_model.layers.{layer}.router.per_expert_scale"
+
+    def moe_layers(self, cfg):
+        return tuple(range(int(cfg.num_hidden_layers))) if getattr(cfg, "enable_moe_block", False) else ()
+
+    def facts(self, cfg: Any) -> MoEFacts:
+        return MoEFacts(family=self.model_type, num_layers=int(cfg.num_hidden_layers), moe_layers=self.moe_layers(cfg),
+                        num_experts=self.num_experts(cfg), top_k=int(cfg.top_k_experts),
+                        hidden_size=int(cfg.hidden_size), expert_intermediate_size=self.expert_intermediate_size(cfg),
+                        norm_topk_prob=True, activation=self.activation(cfg))
+
+    def decoder_layers(self, model):
+        base = model.model
+        return base.layers if hasattr(base, "layers") else base.language_model.layers  # the multimodal model's
+
+    def attention_shape(self, cfg):
+        """The largest layer's: q as wide as the full-attention layers' (global_head_dim), k/v as the sliding ones'
+        (their num_key_value_heads · head_dim; a full layer's k doubles as its v with attention_k_eq_v)."""
+        sliding, full = _layer_of(cfg, "sliding_attention"), _layer_of(cfg, "full_attention")
+        dims = [layer for layer in (sliding, full) if layer is not None]
+        head_dim = max(layer.head_dim for layer in dims)
+        kv = max(layer.num_key_value_heads * layer.head_dim for layer in dims)
+        return int(cfg.num_attention_heads), -(-kv // head_dim), int(head_dim)
+
+    def router_probs(self, logits):
+        return logits.float()  # Gemma4TextRouter returns its softmax probabilities, not logits
+
+    def router_note(self, cfg):
+        return (Family.router_note(self, cfg) + "; the router scores RMSNorm(h)·scale, and its renormalised top-k "
+                "gates are scaled by a learned per-expert scale")
+
+    # ---- modules -------------------------------------------------------------------------------
+    def moe_blocks(self, model):
+        for i, layer in enumerate(self.decoder_layers(model)):
+            if getattr(layer, "enable_moe_block", False):
+                view = layer.__dict__.get("_moetune_moe")
+                if view is None:
+                    view = layer.__dict__["_moetune_moe"] = Gemma4MoE(layer)
+                yield i, view
+
+    def router(self, block):
+        router = block.router
+        if not hasattr(type(router), "weight"):  # the engine reads a router's scoring matrix as `weight`
+            router.__class__ = type("Gemma4Router", (type(router),), {"weight": property(_router_weight)})
+        return router
+
+    # ---- tiny models ---------------------------------------------------------------------------
+    def tiny_config_kwargs(self, layers, hidden, experts, top_k, vocab):
+        text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden // 2, num_hidden_layers=layers,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, global_head_dim=hidden // 2,
+                    num_global_key_value_heads=1, attention_k_eq_v=True, enable_moe_block=True,
+                    num_experts=experts, top_k_experts=top_k, moe_intermediate_size=hidden // 2,
+                    hidden_size_per_layer_input=0, num_kv_shared_layers=0, sliding_window=16,
+                    layer_types=[("full_attention" if i % 2 else "sliding_attention") for i in range(layers)],
+                    max_position_embeddings=1024, final_logit_softcapping=30.0, initializer_range=hidden ** -0.5,
+                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        vision = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=16, global_head_dim=16, patch_size=4,
+                      position_embedding_size=64, pooling_kernel_size=2, default_output_length=4)
+        return dict(text_config=text, vision_config=vision, audio_config=None, tie_word_embeddings=True)
+
+    def tiny_model(self, config):
+        from transformers.models.gemma4 import Gemma4ForConditionalGeneration
+
+        return Gemma4ForConditionalGeneration(config)
+
+    def tiny_init(self, model, generator):
+        # the router's per-expert scales and the norms start at 1 (transformers' init): away from 1, so that a
+        # forward or an export that drops one shows
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("router.per_expert_scale", "router.scale")) or "layernorm" in name:
+                    p.copy_(1 + 0.2 * torch.randn(p.shape, generator=generator))
+
+
+FAMILY = Gemma4Family()
