@@ -189,7 +189,8 @@ def test_peft_loads_our_lora_and_equals_the_merged_export(exported, family):
     model.set_adapter("default")
     # every LoRA PEFT holds came from the file (lora_B starts at zero otherwise; gate_up's is block-diagonal)
     loras = {n: p for n, p in model.named_parameters() if ".lora_B.default" in n}
-    fam, layers = get_family(family), model.base_model.model.model.layers
+    fam = get_family(family)
+    layers = fam.decoder_layers(model.base_model.model)  # Gemma 4: the multimodal model's language model
     attention = sum(len(fam.attention_modules(getattr(layer, "self_attn", None))) for layer in layers)  # or MLA
     moe = len(fam.facts(model.config).moe_layers)
     assert len(loras) == 2 * moe + attention and all(p.abs().max() > 0 for p in loras.values())

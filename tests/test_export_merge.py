@@ -140,7 +140,7 @@ EXACT = [
     ("lfm2_moe", "dense", "gated", "parallel", {"layers": [2]}, {}, N_ADAPTERS * RANK),
     # Gemma 4: renormalised top-k gates, each then times the expert's per_expert_scale (not 1 in the tiny model):
     # each expert's copy of the dense adapters is divided by its scale; with attention LoRA (k = v in full layers)
-    ("gemma4", "dense", "gated", "parallel", {"attention_lora": True}, {}, N_ADAPTERS * RANK),
+    ("gemma4", "dense", "gated", "parallel", {"attention_lora": True, "train_router": True}, {}, N_ADAPTERS * RANK),
 ]
 
 
@@ -182,9 +182,11 @@ def test_hf_merge_equals_unmerged_model(checkpoint, tmp_path, family, strategy, 
         assert merged[fam.expert_key_name(ExpertKey(2, 2, "up"))][inter:].abs().min() > 0
     if routing.get("train_router"):
         first = fam.facts(cfg).moe_layers[0]
-        trained = unmerged.model.layers[first].mlp.gate.weight
-        assert torch.equal(merged[f"model.layers.{first}.mlp.gate.weight"], trained)
-        assert not torch.equal(trained, orig[f"model.layers.{first}.mlp.gate.weight"].float())
+        trained = fam.router(dict(fam.moe_blocks(unmerged))[first]).weight  # Gemma 4's: router.proj.weight
+        tree = next(n for n, p in unmerged.named_parameters() if p is trained)
+        hub = next(n for n in orig if fam.rename(n) == tree)  # its name on disk
+        assert torch.equal(merged[hub], trained)
+        assert not torch.equal(trained, orig[hub].float())
     if fam.shared_expert_ungated:  # the shared experts: n_shared_experts × the merged expert size wide
         width = fam.shared_expert_intermediate_size(read_config(tmp_path / "out")[0])
         added = 0 if strategy == "embedded" else (N_ADAPTERS if strategy == "dense" else 1) * RANK

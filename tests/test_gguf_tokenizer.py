@@ -45,7 +45,9 @@ UNRECOGNISED = {
 #: (family, tokenizer kind) our writer refuses, and why: transformers loads a Qwen3.5 checkpoint's tokenizer as its
 #: own Qwen3_5Tokenizer, which runs NFC and Qwen3.5's byte-level pipeline on any vocabulary (the converter hashes
 #: that pipeline too); llama.cpp's SentencePiece tokenizer has no NFC
-REFUSED = {("qwen3_5_moe", "spm"): 'normalizer step {"type": "NFC"} has no llama.cpp equivalent'}
+REFUSED = {("qwen3_5_moe", "spm"): 'normalizer step {"type": "NFC"} has no llama.cpp equivalent',
+           # Gemma 4: no GGUF writer yet (Family.gguf_missing), so no tokenizer of ours to compare
+           **{("gemma4", kind): "MoETune's GGUF writer does not write Gemma 4 yet" for kind in TOKENIZERS}}
 #: converter options a family's folder needs: Qwen3.5's converter expects Multi-Token-Prediction layers unless told
 #: there are none (the tiny checkpoint, like MoETune's exports, has no MTP head)
 CONVERTER_ARGS = {"qwen3_5_moe": ["--no-mtp"]}

@@ -68,6 +68,9 @@ CASES = [
     ("granitemoe", "embedded", "parallel", {"attention_lora": True, "train_router": True}),
     # Granite-4.0-H: Mamba-2 layers beside attention ones, the dense shared MLP outside the MoE block
     ("granitemoehybrid", "shared", "parallel", {"attention_lora": True}),
+    # Gemma 4: the MoE branch beside the dense MLP (adapters inside its norms), sliding and full attention layers
+    # (k as v in the full ones), final logit soft-capping, the router's proj trained
+    ("gemma4", "routed", "parallel", {"attention_lora": True, "train_router": True}),
 ]
 
 

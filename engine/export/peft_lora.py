@@ -130,8 +130,8 @@ def peft_tensors(src: RunSource) -> dict[str, torch.Tensor]:
 
 
 def experts_module(family: Family, layer: int) -> str:
-    """The module-tree name of one layer's fused experts module."""
-    return family.experts_name(layer)
+    """The name of one layer's fused experts module in the model PEFT users load (`Family.peft_module`)."""
+    return family.peft_module(family.experts_name(layer))
 
 
 def fused_key(family: Family, layer: int, attr: str, part: str) -> str:
@@ -191,7 +191,7 @@ def peft_config(src: RunSource, tensors: dict[str, torch.Tensor]) -> dict[str, A
         weight = name.removeprefix(PREFIX).removesuffix(".lora_A.weight") + ".weight"
         key = src.family.parse_expert_key(weight)
         if key is None:
-            attention.add(src.family.rename(weight).removesuffix(".weight"))
+            attention.add(src.family.peft_module(src.family.rename(weight)).removesuffix(".weight"))
         else:
             experts.add(key.layer)
     n_layers = src.facts.num_layers
@@ -256,8 +256,9 @@ def apply_peft(model: nn.Module, family: Family, tensors: dict[str, torch.Tensor
                 continue
             if key is not None:
                 weight = family.expert_views(blocks[key.layer], key.expert)[key.proj]
-            else:
-                weight = model.get_submodule(family.rename(stem)).weight
+            else:  # the name in the model PEFT loads onto, which may be the hub's (Gemma 4's multimodal model)
+                names = {n for n, _ in model.named_modules()}
+                weight = model.get_submodule(stem if stem in names else family.rename(stem)).weight
             weight.add_(((B @ A) * scale).to(weight.dtype))
             done += 1
     return done

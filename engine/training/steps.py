@@ -106,7 +106,16 @@ class _LastHidden(nn.Module):
     def forward(self, *args, **kwargs):
         from transformers.modeling_outputs import MoeModelOutputWithPast
 
-        return MoeModelOutputWithPast(last_hidden_state=self.norm(self.hidden))
+        class Output(MoeModelOutputWithPast):
+            """The last hidden state; None for any other field a family's head passes on (Gemma 4's
+            shared_kv_states)."""
+
+            def __getattr__(self, name: str):
+                if name.startswith("__"):
+                    raise AttributeError(name)
+                return None
+
+        return Output(last_hidden_state=self.norm(self.hidden))
 
 
 def _head_loss(model: nn.Module, final_norm: nn.Module, hidden: torch.Tensor, mb: "_MicroBatch",

@@ -339,6 +339,11 @@ class Family:
         it onto names it otherwise)."""
         return name
 
+    def peft_module(self, name: str) -> str:
+        """A module-tree name as the model PEFT users load calls it (transformers' class for the hub's config.json;
+        default: the same)."""
+        return name
+
     def expert_key_name(self, key: ExpertKey) -> str:
         """The hub checkpoint name of one expert projection (inverse of parse_expert_key)."""
         hub = {canon: hub for hub, canon in self.proj_names.items()}[key.proj]

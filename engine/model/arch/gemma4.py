@@ -72,8 +72,20 @@ class Gemma4MoE:
         return out.reshape(h.shape)
 
 
-def _router_weight(self) -> nn.Parameter:
-    return self.proj.weight
+#: Gemma4TextRouter subclasses (by base class) that read `proj.weight` as `weight`, as the engine reads a router's
+#: scoring matrix (training it, counting it, the balance loss's reference)
+_WITH_WEIGHT: dict[type, type] = {}
+
+
+def _with_weight(router: nn.Module) -> nn.Module:
+    """The router, its class swapped once for a subclass with a `weight` property (no new parameter: the state dict
+    keeps `router.proj.weight`)."""
+    base = type(router)
+    if base not in _WITH_WEIGHT.values():
+        if base not in _WITH_WEIGHT:
+            _WITH_WEIGHT[base] = type(base.__name__, (base,), {"weight": property(lambda self: self.proj.weight)})
+        router.__class__ = _WITH_WEIGHT[base]
+    return router
 
 
 def _layer_of(cfg, kind: str):
@@ -94,6 +106,14 @@ class Gemma4Family(Family):
     expert_intermediate_key = "moe_intermediate_size"
     renames = {"model.language_model.": "model."}
     peft_per_expert = False
+    gguf_arch = "gemma4"
+    gguf_missing = ("MoETune's GGUF writer does not write Gemma 4 yet: llama.cpp's 'gemma4' graph reads per-layer-type "
+                    "attention (head_count_kv per layer, key/value_length_swa, rope_freqs for the full layers' "
+                    "proportional RoPE, the sliding layers' rope base and window pattern, k as v where attention_k_eq_v), "
+                    "the router's scale and per_expert_scale (ffn_gate_inp.scale, ffn_down_exps.scale), layer_scalar "
+                    "(layer_output_scale), the dense MLP's norms beside the experts' (pre_ffw_norm_2, post_ffw_norm_1/2), "
+                    "GELU experts, final logit soft-capping and the 'gemma4' tokenizer model, none of which it writes; "
+                    "export --format hf (or peft) and convert that with llama.cpp's convert_hf_to_gguf.py")
     hub_expert_names = ("model.language_model.layers.{layer}.experts.gate_up_proj [E, 2I, H] (gate rows, then up) "
                         "and experts.down_proj [E, H, I]")
 
@@ -107,8 +127,10 @@ class Gemma4Family(Family):
     def skip_tensor(self, name, cfg):
         return name.startswith(_MULTIMODAL)
 
-    def peft_name(self, name):
-        return self.rename(name)
+    def peft_module(self, name):
+        # transformers loads the hub's config.json as Gemma4ForConditionalGeneration (AutoModelForCausalLM too): the
+        # language model under model.language_model, as the checkpoint names it
+        return name.replace("model.", "model.language_model.", 1) if name.startswith("model.layers.") else name
 
     def experts_name(self, layer):
         return f"model.layers.{layer}.experts"
@@ -157,6 +179,7 @@ class Gemma4Family(Family):
         return tuple(range(int(cfg.num_hidden_layers))) if getattr(cfg, "enable_moe_block", False) else ()
 
     def facts(self, cfg: Any) -> MoEFacts:
+        cfg = self.model_config(cfg)  # the multimodal model's config too
         return MoEFacts(family=self.model_type, num_layers=int(cfg.num_hidden_layers), moe_layers=self.moe_layers(cfg),
                         num_experts=self.num_experts(cfg), top_k=int(cfg.top_k_experts),
                         hidden_size=int(cfg.hidden_size), expert_intermediate_size=self.expert_intermediate_size(cfg),
@@ -192,10 +215,7 @@ class Gemma4Family(Family):
                 yield i, view
 
     def router(self, block):
-        router = block.router
-        if not hasattr(type(router), "weight"):  # the engine reads a router's scoring matrix as `weight`
-            router.__class__ = type("Gemma4Router", (type(router),), {"weight": property(_router_weight)})
-        return router
+        return _with_weight(block.router)
 
     # ---- tiny models ---------------------------------------------------------------------------
     def tiny_config_kwargs(self, layers, hidden, experts, top_k, vocab):
@@ -218,12 +238,15 @@ class Gemma4Family(Family):
         return Gemma4ForConditionalGeneration(config)
 
     def tiny_init(self, model, generator):
-        # the router's per-expert scales and the norms start at 1 (transformers' init): away from 1, so that a
-        # forward or an export that drops one shows
+        # the router's per-expert scales, the norms and the layers' output scales start at 1 (transformers' init):
+        # away from 1, so that a forward or an export that drops one shows
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith(("router.per_expert_scale", "router.scale")) or "layernorm" in name:
                     p.copy_(1 + 0.2 * torch.randn(p.shape, generator=generator))
+            for name, b in model.named_buffers():
+                if name.endswith("layer_scalar"):  # each layer's output scale (a persistent buffer)
+                    b.copy_(1 + 0.2 * torch.randn(b.shape, generator=generator))
 
 
 FAMILY = Gemma4Family()
