@@ -30,7 +30,7 @@ def cmd_models(args) -> int:
                      "experts_nf4_gb": round(f.expert_params * NF4_BITS / 8 / 1e9, 2),
                      "checkpoint_expert_names": fam.hub_expert_names or
                      fam.expert_key_template.replace("{proj}", "|".join(fam.proj_names)),
-                     "gguf_arch": fam.gguf_arch, "router": fam.router_note(fam.published_config())})
+                     "gguf_arch": fam.gguf_arch, "gguf_missing": fam.gguf_missing, "router": fam.router_note(fam.published_config())})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -40,7 +40,8 @@ def cmd_models(args) -> int:
         print(f"{'':<10} {r['flagship']}: {r['moe_layers']} MoE layers x {r['experts']} experts, top-{r['top_k']}, "
               f"{r['activation']}, gates renormalised: {'yes' if r['gates_renormalised'] else 'no'}, {shared}; "
               f"experts in NF4: {r['experts_nf4_gb']} GB")
-        print(f"{'':<10} experts on disk: {r['checkpoint_expert_names']}; llama.cpp arch: {r['gguf_arch']}")
+        gguf = " (MoETune writes no GGUF of it yet: `moetune export` says why)" if r["gguf_missing"] else ""
+        print(f"{'':<10} experts on disk: {r['checkpoint_expert_names']}; llama.cpp arch: {r['gguf_arch']}{gguf}")
     return 0
 
 

@@ -183,7 +183,13 @@ class Gemma4Family(Family):
         return MoEFacts(family=self.model_type, num_layers=int(cfg.num_hidden_layers), moe_layers=self.moe_layers(cfg),
                         num_experts=self.num_experts(cfg), top_k=int(cfg.top_k_experts),
                         hidden_size=int(cfg.hidden_size), expert_intermediate_size=self.expert_intermediate_size(cfg),
-                        norm_topk_prob=True, activation=self.activation(cfg))
+                        norm_topk_prob=True, activation=self.activation(cfg),
+                        shared_expert_intermediate_size=self.shared_expert_intermediate_size(cfg))
+
+    def shared_expert_intermediate_size(self, cfg):
+        """The dense MLP every layer runs beside its experts (as Granite-4.0-H's shared MLP): always on, added with
+        weight 1 (after its own norm); adapters beside the experts do not merge into it (it sits outside their norm)."""
+        return int(self.model_config(cfg).intermediate_size)
 
     def decoder_layers(self, model):
         base = model.model
