@@ -43,6 +43,8 @@ CASES = {
                              routing="skewed", checkpointing=True),
     "mixtral-bf16-rank1-idle": dict(family="mixtral", quant="bf16", strategy="embedded", kind="bottleneck",
                                     placement="parallel", routing="first-experts"),
+    # Gemma 4: the shared adapter hooks its layer's experts module, which sharding replaces
+    "gemma4-bf16-shared": dict(family="gemma4", quant="bf16", strategy="shared", kind="lora", placement="parallel"),
 }
 
 

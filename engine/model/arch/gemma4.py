@@ -34,10 +34,12 @@ _MULTIMODAL = ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.
 class Gemma4MoE:
     """The MoE branch of one Gemma 4 decoder layer as MoETune's strategies use a block: `experts` and `peft` live on
     the layer (so the model's state dict names them), forward hooks go on the experts module (its input is the
-    normed experts input, its output the weighted experts sum), and calling it runs router and experts on `h`."""
+    normed experts input, its output the weighted experts sum) and follow it when it is replaced (expert
+    parallelism swaps in a sharded bank), and calling it runs router and experts on `h`."""
 
     def __init__(self, layer: nn.Module):
         self.layer = layer
+        self.hooks: list[_ExpertsHook] = []
 
     @property
     def experts(self) -> nn.Module:
@@ -45,7 +47,11 @@ class Gemma4MoE:
 
     @experts.setter
     def experts(self, module: nn.Module) -> None:
+        for hook in self.hooks:
+            hook.handle.remove()
         self.layer.experts = module
+        for hook in self.hooks:
+            hook.handle = module.register_forward_hook(hook.fn)
 
     @property
     def peft(self) -> nn.Module:
@@ -62,14 +68,29 @@ class Gemma4MoE:
     def router(self) -> nn.Module:
         return self.layer.router
 
-    def register_forward_hook(self, hook):
-        return self.layer.experts.register_forward_hook(hook)
+    def register_forward_hook(self, fn) -> "_ExpertsHook":
+        hook = _ExpertsHook(self, fn)
+        self.hooks.append(hook)
+        return hook
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         flat = h.reshape(-1, h.shape[-1])
         _, gates, idx = self.layer.router(flat)
         out = self.layer.experts(self.layer.pre_feedforward_layernorm_2(flat), idx, gates)
         return out.reshape(h.shape)
+
+
+class _ExpertsHook:
+    """A forward hook on the branch's experts module, whichever module that is now (`remove` as torch's handle)."""
+
+    def __init__(self, view: Gemma4MoE, fn):
+        self.view, self.fn = view, fn
+        self.handle = view.layer.experts.register_forward_hook(fn)
+
+    def remove(self) -> None:
+        self.handle.remove()
+        if self in self.view.hooks:
+            self.view.hooks.remove(self)
 
 
 #: Gemma4TextRouter subclasses (by base class) that read `proj.weight` as `weight`, as the engine reads a router's
