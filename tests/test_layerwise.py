@@ -68,6 +68,8 @@ CASES = [
     ("granitemoe", "embedded", "parallel", {"attention_lora": True, "train_router": True}),
     # Granite-4.0-H: Mamba-2 layers beside attention ones, the dense shared MLP outside the MoE block
     ("granitemoehybrid", "shared", "parallel", {"attention_lora": True}),
+    # Qwen3-Next: fused Gated DeltaNet projections beside gated attention, the sigmoid-gated shared expert
+    ("qwen3_next", "routed", "parallel", {"attention_lora": True}),
 ]
 
 
