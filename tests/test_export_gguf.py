@@ -28,7 +28,7 @@ GGUF_FAMILIES = [f for f in FAMILY_NAMES if not get_family(f).gguf_missing]
 ARCH = {"olmoe": "olmoe", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss",
         "ernie4_5_moe": "ernie4_5-moe", "granitemoe": "granitemoe", "granitemoehybrid": "granitehybrid",
         "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe": "glm4moe", "lfm2_moe": "lfm2moe",
-        "qwen3_5_moe": "qwen35moe"}
+        "qwen3_5_moe": "qwen35moe", "glm4_moe_lite": "deepseek2"}
 #: token-id prompts (no tokenizer in the loop), and how many tokens to continue each
 PROMPTS = [[1, 40, 41, 300, 12, 77], [5, 100, 200, 300, 400], [1, 7]]
 NEW_TOKENS = 8
@@ -53,7 +53,7 @@ def expected_tensors(family: str, cfg) -> dict[str, tuple[int, ...]]:
     out = {"token_embd.weight": (h, v), "output_norm.weight": (h,), "output.weight": (h, v)}
     if family == "ernie4_5_moe":
         return out | _ernie_tensors(cfg, facts)
-    if family.startswith("deepseek"):
+    if family.startswith("deepseek") or family == "glm4_moe_lite":  # GLM-4.7-Flash: DeepSeek-V3's MLA and router
         return out | _deepseek_tensors(family, cfg, facts)
     if family == "glm4_moe":
         return out | _glm_tensors(cfg, facts)
@@ -140,7 +140,7 @@ def _deepseek_tensors(family: str, cfg, facts) -> dict[str, tuple[int, ...]]:
                         b + "attn_q_b.weight": (q, heads * (nope + rope))})
         else:
             out[b + "attn_q.weight"] = (h, heads * (nope + rope))
-        out.update(_experts(b, facts, facts.shared_expert_intermediate_size, bias=family == "deepseek_v3")
+        out.update(_experts(b, facts, facts.shared_expert_intermediate_size, bias=family != "deepseek_v2")
                    if layer in facts.moe_layers else _dense(b, h, cfg.intermediate_size))
     return out
 
@@ -283,14 +283,14 @@ def test_gguf_reads_back(tiny_checkpoint, tmp_path, family, dtype):
                         "expert_feed_forward_length": facts.expert_intermediate_size, "expert_shared_count": 2,
                         "expert_shared_feed_forward_length": 2 * facts.expert_intermediate_size,
                         "interleave_moe_layer_step": 1})
-    if family.startswith("deepseek"):  # MLA as llama.cpp's converter writes it: MQA over the latent
+    if family.startswith("deepseek") or family == "glm4_moe_lite":  # MLA as llama.cpp's converter writes it
         hparams.update({"attention.head_count_kv": 1, "expert_feed_forward_length": facts.expert_intermediate_size,
                         "feed_forward_length": cfg.intermediate_size, "leading_dense_block_count": 1,
                         "expert_shared_count": cfg.n_shared_experts, "attention.kv_lora_rank": cfg.kv_lora_rank,
                         "attention.key_length": cfg.kv_lora_rank + cfg.qk_rope_head_dim,
                         "attention.key_length_mla": cfg.qk_nope_head_dim + cfg.qk_rope_head_dim,
                         "attention.value_length_mla": cfg.v_head_dim, "rope.dimension_count": cfg.qk_rope_head_dim,
-                        "expert_gating_func": 2 if family == "deepseek_v3" else 1,
+                        "expert_gating_func": 1 if family == "deepseek_v2" else 2,
                         "attention.q_lora_rank": cfg.q_lora_rank or 0})
         assert _field(reader, f"{arch}.expert_weights_scale") == pytest.approx(cfg.routed_scaling_factor)
     if family == "glm4_moe":  # partial rotary: RoPE on the first half of each head

@@ -70,6 +70,8 @@ CASES = [
     ("granitemoehybrid", "shared", "parallel", {"attention_lora": True}),
     # Qwen3-Next: fused Gated DeltaNet projections beside gated attention, the sigmoid-gated shared expert
     ("qwen3_next", "routed", "parallel", {"attention_lora": True}),
+    # GLM-4.7-Flash: MLA with a query LoRA, the dense first layer from mlp_layer_types, GLM's sigmoid router trained
+    ("glm4_moe_lite", "shared", "parallel", {"attention_lora": True, "train_router": True}),
 ]
 
 

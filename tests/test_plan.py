@@ -24,7 +24,8 @@ DESIGN_TABLE = {"olmoe": (3.3, 208), "qwen2_moe": (6.4, 268), "qwen3_moe": (15.0
                 "gpt_oss": (9.9, 411), "ernie4_5_moe": (10.5, 389), "deepseek_v2": (7.4, 286),
                 "deepseek_v3": (7.4, 286), "glm4_moe": (51.4, 1140), "qwen3_5_moe": (16.6, 415),
                 "lfm2_moe": (4.0, 182), "granitemoe": (1.6, 49),
-                "granitemoehybrid": (3.1, 78), "qwen3_next": (39.9, 831)}
+                "granitemoehybrid": (3.1, 78), "qwen3_next": (39.9, 831),
+                "glm4_moe_lite": (14.3, 312)}
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,8 @@ def test_inventory_counts_every_weight_and_the_shared_expert():
                        "lfm2_moe": 8.34,  # LFM2-MoE ties its head to the embeddings: counted once
                        "granitemoe": 3.30,  # 6,597,577,728 bytes of bf16 tensors in the release
                        "granitemoehybrid": 6.94,
-                       "qwen3_next": 79.67}[name]  # the model card's 80 B, less the MTP layer (not loaded)
+                       "qwen3_next": 79.67,
+                       "glm4_moe_lite": 29.94}[name]  # the model card's 80 B, less the MTP layer (not loaded)
         assert total / 1e9 == pytest.approx(published_b, abs=0.01)
     qwen = model_shape(FAMILIES["qwen2_moe"].published_config())
     assert qwen.params["shared_expert"] == 24 * 3 * 2048 * 5632  # non-routed: counted with the non-expert weights
