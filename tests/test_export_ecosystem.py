@@ -308,7 +308,7 @@ def test_llama_cpp_converters_and_gguf_lora_give_the_merged_logits(exported, con
             _hub_layer_types(folder / "config.json")
     # Qwen3.5's converter counts Multi-Token-Prediction layers it must find unless told there are none (our exports,
     # like the tiny checkpoint, have no MTP head)
-    mtp = ("--no-mtp",) if family == "qwen3_5_moe" else ()
+    mtp = ("--no-mtp",) if family in ("qwen3_5_moe", "qwen3_next") else ()
     convert(converters, *([("convert_hf_to_gguf.py", root / "hf", "--outfile", root / "merged-conv.gguf", "--outtype",
                             "f32", *mtp), ("convert_hf_to_gguf.py", root / "base", "--outfile", root / "base-conv.gguf",
                                            "--outtype", "f32", *mtp)] if models else []),

@@ -23,7 +23,6 @@ import gguf
 import pytest
 
 from engine.export import ExportError, write_gguf
-from engine.model.arch import get_family
 from engine.model import make_tiny_model
 from engine.model.tiny import TOKENIZERS
 
@@ -37,7 +36,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 UNRECOGNISED = {
     **{(f, "spm"): "NotImplementedError: BPE pre-tokenizer was not recognized"
        for f in ("olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                 "glm4_moe_lite", "lfm2_moe", "granitemoehybrid")},  # Granite-4.0-H's converter class (Mamba-2's) reads tokenizer.json
+                 "glm4_moe_lite", "lfm2_moe", "qwen3_next",
+                 "granitemoehybrid")},  # Granite-4.0-H's converter class (Mamba-2's) reads tokenizer.json
     # as byte-level BPE only
     # GLM's converter class reads GLM's own special tokens ([gMASK], <sop>...), which a tiny tokenizer lacks
     **{(f, "bpe"): "KeyError: '[gMASK]'" for f in ("glm4_moe", "glm4_moe_lite")},
@@ -46,13 +46,10 @@ UNRECOGNISED = {
 #: (family, tokenizer kind) our writer refuses, and why: transformers loads a Qwen3.5 checkpoint's tokenizer as its
 #: own Qwen3_5Tokenizer, which runs NFC and Qwen3.5's byte-level pipeline on any vocabulary (the converter hashes
 #: that pipeline too); llama.cpp's SentencePiece tokenizer has no NFC
-REFUSED = {("qwen3_5_moe", "spm"): 'normalizer step {"type": "NFC"} has no llama.cpp equivalent',
-           # no GGUF writer for the family (its gguf_missing): the export refuses before the tokenizer
-           **{(f, kind): get_family(f).gguf_missing for f in FAMILY_NAMES for kind in TOKENIZERS
-              if get_family(f).gguf_missing}}
-#: converter options a family's folder needs: Qwen3.5's converter expects Multi-Token-Prediction layers unless told
-#: there are none (the tiny checkpoint, like MoETune's exports, has no MTP head)
-CONVERTER_ARGS = {"qwen3_5_moe": ["--no-mtp"]}
+REFUSED = {("qwen3_5_moe", "spm"): 'normalizer step {"type": "NFC"} has no llama.cpp equivalent'}
+#: converter options a family's folder needs: Qwen3.5's and Qwen3-Next's converters expect Multi-Token-Prediction
+#: layers unless told there are none (the tiny checkpoint, like MoETune's exports, has no MTP head)
+CONVERTER_ARGS = {"qwen3_5_moe": ["--no-mtp"], "qwen3_next": ["--no-mtp"]}
 
 
 def _tokenizer_fields(path: Path) -> dict:

@@ -7,16 +7,23 @@ not loaded and the hf export leaves it out, as for Qwen3.5). The Gated DeltaNet 
 path, and attention LoRA applies to the full-attention layers only (q_proj also gives the output gate).
 
 Its experts (512 × 48 layers) are ~40 GB in NF4: on a 24 GB card it trains offloaded, with the host RAM the plan
-names. GGUF is refused: llama.cpp's `qwen3next` wants `in_proj_qkvz` regrouped from per-key-head [q k v z] blocks
-into attn_qkv + attn_gate and `in_proj_ba` as ssm_ba, which MoETune's writer does not map (the hf export converts
-with llama.cpp's own convert_hf_to_gguf.py).
+names. llama.cpp runs it as `qwen3next`, written as its converter writes it: `in_proj_qkvz` regrouped from per-key-
+head [q k v z] blocks into attn_qkv (all q, all k, all v: the conv's channel order) and attn_gate (z), `in_proj_ba`
+as ssm_ba as it is; value heads stay grouped by key head (no tiling, unlike qwen35moe); A = -exp(A_log), the conv
+kernel [C, K], the (1 + w) RMSNorms as w + 1; plain partial RoPE (no M-RoPE sections).
 """
 
 from __future__ import annotations
 
-from .base import Family
+import re
+
+import torch
+from gguf.constants import Keys
+
+from .base import GGUF_TENSOR_NAMES, GT, Family
 from .qwen2_moe import sparse_layers
-from .qwen3_5_moe import Qwen35MoeFamily
+from .qwen3_5_moe import _PLUS_ONE_NORMS, Qwen35MoeFamily
+
 
 
 class Qwen3NextFamily(Qwen35MoeFamily):
@@ -28,9 +35,9 @@ class Qwen3NextFamily(Qwen35MoeFamily):
     expert_key_template = Family.expert_key_template  # text-only: model.layers.… as transformers names them
     renames = {}
     gguf_arch = "qwen3next"
-    gguf_missing = ("llama.cpp's 'qwen3next' takes the Gated DeltaNet's fused in_proj_qkvz regrouped from per-key-head "
-                    "[q k v z] blocks into attn_qkv + attn_gate and in_proj_ba as ssm_ba, which MoETune's GGUF writer "
-                    "does not map; export hf and run llama.cpp's convert_hf_to_gguf.py on it")
+    gguf_tensors = {**{k: v for k, v in Qwen35MoeFamily.gguf_tensors.items() if ".in_proj_" not in k},
+                    "model.layers.{bid}.linear_attn.in_proj_qkvz": GT.ATTN_QKV,  # split in gguf_transform
+                    "model.layers.{bid}.linear_attn.in_proj_ba": GT.SSM_BETA_ALPHA}
 
     def peft_name(self, name):
         return Family.peft_name(self, name)
@@ -52,6 +59,45 @@ class Qwen3NextFamily(Qwen35MoeFamily):
 
     def skip_tensor(self, name, cfg):
         return self.is_mtp_tensor(name, cfg)
+
+    # ---- GGUF (llama.cpp's 'qwen3next') -------------------------------------------------------------
+    def gguf_transform(self, cfg, target, tensor):
+        parts = target.split(".")
+        kind = parts[2] if parts[0] == "blk" else parts[0]
+        if kind in _PLUS_ONE_NORMS or kind == "output_norm":
+            return [(target, tensor.float() + 1)]
+        if kind == "ssm_a":
+            return [(target, -torch.exp(tensor.float()))]
+        if kind == "ssm_conv1d":
+            return [(target, tensor.squeeze(1))]
+        if kind == "attn_qkv":  # in_proj_qkvz [per key head: q k v z] as the converter splits it: all q, k, v; then z
+            n_k, d_k = int(cfg.linear_num_key_heads), int(cfg.linear_key_head_dim)
+            per_k = int(cfg.linear_num_value_heads) // n_k * int(cfg.linear_value_head_dim)
+            q, k, v, z = tensor.reshape(n_k, 2 * d_k + 2 * per_k, -1).split([d_k, d_k, per_k, per_k], dim=1)
+            rows = lambda x: x.reshape(-1, tensor.shape[-1])  # noqa: E731
+            gate = GGUF_TENSOR_NAMES[GT.ATTN_GATE].format(bid=int(parts[1])) + ".weight"
+            return [(target, torch.cat([rows(q), rows(k), rows(v)])), (gate, rows(z))]
+        return [(target, tensor)]
+
+    def gguf_hparams(self, cfg):  # qwen35moe's, but plain RoPE: no M-RoPE sections
+        return {k: v for k, v in super().gguf_hparams(cfg).items() if k != Keys.Rope.DIMENSION_SECTIONS}
+
+    def gguf_required(self, cfg):
+        ba = GGUF_TENSOR_NAMES[GT.SSM_BETA_ALPHA]
+        beta = GGUF_TENSOR_NAMES[GT.SSM_BETA]
+        alpha = GGUF_TENSOR_NAMES[GT.SSM_ALPHA]
+        need = []
+        for name in super().gguf_required(cfg):
+            layer = re.match(r"blk\.(\d+)\.", name)
+            if layer and name == beta.format(bid=int(layer[1])) + ".weight":
+                continue
+            if layer and name == alpha.format(bid=int(layer[1])) + ".weight":
+                name = ba.format(bid=int(layer[1])) + ".weight"
+            need.append(name)
+        return need
+
+    def gguf_problems(self, cfg):
+        return [p for p in super().gguf_problems(cfg) if "mrope_section" not in p]
 
     def tiny_config_kwargs(self, layers, hidden, experts, top_k, vocab):
         return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=layers,
