@@ -25,7 +25,6 @@ from .qwen2_moe import sparse_layers
 from .qwen3_5_moe import _PLUS_ONE_NORMS, Qwen35MoeFamily
 
 
-
 class Qwen3NextFamily(Qwen35MoeFamily):
     model_type = "qwen3_next"
     text_model_type = ""
@@ -97,7 +96,9 @@ class Qwen3NextFamily(Qwen35MoeFamily):
         return need
 
     def gguf_problems(self, cfg):
-        return [p for p in super().gguf_problems(cfg) if "mrope_section" not in p]
+        # qwen35moe's limits, which qwen3next's graph shares, but no M-RoPE sections
+        return [p.replace("'qwen35moe'", f"'{self.gguf_arch}'") for p in super().gguf_problems(cfg)
+                if "mrope_section" not in p]
 
     def tiny_config_kwargs(self, layers, hidden, experts, top_k, vocab):
         return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=layers,
