@@ -33,6 +33,10 @@ def test_models_json_lists_every_family(capsys):
             by["granitemoe"]["experts_nf4_gb"]) == (32, 40, 8, 1.56)
     assert (by["granitemoehybrid"]["moe_layers"], by["granitemoehybrid"]["experts"], by["granitemoehybrid"]["top_k"],
             by["granitemoehybrid"]["shared_expert_intermediate_size"]) == (40, 64, 6, 1024)
+    assert (by["glm4_moe_lite"]["moe_layers"], by["glm4_moe_lite"]["experts"], by["glm4_moe_lite"]["top_k"],
+            by["glm4_moe_lite"]["experts_nf4_gb"]) == (46, 64, 4, 14.34)
+    assert (by["qwen3_next"]["moe_layers"], by["qwen3_next"]["experts"], by["qwen3_next"]["top_k"],
+            by["qwen3_next"]["experts_nf4_gb"]) == (48, 512, 10, 39.91)
     assert (by["gemma4"]["moe_layers"], by["gemma4"]["experts"], by["gemma4"]["top_k"], by["gemma4"]["experts_nf4_gb"],
             by["gemma4"]["shared_expert_intermediate_size"]) == (30, 128, 8, 11.79, 2112)  # its dense MLP
     assert by["gemma4"]["gguf_missing"] and not any(r["gguf_missing"] for r in rows if r["model_type"] != "gemma4")

@@ -303,13 +303,13 @@ def test_llama_cpp_converters_and_gguf_lora_give_the_merged_logits(exported, con
     with_peft = family in PER_EXPERT_PEFT  # gpt-oss: convert_lora_to_gguf.py reads no fused target_parameters LoRA
     # llama.cpp's GLM converter writes GLM's own tokenizer (it looks up [gMASK], <sop>, …), which the tiny model's
     # is not: for glm4_moe only its LoRA converter runs (our GGUF's logits: test_export_gguf.py)
-    models = family != "glm4_moe"
+    models = family not in ("glm4_moe", "glm4_moe_lite")
     if family == "granitemoehybrid":  # its converter finds attention layers by the hub's layer_types spelling
         for folder in (root / "hf", root / "base"):
             _hub_layer_types(folder / "config.json")
     # Qwen3.5's converter counts Multi-Token-Prediction layers it must find unless told there are none (our exports,
     # like the tiny checkpoint, have no MTP head)
-    mtp = ("--no-mtp",) if family == "qwen3_5_moe" else ()
+    mtp = ("--no-mtp",) if family in ("qwen3_5_moe", "qwen3_next") else ()
     convert(converters, *([("convert_hf_to_gguf.py", root / "hf", "--outfile", root / "merged-conv.gguf", "--outtype",
                             "f32", *mtp), ("convert_hf_to_gguf.py", root / "base", "--outfile", root / "base-conv.gguf",
                                            "--outtype", "f32", *mtp)] if models else []),

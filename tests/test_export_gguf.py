@@ -28,7 +28,8 @@ GGUF_FAMILIES = [f for f in FAMILY_NAMES if not get_family(f).gguf_missing]
 ARCH = {"olmoe": "olmoe", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss",
         "ernie4_5_moe": "ernie4_5-moe", "granitemoe": "granitemoe", "granitemoehybrid": "granitehybrid",
         "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe": "glm4moe", "lfm2_moe": "lfm2moe",
-        "qwen3_5_moe": "qwen35moe"}
+        "qwen3_5_moe": "qwen35moe", "glm4_moe_lite": "deepseek2",
+        "qwen3_next": "qwen3next"}
 #: token-id prompts (no tokenizer in the loop), and how many tokens to continue each
 PROMPTS = [[1, 40, 41, 300, 12, 77], [5, 100, 200, 300, 400], [1, 7]]
 NEW_TOKENS = 8
@@ -53,14 +54,14 @@ def expected_tensors(family: str, cfg) -> dict[str, tuple[int, ...]]:
     out = {"token_embd.weight": (h, v), "output_norm.weight": (h,), "output.weight": (h, v)}
     if family == "ernie4_5_moe":
         return out | _ernie_tensors(cfg, facts)
-    if family.startswith("deepseek"):
+    if family.startswith("deepseek") or family == "glm4_moe_lite":  # GLM-4.7-Flash: DeepSeek-V3's MLA and router
         return out | _deepseek_tensors(family, cfg, facts)
     if family == "glm4_moe":
         return out | _glm_tensors(cfg, facts)
     if family == "granitemoehybrid":
         return out | _granite_hybrid_tensors(cfg, facts)
-    if family == "qwen3_5_moe":
-        return out | _qwen35_tensors(cfg, facts)
+    if family in ("qwen3_5_moe", "qwen3_next"):
+        return out | _qwen35_tensors(cfg, facts, qwen3next=family == "qwen3_next")
     if family == "lfm2_moe":  # the final norm is token_embd_norm
         return {"token_embd.weight": (h, v), "token_embd_norm.weight": (h,), "output.weight": (h, v)} | \
             _lfm2_tensors(cfg, facts)
@@ -140,7 +141,7 @@ def _deepseek_tensors(family: str, cfg, facts) -> dict[str, tuple[int, ...]]:
                         b + "attn_q_b.weight": (q, heads * (nope + rope))})
         else:
             out[b + "attn_q.weight"] = (h, heads * (nope + rope))
-        out.update(_experts(b, facts, facts.shared_expert_intermediate_size, bias=family == "deepseek_v3")
+        out.update(_experts(b, facts, facts.shared_expert_intermediate_size, bias=family != "deepseek_v2")
                    if layer in facts.moe_layers else _dense(b, h, cfg.intermediate_size))
     return out
 
@@ -185,11 +186,11 @@ def _granite_hybrid_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _qwen35_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
+def _qwen35_tensors(cfg, facts, qwen3next: bool = False) -> dict[str, tuple[int, ...]]:
     """llama.cpp's 'qwen35moe' block tensors (ne order): Gated DeltaNet layers (qkv and the z gate, alpha / beta per
     value head, A and dt per value head, the conv kernel [K, C], the gated norm per head) or attention layers whose
     q also gives the output gate (2 × head_dim per head), each with the experts and the gated shared expert
-    (llama_model_qwen35moe::load_arch_tensors)."""
+    (llama_model_qwen35moe::load_arch_tensors). `qwen3next`: beta and alpha in one ssm_ba [H, 2 · n_v]."""
     h, s = facts.hidden_size, facts.shared_expert_intermediate_size
     hd, heads, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     n_v, key = cfg.linear_num_value_heads, cfg.linear_num_key_heads * cfg.linear_key_head_dim
@@ -208,6 +209,9 @@ def _qwen35_tensors(cfg, facts) -> dict[str, tuple[int, ...]]:
                         b + "ssm_alpha.weight": (h, n_v), b + "ssm_beta.weight": (h, n_v), b + "ssm_a": (n_v,),
                         b + "ssm_dt.bias": (n_v,), b + "ssm_conv1d.weight": (cfg.linear_conv_kernel_dim, 2 * key + value),
                         b + "ssm_norm.weight": (cfg.linear_value_head_dim,), b + "ssm_out.weight": (value, h)})
+            if qwen3next:
+                del out[b + "ssm_alpha.weight"], out[b + "ssm_beta.weight"]
+                out[b + "ssm_ba.weight"] = (h, 2 * n_v)
     return out
 
 
@@ -283,14 +287,14 @@ def test_gguf_reads_back(tiny_checkpoint, tmp_path, family, dtype):
                         "expert_feed_forward_length": facts.expert_intermediate_size, "expert_shared_count": 2,
                         "expert_shared_feed_forward_length": 2 * facts.expert_intermediate_size,
                         "interleave_moe_layer_step": 1})
-    if family.startswith("deepseek"):  # MLA as llama.cpp's converter writes it: MQA over the latent
+    if family.startswith("deepseek") or family == "glm4_moe_lite":  # MLA as llama.cpp's converter writes it
         hparams.update({"attention.head_count_kv": 1, "expert_feed_forward_length": facts.expert_intermediate_size,
                         "feed_forward_length": cfg.intermediate_size, "leading_dense_block_count": 1,
                         "expert_shared_count": cfg.n_shared_experts, "attention.kv_lora_rank": cfg.kv_lora_rank,
                         "attention.key_length": cfg.kv_lora_rank + cfg.qk_rope_head_dim,
                         "attention.key_length_mla": cfg.qk_nope_head_dim + cfg.qk_rope_head_dim,
                         "attention.value_length_mla": cfg.v_head_dim, "rope.dimension_count": cfg.qk_rope_head_dim,
-                        "expert_gating_func": 2 if family == "deepseek_v3" else 1,
+                        "expert_gating_func": 1 if family == "deepseek_v2" else 2,
                         "attention.q_lora_rank": cfg.q_lora_rank or 0})
         assert _field(reader, f"{arch}.expert_weights_scale") == pytest.approx(cfg.routed_scaling_factor)
     if family == "glm4_moe":  # partial rotary: RoPE on the first half of each head
@@ -304,7 +308,7 @@ def test_gguf_reads_back(tiny_checkpoint, tmp_path, family, dtype):
                         "feed_forward_length": cfg.intermediate_size, "leading_dense_block_count": 1,
                         "expert_feed_forward_length": facts.expert_intermediate_size, "expert_gating_func": 2,
                         "shortconv.l_cache": cfg.conv_L_cache})
-    if family == "qwen3_5_moe":  # the Gated DeltaNet's sizes, which layers are recurrent, partial M-RoPE
+    if family in ("qwen3_5_moe", "qwen3_next"):  # the Gated DeltaNet's sizes, which layers are recurrent, partial RoPE
         hparams.update({"expert_feed_forward_length": facts.expert_intermediate_size,
                         "expert_shared_feed_forward_length": facts.shared_expert_intermediate_size,
                         "ssm.conv_kernel": cfg.linear_conv_kernel_dim, "ssm.state_size": cfg.linear_key_head_dim,
@@ -312,9 +316,12 @@ def test_gguf_reads_back(tiny_checkpoint, tmp_path, family, dtype):
                         "ssm.inner_size": cfg.linear_num_value_heads * cfg.linear_value_head_dim,
                         "attention.recurrent_layers": [t == "linear_attention" for t in cfg.layer_types],
                         "full_attention_interval": cfg.layer_types.index("full_attention") + 1,
-                        "rope.dimension_count": cfg.head_dim // 4,
-                        "rope.dimension_sections": cfg.rope_parameters["mrope_section"] + [0]})
-        assert reader.get_field(f"{arch}.feed_forward_length") is None  # no dense layers: no dense width
+                        "rope.dimension_count": cfg.head_dim // 4})
+        if family == "qwen3_5_moe":  # M-RoPE (qwen3next: plain RoPE, and the config's dense width, as its converter)
+            hparams["rope.dimension_sections"] = cfg.rope_parameters["mrope_section"] + [0]
+            assert reader.get_field(f"{arch}.feed_forward_length") is None  # no dense layers: no dense width
+        else:
+            hparams["feed_forward_length"] = cfg.intermediate_size
     for key, want in hparams.items():
         assert _field(reader, f"{arch}.{key}") == want, key
     assert _field(reader, f"{arch}.rope.freq_base") == pytest.approx(cfg.rope_parameters["rope_theta"])
@@ -382,6 +389,7 @@ def _copy(src: Path, dst: Path, edit_config=None) -> Path:
     ("qwen3_5_moe", {"text_config": {"attention_bias": True}}, "loads no attention output bias"),
     ("qwen3_5_moe", {"text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                                           "mrope_section": [11, 11, 10]}}}, "sums past head_dim=16"),
+    ("qwen3_next", {"norm_topk_prob": False}, "norm_topk_prob=False"),  # llama.cpp renormalises, always
 ])
 def test_config_llama_cpp_cannot_run_is_refused(tiny_checkpoint, tmp_path, family, edit, message):
     ckpt = _copy(tiny_checkpoint(family), tmp_path / "ckpt", edit)

@@ -36,10 +36,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 UNRECOGNISED = {
     **{(f, "spm"): "NotImplementedError: BPE pre-tokenizer was not recognized"
        for f in ("olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                 "lfm2_moe", "granitemoehybrid")},  # Granite-4.0-H's converter class (Mamba-2's) reads tokenizer.json
+                 "glm4_moe_lite", "lfm2_moe", "qwen3_next",
+                 "granitemoehybrid")},  # Granite-4.0-H's converter class (Mamba-2's) reads tokenizer.json
     # as byte-level BPE only
     # GLM's converter class reads GLM's own special tokens ([gMASK], <sop>...), which a tiny tokenizer lacks
-    ("glm4_moe", "bpe"): "KeyError: '[gMASK]'",
+    **{(f, "bpe"): "KeyError: '[gMASK]'" for f in ("glm4_moe", "glm4_moe_lite")},
     **{("ernie4_5_moe", kind): "FileNotFoundError: File not found:" for kind in TOKENIZERS},
 }
 #: (family, tokenizer kind) our writer refuses, and why: transformers loads a Qwen3.5 checkpoint's tokenizer as its
@@ -48,9 +49,9 @@ UNRECOGNISED = {
 REFUSED = {("qwen3_5_moe", "spm"): 'normalizer step {"type": "NFC"} has no llama.cpp equivalent',
            # Gemma 4: no GGUF writer yet (Family.gguf_missing), so no tokenizer of ours to compare
            **{("gemma4", kind): "MoETune's GGUF writer does not write Gemma 4 yet" for kind in TOKENIZERS}}
-#: converter options a family's folder needs: Qwen3.5's converter expects Multi-Token-Prediction layers unless told
-#: there are none (the tiny checkpoint, like MoETune's exports, has no MTP head)
-CONVERTER_ARGS = {"qwen3_5_moe": ["--no-mtp"]}
+#: converter options a family's folder needs: Qwen3.5's and Qwen3-Next's converters expect Multi-Token-Prediction
+#: layers unless told there are none (the tiny checkpoint, like MoETune's exports, has no MTP head)
+CONVERTER_ARGS = {"qwen3_5_moe": ["--no-mtp"], "qwen3_next": ["--no-mtp"]}
 
 
 def _tokenizer_fields(path: Path) -> dict:

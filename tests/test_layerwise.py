@@ -68,6 +68,10 @@ CASES = [
     ("granitemoe", "embedded", "parallel", {"attention_lora": True, "train_router": True}),
     # Granite-4.0-H: Mamba-2 layers beside attention ones, the dense shared MLP outside the MoE block
     ("granitemoehybrid", "shared", "parallel", {"attention_lora": True}),
+    # Qwen3-Next: fused Gated DeltaNet projections beside gated attention, the sigmoid-gated shared expert
+    ("qwen3_next", "routed", "parallel", {"attention_lora": True}),
+    # GLM-4.7-Flash: MLA with a query LoRA, the dense first layer from mlp_layer_types, GLM's sigmoid router trained
+    ("glm4_moe_lite", "shared", "parallel", {"attention_lora": True, "train_router": True}),
     # Gemma 4: the MoE branch beside the dense MLP (adapters inside its norms), sliding and full attention layers
     # (k as v in the full ones), final logit soft-capping, the router's proj trained
     ("gemma4", "routed", "parallel", {"attention_lora": True, "train_router": True}),

@@ -24,7 +24,8 @@ DESIGN_TABLE = {"olmoe": (3.3, 208), "qwen2_moe": (6.4, 268), "qwen3_moe": (15.0
                 "gpt_oss": (9.9, 411), "ernie4_5_moe": (10.5, 389), "deepseek_v2": (7.4, 286),
                 "deepseek_v3": (7.4, 286), "glm4_moe": (51.4, 1140), "qwen3_5_moe": (16.6, 415),
                 "lfm2_moe": (4.0, 182), "granitemoe": (1.6, 49),
-                "granitemoehybrid": (3.1, 78), "gemma4": (11.8, 393)}
+                "granitemoehybrid": (3.1, 78), "qwen3_next": (39.9, 831),
+                "glm4_moe_lite": (14.3, 312), "gemma4": (11.8, 393)}
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +163,8 @@ def test_inventory_counts_every_weight_and_the_shared_expert():
                        "lfm2_moe": 8.34,  # LFM2-MoE ties its head to the embeddings: counted once
                        "granitemoe": 3.30,  # 6,597,577,728 bytes of bf16 tensors in the release
                        "granitemoehybrid": 6.94,
+                       "qwen3_next": 79.67,
+                       "glm4_moe_lite": 29.94,  # the model card's 80 B, less the MTP layer (not loaded)
                        "gemma4": 25.23,  # Gemma 4 26B-A4B: its language model (the card's 25.2B; no vision tower)
                        }[name]
         assert total / 1e9 == pytest.approx(published_b, abs=0.01)
@@ -310,6 +313,21 @@ def test_glm_4_5_air_trains_offloaded_only_where_host_ram_holds_its_experts(publ
     assert main(["plan", str(cfg_file), "--gpu-gb", "24", "--host-gb", "32"]) == 3  # does not fit: host RAM
     assert "host RAM: the offloaded experts need" in capsys.readouterr().out
     assert main(["plan", str(cfg_file), "--gpu-gb", "24", "--host-gb", "128"]) == 0
+
+
+def test_qwen3_next_trains_offloaded_with_the_host_ram_its_experts_need(published):
+    """Qwen3-Next-80B-A3B's 39.9 GB of NF4 experts (512 × 48 layers) stream from pinned host memory on a 24 GB card,
+    with attention in NF4; the plan names the host RAM (≈ 47 GB) and refuses a machine with less, naming it."""
+    model = {"path": str(published["qwen3_next"]), "attention_quant": "nf4"}
+    p = plan(_cfg(model["path"], model=model), gpu_gb=24, host_gb=HOST_GB)
+    # no layer resident: most stream, the last few also keep a GPU copy (cached); host memory pins every layer
+    assert p.fits and not p.layers("resident") and len(p.layers("offloaded")) >= 40
+    assert len(p.layers("offloaded")) + len(p.layers("cached")) == 48
+    assert p.experts_total_bytes <= p.host_pinned_bytes <= p.experts_total_bytes * 1.0001
+    assert 35 * GB < p.host_ram_needed_bytes < HOST_GB * GB
+    short = plan(_cfg(model["path"], model=model), gpu_gb=24, host_gb=32)
+    assert not short.fits and short.advice[0].startswith("host RAM:")
+    assert f"{short.host_ram_needed_bytes / GB:.2f} GB" in short.advice[0]
 
 
 def test_gpt_oss_20b_fits_resident_and_120b_only_offloaded(published, tmp_path):

@@ -103,6 +103,8 @@ def test_widgets_round_trip_a_preset(path):
                                              ("moonlight-16b-a3b-commonsense", False),
                                              ("glm-4.5-air-commonsense-24gb", True),
                                              ("qwen3.5-35b-a3b-commonsense", False),
+                                             ("qwen3-next-80b-a3b-commonsense", True),
+                                             ("glm-4.7-flash-commonsense", False),
                                              ("granite-3.1-3b-a800m-commonsense", False),
                                              ("gemma-4-26b-a4b-commonsense", False)])
 def test_check_fit_answers_for_real_model_presets_before_download(stem, offloaded, tmp_path, monkeypatch):

@@ -268,7 +268,7 @@ def attention_closed_form(cfg, r):
     else:
         hd = getattr(cfg, "head_dim", None) or H // heads
         q, kv = heads * hd, cfg.num_key_value_heads * hd
-        gate = 2 if cfg.model_type == "qwen3_5_moe_text" else 1  # Qwen3.5's q_proj also gives the output gate
+        gate = 2 if cfg.model_type in ("qwen3_5_moe_text", "qwen3_next") else 1  # q_proj also gives the output gate
         shapes = [(H, gate * q), (H, kv), (H, kv), (q, H)]
     return r * sum(i + o for i, o in shapes)
 

@@ -143,7 +143,7 @@ def _moe_gates(lm, block, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
         idx, _ = _top_k(scores + block.expert_bias, k, False)
         gates = torch.gather(scores, 1, idx)
         return idx, gates / (gates.sum(dim=-1, keepdim=True) + 1e-6) * cfg.routed_scaling_factor
-    if cfg.model_type in ("deepseek_v3", "glm4_moe"):  # sigmoid routers with the correction bias
+    if cfg.model_type in ("deepseek_v3", "glm4_moe", "glm4_moe_lite"):  # sigmoid routers with the correction bias
         scores = torch.sigmoid(logits)
         choice = scores + router.e_score_correction_bias
         groups = choice.reshape(choice.shape[0], cfg.n_group, -1)
