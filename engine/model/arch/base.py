@@ -306,6 +306,25 @@ class Family:
         per-expert canonical projections under `expert_key_template`; the rest unchanged."""
         return iter(tensors)
 
+    def split_fused_experts(self, layer: int, tensor: torch.Tensor, down: bool) -> Iterator[tuple[str, torch.Tensor]]:
+        """A hub tensor holding one layer's experts fused in transformers' own order — gate_up [E, 2I, H] (gate rows,
+        then up) or down [E, H, I] — as per-expert canonical projections under `expert_key_template` (for a
+        family's `convert_stream`)."""
+        for e in range(tensor.shape[0]):
+            if down:
+                yield self.expert_key_name(ExpertKey(layer, e, "down")), tensor[e]
+            else:
+                inter = tensor.shape[1] // 2
+                yield self.expert_key_name(ExpertKey(layer, e, "gate")), tensor[e, :inter]
+                yield self.expert_key_name(ExpertKey(layer, e, "up")), tensor[e, inter:]
+
+    @staticmethod
+    def fuse_experts(experts: Iterable[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's experts (canonical gate / up / down each) fused again: gate_up [E, 2I, H], down [E, H, I]."""
+        experts = list(experts)
+        return (torch.stack([torch.cat([w["gate"], w["up"]]) for w in experts]),
+                torch.stack([w["down"] for w in experts]))
+
     def expert_checkpoint_tensors(self, layer: int, experts: Iterable[dict[str, torch.Tensor]]
                                   ) -> Iterator[tuple[str, torch.Tensor]]:
         """(hub name, tensor) of one layer's experts (canonical gate / up / down, expert by expert) in the hub's

@@ -167,21 +167,13 @@ class Gemma4Family(Family):
             if m is None:
                 yield name, t
                 continue
-            layer = int(m[1])
-            for e in range(t.shape[0]):
-                key = lambda proj: self.expert_key_template.format(layer=layer, expert=e, proj=proj)  # noqa: E731
-                if m[2] == "down_proj":
-                    yield key("down_proj"), t[e]
-                else:
-                    inter = t.shape[1] // 2
-                    yield key("gate_proj"), t[e, :inter]
-                    yield key("up_proj"), t[e, inter:]
+            yield from self.split_fused_experts(int(m[1]), t, down=m[2] == "down_proj")
 
     def expert_checkpoint_tensors(self, layer, experts):
         prefix = f"model.language_model.layers.{layer}.experts."
-        experts = list(experts)
-        yield prefix + "gate_up_proj", torch.stack([torch.cat([w["gate"], w["up"]]) for w in experts])
-        yield prefix + "down_proj", torch.stack([w["down"] for w in experts])
+        gate_up, down = self.fuse_experts(experts)
+        yield prefix + "gate_up_proj", gate_up
+        yield prefix + "down_proj", down
 
     # ---- facts ---------------------------------------------------------------------------------
     def activation(self, cfg):

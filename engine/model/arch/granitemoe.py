@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 from gguf.constants import Keys
 
 from .base import GT, Family
@@ -64,21 +63,13 @@ class GraniteMoeFamily(Family):
             if m is None:
                 yield name, t
                 continue
-            layer, part = int(m[1]), m[2]
-            for e in range(t.shape[0]):
-                key = lambda proj: self.expert_key_template.format(layer=layer, expert=e, proj=proj)  # noqa: E731
-                if part == "output_linear":
-                    yield key("down_proj"), t[e]
-                else:
-                    inter = t.shape[1] // 2
-                    yield key("gate_proj"), t[e, :inter]
-                    yield key("up_proj"), t[e, inter:]
+            yield from self.split_fused_experts(int(m[1]), t, down=m[2] == "output_linear")
 
     def expert_checkpoint_tensors(self, layer, experts):
         prefix = f"model.layers.{layer}.block_sparse_moe."
-        experts = list(experts)
-        yield prefix + "input_linear.weight", torch.stack([torch.cat([w["gate"], w["up"]]) for w in experts])
-        yield prefix + "output_linear.weight", torch.stack([w["down"] for w in experts])
+        gate_up, down = self.fuse_experts(experts)
+        yield prefix + "input_linear.weight", gate_up
+        yield prefix + "output_linear.weight", down
 
     # ---- GGUF (llama.cpp's 'granitemoe') ------------------------------------------------------------
     def gguf_stream(self, tensors):
