@@ -99,6 +99,10 @@ class Family:
     gguf_norm_topk_prob: bool = False
     #: how hub checkpoints name the experts when not by `expert_key_template` (shown by `moetune models`)
     hub_expert_names: str = ""
+    #: names (with {layer}) of the hub tensors holding one layer's experts fused in transformers' own order,
+    #: gate_up [E, 2I, H] (gate rows, then up) and down [E, H, I], under names of the hub's own (Granite's
+    #: input_linear / output_linear, Gemma 4's multimodal ones); empty: per-expert names, or a family's own hooks
+    hub_fused_experts: tuple[str, str] | tuple[()] = ()
     #: whether hub checkpoints name each expert's projections: the `peft` export then writes per-expert LoRA, which
     #: PEFT converts onto the fused experts (and llama.cpp's convert_lora_to_gguf.py reads); False (experts fused per
     #: layer: gpt-oss, granitemoe): it writes PEFT's fused `target_parameters` tensors (engine/export/peft_lora.py)
@@ -299,39 +303,55 @@ class Family:
 
     def raw_expert_layer(self, name: str) -> int | None:
         """The layer of a hub tensor holding experts in a form `convert_stream` rewrites (None: not one)."""
-        return None
+        hit = self._hub_fused_part(name)
+        return None if hit is None else hit[0]
 
     def convert_stream(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Hub checkpoint tensors with experts in a family-specific form (e.g. MXFP4 blocks) rewritten as
-        per-expert canonical projections under `expert_key_template`; the rest unchanged."""
-        return iter(tensors)
-
-    def split_fused_experts(self, layer: int, tensor: torch.Tensor, down: bool) -> Iterator[tuple[str, torch.Tensor]]:
-        """A hub tensor holding one layer's experts fused in transformers' own order — gate_up [E, 2I, H] (gate rows,
-        then up) or down [E, H, I] — as per-expert canonical projections under `expert_key_template` (for a
-        family's `convert_stream`)."""
-        for e in range(tensor.shape[0]):
-            if down:
-                yield self.expert_key_name(ExpertKey(layer, e, "down")), tensor[e]
-            else:
-                inter = tensor.shape[1] // 2
-                yield self.expert_key_name(ExpertKey(layer, e, "gate")), tensor[e, :inter]
-                yield self.expert_key_name(ExpertKey(layer, e, "up")), tensor[e, inter:]
-
-    @staticmethod
-    def fuse_experts(experts: Iterable[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer's experts (canonical gate / up / down each) fused again: gate_up [E, 2I, H], down [E, H, I]."""
-        experts = list(experts)
-        return (torch.stack([torch.cat([w["gate"], w["up"]]) for w in experts]),
-                torch.stack([w["down"] for w in experts]))
+        """Hub checkpoint tensors with experts in a family-specific form (`hub_fused_experts`, or e.g. MXFP4 blocks
+        in a family's own override) rewritten as per-expert canonical projections under `expert_key_template`; the
+        rest unchanged."""
+        return self._split_hub_fused(tensors) if self.hub_fused_experts else iter(tensors)
 
     def expert_checkpoint_tensors(self, layer: int, experts: Iterable[dict[str, torch.Tensor]]
                                   ) -> Iterator[tuple[str, torch.Tensor]]:
-        """(hub name, tensor) of one layer's experts (canonical gate / up / down, expert by expert) in the hub's
-        layout."""
+        """(hub name, tensor) of one layer's experts (canonical gate / up / down) in the hub's layout: expert by
+        expert, or fused under `hub_fused_experts`."""
+        if self.hub_fused_experts:
+            experts = list(experts)
+            gate_up = torch.stack([torch.cat([w["gate"], w["up"]]) for w in experts])
+            down = torch.stack([w["down"] for w in experts])
+            for template, tensor in zip(self.hub_fused_experts, (gate_up, down)):
+                yield template.format(layer=layer), tensor
+            return
         for e, w in enumerate(experts):
             for proj in PROJECTIONS:
                 yield self.expert_key_name(ExpertKey(layer, e, proj)), w[proj]
+
+    def _hub_fused_part(self, name: str) -> tuple[int, str] | None:
+        """(layer, "gate_up" | "down") when `name` is one of `hub_fused_experts`."""
+        for part, template in zip(("gate_up", "down"), self.hub_fused_experts):
+            head, _, tail = template.partition("{layer}")
+            middle = name[len(head):len(name) - len(tail)] if name.startswith(head) and name.endswith(tail) else ""
+            if middle.isdigit():
+                return int(middle), part
+        return None
+
+    def _split_hub_fused(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """`hub_fused_experts` tensors — gate_up [E, 2I, H] (gate rows, then up), down [E, H, I] — split expert by
+        expert into canonical projections; other tensors as they are."""
+        for name, t in tensors:
+            hit = self._hub_fused_part(name)
+            if hit is None:
+                yield name, t
+                continue
+            layer, part = hit
+            for e in range(t.shape[0]):
+                if part == "down":
+                    yield self.expert_key_name(ExpertKey(layer, e, "down")), t[e]
+                else:
+                    inter = t.shape[1] // 2
+                    yield self.expert_key_name(ExpertKey(layer, e, "gate")), t[e, :inter]
+                    yield self.expert_key_name(ExpertKey(layer, e, "up")), t[e, inter:]
 
     def widen_non_expert(self, name: str, tensor: torch.Tensor, extra: int, cfg: Any = None) -> torch.Tensor:
         """A non-expert hub tensor of a model with config `cfg` after the experts are widened by `extra` units

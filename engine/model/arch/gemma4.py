@@ -19,7 +19,6 @@ What differs from the other families (transformers 5 `Gemma4TextDecoderLayer` wi
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -27,7 +26,6 @@ from torch import nn
 
 from .base import Family, MoEFacts
 
-_RAW = re.compile(r"model\.language_model\.layers\.(\d+)\.experts\.(gate_up_proj|down_proj)")
 _MULTIMODAL = ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")
 
 
@@ -124,6 +122,8 @@ class Gemma4Family(Family):
     router_attr = "router"
     #: canonical per-expert names only (the hub's experts are fused per layer)
     expert_key_template = "model.language_model.layers.{layer}.experts.{expert}.{proj}.weight"
+    hub_fused_experts = ("model.language_model.layers.{layer}.experts.gate_up_proj",
+                         "model.language_model.layers.{layer}.experts.down_proj")
     expert_intermediate_key = "moe_intermediate_size"
     renames = {"model.language_model.": "model."}
     peft_per_expert = False
@@ -155,25 +155,6 @@ class Gemma4Family(Family):
 
     def experts_name(self, layer):
         return f"model.layers.{layer}.experts"
-
-    # ---- hub tensors ------------------------------------------------------------------------------
-    def raw_expert_layer(self, name):
-        m = _RAW.fullmatch(name)
-        return None if m is None else int(m[1])
-
-    def convert_stream(self, tensors):
-        for name, t in tensors:
-            m = _RAW.fullmatch(name)
-            if m is None:
-                yield name, t
-                continue
-            yield from self.split_fused_experts(int(m[1]), t, down=m[2] == "down_proj")
-
-    def expert_checkpoint_tensors(self, layer, experts):
-        prefix = f"model.language_model.layers.{layer}.experts."
-        gate_up, down = self.fuse_experts(experts)
-        yield prefix + "gate_up_proj", gate_up
-        yield prefix + "down_proj", down
 
     # ---- facts ---------------------------------------------------------------------------------
     def activation(self, cfg):

@@ -17,13 +17,10 @@ What differs from the other families (transformers 5 `GraniteMoeMoE` / `GraniteM
 
 from __future__ import annotations
 
-import re
-
 from gguf.constants import Keys
 
 from .base import GT, Family
 
-_RAW = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.(input_linear|output_linear)\.weight")
 
 
 class GraniteMoeFamily(Family):
@@ -36,6 +33,8 @@ class GraniteMoeFamily(Family):
     router_attr = "router"
     #: canonical per-expert names between `convert_stream` and the loader; no hub checkpoint has them
     expert_key_template = "model.layers.{layer}.block_sparse_moe.experts.{expert}.{proj}.weight"
+    hub_fused_experts = ("model.layers.{layer}.block_sparse_moe.input_linear.weight",
+                         "model.layers.{layer}.block_sparse_moe.output_linear.weight")
     renames = {".block_sparse_moe.router.layer.": ".block_sparse_moe.router."}
     peft_per_expert = False  # the hub's experts are fused per layer
     hub_expert_names = ("model.layers.{layer}.block_sparse_moe.input_linear.weight [E, 2I, H] (gate rows, then up) "
@@ -51,25 +50,6 @@ class GraniteMoeFamily(Family):
 
     def norm_topk_prob(self, cfg):
         return True
-
-    # ---- hub tensors ------------------------------------------------------------------------------
-    def raw_expert_layer(self, name):
-        m = _RAW.fullmatch(name)
-        return None if m is None else int(m[1])
-
-    def convert_stream(self, tensors):
-        for name, t in tensors:
-            m = _RAW.fullmatch(name)
-            if m is None:
-                yield name, t
-                continue
-            yield from self.split_fused_experts(int(m[1]), t, down=m[2] == "output_linear")
-
-    def expert_checkpoint_tensors(self, layer, experts):
-        prefix = f"model.layers.{layer}.block_sparse_moe."
-        gate_up, down = self.fuse_experts(experts)
-        yield prefix + "input_linear.weight", gate_up
-        yield prefix + "output_linear.weight", down
 
     # ---- GGUF (llama.cpp's 'granitemoe') ------------------------------------------------------------
     def gguf_stream(self, tensors):
