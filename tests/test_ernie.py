@@ -17,7 +17,7 @@ from engine.model import iter_tensors, load_model
 from engine.model.arch import get_family
 from engine.model.arch.base import PUBLISHED_DIR
 
-from .tiny_run import check_resume_chat_eval
+from .tiny_run import check_resume_chat_eval, train_whole_and_resumed
 from .tolerance import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,7 +108,6 @@ def test_a_shared_gated_run_trains_resumes_chats_evaluates_and_exports(with_mtp,
     router's balance loss, NF4 experts, on the checkpoint with the release's MTP layer."""
     from engine.data.synthetic import last_digit_rows
     from engine.export import export_run, llama_child
-    from engine.training.loop import train
 
     _, ckpt = with_mtp
     data = tmp_path / "train.json"
@@ -119,10 +118,7 @@ def test_a_shared_gated_run_trains_resumes_chats_evaluates_and_exports(with_mtp,
            "data": {"train": str(data), "template": "alpaca", "max_len": 128},
            "train": {"max_steps": 6, "lr": 3e-3, "warmup_steps": 1, "micro_batch": 4, "seed": 0, "save_every": 3,
                      "gradient_checkpointing": False}}
-    full, parts = tmp_path / "full", tmp_path / "parts"
-    train(from_dict(cfg), full, echo=False)
-    assert train(from_dict(cfg), parts, echo=False, stop_after=3)["status"] == "stopped"
-    train(from_dict(cfg), parts, resume=True, echo=False)
+    full, parts = train_whole_and_resumed(cfg, tmp_path)
 
     a = check_resume_chat_eval(full, parts, tmp_path, capsys)
     assert a[6] < a[1]

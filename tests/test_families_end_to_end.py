@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import from_dict
-from engine.training import train
-
 from .conftest import FAMILY_NAMES
-from .tiny_run import bf16_copy, check_resume_chat_eval, tiny_run_config
+from .tiny_run import bf16_copy, check_resume_chat_eval, tiny_run_config, train_whole_and_resumed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,10 +16,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_every_family_trains_resumes_exactly_chats_and_evaluates(family, tiny_checkpoint, tmp_path, capsys):
     base = bf16_copy(tiny_checkpoint(family), tmp_path / "base")
-    cfg = from_dict(tiny_run_config(base, tmp_path, steps=6))
-    full, parts = tmp_path / "full", tmp_path / "parts"
-    assert train(cfg, full, echo=False, device="cpu")["status"] == "done"
-    assert train(cfg, parts, echo=False, device="cpu", stop_after=3)["status"] == "stopped"
-    assert train(cfg, parts, resume=True, echo=False, device="cpu")["status"] == "done"
+    full, parts = train_whole_and_resumed(tiny_run_config(base, tmp_path, steps=6), tmp_path)
     losses = check_resume_chat_eval(full, parts, tmp_path, capsys)
     assert losses[6] < losses[1], losses  # it learns (lr 1e-2 on 64 rows of one task)

@@ -16,7 +16,7 @@ from engine.config import from_dict
 from engine.model import load_model
 from engine.model.hf_checkpoint import iter_tensors
 
-from .tiny_run import check_resume_chat_eval
+from .tiny_run import check_resume_chat_eval, train_whole_and_resumed
 from .tolerance import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -127,7 +127,6 @@ def test_clamped_swiglu_with_biases_equals_transformers_where_the_clamp_bites(ti
 def test_a_run_on_the_mxfp4_checkpoint_trains_resumes_chats_and_exports(mxfp4_checkpoint, tmp_path, capsys):
     from engine.data.synthetic import last_digit_rows
     from engine.export import export_run
-    from engine.training.loop import train
 
     from .test_export_merge import reload
 
@@ -139,10 +138,7 @@ def test_a_run_on_the_mxfp4_checkpoint_trains_resumes_chats_and_exports(mxfp4_ch
            "data": {"train": str(data), "template": "alpaca", "max_len": 128},
            "train": {"max_steps": 6, "lr": 3e-3, "warmup_steps": 1, "micro_batch": 4, "seed": 0, "save_every": 3,
                      "gradient_checkpointing": False}}
-    full, parts = tmp_path / "full", tmp_path / "parts"
-    train(from_dict(cfg), full, echo=False)
-    assert train(from_dict(cfg), parts, echo=False, stop_after=3)["status"] == "stopped"
-    train(from_dict(cfg), parts, resume=True, echo=False)
+    full, parts = train_whole_and_resumed(cfg, tmp_path)
 
     check_resume_chat_eval(full, parts, tmp_path, capsys)
     # hf: the hub's fused bf16 layout, no quantization_config, reloads in transformers with the run's logits

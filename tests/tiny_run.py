@@ -52,6 +52,16 @@ def train_tiny_run(base: Path, root: Path, steps: int = STEPS) -> Path:
     return out
 
 
+def train_whole_and_resumed(cfg: dict, root: Path) -> tuple[Path, Path]:
+    """The 6-step run `cfg` trained in one go (root/full) and stopped after step 3 then resumed (root/parts), for
+    `check_resume_chat_eval`."""
+    full, parts = root / "full", root / "parts"
+    assert train(from_dict(cfg), full, echo=False, device="cpu")["status"] == "done"
+    assert train(from_dict(cfg), parts, echo=False, device="cpu", stop_after=3)["status"] == "stopped"
+    assert train(from_dict(cfg), parts, resume=True, echo=False, device="cpu")["status"] == "done"
+    return full, parts
+
+
 def check_resume_chat_eval(full: Path, parts: Path, tmp_path: Path, capsys) -> dict[int, float]:
     """A run trained in one go (`full`) and one stopped and resumed (`parts`): the same losses at steps 1-6; `full`
     chats and scores a 4-row last-digit benchmark through the CLI. Returns `full`'s losses by step."""
