@@ -19,6 +19,15 @@ from ...releases import PUBLISHED_DIR
 #: The three projections of one expert, in the canonical layout (nn.Linear weights):
 #: gate [I, H], up [I, H], down [H, I].
 PROJECTIONS = ("gate", "up", "down")
+#: llama.cpp's tensors of a dense lead layer's MLP (`mlp.gate/up/down_proj`) and of the shared experts
+#: (`mlp.shared_experts.*`), as DeepSeek, GLM-4.5 and ERNIE-4.5 name them
+DENSE_AND_SHARED_FFN_TENSORS: dict[str, GT] = {
+    "model.layers.{bid}.mlp.gate_proj": GT.FFN_GATE, "model.layers.{bid}.mlp.up_proj": GT.FFN_UP,
+    "model.layers.{bid}.mlp.down_proj": GT.FFN_DOWN,
+    "model.layers.{bid}.mlp.shared_experts.gate_proj": GT.FFN_GATE_SHEXP,
+    "model.layers.{bid}.mlp.shared_experts.up_proj": GT.FFN_UP_SHEXP,
+    "model.layers.{bid}.mlp.shared_experts.down_proj": GT.FFN_DOWN_SHEXP,
+}
 #: bits per parameter of NF4 with double quantisation (4 bits + blockwise absmax scales)
 NF4_BITS = 4.13
 

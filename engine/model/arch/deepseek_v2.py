@@ -14,7 +14,7 @@ import re
 
 from gguf.constants import Keys
 
-from .base import GGUF_TENSOR_NAMES, GT, PROJECTIONS, Family
+from .base import DENSE_AND_SHARED_FFN_TENSORS, GGUF_TENSOR_NAMES, GT, PROJECTIONS, Family
 
 _SHARED = re.compile(r"model\.layers\.(\d+)\.mlp\.shared_experts\.(gate|up|down)_proj\.weight")
 _EXPERT_GATING = {"softmax": 1, "sigmoid": 2}  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE
@@ -44,11 +44,7 @@ class DeepseekV2Family(Family):
         "model.layers.{bid}.self_attn.kv_b_proj": GT.ATTN_KV_B,
         "model.layers.{bid}.self_attn.o_proj": GT.ATTN_OUT,
         "model.layers.{bid}.mlp.gate": GT.FFN_GATE_INP,
-        "model.layers.{bid}.mlp.gate_proj": GT.FFN_GATE, "model.layers.{bid}.mlp.up_proj": GT.FFN_UP,
-        "model.layers.{bid}.mlp.down_proj": GT.FFN_DOWN,
-        "model.layers.{bid}.mlp.shared_experts.gate_proj": GT.FFN_GATE_SHEXP,
-        "model.layers.{bid}.mlp.shared_experts.up_proj": GT.FFN_UP_SHEXP,
-        "model.layers.{bid}.mlp.shared_experts.down_proj": GT.FFN_DOWN_SHEXP,
+        **DENSE_AND_SHARED_FFN_TENSORS,
     }
 
     # ---- facts ---------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import re
 import torch
 from gguf.constants import Keys
 
-from .base import GT, GGUF_TENSOR_NAMES, PROJECTIONS, Family
+from .base import DENSE_AND_SHARED_FFN_TENSORS, GT, GGUF_TENSOR_NAMES, PROJECTIONS, Family
 
 _SHARED = re.compile(r"model\.layers\.(\d+)\.mlp\.shared_experts\.(gate|up|down)_proj\.weight")
 _BIAS = re.compile(r"model\.layers\.(\d+)\.mlp\.(?:gate\.)?moe_statics\.e_score_correction_bias")
@@ -40,12 +40,7 @@ class Ernie45MoeFamily(Family):
     renames = {".mlp.moe_statics.": ".mlp.gate.moe_statics."}
     gguf_arch = "ernie4_5-moe"
     gguf_norm_topk_prob = True  # llama.cpp's ernie4_5-moe graph renormalises the top-k gates, as transformers
-    gguf_tensors = {**Family.gguf_tensors,
-                    "model.layers.{bid}.mlp.shared_experts.gate_proj": GT.FFN_GATE_SHEXP,
-                    "model.layers.{bid}.mlp.shared_experts.up_proj": GT.FFN_UP_SHEXP,
-                    "model.layers.{bid}.mlp.shared_experts.down_proj": GT.FFN_DOWN_SHEXP,
-                    "model.layers.{bid}.mlp.gate_proj": GT.FFN_GATE, "model.layers.{bid}.mlp.up_proj": GT.FFN_UP,
-                    "model.layers.{bid}.mlp.down_proj": GT.FFN_DOWN}
+    gguf_tensors = {**Family.gguf_tensors, **DENSE_AND_SHARED_FFN_TENSORS}
 
     # ---- facts ----------------------------------------------------------------------------------
     def num_experts(self, cfg):

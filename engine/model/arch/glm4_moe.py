@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from gguf.constants import Keys
 
-from .base import GT, Family
+from .base import DENSE_AND_SHARED_FFN_TENSORS, GT, Family
 from .deepseek_v3 import DeepseekV3Family
 
 
@@ -28,11 +28,7 @@ class Glm4MoeFamily(DeepseekV3Family):
         **Family.gguf_tensors,
         "model.layers.{bid}.post_attention_layernorm": GT.ATTN_POST_NORM,  # glm4moe's name for the FFN norm
         "model.layers.{bid}.self_attn.q_norm": GT.ATTN_Q_NORM, "model.layers.{bid}.self_attn.k_norm": GT.ATTN_K_NORM,
-        "model.layers.{bid}.mlp.gate_proj": GT.FFN_GATE, "model.layers.{bid}.mlp.up_proj": GT.FFN_UP,
-        "model.layers.{bid}.mlp.down_proj": GT.FFN_DOWN,
-        "model.layers.{bid}.mlp.shared_experts.gate_proj": GT.FFN_GATE_SHEXP,
-        "model.layers.{bid}.mlp.shared_experts.up_proj": GT.FFN_UP_SHEXP,
-        "model.layers.{bid}.mlp.shared_experts.down_proj": GT.FFN_DOWN_SHEXP,
+        **DENSE_AND_SHARED_FFN_TENSORS,
     }
 
     def gguf_hparams(self, cfg):
