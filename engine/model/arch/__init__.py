@@ -10,12 +10,12 @@ from .base import NF4_BITS, PROJECTIONS, ExpertKey, Family, MoEFacts, config_fro
 
 
 def _discover() -> dict[str, Family]:
-    """Every module of this package but `base` holds one family as `FAMILY`, registered by its `model_type`
+    """Every module of this package but `base` and the `_` helpers holds one family as `FAMILY`, registered by its `model_type`
     (by module name, so `moetune models` and the app list them in a stable order): adding a family is adding
     its module and its published config, nothing here."""
     found: dict[str, Family] = {}
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name == "base" or info.ispkg:
+        if info.name == "base" or info.name.startswith("_") or info.ispkg:  # base.py, _gguf.py: helpers
             continue
         family = getattr(importlib.import_module(f"{__name__}.{info.name}"), "FAMILY", None)
         if not isinstance(family, Family) or family.model_type != info.name:
